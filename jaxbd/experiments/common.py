@@ -107,7 +107,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   train_lib.check_batch(config.train.batch_size, mesh)
   trigger = (poison.make_trigger(config, dataset.image_shape)
              if config.poison.name != "none" else None)
-  plan = poison.plan_from_config(config, dataset.y_train, dataset.num_classes)
+  plan = poison.plan_from_config(config, dataset.y_train, dataset.num_classes, trigger)
   model = models.create(config, dataset.num_classes, mean, std)
   key = jax.random.key(config.seed)
   try:  # shape errors (an image too small for the model) surface here, before any file is made
