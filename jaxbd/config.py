@@ -29,7 +29,7 @@ ConfigDict = ml_collections.ConfigDict
 def defaults() -> ConfigDict:
   """Returns the full schema: every key jaxbd accepts, with its default value."""
   # Imported here: the registries import modules that use this file's helpers.
-  from jaxbd import defenses, experiments, models, poison  # pylint: disable=g-import-not-at-top
+  from jaxbd import attacks, defenses, experiments, models, poison  # pylint: disable=g-import-not-at-top
 
   c = ConfigDict()
   c.seed = 0
@@ -60,6 +60,11 @@ def defaults() -> ConfigDict:
   c.poison.exclude_target = True  # all2one: draw poisoned images from non-target classes only
   for name, spec in poison.TRIGGERS.items():
     c.poison[name] = spec.default_config()
+
+  c.attack = ConfigDict()
+  c.attack.name = "none"  # a training-time attack of jaxbd.attacks (pcb), or "none"
+  for name, spec in attacks.ATTACKS.items():
+    c.attack[name] = spec.default_config()
 
   c.train = train_defaults()
 
@@ -252,7 +257,7 @@ def validate(config: ConfigDict) -> None:
   Raises:
     ConfigError: the first problem found, as one line.
   """
-  from jaxbd import defenses, experiments, models, poison  # pylint: disable=g-import-not-at-top
+  from jaxbd import attacks, defenses, experiments, models, poison  # pylint: disable=g-import-not-at-top
 
   check_keys(config, defaults())
   check_choice(config.experiment, "experiment", experiments.EXPERIMENTS)
@@ -261,6 +266,7 @@ def validate(config: ConfigDict) -> None:
   check_choice(config.poison.name, "poison.name", ["none", *poison.TRIGGERS])
   check_choice(config.poison.label_mode, "poison.label_mode",
                ("all2one", "all2all", "clean_label"))
+  check_choice(config.attack.name, "attack.name", ["none", *attacks.ATTACKS])
   for name in defense_names(config):
     check_choice(name, "defense.names", defenses.DEFENSES)
 
@@ -284,6 +290,8 @@ def validate(config: ConfigDict) -> None:
   models.MODELS[config.model.name].validate(config)
   if config.poison.name != "none":
     poison.TRIGGERS[config.poison.name].validate(config)
+  if config.attack.name != "none":
+    attacks.ATTACKS[config.attack.name].validate(config)
   for name in defense_names(config):
     defenses.DEFENSES[name].validate(config)
   experiments.EXPERIMENTS[config.experiment].validate(config)

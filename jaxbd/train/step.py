@@ -62,16 +62,35 @@ def model_rngs(key: jax.Array) -> dict[str, jax.Array]:
   return {"dropout": dropout, "noise": noise}
 
 
+def forward(model: nn.Module, params, model_state: dict, images: jax.Array, key: jax.Array, *,
+            train: bool = True, with_features: bool = False):
+  """`model` on images f32[B, H, W, C] inside a loss: (logits, new model_state[, features]).
+
+  In train mode the mutable collections (BatchNorm statistics) are updated; in eval mode
+  `model_state` comes back unchanged. `with_features` also returns the penultimate features
+  f32[B, D] (see `jaxbd.models.features`).
+  """
+  mutable = list(model_state) if train else []
+  if with_features:
+    mutable = mutable + ["intermediates"]
+  out = model.apply({"params": params, **model_state}, images, train=train,
+                    mutable=mutable or False, rngs=model_rngs(key))
+  logits, new_state = out if mutable else (out, {})
+  new_state = dict(new_state)
+  feats = new_state.pop("intermediates", {}).get("features", (None,))[0]
+  new_state = new_state if train else model_state
+  return (logits, new_state, feats) if with_features else (logits, new_state)
+
+
 def classification_loss(model: nn.Module) -> LossFn:
   """Mean softmax cross-entropy of `model` in train mode (BatchNorm statistics updated)."""
 
   def loss_fn(params, model_state, images, labels, key, context=None):
     del context
-    logits, new_state = model.apply({"params": params, **model_state}, images, train=True,
-                                    mutable=list(model_state), rngs=model_rngs(key))
+    logits, new_state = forward(model, params, model_state, images, key)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     acc = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return loss, (dict(new_state), {"loss": loss, "train_acc": acc})
+    return loss, (new_state, {"loss": loss, "train_acc": acc})
 
   return loss_fn
 
