@@ -26,7 +26,6 @@ separates arguments); cpu; source=...; epochs=N (victim epochs; 0: the recipe's)
 import os
 
 from jaxbd import config as config_lib
-from jaxbd.main import load_config_file
 
 ATTACKS = ("badnets", "blended", "wanet", "sig")
 
@@ -37,7 +36,7 @@ def get_config(arg=None):
   if a.attack not in ATTACKS:
     raise config_lib.ConfigError(f"configs/d3.py: attack must be one of {ATTACKS}")
   base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10.py")
-  config = load_config_file(f"{base}:source={a.source},epochs={a.epochs}" + (",cpu" if a.cpu
+  config = config_lib.load_file(f"{base}:source={a.source},epochs={a.epochs}" + (",cpu" if a.cpu
                                                                                 else ""))
   config.poison.name = a.attack
   config.poison.rate = 0.1

@@ -16,12 +16,14 @@ unknown names and out-of-range values each raise `ConfigError` with a one-line m
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
 from typing import Any, Callable, Iterable
 
 import ml_collections
 
-from jaxbd.errors import ConfigError
+from jaxbd.errors import ConfigError, JaxbdError
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -171,6 +173,28 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
       raise ConfigError(
           f"config argument {key}={value!r} is not a {type(default).__name__}") from None
   return out
+
+
+def load_file(spec: str) -> ConfigDict:
+  """Loads `FILE.py[:ARG]` by calling its `get_config(ARG)` (config files may build on others).
+
+  Raises:
+    ConfigError: the file is missing, does not define get_config, or get_config fails.
+  """
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} not found")
+  module_spec = importlib.util.spec_from_file_location("jaxbd_user_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise ConfigError(f"config file {path!r} defines no get_config()")
+    return module.get_config(arg) if arg else module.get_config()
+  except JaxbdError:
+    raise
+  except Exception as e:  # A user's config file can raise anything; report it in one line.
+    raise ConfigError(f"config file {spec!r}: {type(e).__name__}: {e}") from None
 
 
 def flatten(config: ConfigDict, prefix: str = "") -> dict[str, Any]:

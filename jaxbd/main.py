@@ -11,14 +11,13 @@ the workdir before the config and data have been checked. Rerunning a killed com
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxbd.config import load_file as load_config_file
 from jaxbd.errors import ConfigError, JaxbdError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,28 +32,6 @@ def die(message: str) -> None:
   """Prints one error line and exits with status 2."""
   print(f"jaxbd: error: {message}", file=sys.stderr)
   sys.exit(2)
-
-
-def load_config_file(spec: str):
-  """Loads `FILE.py[:ARG]` by calling its `get_config(ARG)`.
-
-  Raises:
-    ConfigError: the file is missing, does not define get_config, or get_config fails.
-  """
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file {path!r} not found")
-  module_spec = importlib.util.spec_from_file_location("jaxbd_user_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-      raise ConfigError(f"config file {path!r} defines no get_config()")
-    return module.get_config(arg) if arg else module.get_config()
-  except JaxbdError:
-    raise
-  except Exception as e:  # A user's config file can raise anything; report it in one line.
-    raise ConfigError(f"config file {spec!r}: {type(e).__name__}: {e}") from None
 
 
 def _config_spec(argv: list[str]) -> str | None:
