@@ -1,7 +1,8 @@
 r"""Pick-your-Poison's repair claim: every attack mitigated by Pivotal Tuning on 1% clean data.
 
   python -m jaxbd.main --config=configs/pick_your_poison.py:attack=adaptive_blend --workdir=DIR
-  python -m jaxbd.main --config=configs/pick_your_poison.py:attack=pcb,cpu,source=npz:/data/cifar10.npz --workdir=DIR
+  python -m jaxbd.main --config=configs/pick_your_poison.py:attack=pcb,cpu,source=npz:FILE \
+      --workdir=DIR
   python scripts/results_table.py DIR1 DIR2 ...
 
 Lukas & Kerschbaum (arXiv 2305.09671) claim that their defenses "mitigate all tested attacks with a

@@ -31,7 +31,8 @@ ConfigDict = ml_collections.ConfigDict
 def defaults() -> ConfigDict:
   """Returns the full schema: every key jaxbd accepts, with its default value."""
   # Imported here: the registries import modules that use this file's helpers.
-  from jaxbd import attacks, defenses, experiments, models, poison  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from jaxbd import attacks, defenses, experiments, models, poison
 
   c = ConfigDict()
   c.seed = 0
@@ -281,7 +282,8 @@ def validate(config: ConfigDict) -> None:
   Raises:
     ConfigError: the first problem found, as one line.
   """
-  from jaxbd import attacks, defenses, experiments, models, poison  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from jaxbd import attacks, defenses, experiments, models, poison
 
   check_keys(config, defaults())
   check_choice(config.experiment, "experiment", experiments.EXPERIMENTS)

@@ -1,4 +1,4 @@
-"""D3 on real CIFAR-10 (5,000-image subset, CPU): the BadNets-backdoored CNN of the shared fixture."""
+"""D3 on real CIFAR-10 (5,000-image subset, CPU): the shared fixture's BadNets-backdoored CNN."""
 
 import jax
 import pytest

@@ -2,9 +2,9 @@
 
 `DEFENSES[name].build(ctx, variables, trusted, config.defense.<name>, key) -> (variables, report)`
 (see `jaxbd.defenses.base` for the contract): `ft` (vanilla fine-tuning), `d3` (Distance-Driven
-Detoxification), `pt` (Pivotal Tuning). Detection (calibrated trigger inversion, Neural Cleanse)
-scores models instead of repairing them: see `jaxbd.defenses.detection`. Each defense's config section is
-`config.defense.<name>`; `defense.names` lists the defenses an experiment runs.
+Detoxification), `pt` (Pivotal Tuning). Each defense's config section is `config.defense.<name>`;
+`defense.names` lists the defenses an experiment runs. Detection (calibrated trigger inversion,
+Neural Cleanse) scores models instead of repairing them: see `jaxbd.defenses.detection`.
 """
 
 from jaxbd import config as config_lib

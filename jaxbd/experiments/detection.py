@@ -126,7 +126,8 @@ def train_group(r: common.Run, phase: str, members: list[dict], vmapped: bool) -
       train_lib.init_variables(r.model, k, ds.image_shape), tx)
   stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
   keys = [jax.random.key(m["seed"]) for m in members]
-  population = Population(jnp.asarray(ds.x_train), jnp.asarray(np.stack([m["labels"] for m in members])),
+  population = Population(jnp.asarray(ds.x_train),
+                          jnp.asarray(np.stack([m["labels"] for m in members])),
                           jnp.asarray(np.stack([m["kind"] for m in members])),
                           stack([m["trigger"] for m in members]))
   step = population_step(r.model, tx, c.data, vmapped)

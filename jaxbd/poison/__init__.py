@@ -16,7 +16,7 @@ from jaxbd.poison.plan import (CLEAN, COVER, POISONED, PoisonPlan, load_plan, ma
 
 
 def _component(name, default_config, validate, build):
-  """A registry entry whose `build(config, shape)` calls `build(config.poison.<name>, shape, seed)`."""
+  """A registry entry: `build(config, shape)` is `build(config.poison.<name>, shape, seed)`."""
   return config_lib.Component(
       default_config, validate,
       lambda config, shape: build(config.poison[name], shape, config.seed))
