@@ -64,7 +64,7 @@ def main(argv):
   out["vmap_images_per_s"] = m * b * _STEPS.value / (time.perf_counter() - t0)
 
   step = jax.jit(detection.population_step(model, tx, c.data, vmapped=False))
-  members = [jax.tree.map(lambda a, j=j: a[j], population) for j in range(m)]
+  members = [population.member(j) for j in range(m)]
   states = [init(k) for k in keys]
   states = [step(s, p, perm, 0, keys[0])[0] for s, p in zip(states, members)]
   jax.block_until_ready(states)
