@@ -20,9 +20,9 @@ def test_anomaly_index_of_the_smallest_norm():
 
 @pytest.mark.slow
 def test_detection_experiment_on_a_small_population(tmp_path, capsys):
-  """2 clean + 2 backdoored (BadNets, Blended) CNNs on digits, trained under one vmapped step,
+  """1 clean + 2 backdoored (BadNets, Blended) CNNs on digits, trained under one vmapped step,
   scored by CTI and NC; the experiment prints and writes the ROC AUC of both and a ROC plot."""
-  c = load_config("configs/detection.py:clean=2,backdoored=2")
+  c = load_config("configs/detection.py:clean=1,backdoored=2")
   c.data.source, c.data.train_limit, c.data.test_limit = "digits", 0, 0
   c.data.crop_padding, c.data.flip = 1, False
   c.model.name, c.model.cnn.width, c.model.cnn.stages = "cnn", 8, 2
@@ -32,19 +32,20 @@ def test_detection_experiment_on_a_small_population(tmp_path, capsys):
   c.defense.clean_fraction = 0.1
   c.defense.pt.update(dict(steps=40, lr=0.01, batch_size=48))
   c.detection.nc.epochs = 4
+  c.detection.cti.steps = 20
   c.log.progress = False
   doc = experiments.run(c, str(tmp_path))
   out = capsys.readouterr().out
   assert "| cti |" in out and "| nc |" in out and "ROC AUC" in out
   members = doc["metrics"]["members"]
-  assert [m["attack"] for m in members] == ["none", "none", "badnets", "blended"]
+  assert [m["attack"] for m in members] == ["none", "badnets", "blended"]
   for m in members:
     assert m["acc"] >= 0.8, m
     if m["attack"] != "none":
       assert m["asr"] >= 0.8, m
   for name in ("cti", "nc"):
     auc = doc["detection"][name]["auc"]
-    assert 0.0 <= auc <= 1.0 and len(doc["detection"][name]["suspicion"]) == 4
+    assert 0.0 <= auc <= 1.0 and len(doc["detection"][name]["suspicion"]) == 3
   assert doc["timing"]["vmap"] is True
   assert (tmp_path / "roc.png").stat().st_size > 1000
   assert json.loads((tmp_path / "results.json").read_text())["detection"] == doc["detection"]

@@ -36,7 +36,6 @@ import optax
 
 from jaxbd import config as config_lib
 from jaxbd import data as data_lib
-from jaxbd import train as train_lib
 from jaxbd.defenses import base, pivotal_tuning
 from jaxbd.poison.sig import AdditiveTrigger
 
@@ -140,11 +139,18 @@ def invert_additive(model, suspect, repaired, images, labels, num_classes: int,
   return deltas
 
 
-def trigger_success(predict: train_lib.Predictor, variables, images, labels, trigger,
-                    target: int) -> float:
-  """Fraction of trusted images of classes != target that `trigger` sends to `target`."""
-  keep = labels != target
-  return float(np.mean(predict(variables, images[keep], trigger) == target))
+@functools.partial(jax.jit, static_argnums=0)
+def trigger_success(model, variables, images, labels, deltas) -> jax.Array:
+  """f32[K]: for each t, the fraction of images of classes != t that `clip(x + delta_t)` sends
+  to t.  images: uint8[M, H, W, C]; labels: int32[M]; deltas: f32[K, H, W, C]."""
+
+  def rate(t, delta):
+    pred = jnp.argmax(_logits(model, variables, AdditiveTrigger(delta)(data_lib.to_unit(images))),
+                      -1)
+    keep = labels != t
+    return jnp.sum((pred == t) & keep) / jnp.maximum(jnp.sum(keep), 1)
+
+  return jax.vmap(rate)(jnp.arange(deltas.shape[0]), deltas)
 
 
 def calibrated_trigger_inversion(ctx: base.Context, variables: dict, trusted: base.Trusted,
@@ -156,18 +162,14 @@ def calibrated_trigger_inversion(ctx: base.Context, variables: dict, trusted: ba
   repaired, _ = pivotal_tuning.pivotal_tuning(ctx, variables, trusted, pt_config, k_repair,
                                               phase="cti_repair")
   c = (config.steps, config.batch_size, config.lr, config.init, config.repair_weight)
-  deltas = invert_additive(ctx.model, variables, repaired, jnp.asarray(trusted.images),
-                           jnp.asarray(trusted.labels), ctx.num_classes, c, k_invert)
-  predict = train_lib.Predictor(ctx.model, batch_size=min(500, len(trusted.labels)))
-  scores = []
-  for t in range(ctx.num_classes):
-    trigger = AdditiveTrigger(deltas[t])
-    scores.append(trigger_success(predict, variables, trusted.images, trusted.labels, trigger, t)
-                  - trigger_success(predict, repaired, trusted.images, trusted.labels, trigger,
-                                    t))
+  images, labels = jnp.asarray(trusted.images), jnp.asarray(trusted.labels)
+  deltas = invert_additive(ctx.model, variables, repaired, images, labels, ctx.num_classes, c,
+                           k_invert)
+  scores = (np.asarray(trigger_success(ctx.model, variables, images, labels, deltas))
+            - np.asarray(trigger_success(ctx.model, repaired, images, labels, deltas)))
   best = int(np.argmax(scores))
-  return {"suspicion": scores[best], "score": -scores[best], "target": best,
-          "class_scores": scores}
+  return {"suspicion": float(scores[best]), "score": -float(scores[best]), "target": best,
+          "class_scores": scores.tolist()}
 
 
 def _squash(raw: jax.Array) -> jax.Array:
