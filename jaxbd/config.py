@@ -16,12 +16,14 @@ unknown names and out-of-range values each raise `ConfigError` with a one-line m
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
 from typing import Any, Callable, Iterable
 
 import ml_collections
 
-from jaxbd.errors import ConfigError
+from jaxbd.errors import ConfigError, JaxbdError
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -29,7 +31,8 @@ ConfigDict = ml_collections.ConfigDict
 def defaults() -> ConfigDict:
   """Returns the full schema: every key jaxbd accepts, with its default value."""
   # Imported here: the registries import modules that use this file's helpers.
-  from jaxbd import defenses, experiments, models, poison  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from jaxbd import attacks, defenses, experiments, models, poison
 
   c = ConfigDict()
   c.seed = 0
@@ -60,6 +63,11 @@ def defaults() -> ConfigDict:
   c.poison.exclude_target = True  # all2one: draw poisoned images from non-target classes only
   for name, spec in poison.TRIGGERS.items():
     c.poison[name] = spec.default_config()
+
+  c.attack = ConfigDict()
+  c.attack.name = "none"  # a training-time attack of jaxbd.attacks (pcb), or "none"
+  for name, spec in attacks.ATTACKS.items():
+    c.attack[name] = spec.default_config()
 
   c.train = train_defaults()
 
@@ -168,6 +176,33 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
   return out
 
 
+def call_file(spec: str, function: str = "get_config"):
+  """Loads `FILE.py[:ARG]` and returns `FILE.function(ARG)` (`FILE.function()` without ARG).
+
+  Raises:
+    ConfigError: the file is missing, does not define the function, or the function fails.
+  """
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} not found")
+  module_spec = importlib.util.spec_from_file_location("jaxbd_user_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, function):
+      raise ConfigError(f"config file {path!r} defines no {function}()")
+    return getattr(module, function)(arg) if arg else getattr(module, function)()
+  except JaxbdError:
+    raise
+  except Exception as e:  # A user's config file can raise anything; report it in one line.
+    raise ConfigError(f"config file {spec!r}: {type(e).__name__}: {e}") from None
+
+
+def load_file(spec: str) -> ConfigDict:
+  """The config of `FILE.py[:ARG]`: its `get_config(ARG)` (config files may build on others)."""
+  return call_file(spec)
+
+
 def flatten(config: ConfigDict, prefix: str = "") -> dict[str, Any]:
   """Returns `{"a.b.c": value}` for every leaf of a (nested) ConfigDict."""
   out = {}
@@ -252,7 +287,8 @@ def validate(config: ConfigDict) -> None:
   Raises:
     ConfigError: the first problem found, as one line.
   """
-  from jaxbd import defenses, experiments, models, poison  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from jaxbd import attacks, defenses, experiments, models, poison
 
   check_keys(config, defaults())
   check_choice(config.experiment, "experiment", experiments.EXPERIMENTS)
@@ -261,6 +297,7 @@ def validate(config: ConfigDict) -> None:
   check_choice(config.poison.name, "poison.name", ["none", *poison.TRIGGERS])
   check_choice(config.poison.label_mode, "poison.label_mode",
                ("all2one", "all2all", "clean_label"))
+  check_choice(config.attack.name, "attack.name", ["none", *attacks.ATTACKS])
   for name in defense_names(config):
     check_choice(name, "defense.names", defenses.DEFENSES)
 
@@ -284,6 +321,8 @@ def validate(config: ConfigDict) -> None:
   models.MODELS[config.model.name].validate(config)
   if config.poison.name != "none":
     poison.TRIGGERS[config.poison.name].validate(config)
+  if config.attack.name != "none":
+    attacks.ATTACKS[config.attack.name].validate(config)
   for name in defense_names(config):
     defenses.DEFENSES[name].validate(config)
   experiments.EXPERIMENTS[config.experiment].validate(config)

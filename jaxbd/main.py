@@ -19,14 +19,13 @@ results and logs; checkpoints are written by all processes together (orbax).
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxbd.config import load_file as load_config_file
 from jaxbd.errors import ConfigError, JaxbdError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -50,33 +49,6 @@ def die(message: str) -> None:
   """Prints one error line and exits with status 2."""
   print(f"jaxbd: error: {message}", file=sys.stderr)
   sys.exit(2)
-
-
-def call_config_file(spec: str, function: str = "get_config"):
-  """Loads `FILE.py[:ARG]` and returns `FILE.function(ARG)` (`FILE.function()` without ARG).
-
-  Raises:
-    ConfigError: the file is missing, does not define the function, or the function fails.
-  """
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file {path!r} not found")
-  module_spec = importlib.util.spec_from_file_location("jaxbd_user_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, function):
-      raise ConfigError(f"config file {path!r} defines no {function}()")
-    return getattr(module, function)(arg) if arg else getattr(module, function)()
-  except JaxbdError:
-    raise
-  except Exception as e:  # A user's config file can raise anything; report it in one line.
-    raise ConfigError(f"config file {spec!r}: {type(e).__name__}: {e}") from None
-
-
-def load_config_file(spec: str):
-  """The config of `FILE.py[:ARG]` (its `get_config(ARG)`)."""
-  return call_config_file(spec)
 
 
 def config_value():

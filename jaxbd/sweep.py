@@ -207,7 +207,7 @@ def main(argv: list[str]) -> None:
     if _GRID.value:
       cells = parse_grid(_GRID.value, base)
     else:
-      cells = list(cli.call_config_file(cli.config_spec(), "get_sweep"))
+      cells = list(config_lib.call_file(cli.config_spec(), "get_sweep"))
     if not cells:
       raise ConfigError("the sweep has no cells")
     counts = run_sweep(base, cells, cli.workdir_value())

@@ -109,5 +109,5 @@ def tiny_model():
 
 def load_config(spec: str):
   """Loads `configs/FILE.py[:ARG]` (relative to the repository) as the CLI does."""
-  from jaxbd.main import load_config_file  # pylint: disable=g-import-not-at-top
+  from jaxbd.config import load_file as load_config_file  # pylint: disable=g-import-not-at-top
   return load_config_file(str(REPO / spec))

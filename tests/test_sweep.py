@@ -31,7 +31,7 @@ def test_parse_grid_types_and_product():
 
 
 def test_config_files_can_declare_their_sweep():
-  from jaxbd.main import call_config_file
+  from jaxbd.config import call_file as call_config_file
   cells = call_config_file(str(REPO / "configs/cifar10.py:cpu"), "get_sweep")
   assert len(cells) == 12 and {c["seed"] for c in cells} == {0, 1, 2}
   base = call_config_file(str(REPO / "configs/cifar10.py:cpu"))

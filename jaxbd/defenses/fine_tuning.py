@@ -7,6 +7,8 @@ augmentation; BatchNorm in train mode.
 
 from __future__ import annotations
 
+from typing import Any, Callable, Optional
+
 import jax
 import ml_collections
 
@@ -25,9 +27,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def fine_tune(ctx: base.Context, variables: dict, trusted: base.Trusted,
-              config: ml_collections.ConfigDict, key: jax.Array, *,
-              phase: str = "ft") -> tuple[dict, dict]:
-  """Fine-tunes all parameters on `trusted` with cross-entropy.
+              config: ml_collections.ConfigDict, key: jax.Array, *, phase: str = "ft",
+              loss_fn: Optional[train_lib.step.LossFn] = None,
+              post_update: Optional[Callable[[Any, Any], Any]] = None,
+              context: Any = None) -> tuple[dict, dict]:
+  """Fine-tunes all parameters on `trusted` (cross-entropy unless `loss_fn` is given).
+
+  Defenses that train with their own objective (D3, Pivotal Tuning) call this with their loss,
+  an optional projection after each update and the frozen pytrees their loss reads.
 
   Args:
     ctx: defense context.
@@ -36,18 +43,22 @@ def fine_tune(ctx: base.Context, variables: dict, trusted: base.Trusted,
     config: a train-style section (epochs, lr, batch_size, ...).
     key: PRNG key (batch order, augmentation).
     phase: checkpoint/metrics phase name.
+    loss_fn: the loss (see `jaxbd.train.step`); default cross-entropy in train mode.
+    post_update: `(params, context) -> params` after every update.
+    context: pytree passed to `loss_fn` and `post_update` (e.g. initial weights, a pivot model).
 
   Returns:
-    (fine-tuned variables, report with seconds and steps).
+    (fine-tuned variables, report with steps and epochs).
   """
   setup = train_lib.supervised_setup(
       ctx.model, trusted.images, trusted.labels, train_config=config,
-      data_config=ctx.data_config, mesh=ctx.mesh, key=key, variables=variables)
+      data_config=ctx.data_config, mesh=ctx.mesh, key=key, variables=variables,
+      loss_fn=loss_fn, post_update=post_update)
   state, summary = train_lib.fit(
       phase, setup.state, setup.step, setup.arrays, epochs=config.epochs,
       batch_size=config.batch_size, key=key, workdir=ctx.workdir,
+      context=None if context is None else train_lib.put_replicated(context, ctx.mesh),
       eval_fn=(lambda s: ctx.evaluate(train_lib.variables(s))) if ctx.evaluate else None,
       eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
       progress=ctx.progress)
   return train_lib.variables(state), {"steps": summary["steps"], "epochs": config.epochs}
-

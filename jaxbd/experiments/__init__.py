@@ -4,12 +4,13 @@
 returns its results document; `run(config, workdir)` does this for the config's experiment.
 """
 
-from jaxbd.experiments import badpatches, defend, standard
+from jaxbd.experiments import badpatches, defend, detection, standard
 
 EXPERIMENTS = {
     "standard": standard.COMPONENT,
     "badpatches": badpatches.COMPONENT,
     "defend": defend.COMPONENT,
+    "detection": detection.COMPONENT,
 }
 
 

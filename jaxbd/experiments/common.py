@@ -25,7 +25,7 @@ from flax import traverse_util
 
 from jaxbd import config as config_lib
 from jaxbd import data as data_lib
-from jaxbd import defenses, metrics, models, poison
+from jaxbd import attacks, defenses, metrics, models, poison
 from jaxbd import train as train_lib
 from jaxbd.errors import CheckpointError, ConfigError
 from jaxbd.experiments import results
@@ -108,7 +108,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Run:
   train_lib.check_batch(config.train.batch_size, mesh)
   trigger = (poison.make_trigger(config, dataset.image_shape)
              if config.poison.name != "none" else None)
-  plan = poison.plan_from_config(config, dataset.y_train, dataset.num_classes)
+  plan = poison.plan_from_config(config, dataset.y_train, dataset.num_classes, trigger)
   model = models.create(config, dataset.num_classes, mean, std)
   key = jax.random.key(config.seed)
   try:  # shape errors (an image too small for the model) surface here, before any file is made
@@ -167,7 +167,8 @@ def train_classifier(run: Run, phase: str, *, poisoned: bool,
   Args:
     run: the prepared run.
     phase: phase name (checkpoint folder and metrics records).
-    poisoned: apply the poison plan (relabeled rows, on-device trigger) or train clean.
+    poisoned: apply the poison plan (relabeled rows, on-device trigger) and the training-time
+      attack of `config.attack`, or train clean.
     train_config: a `train`-style section (default `run.config.train`).
     key: PRNG key of the phase (default: derived from the run key and the phase name).
 
@@ -185,8 +186,12 @@ def train_classifier(run: Run, phase: str, *, poisoned: bool,
       data_config=c.data, mesh=run.mesh, key=init_key,
       kind=run.plan.kind if poison_now else None,
       poison_fn=poison.poison_fn(run.trigger) if poison_now else None)
+  step = setup.step
+  if poison_now and c.attack.name != "none":
+    step = attacks.ATTACKS[c.attack.name].build(c, run.model, run.trigger, setup, run.mesh,
+                                                ds.num_classes, jax.random.fold_in(key, 1))
   state, summary = train_lib.fit(
-      phase, setup.state, setup.step, setup.arrays, epochs=tc.epochs, batch_size=tc.batch_size,
+      phase, setup.state, step, setup.arrays, epochs=tc.epochs, batch_size=tc.batch_size,
       key=train_key, workdir=run.workdir,
       eval_fn=lambda s: run.evaluate(train_lib.variables(s)), eval_every=tc.eval_every,
       checkpoint_every=tc.checkpoint_every, log_every=c.log.every_steps,

@@ -60,6 +60,10 @@ def attack_section(config: ml_collections.ConfigDict, plan) -> dict:
              "plan": "poison_plan.npz"}
   if p.name != "none":
     section["params"] = p[p.name].to_dict()
+    section["num_cover"] = int(len(plan.cover_indices))
+  if config.attack.name != "none":
+    section["training_attack"] = {"name": config.attack.name,
+                                  **config.attack[config.attack.name].to_dict()}
   return section
 
 

@@ -2,20 +2,39 @@
 
 `TRIGGERS[name].build(config, image_shape)` returns the trigger of `config.poison.<name>` for
 images of shape (H, W, C); `make_trigger(config, image_shape)` does this for `config.poison.name`.
+
+Triggers: `badnets`, `blended` (triggers.py), `wanet` (wanet.py), `sig` (sig.py),
+`adaptive_blend`, `adaptive_patch`, `tsb` (pieces.py), `badpatches` (badpatches.py: aligned to the
+victim's routing grid). A trigger that wants cover rows (training
+images that get its `cover` transform and keep their label) says how many per poisoned row in its
+`cover_ratio` attribute; `plan_from_config` draws them.
 """
 
 from jaxbd import config as config_lib
-from jaxbd.poison import badpatches, triggers
+from jaxbd.poison import badpatches, pieces, sig, triggers, wanet
 from jaxbd.poison.plan import (CLEAN, COVER, POISONED, PoisonPlan, load_plan, make_plan,
                                poison_fn, poisoned_label)
 
+
+def _component(name, default_config, validate, build):
+  """A registry entry: `build(config, shape)` is `build(config.poison.<name>, shape, seed)`."""
+  return config_lib.Component(
+      default_config, validate,
+      lambda config, shape: build(config.poison[name], shape, config.seed))
+
+
 TRIGGERS = {
-    "badnets": config_lib.Component(
-        triggers.badnets_config, triggers.badnets_validate,
-        lambda config, shape: triggers.badnets(config.poison.badnets, shape, config.seed)),
-    "blended": config_lib.Component(
-        triggers.blended_config, triggers.blended_validate,
-        lambda config, shape: triggers.blended(config.poison.blended, shape, config.seed)),
+    "badnets": _component("badnets", triggers.badnets_config, triggers.badnets_validate,
+                          triggers.badnets),
+    "blended": _component("blended", triggers.blended_config, triggers.blended_validate,
+                          triggers.blended),
+    "wanet": _component("wanet", wanet.default_config, wanet.validate, wanet.build),
+    "sig": _component("sig", sig.default_config, sig.validate, sig.build),
+    "adaptive_blend": _component("adaptive_blend", pieces.adaptive_blend_config,
+                                 pieces.adaptive_blend_validate, pieces.adaptive_blend),
+    "adaptive_patch": _component("adaptive_patch", pieces.adaptive_patch_config,
+                                 pieces.adaptive_patch_validate, pieces.adaptive_patch),
+    "tsb": _component("tsb", pieces.tsb_config, pieces.tsb_validate, pieces.tsb),
     "badpatches": config_lib.Component(
         badpatches.default_config, badpatches.validate,
         lambda config, shape: badpatches.build(config.poison.badpatches, shape, config.seed,
@@ -34,9 +53,13 @@ def make_trigger(config, image_shape):
   return TRIGGERS[config.poison.name].build(config, tuple(image_shape))
 
 
-def plan_from_config(config, labels, num_classes) -> PoisonPlan:
-  """The poison plan of `config.poison` for training labels int[N] (seeded by `config.seed`)."""
+def plan_from_config(config, labels, num_classes, trigger=None) -> PoisonPlan:
+  """The poison plan of `config.poison` for training labels int[N] (seeded by `config.seed`).
+
+  With a `trigger` that has a `cover_ratio`, `cover_ratio` cover rows are drawn per poisoned row.
+  """
   p = config.poison
-  return make_plan(labels, num_classes, rate=p.rate if p.name != "none" else 0.0,
-                   target=p.target, label_mode=p.label_mode, seed=config.seed,
-                   exclude_target=p.exclude_target)
+  rate = p.rate if p.name != "none" else 0.0
+  return make_plan(labels, num_classes, rate=rate, target=p.target, label_mode=p.label_mode,
+                   seed=config.seed, exclude_target=p.exclude_target,
+                   cover_rate=rate * getattr(trigger, "cover_ratio", 0.0))

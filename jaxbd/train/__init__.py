@@ -7,5 +7,5 @@ from jaxbd.train.mesh import (batch_sharding, check_batch, make_mesh, put_replic
                               replicated, state_sharding)
 from jaxbd.train.optim import lr_schedule, make_optimizer
 from jaxbd.train.setup import Setup, supervised_setup
-from jaxbd.train.step import (classification_loss, create_state, init_variables,
+from jaxbd.train.step import (classification_loss, create_state, forward, init_variables,
                               make_train_step, model_rngs, split_variables, variables)

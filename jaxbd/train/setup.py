@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -28,6 +28,7 @@ class Setup:
   step: Any
   arrays: data_lib.TrainArrays
   steps_per_epoch: int
+  tx: Any = None  # the optimizer `step` applies
 
 
 def supervised_setup(model, images: np.ndarray, labels: np.ndarray, *,
@@ -36,7 +37,8 @@ def supervised_setup(model, images: np.ndarray, labels: np.ndarray, *,
                      key: jax.Array, kind: Optional[np.ndarray] = None,
                      poison_fn: Optional[data_lib.pipeline.PoisonFn] = None,
                      loss_fn: Optional[step_lib.LossFn] = None,
-                     variables: Optional[dict] = None) -> Setup:
+                     variables: Optional[dict] = None,
+                     post_update: Optional[Callable[[Any, Any], Any]] = None) -> Setup:
   """Builds a cross-entropy (or `loss_fn`) training phase of `model`.
 
   Args:
@@ -52,6 +54,7 @@ def supervised_setup(model, images: np.ndarray, labels: np.ndarray, *,
     poison_fn: on-device transform of poisoned/cover rows (see jaxbd.poison.poison_fn).
     loss_fn: the loss (default: `classification_loss(model)`).
     variables: start from these variables instead of a fresh initialization.
+    post_update: `(params, context) -> params` after every update (see `make_train_step`).
   """
   arrays = data_lib.train_arrays(images, labels, kind, mesh_lib.replicated(mesh))
   steps = -(-len(labels) // train_config.batch_size)
@@ -62,5 +65,6 @@ def supervised_setup(model, images: np.ndarray, labels: np.ndarray, *,
   batch_fn = functools.partial(data_lib.gather_batch, poison_fn=poison_fn,
                                crop_padding=data_config.crop_padding, flip=data_config.flip)
   step = step_lib.make_train_step(loss_fn or step_lib.classification_loss(model), tx, batch_fn,
-                                  batch_sharding=mesh_lib.batch_sharding(mesh))
-  return Setup(state, step, arrays, steps)
+                                  batch_sharding=mesh_lib.batch_sharding(mesh),
+                                  post_update=post_update)
+  return Setup(state, step, arrays, steps, tx)

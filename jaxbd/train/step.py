@@ -19,7 +19,7 @@ model, initial weights) as jit arguments rather than baked-in constants.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -66,6 +66,35 @@ def model_rngs(key: jax.Array) -> dict[str, jax.Array]:
   return {"dropout": dropout, "noise": noise}
 
 
+class Forward(NamedTuple):
+  """One forward pass inside a loss (see `forward`)."""
+  logits: jax.Array  # f32[B, num_classes]
+  model_state: dict  # updated mutable collections (train mode) or the input ones (eval mode)
+  features: Optional[jax.Array]  # f32[B, D] penultimate features, when asked for
+  aux_loss: Optional[jax.Array]  # scalar sum of the model's sown auxiliary losses, if any
+
+
+def forward(model: nn.Module, params, model_state: dict, images: jax.Array, key: jax.Array, *,
+            train: bool = True, with_features: bool = False) -> Forward:
+  """`model` on images f32[B, H, W, C] inside a loss.
+
+  In train mode the mutable collections (BatchNorm statistics) are updated and the auxiliary
+  losses the model sows into `aux_loss` (already weighted, e.g. V-MoE's router importance and load
+  losses) are summed; in eval mode `model_state` comes back unchanged. `with_features` also returns
+  the penultimate features (see `jaxbd.models.features`).
+  """
+  mutable = [*model_state, "aux_loss"] if train else []
+  if with_features:
+    mutable = mutable + ["intermediates"]
+  out = model.apply({"params": params, **model_state}, images, train=train,
+                    mutable=mutable or False, rngs=model_rngs(key))
+  logits, new_state = out if mutable else (out, {})
+  new_state = dict(new_state)
+  feats = new_state.pop("intermediates", {}).get("features", (None,))[0]
+  aux = jax.tree.leaves(new_state.pop("aux_loss", {}))
+  return Forward(logits, new_state if train else model_state, feats, sum(aux) if aux else None)
+
+
 def classification_loss(model: nn.Module) -> LossFn:
   """Mean softmax cross-entropy of `model` in train mode (BatchNorm statistics updated).
 
@@ -75,16 +104,13 @@ def classification_loss(model: nn.Module) -> LossFn:
 
   def loss_fn(params, model_state, images, labels, key, context=None):
     del context
-    logits, new_state = model.apply({"params": params, **model_state}, images, train=True,
-                                    mutable=[*model_state, "aux_loss"], rngs=model_rngs(key))
-    new_state = dict(new_state)
-    aux = jax.tree.leaves(new_state.pop("aux_loss", {}))
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    metrics = {"loss": loss, "train_acc": jnp.mean(jnp.argmax(logits, -1) == labels)}
-    if aux:
-      metrics["aux_loss"] = sum(aux)
-      loss = loss + metrics["aux_loss"]
-    return loss, (new_state, metrics)
+    out = forward(model, params, model_state, images, key)
+    loss = optax.softmax_cross_entropy_with_integer_labels(out.logits, labels).mean()
+    metrics = {"loss": loss, "train_acc": jnp.mean(jnp.argmax(out.logits, -1) == labels)}
+    if out.aux_loss is not None:
+      metrics["aux_loss"] = out.aux_loss
+      loss = loss + out.aux_loss
+    return loss, (out.model_state, metrics)
 
   return loss_fn
 

@@ -1,0 +1,190 @@
+"""The attack suite's triggers: each pinned to its paper's formula, pixel for pixel."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbd import config as config_lib
+from jaxbd import data, poison
+from jaxbd.errors import ConfigError
+from jaxbd.poison import pieces, wanet
+
+
+def trigger_config(name, **kw):
+  c = config_lib.defaults()
+  c.poison.name = name
+  for k, v in kw.items():
+    c.poison[name][k] = v
+  config_lib.validate(c)
+  return c
+
+
+def images(n=4, shape=(32, 32, 3), seed=0):
+  return jnp.asarray(np.random.default_rng(seed).uniform(0.1, 0.9, (n, *shape)), jnp.float32)
+
+
+# WaNet ----------------------------------------------------------------------------------------
+
+
+def test_wanet_is_the_identity_at_zero_strength():
+  x = images()
+  trigger = poison.make_trigger(trigger_config("wanet", s=0.0), (32, 32, 3))
+  np.testing.assert_allclose(np.asarray(trigger(x)), np.asarray(x), atol=1e-5)  # f32 grid
+  np.testing.assert_allclose(np.asarray(trigger.grid), wanet.identity_grid(32, 32), atol=1e-6)
+
+
+def test_wanet_grids_stay_in_bounds_and_noise_mode_differs():
+  for s, rescale in ((0.5, 1.0), (8.0, 1.0), (0.5, 1.3)):
+    trigger = poison.make_trigger(trigger_config("wanet", s=s, grid_rescale=rescale),
+                                  (32, 32, 3))
+    grid = np.asarray(trigger.grid)
+    assert grid.min() >= -1.0 and grid.max() <= 1.0
+  trigger = poison.make_trigger(trigger_config("wanet"), (32, 32, 3))
+  displacement = np.abs(np.asarray(trigger.grid) - wanet.identity_grid(32, 32))
+  assert 0 < displacement.max() < 4 * 0.5 / 32  # s / H scaled noise of mean magnitude 1
+  x = images()
+  warped, noisy = trigger(x), trigger.cover(x, jax.random.key(0))
+  assert float(jnp.abs(warped - x).max()) > 0.05
+  assert float(jnp.abs(noisy - warped).max()) > 0.01  # fresh per-pixel noise on the grid
+  assert 0.0 <= float(noisy.min()) and float(noisy.max()) <= 1.0
+  assert trigger.cover_ratio == 2.0
+
+
+def test_wanet_matches_torch_interpolate_and_grid_sample():
+  torch = pytest.importorskip("torch")
+  f = torch.nn.functional
+  ins = np.random.default_rng(0).uniform(-1, 1, (1, 2, 4, 4))
+  ref = f.interpolate(torch.tensor(ins), size=32, mode="bicubic", align_corners=True).numpy()[0]
+  a = wanet.bicubic_matrix(4, 32)
+  np.testing.assert_allclose(np.einsum("hk,ckl,wl->chw", a, ins[0], a), ref, atol=1e-12)
+  grid = wanet.warp_grid((32, 32, 3), 4, 0.5, 1.0, 0)
+  x = np.asarray(images(3))
+  expected = f.grid_sample(torch.tensor(x).permute(0, 3, 1, 2),
+                           torch.tensor(grid)[None].repeat(3, 1, 1, 1),
+                           align_corners=True).permute(0, 2, 3, 1).numpy()
+  np.testing.assert_allclose(np.asarray(wanet.grid_sample(jnp.asarray(x), grid[None])), expected,
+                             atol=1e-6)
+
+
+# SIG ------------------------------------------------------------------------------------------
+
+
+def test_sig_adds_the_clipped_sinusoid():
+  trigger = poison.make_trigger(trigger_config("sig", delta=40.0, f=6.0), (32, 32, 3))
+  x = images()
+  j = np.arange(32)
+  expected = np.clip(np.asarray(x) + 40 / 255 * np.sin(2 * np.pi * j * 6 / 32)[None, None, :,
+                                                                                   None], 0, 1)
+  np.testing.assert_allclose(np.asarray(trigger(x)), expected, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(trigger(jnp.ones((1, 32, 32, 3))))[0, :, 0], 1.0)
+
+
+def test_sig_clean_label_plan_triggers_only_target_images_and_keeps_labels():
+  labels = np.repeat(np.arange(10), 50)
+  c = trigger_config("sig")
+  c.poison.label_mode, c.poison.rate, c.poison.target = "clean_label", 0.08, 3
+  plan = poison.plan_from_config(c, labels, 10)
+  assert len(plan.indices) == 40 and np.all(labels[plan.indices] == 3)
+  np.testing.assert_array_equal(plan.labels, labels)
+
+
+# Adaptive-Blend, Adaptive-Patch, TSB ----------------------------------------------------------
+
+
+def piece_state(trigger, out, x):
+  """bool[B, P]: whether each piece of each image was blended at its training opacity."""
+  masks, patterns = np.asarray(trigger.masks), np.asarray(trigger.patterns)
+  got = []
+  for p in range(len(masks)):
+    region = masks[p, ..., 0] > 0
+    blended = x + masks[p] * (patterns[p] - x)
+    on = np.all(np.isclose(out[:, region], blended[:, region], atol=1e-6), axis=-1).all(-1)
+    off = np.all(np.isclose(out[:, region], x[:, region], atol=1e-6), axis=-1).all(-1)
+    assert np.all(on ^ off), "every piece is either fully applied or untouched"
+    got.append(on)
+  return np.stack(got, 1)
+
+
+def test_adaptive_blend_pieces_tile_the_image_and_are_kept_at_random():
+  trigger = poison.make_trigger(trigger_config("adaptive_blend"), (32, 32, 3))
+  masks = np.asarray(trigger.masks)[..., 0]
+  assert masks.shape == (4, 32, 32)
+  np.testing.assert_allclose(masks.sum(0), 0.15)  # a 2x2 tiling at training opacity
+  assert masks[0, :16, :16].min() == 0.15 and masks[3, 16:, 16:].min() == 0.15
+  x = np.asarray(images(256))
+  out = np.asarray(trigger(jnp.asarray(x), jax.random.key(1), train=True))
+  kept = piece_state(trigger, out, x)
+  assert 0.43 < kept.mean() < 0.57  # each of 1,024 pieces kept w.p. 0.5
+  assert len({tuple(k) for k in kept}) == 16  # all subsets occur
+  test = np.asarray(trigger(jnp.asarray(x)))
+  pattern = np.asarray(trigger.patterns[0])
+  np.testing.assert_allclose(test, 0.8 * x + 0.2 * pattern, atol=1e-6)  # all pieces, test alpha
+  assert trigger.cover_ratio == 1.0  # conservatism 0.5: as many cover as payload rows
+
+
+def test_adaptive_patch_patches_are_disjoint_and_applied_fully_at_test():
+  trigger = poison.make_trigger(trigger_config("adaptive_patch", size=5), (32, 32, 3))
+  regions = np.asarray(trigger.test_masks)[..., 0]
+  assert np.all(regions.sum(0) <= 1.0) and np.all(regions.sum((1, 2)) == 25)
+  x = np.asarray(images(64))
+  kept = piece_state(trigger, np.asarray(trigger(jnp.asarray(x), jax.random.key(2), train=True)),
+                     x)
+  assert 0.35 < kept.mean() < 0.65
+  test = np.asarray(trigger(jnp.asarray(x)))
+  on = regions.sum(0) > 0
+  pasted = (regions[..., None] * np.asarray(trigger.patterns)).sum(0)  # opacity 1 at test
+  np.testing.assert_allclose(test[:, on], np.broadcast_to(pasted[on], test[:, on].shape),
+                             atol=1e-6)
+  np.testing.assert_array_equal(test[:, ~on], x[:, ~on])
+
+
+def test_tsb_puts_exactly_one_mark_on_training_images_and_all_at_test():
+  trigger = poison.make_trigger(trigger_config("tsb", marks=4, size=4), (32, 32, 3))
+  x = np.asarray(images(200))
+  kept = piece_state(trigger, np.asarray(trigger(jnp.asarray(x), jax.random.key(3), train=True)),
+                     x)
+  np.testing.assert_array_equal(kept.sum(1), 1)
+  assert set(np.argmax(kept, 1)) == {0, 1, 2, 3}
+  np.testing.assert_array_equal(piece_state(trigger, np.asarray(trigger(jnp.asarray(x))), x),
+                                True)
+  assert trigger.cover_ratio == 0.0
+
+
+def test_piece_layouts_that_do_not_fit_are_refused():
+  with pytest.raises(ConfigError, match="3 pieces do not tile a 32x32 image"):
+    poison.make_trigger(trigger_config("adaptive_blend", pieces=3), (32, 32, 3))
+  with pytest.raises(ConfigError, match="5 marks of 16x16 pixels do not fit a 32x32 image"):
+    poison.make_trigger(trigger_config("tsb", marks=5, size=16), (32, 32, 3))
+
+
+def test_cover_rows_come_from_the_trigger_and_get_its_cover_transform():
+  """WaNet's cross ratio 2: twice as many noise-mode rows as poisoned rows, labels kept."""
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, 400)
+  c = trigger_config("wanet")
+  c.poison.rate = 0.1
+  trigger = poison.make_trigger(c, (16, 16, 3))
+  plan = poison.plan_from_config(c, labels, 10, trigger)
+  assert len(plan.indices) == 40 and len(plan.cover_indices) == 80
+  np.testing.assert_array_equal(plan.labels[plan.cover_indices], labels[plan.cover_indices])
+  imgs = rng.integers(0, 256, (400, 16, 16, 3), dtype=np.uint8)
+  arrays = data.train_arrays(imgs, plan.labels, plan.kind)
+  x, _ = data.gather_batch(arrays, jnp.arange(400), jax.random.key(0),
+                           poison_fn=poison.poison_fn(trigger))
+  x, ref = np.asarray(x), imgs / 255.0
+  kind = plan.kind
+  np.testing.assert_allclose(x[kind == 1], np.asarray(trigger(jnp.asarray(ref[kind == 1]))),
+                             atol=1e-6)
+  np.testing.assert_allclose(x[kind == 0], ref[kind == 0], atol=1e-7)
+  changed = np.abs(x[kind == 2] - np.asarray(trigger(jnp.asarray(ref[kind == 2])))).max((1, 2, 3))
+  assert np.all(changed > 0)  # noise mode, not the plain warp
+
+
+def test_all_to_all_relabels_to_the_next_class():
+  labels = np.repeat(np.arange(10), 100)
+  c = trigger_config("badnets")
+  c.poison.label_mode = "all2all"
+  plan = poison.plan_from_config(c, labels, 10)
+  np.testing.assert_array_equal(plan.labels[plan.indices], (labels[plan.indices] + 1) % 10)
+  assert len(set(labels[plan.indices])) == 10  # drawn from every class

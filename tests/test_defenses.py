@@ -1,0 +1,223 @@
+"""D3, Pivotal Tuning and PCB pieces: projection, warm-ups, losses and masks on tiny shapes."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from jaxbd import attacks, config as config_lib, data, defenses, models, poison
+from jaxbd import train as train_lib
+from jaxbd.defenses import d3, pivotal_tuning
+from jaxbd.errors import ConfigError
+
+
+def tiny_model(width=4):
+  c = config_lib.defaults()
+  c.model.cnn.width, c.model.cnn.stages = width, 2
+  model = models.create(c, 5, (0.5,) * 3, (0.25,) * 3)
+  return model, train_lib.init_variables(model, jax.random.key(0), (8, 8, 3))
+
+
+def tiny_trusted(n=64, seed=0):
+  rng = np.random.default_rng(seed)
+  return defenses.Trusted(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+                          rng.integers(0, 5, n).astype(np.int32), np.arange(n))
+
+
+def tiny_ctx(model):
+  c = config_lib.defaults()
+  c.data.crop_padding = 1
+  return defenses.Context(model, train_lib.make_mesh(1, 1), c.data, 5, progress=False)
+
+
+def norm(x):
+  return float(np.linalg.norm(np.asarray(x).ravel()))
+
+
+def test_d3_selects_the_classifier_or_named_modules():
+  _, v = tiny_model()
+  assert d3.select_kernels(v["params"], "", 5) == ["head/kernel"]
+  assert d3.select_kernels(v["params"], "conv1, head", 5) == ["conv1/kernel", "head/kernel"]
+  with pytest.raises(ConfigError, match="module 'layer9' has no kernel"):
+    d3.select_kernels(v["params"], "layer9", 5)
+
+
+def test_d3_warm_ups():
+  w0 = jax.random.normal(jax.random.key(0), (16, 5))
+  key = jax.random.key(1)
+  random = d3.warm_up(w0, "random", key)
+  assert norm(random) == pytest.approx(norm(w0), rel=1e-5)
+  assert abs(float(jnp.corrcoef(random.ravel(), w0.ravel())[0, 1])) < 0.5
+  np.testing.assert_array_equal(d3.warm_up(w0, "far", key), -w0)
+  np.testing.assert_array_equal(d3.warm_up(w0, "middle", key), 0.0)
+  np.testing.assert_array_equal(d3.warm_up(w0, "near", key), w0)
+  noise = d3.warm_up(w0, "noise", key) - w0
+  assert float(jnp.std(noise)) == pytest.approx(float(jnp.std(w0)), rel=0.3)
+
+
+def test_d3_projection_restores_the_initial_norm_of_selected_kernels_only():
+  _, v = tiny_model()
+  params = v["params"]
+  initial = {"head/kernel": d3.get(params, "head/kernel")}
+  moved = jax.tree.map(lambda x: 3.0 * x + 0.1, params)
+  projected = d3.project(moved, initial)
+  assert norm(d3.get(projected, "head/kernel")) == pytest.approx(norm(initial["head/kernel"]),
+                                                                 rel=1e-6)
+  direction = np.asarray(d3.get(moved, "head/kernel"))
+  np.testing.assert_allclose(np.asarray(d3.get(projected, "head/kernel")),
+                             direction * norm(initial["head/kernel"]) / norm(direction),
+                             rtol=1e-5)
+  np.testing.assert_array_equal(projected["head"]["bias"], moved["head"]["bias"])
+  np.testing.assert_array_equal(projected["conv0"]["kernel"], moved["conv0"]["kernel"])
+  zero = d3.project(jax.tree.map(jnp.zeros_like, params), initial)  # a kernel at 0 stays finite
+  assert np.all(np.isfinite(np.asarray(d3.get(zero, "head/kernel"))))
+
+
+@pytest.mark.parametrize("lmd,expected", [(0.5, 0.5 * 2.0 - 3.0), (1.0, 2.0 - 3.0),
+                                          (4.0, (4.0 * 2.0 - 3.0) / 5.0)])
+def test_d3_objective_has_the_lmd_above_one_branch(lmd, expected):
+  assert float(d3.d3_objective(jnp.asarray(2.0), jnp.asarray(3.0), lmd)) == pytest.approx(expected)
+
+
+def test_d3_hinge_and_frobenius_distance():
+  model, v = tiny_model()
+  params, state = train_lib.split_variables(v)
+  images = jnp.asarray(tiny_trusted(8).images, jnp.float32) / 255
+  labels = jnp.asarray(tiny_trusted(8).labels)
+  w0 = d3.get(params, "head/kernel")
+  shifted = d3.replace(params, {"head/kernel": w0 + 0.5})
+  loss_fn = d3.d3_loss(model, 0.5, 0.1, train_mode=True)
+  loss, (_, m) = loss_fn(shifted, state, images, labels, jax.random.key(0),
+                         {"head/kernel": w0})
+  assert float(m["dist"]) == pytest.approx(0.5 * np.sqrt(w0.size), rel=1e-5)  # not squared
+  logits = train_lib.forward(model, shifted, state, images, jax.random.key(0)).logits
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  assert float(m["hinge"]) == pytest.approx(float(jnp.mean(jax.nn.relu(ce - 0.1))), rel=1e-5)
+  assert float(loss) == pytest.approx(0.5 * float(m["hinge"]) - float(m["dist"]), rel=1e-5)
+
+
+def test_d3_keeps_the_norm_after_every_step_and_moves_away_from_w0():
+  model, v = tiny_model()
+  c = d3.default_config()
+  c.update(dict(epochs=3, batch_size=16, checkpoint_every=0, eval_every=0))
+  out, report = d3.d3(tiny_ctx(model), v, tiny_trusted(), c, jax.random.key(0))
+  w0, w = d3.get(v["params"], "head/kernel"), d3.get(out["params"], "head/kernel")
+  assert report["layers"] == ["head/kernel"] and report["steps"] == 12
+  assert norm(w) == pytest.approx(norm(w0), rel=1e-5)
+  assert norm(w - w0) > 0.5 * norm(w0)
+  assert not np.allclose(out["params"]["conv0"]["kernel"], v["params"]["conv0"]["kernel"])
+
+
+def reference_slol(z, z0, y, diagonal="reference"):
+  """The reference implementation's arithmetic, written out with loops over present classes."""
+  classes = np.unique(y)
+  mu = np.stack([z[y == k].mean(0) for k in classes])
+  mu0 = np.stack([z0[y == k].mean(0) for k in classes])
+  cov = mu.T @ mu / len(classes)
+  off = cov - np.diag(cov)[None, :] if diagonal == "reference" else cov - np.diag(np.diag(cov))
+  loss = np.linalg.norm(off)
+  for i in range(len(classes)):
+    for j in range(len(classes)):
+      if i != j:
+        a, b = mu[i] - mu[j], mu0[i] - mu0[j]
+        loss += a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) / 2
+  return loss
+
+
+@pytest.mark.parametrize("diagonal", ["reference", "zero"])
+def test_slol_matches_the_reference_arithmetic_with_absent_classes(diagonal):
+  rng = np.random.default_rng(0)
+  z, z0 = rng.normal(size=(20, 6)), rng.normal(size=(20, 6))
+  y = rng.choice([0, 2, 3, 5], 20)  # classes 1 and 4 of 6 absent
+  got = pivotal_tuning.slol(jnp.asarray(z, jnp.float32), jnp.asarray(z0, jnp.float32),
+                            jnp.asarray(y), 6, diagonal)
+  assert float(got) == pytest.approx(reference_slol(z, z0, y, diagonal), rel=1e-4)
+  grads = jax.grad(lambda a: pivotal_tuning.slol(a, jnp.asarray(z0, jnp.float32),
+                                                 jnp.asarray(y), 6, diagonal))(
+                                                     jnp.asarray(z, jnp.float32))
+  assert np.all(np.isfinite(np.asarray(grads)))
+
+
+def test_parameter_penalty_and_distillation():
+  a = {"w": jnp.ones((2, 3)), "b": jnp.zeros((4,))}
+  b = {"w": jnp.zeros((2, 3)), "b": jnp.full((4,), 2.0)}
+  assert float(pivotal_tuning.parameter_penalty(a, b)) == pytest.approx((6 + 16) / 10)
+  logits, teacher = jnp.array([[1.0, 2.0, 0.5]]), jnp.array([[0.2, 0.1, 3.0]])
+  p = jax.nn.softmax(teacher)
+  expected = -float(jnp.sum(p * jnp.log(jax.nn.softmax(logits) + 1e-7)))
+  assert float(pivotal_tuning.distillation(logits, teacher)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_pivotal_tuning_without_labels_runs_and_stays_near_the_pivot():
+  model, v = tiny_model()
+  c = pivotal_tuning.default_config()
+  c.update(dict(steps=6, batch_size=16, lr=0.01, use_labels=False))
+  out, report = pivotal_tuning.pivotal_tuning(tiny_ctx(model), v, tiny_trusted(), c,
+                                              jax.random.key(0))
+  assert report["steps"] == 8  # rounded up to whole epochs of 4 steps
+  moved = pivotal_tuning.parameter_penalty(out["params"], v["params"])
+  assert 0 < float(moved) < 1e-2
+
+
+# PCB ------------------------------------------------------------------------------------------
+
+
+def pcb_config(**kw):
+  c = config_lib.defaults()
+  c.attack.name = "pcb"
+  c.poison.rate = 0.0
+  c.data.crop_padding, c.data.flip = 0, False
+  c.train.update(dict(batch_size=20, momentum=0.0, weight_decay=0.0, schedule="constant",
+                      lr=0.1))
+  c.model.cnn.width, c.model.cnn.stages = 4, 2
+  for k, v in kw.items():
+    c.attack.pcb[k] = v
+  return c
+
+
+def test_pcb_config_checks():
+  config_lib.validate(pcb_config())
+  c = pcb_config()
+  c.poison.rate = 0.1
+  with pytest.raises(ConfigError, match="set poison.rate=0"):
+    config_lib.validate(c)
+
+
+def test_pcb_poisons_a_fraction_of_every_second_batch_inside_the_mask():
+  c = pcb_config(param_fraction=0.3)
+  model = models.create(c, 5, (0.5,) * 3, (0.25,) * 3)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 200, (40, 8, 8, 3), dtype=np.uint8)
+  labels = rng.integers(1, 5, 40)
+  trigger = poison.make_trigger(c, (8, 8, 3))
+  mesh = train_lib.make_mesh(1, 1)
+  setup = train_lib.supervised_setup(model, images, labels, train_config=c.train,
+                                     data_config=c.data, mesh=mesh, key=jax.random.key(0))
+  mask_key = jax.random.key(7)
+  step = jax.jit(attacks.ATTACKS["pcb"].build(c, model, trigger, setup, mesh, 5, mask_key))
+
+  x, y = attacks.pcb.poisoned_batch(setup.arrays, jnp.arange(20), jax.random.key(0),
+                                    trigger=trigger, batch_rate=0.1, label_mode="all2one",
+                                    target=0, num_classes=5, crop_padding=0, flip=False)
+  np.testing.assert_array_equal(np.asarray(y)[:2], 0)  # round(0.1 * 20) rows relabeled
+  np.testing.assert_array_equal(np.asarray(y)[2:], labels[2:20])
+  np.testing.assert_array_equal(np.asarray(x)[:2, -3:, -3:], 1.0)  # and triggered
+  assert np.all(np.asarray(x)[2:, -3:, -3:] < 1.0)
+
+  perm = jnp.arange(40, dtype=jnp.int32).reshape(2, 20)
+  mask = attacks.pcb.parameter_mask(setup.state["params"], 0.3, mask_key)
+  fraction = np.mean(np.concatenate([np.asarray(m).ravel() for m in jax.tree.leaves(mask)]))
+  assert 0.25 < fraction < 0.35
+  state0 = setup.state
+  state1, _ = step(state0, setup.arrays, perm, 0, jax.random.key(1))  # step 0: clean
+  state2, _ = step(state1, setup.arrays, perm, 1, jax.random.key(1))  # step 1: poisoned
+  for p0, p1, p2, m in zip(*(jax.tree.leaves(s["params"]) for s in (state0, state1, state2)),
+                           jax.tree.leaves(mask)):
+    p0, p1, p2, m = map(np.asarray, (p0, p1, p2, m))
+    assert np.any(p1[~m] != p0[~m])  # the clean step updates every parameter
+    np.testing.assert_array_equal(p2[~m], p1[~m])  # the poisoned step only the masked ones
+  assert any(np.any(np.asarray(a)[np.asarray(m)] != np.asarray(b)[np.asarray(m)]) for a, b, m in
+             zip(jax.tree.leaves(state2["params"]), jax.tree.leaves(state1["params"]),
+                 jax.tree.leaves(mask)))

@@ -1,0 +1,51 @@
+"""Detection: NC's anomaly index, CTI/NC scores, and the population experiment end to end."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import load_config
+from jaxbd import experiments
+from jaxbd.defenses import detection
+
+
+def test_anomaly_index_of_the_smallest_norm():
+  norms = np.array([10.0, 11.0, 9.0, 10.5, 9.5, 2.0])
+  median = np.median(norms)
+  mad = 1.4826 * np.median(np.abs(norms - median))
+  assert detection.anomaly_index(norms) == pytest.approx((median - 2.0) / mad)
+  assert detection.anomaly_index(np.array([3.0, 3.0, 3.0])) == 0.0
+
+
+@pytest.mark.slow
+def test_detection_experiment_on_a_small_population(tmp_path, capsys):
+  """1 clean + 2 backdoored (BadNets, Blended) CNNs on digits, trained under one vmapped step,
+  scored by CTI and NC; the experiment prints and writes the ROC AUC of both and a ROC plot."""
+  c = load_config("configs/detection.py:clean=1,backdoored=2")
+  c.data.source, c.data.train_limit, c.data.test_limit = "digits", 0, 0
+  c.data.crop_padding, c.data.flip = 1, False
+  c.model.name, c.model.cnn.width, c.model.cnn.stages = "cnn", 8, 2
+  c.poison.badnets.size = 2
+  c.train.update(dict(epochs=15, batch_size=64, lr=0.05, schedule_unit="step",
+                      checkpoint_every=0, eval_every=0))
+  c.defense.clean_fraction = 0.1
+  c.defense.pt.update(dict(steps=40, lr=0.01, batch_size=48))
+  c.detection.nc.epochs = 4
+  c.detection.cti.steps = 20
+  c.log.progress = False
+  doc = experiments.run(c, str(tmp_path))
+  out = capsys.readouterr().out
+  assert "| cti |" in out and "| nc |" in out and "ROC AUC" in out
+  members = doc["metrics"]["members"]
+  assert [m["attack"] for m in members] == ["none", "badnets", "blended"]
+  for m in members:
+    assert m["acc"] >= 0.8, m
+    if m["attack"] != "none":
+      assert m["asr"] >= 0.8, m
+  for name in ("cti", "nc"):
+    auc = doc["detection"][name]["auc"]
+    assert 0.0 <= auc <= 1.0 and len(doc["detection"][name]["suspicion"]) == 3
+  assert doc["timing"]["vmap"] is True
+  assert (tmp_path / "roc.png").stat().st_size > 1000
+  assert json.loads((tmp_path / "results.json").read_text())["detection"] == doc["detection"]

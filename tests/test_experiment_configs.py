@@ -1,0 +1,65 @@
+"""The D3-table, Pick-your-Poison and detection configs validate for every argument; tables."""
+
+import pytest
+
+from conftest import load_config
+from jaxbd import config as config_lib
+from jaxbd.errors import ConfigError
+from jaxbd.experiments import report
+
+
+@pytest.mark.parametrize("attack", ["badnets", "blended", "wanet", "sig"])
+@pytest.mark.parametrize("cpu", [False, True])
+def test_d3_table_configs(attack, cpu):
+  c = load_config(f"configs/d3.py:attack={attack}" + (",cpu" if cpu else ""))
+  config_lib.validate(c)
+  assert c.poison.name == attack and c.poison.rate == 0.1 and c.poison.target == 0
+  assert c.poison.label_mode == ("clean_label" if attack == "sig" else "all2one")
+  assert config_lib.defense_names(c) == ["ft", "d3", "pt"]
+  assert c.defense.clean_fraction == 0.05
+  if not cpu:  # the paper's settings
+    assert c.model.name == "preact_resnet18" and c.train.epochs == 100
+    d3 = c.defense.d3
+    assert (d3.epochs, d3.batch_size, d3.lr, d3.lmd, d3.eps, d3.warm_up) == (
+        100, 256, 0.01, 0.5, 0.1, "random")
+    assert d3.weight_decay == 0 and d3.schedule == "cosine" and d3.schedule_unit == "epoch"
+
+
+@pytest.mark.parametrize("attack", ["badnets", "adaptive_blend", "adaptive_patch", "wanet", "tsb",
+                                    "sig", "pcb"])
+def test_pick_your_poison_configs(attack):
+  c = load_config(f"configs/pick_your_poison.py:attack={attack}")
+  config_lib.validate(c)
+  assert c.defense.clean_fraction == 0.01 and "pt" in config_lib.defense_names(c)
+  pt = c.defense.pt
+  assert (pt.steps, pt.lr, pt.nesterov, pt.slol, pt.param, pt.batch_size) == (
+      2000, 1e-4, True, 0.05, 20000.0, 128)
+  if attack == "pcb":
+    assert c.attack.name == "pcb" and c.poison.rate == 0 and c.attack.pcb.batch_rate == 0.1
+
+
+def test_unknown_attack_argument_is_refused():
+  with pytest.raises(ConfigError, match="attack must be one of"):
+    load_config("configs/d3.py:attack=refool")
+
+
+def test_detection_config():
+  c = load_config("configs/detection.py:cpu,clean=2,backdoored=3")
+  config_lib.validate(c)
+  assert c.experiment == "detection" and c.detection.num_clean == 2
+  assert c.detection.num_backdoored == 3 and c.detection.attacks == "badnets,blended"
+  c.detection.scorers = "cti,strip"
+  with pytest.raises(ConfigError, match="'detection.scorers' must be one of"):
+    config_lib.validate(c)
+
+
+def test_defense_table_from_results():
+  doc = {"attack": {"name": "badnets"},
+         "metrics": {"backdoored": {"acc": 0.9132, "asr": 0.9503, "ra": 0.04}},
+         "defenses": {"d3": {"acc": 0.9077, "asr": 0.0074, "der": 0.96870}}}
+  pcb = {"attack": {"name": "badnets", "training_attack": {"name": "pcb"}},
+         "metrics": {"backdoored": {"acc": 0.9, "asr": 0.8}}, "defenses": {}}
+  table = report.defense_table([doc, pcb])
+  assert table.splitlines()[0] == "| attack | no defense | d3 |"
+  assert "| badnets | 91.32 / 95.03 | 90.77 / 0.74 (96.87) |" in table
+  assert "| badnets (pcb) | 90.00 / 80.00 |  |" in table
