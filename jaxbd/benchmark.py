@@ -9,7 +9,6 @@ FLOPs utilization (against the device's dense peak, where known) come with the s
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Optional
 
@@ -17,8 +16,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxbd import config as config_lib
 from jaxbd import data, models, poison
 from jaxbd import train as train_lib
+from jaxbd.experiments import results
 
 # Dense peak FLOP/s per device (vendor figures) for model FLOPs utilization.
 PEAK_FLOPS = {
@@ -140,10 +141,63 @@ def train_throughput(config: ml_collections.ConfigDict, ds: data.Dataset, batch_
   return out
 
 
+def moe_config(name: str, dispatch: str = "", *, batch_size: int = 128, widen: int = 10,
+               vmoe_hidden: int = 128, dtype: str = "float32",
+               expert: int = 1) -> ml_collections.ConfigDict:
+  """The BadPatches training setting for MoE model `name` (pmoe, pmoe_patch, vmoe).
+
+  SGD 0.1 without momentum, no augmentation, BadPatches trigger; `dispatch` (gather | einsum; empty:
+  the model's default), WRN-MoE widen factor `widen`, V-MoE token width `vmoe_hidden` (MLP 2x),
+  `expert` devices on the mesh's expert axis.
+  """
+  c = config_lib.defaults()
+  c.model.name = name
+  c.model.dtype = dtype
+  if dispatch:
+    c.model[name].dispatch = dispatch
+  c.model.pmoe.widen = widen
+  c.model.vmoe.hidden = vmoe_hidden
+  c.model.vmoe.mlp_dim = 2 * vmoe_hidden
+  c.poison.name = "badpatches"
+  c.data.crop_padding = 0
+  c.data.flip = False
+  c.train.update(dict(batch_size=batch_size, lr=0.1, momentum=0.0, weight_decay=0.0,
+                      schedule="constant"))
+  c.mesh.expert = expert
+  config_lib.validate(c)
+  return c
+
+
+def moe_step_throughput(config: ml_collections.ConfigDict, ds: data.Dataset,
+                        steps: int) -> dict:
+  """Train-step figures of `moe_config`'s model with 1% BadPatches rows (see `time_steps`)."""
+  setup = poisoned_setup(config, ds, rate=0.01)
+  timed, state = time_steps(setup, config.train.batch_size, steps, config.model.dtype)
+  name = config.model.name
+  return {"model": name, "dispatch": config.model[name].dispatch,
+          "batch_size": config.train.batch_size, "dtype": config.model.dtype, **timed,
+          "params": int(sum(np.size(p) for p in jax.tree.leaves(state["params"])))}
+
+
+def moe_table(rows: list[dict]) -> str:
+  """A markdown table of `moe_step_throughput` rows (TFLOP/s and MFU where known)."""
+  def fmt(row, key, spec):
+    return format(row[key], spec) if key in row else "n/a"
+  lines = ["| model | params | dispatch | dtype | images/s | TFLOP/s | MFU | compile s |",
+           "|---|---|---|---|---|---|---|---|"]
+  lines += [f"| {r['model']} | {r['params']:,} | {r['dispatch']} | {r['dtype']} | "
+            f"{r['step_images_per_second']:.1f} | {fmt(r, 'step_tflops_per_second', '.3f')} | "
+            f"{fmt(r, 'mfu', '.1%')} | {r['compile_seconds']:.1f} |" for r in rows]
+  return "\n".join(lines)
+
+
+def write_json(path: str, doc: dict) -> None:
+  """Writes `{**doc, "device", "jax", "date"}` as JSON to `path` atomically (if a path is given)."""
+  if path:
+    results.write_json(path, {**doc, "device": device_name(), "jax": jax.__version__,
+                              "date": time.strftime("%Y-%m-%d")})
+
+
 def write_results(path: str, rows: list[dict], **meta) -> None:
   """Writes `{**meta, "device", "jax", "date", "results": rows}` as JSON to `path` (if given)."""
-  if path:
-    doc = {**meta, "device": device_name(), "jax": jax.__version__,
-           "date": time.strftime("%Y-%m-%d"), "results": rows}
-    with open(path, "w") as f:
-      json.dump(doc, f, indent=1)
+  write_json(path, {**meta, "results": rows})

@@ -17,12 +17,15 @@ step) in float32 and bfloat16.
 
 Measured: train-step images/s on resident data (PyTorch: a fixed batch already on the device;
 jaxbd: the full step including poisoning and augmentation) and wall time of a full epoch
-including data loading, poisoning and augmentation; then the ratios jaxbd / PyTorch.
+including data loading, poisoning and augmentation; then the ratios jaxbd / PyTorch. Then the
+jaxbd train step of the MoE models of `--moe_models` (pMoE WRN-MoE, V-MoE; the BadPatches setting
+of `scripts/bench_moe.py`, each with its default dispatch) at each batch size, in float32 and
+bfloat16, with achieved TFLOP/s and model FLOPs utilization (XLA's FLOP count over the device's
+dense peak, where known).
 """
 
 from __future__ import annotations
 
-import json
 import random
 import time
 
@@ -47,6 +50,10 @@ _VARIANTS = flags.DEFINE_list("variants", ["eager", "bf16", "compile", "compile_
 _EPOCH_VARIANTS = flags.DEFINE_list("epoch_variants", ["eager"],
                                     "PyTorch variants timed over a full epoch.")
 _SOURCE = flags.DEFINE_string("source", "", "A jaxbd data source instead of random data.")
+_MOE_MODELS = flags.DEFINE_list("moe_models", ["pmoe", "vmoe"],
+                                "MoE models whose jaxbd train step is also measured (with MFU).")
+_MOE_WIDEN = flags.DEFINE_integer("moe_widen", 10, "WRN-MoE widen factor k (paper: 10).")
+_MOE_HIDDEN = flags.DEFINE_integer("moe_vmoe_hidden", 128, "V-MoE token width.")
 _OUT = flags.DEFINE_string("out", "", "Write all figures as JSON here.")
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
@@ -164,9 +171,8 @@ def main(argv):
 
   results = {"device_torch": str(torch.cuda.get_device_name() if device.type == "cuda" else
                                  "cpu"),
-             "device_jax": benchmark.device_name(), "torch": torch.__version__,
-             "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-             "num_train": len(ds.x_train), "width": _WIDTH.value, "rows": []}
+             "torch": torch.__version__, "num_train": len(ds.x_train), "width": _WIDTH.value,
+             "rows": [], "moe": []}
   for batch in (int(b) for b in _BATCHES.value):
     row = {"batch_size": batch, "torch_step": {}, "torch_epoch": {}, "jax": {}}
     for variant in _VARIANTS.value:
@@ -179,9 +185,19 @@ def main(argv):
       row["jax"][dtype] = benchmark.train_throughput(config, ds, batch, steps=_STEPS.value)
     results["rows"].append(row)
     report(row)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(results, f, indent=1)
+  moe_data = benchmark.random_dataset(_NUM_TRAIN.value)
+  results["moe"] = [
+      benchmark.moe_step_throughput(
+          benchmark.moe_config(name, batch_size=batch, widen=_MOE_WIDEN.value,
+                               vmoe_hidden=_MOE_HIDDEN.value, dtype=dtype),
+          moe_data, _STEPS.value)
+      for batch in (int(b) for b in _BATCHES.value) for name in _MOE_MODELS.value
+      for dtype in ("float32", "bfloat16")]
+  if results["moe"]:
+    print(f"\nMoE train step (jaxbd), WRN-MoE k={_MOE_WIDEN.value}, V-MoE width "
+          f"{_MOE_HIDDEN.value}")
+    print(benchmark.moe_table(results["moe"]))
+  benchmark.write_json(_OUT.value, results)
 
 
 def report(row: dict) -> None:

@@ -31,7 +31,8 @@ def test_bench_train_reports_step_and_epoch_throughput(tmp_path):
 def test_compare_pytorch_prints_ratios(tmp_path):
   pytest.importorskip("torch")
   out = script("compare_pytorch.py", "--num_train=128", "--batch_sizes=32", "--steps=2",
-               "--width=4", "--workers=1", "--variants=eager,bf16", f"--out={tmp_path / 'c.json'}")
+               "--width=4", "--workers=1", "--variants=eager,bf16", "--moe_models=pmoe",
+               "--moe_widen=1", f"--out={tmp_path / 'c.json'}")
   assert "ratio train step, jaxbd best / PyTorch eager fp32:" in out
   assert "ratio full epoch, jaxbd best / PyTorch eager DataLoader:" in out
   doc = json.loads((tmp_path / "c.json").read_text())
@@ -39,3 +40,8 @@ def test_compare_pytorch_prints_ratios(tmp_path):
   assert set(row["torch_step"]) == {"eager", "bf16"} and set(row["jax"]) == {"float32",
                                                                              "bfloat16"}
   assert row["torch_epoch"]["eager"] > 0
+  assert "MoE train step (jaxbd)" in out
+  moe = {r["dtype"]: r for r in doc["moe"]}
+  assert set(moe) == {"float32", "bfloat16"} and all(r["model"] == "pmoe" for r in moe.values())
+  assert moe["float32"]["step_images_per_second"] > 0 and moe["float32"]["params"] > 0
+  assert moe["float32"]["step_tflops_per_second"] > 0  # FLOPs from XLA's cost analysis
