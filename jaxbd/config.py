@@ -29,7 +29,8 @@ ConfigDict = ml_collections.ConfigDict
 def defaults() -> ConfigDict:
   """Returns the full schema: every key jaxbd accepts, with its default value."""
   # Imported here: the registries import modules that use this file's helpers.
-  from jaxbd import defenses, experiments, models, poison  # pylint: disable=g-import-not-at-top
+  from jaxbd import (defenses, experiments, models, poison,  # pylint: disable=g-import-not-at-top
+                     quant)
 
   c = ConfigDict()
   c.seed = 0
@@ -62,6 +63,8 @@ def defaults() -> ConfigDict:
     c.poison[name] = spec.default_config()
 
   c.train = train_defaults()
+
+  c.quant = quant.default_config()  # quantization scheme (quantized evaluation, deployment)
 
   c.eval = ConfigDict()
   c.eval.batch_size = 500
@@ -252,7 +255,8 @@ def validate(config: ConfigDict) -> None:
   Raises:
     ConfigError: the first problem found, as one line.
   """
-  from jaxbd import defenses, experiments, models, poison  # pylint: disable=g-import-not-at-top
+  from jaxbd import (defenses, experiments, models, poison,  # pylint: disable=g-import-not-at-top
+                     quant)
 
   check_keys(config, defaults())
   check_choice(config.experiment, "experiment", experiments.EXPERIMENTS)
@@ -282,6 +286,7 @@ def validate(config: ConfigDict) -> None:
   require(all(s > 0 for s in config.data.std), "config key 'data.std' must be positive")
 
   models.MODELS[config.model.name].validate(config)
+  quant.validate(config)
   if config.poison.name != "none":
     poison.TRIGGERS[config.poison.name].validate(config)
   for name in defense_names(config):

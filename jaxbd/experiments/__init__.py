@@ -4,10 +4,11 @@
 returns its results document; `run(config, workdir)` does this for the config's experiment.
 """
 
-from jaxbd.experiments import standard
+from jaxbd.experiments import quant_backdoor, standard
 
 EXPERIMENTS = {
     "standard": standard.COMPONENT,
+    "quant_backdoor": quant_backdoor.COMPONENT,
 }
 
 
