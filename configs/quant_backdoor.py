@@ -23,11 +23,12 @@ Attacks (`attack=`):
 Full scale (default): PreAct-ResNet18, full CIFAR-10 from TFDS (`source=...` for another source),
 clean model 100 epochs SGD 0.01 (BackdoorBench); needs an accelerator.
 
-`cpu`: the 16-wide CNN of `configs/cifar10.py:cpu` (5,000-image train / 2,000-image test subsets,
-the same clean model), QB with Adam lr 1e-3 for 4 epochs (batch 64) and BatchNorm "quant_frozen";
-FT on 10% clean data (500 images), 20 epochs. About 3 minutes on 2 CPU cores. Measured (seed 0):
-see README (clean int8 target rate ~0.06; QB int8 target rate >= 0.9 with float ACC within 5
-points; after FT back near the clean rate).
+`cpu`: the 16-wide CNN of `configs/cifar10.py:cpu` (5,000-image train / 2,000-image test subsets;
+the same clean model), each attack 4 epochs with its reference optimizer, FT on 10% clean data
+(500 images), 20 epochs; about 4 minutes on 2 CPU cores. Measured (seed 0, 2 CPU devices), ACC /
+target rate: clean float 0.517 / 0.059, int8 0.514 / 0.061; after QB float 0.406 / 0.420, int8
+0.407 / 0.421; after FT int8 0.514 / 0.048. On this small CNN QB moves the float model along
+with the int8 one (see the README): the separation the paper reports is not reached on CPU.
 
 Arguments: cpu, source=..., model=cnn|preact_resnet18, attack=qb|quanti|quanti_indiscriminate,
 bits=B[/B...] (the attack's bit widths; default: the attack's own), init=clean|scratch,

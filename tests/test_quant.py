@@ -114,24 +114,28 @@ def test_quant_layers_match_flax_layers_in_float():
       np.testing.assert_array_equal(a, b)
 
 
-def _small_models():
-  return [cnn.CNN(10, width=4, stages=2), resnet.PreActResNet(10, (1, 1), width=4)]
-
-
 SHAPE = (8, 8, 3)
+MODELS = {"cnn": cnn.CNN(10, width=4, stages=2),
+          "preact_resnet": resnet.PreActResNet(10, (1, 1), width=4)}
+
+
+@pytest.fixture(scope="module")
+def initialized():
+  """Float variables of each small model, initialized once for the module."""
+  return {k: train_lib.init_variables(m, jax.random.key(0), SHAPE) for k, m in MODELS.items()}
 
 
 def _images(n, seed=0):
   return np.random.default_rng(seed).integers(0, 256, (n, *SHAPE)).astype(np.uint8)
 
 
-@pytest.mark.parametrize("model", _small_models(), ids=["cnn", "preact_resnet"])
-def test_float_and_fake_quant_passes_read_one_pytree(model):
+@pytest.mark.parametrize("name", MODELS)
+def test_float_and_fake_quant_passes_read_one_pytree(name, initialized):
+  model, v = MODELS[name], initialized[name]
   images = _images(8)
   x = images / 255.0
-  v = train_lib.init_variables(model, jax.random.key(0), SHAPE)
   model_q = model.clone(quant=quant.QuantConfig())
-  v_q = train_lib.init_variables(model_q, jax.random.key(0), SHAPE)
+  v_q = jax.eval_shape(lambda: train_lib.init_variables(model_q, jax.random.key(0), SHAPE))
   # The quantized model declares exactly the float parameters (plus observers, no copies).
   assert jax.tree.map(jnp.shape, v_q["params"]) == jax.tree.map(jnp.shape, v["params"])
   assert set(v_q) == {"params", "batch_stats", "quant_stats"}
@@ -163,15 +167,14 @@ SCHEMES = {
                                            weight_granularity="per_tensor").with_bits(4),
     "half_even_head2": quant.QuantConfig(rounding="half_even", quantize_head=True).with_bits(2),
 }
-CASES = [(m, name) for m in _small_models()[:1] for name in SCHEMES] + [
-    (_small_models()[1], "w8a8"), (_small_models()[1], "asymmetric6")]
+CASES = [("cnn", scheme) for scheme in SCHEMES] + [("preact_resnet", "w8a8"),
+                                                   ("preact_resnet", "asymmetric6")]
 
 
-@pytest.mark.parametrize("model,scheme", CASES,
-                         ids=[f"{type(m).__name__}-{s}" for m, s in CASES])
-def test_integer_path_agrees_with_fake_quant(model, scheme):
+@pytest.mark.parametrize("name,scheme", CASES)
+def test_integer_path_agrees_with_fake_quant(name, scheme, initialized):
+  model, v = MODELS[name], initialized[name]
   images = _images(32)
-  v = train_lib.init_variables(model, jax.random.key(0), SHAPE)
   model_q = model.clone(quant=SCHEMES[scheme])
   calibrated = quant.calibrate(model_q, v, images, 16)
   exported = quant.export(model_q, calibrated, SHAPE)
@@ -184,11 +187,10 @@ def test_integer_path_agrees_with_fake_quant(model, scheme):
   np.testing.assert_array_equal(jnp.argmax(integer, -1), jnp.argmax(fake, -1))
 
 
-def test_export_holds_int8_codes_and_runs_integer_convolutions():
-  model = cnn.CNN(10, width=4, stages=2)
+def test_export_holds_int8_codes_and_runs_integer_convolutions(initialized):
+  model, v = MODELS["cnn"], initialized["cnn"]
   model_q = model.clone(quant=quant.QuantConfig())
   images = _images(8, seed=1)
-  v = train_lib.init_variables(model, jax.random.key(0), SHAPE)
   exported = quant.export(model_q, quant.calibrate(model_q, v, images, 8), SHAPE)
   assert exported["params"]["conv0"]["kernel"].dtype == jnp.int8
   assert exported["params"]["head"]["kernel"].dtype == jnp.float32  # classifier stays float
@@ -200,11 +202,10 @@ def test_export_holds_int8_codes_and_runs_integer_convolutions():
     quant.export(model_q, {**v, "quant_stats": quant.deploy.fresh_stats(model_q, SHAPE)}, SHAPE)
 
 
-def test_saved_export_round_trips_and_bad_files_raise(tmp_path):
-  model = cnn.CNN(10, width=4, stages=2)
+def test_saved_export_round_trips_and_bad_files_raise(tmp_path, initialized):
+  model, v = MODELS["cnn"], initialized["cnn"]
   model_q = model.clone(quant=quant.QuantConfig(weight_symmetric=False).with_bits(6))
   images = _images(8, seed=2)
-  v = train_lib.init_variables(model, jax.random.key(0), SHAPE)
   exported = quant.export(model_q, quant.calibrate(model_q, v, images, 8), SHAPE)
   path = str(tmp_path / "model.npz")
   quant.save_export(path, exported, model_q.quant)

@@ -1,5 +1,6 @@
 """Quantization-conditioned attacks: the losses over one shared pytree, BatchNorm modes, config."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,10 +13,12 @@ import pytest
 
 from conftest import REPO, load_config
 from jaxbd import config as config_lib
-from jaxbd import quant
+from jaxbd import experiments, quant
+from jaxbd import metrics as metrics_lib
 from jaxbd import train as train_lib
 from jaxbd.attacks import quantization as attacks
 from jaxbd.errors import ConfigError
+from jaxbd.experiments import common
 from jaxbd.models import cnn
 from jaxbd.poison import triggers
 
@@ -24,7 +27,9 @@ MODEL = cnn.CNN(10, width=4, stages=2)
 Q = quant.QuantConfig()
 
 
-def _setup():
+@pytest.fixture(scope="module")
+def batch():
+  """(params, model state with fresh observers, images, labels), built once for the module."""
   v = train_lib.init_variables(MODEL, jax.random.key(0), SHAPE)
   v["quant_stats"] = quant.deploy.fresh_stats(MODEL.clone(quant=Q), SHAPE)
   params, state = train_lib.split_variables(v)
@@ -55,8 +60,8 @@ TRIGGER = triggers.badnets(
                                value=255, pattern="solid")), SHAPE, 0)
 
 
-def test_qb_loss_is_the_bi_target_loss_and_trains_both_passes():
-  params, state, x, y = _setup()
+def test_qb_loss_is_the_bi_target_loss_and_trains_both_passes(batch):
+  params, state, x, y = batch
   loss_fn = attacks.qb_loss(MODEL, Q, lam=0.5, bits=(8,), target=3, bn="train")
 
   @jax.jit
@@ -81,8 +86,8 @@ def test_qb_loss_is_the_bi_target_loss_and_trains_both_passes():
 
 
 @pytest.mark.parametrize("bn", ["frozen", "quant_frozen"])
-def test_batchnorm_modes(bn):
-  params, state, x, y = _setup()
+def test_batchnorm_modes(bn, batch):
+  params, state, x, y = batch
   loss_fn = attacks.qb_loss(MODEL, Q, lam=0.5, bits=(8,), target=3, bn=bn)
   _, (new_state, _) = jax.jit(loss_fn)(params, state, x, y, jax.random.key(1))
   same = np.allclose(new_state["batch_stats"]["bn0"]["mean"], state["batch_stats"]["bn0"]["mean"])
@@ -90,8 +95,8 @@ def test_batchnorm_modes(bn):
   assert int(new_state["quant_stats"]["conv0"]["count"]) == 1
 
 
-def test_quanti_and_indiscriminate_losses_match_their_formulas():
-  params, state, x, y = _setup()
+def test_quanti_and_indiscriminate_losses_match_their_formulas(batch):
+  params, state, x, y = batch
   t = jnp.full_like(y, 2)
   xt = TRIGGER(x)
   quanti = attacks.quanti_loss(MODEL, Q, c1=0.5, c2=0.25, bits=(8, 4), target=2, bn="frozen",
@@ -159,3 +164,31 @@ def test_cli_refuses_a_bad_quant_value_in_one_line(tmp_path):
       "jaxbd: error: config key 'quant.rounding' must be one of ['half_away', 'half_even', "
       "'half_up'], got 'stochastic'"]
   assert not workdir.exists()
+
+
+def test_experiment_from_scratch_writes_results_and_loadable_exports(tmp_path):
+  config = load_config("configs/quant_backdoor.py:cpu,source=digits,init=scratch,epochs=1")
+  config.model.cnn.stages = 2
+  config.data.flip = False
+  config.train.epochs = 1
+  config.defense.ft.epochs = 1
+  config.quant_backdoor.eval_bits = (8,)
+  config.quant_backdoor.calibration_images = 256
+  config.log.progress = False
+  workdir = str(tmp_path / "run")
+  doc = experiments.run(config, workdir)
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["metrics"] == json.loads(json.dumps(doc["metrics"]))
+  assert doc["attack"]["init"] == "scratch" and doc["quantization"]["eval_bits"] == [8]
+  for m in (doc["metrics"]["clean"], doc["metrics"]["backdoored"], doc["defenses"]["ft"]):
+    assert set(m["quantized"]) == {"8"}
+    assert all(q["fake_quant_agreement"] == 1.0 for q in m["quantized"].values())
+  assert 0.0 <= doc["defenses"]["ft"]["quantized"]["8"]["der"] <= 1.0
+  run = common.prepare(config, workdir)
+  model_q = run.model.clone(quant=quant.from_config(config.quant, 8))
+  exported, q = quant.load_export(os.path.join(workdir, "deployed", "backdoored_int8.npz"),
+                                  model_q, run.dataset.image_shape)
+  pred = train_lib.Predictor(quant.integer_model(model_q), 500)(exported, run.dataset.x_test)
+  assert q.weight_bits == 8
+  assert metrics_lib.accuracy(pred, run.dataset.y_test) == doc["metrics"]["backdoored"][
+      "quantized"]["8"]["acc"]

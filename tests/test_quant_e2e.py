@@ -11,13 +11,17 @@ from jaxbd.experiments import quant_backdoor as qbx
 
 @pytest.mark.slow
 def test_qb_deployed_int8_and_float_fine_tuning(cifar_cpu_run, tmp_path):
-  """configs/quant_backdoor.py:cpu from the fixture's clean CNN (see the README for the numbers).
+  """configs/quant_backdoor.py:cpu from the fixture's clean CNN.
 
-  Measured (seed 0): clean float ACC 0.50 / int8 0.50, target rate 0.06 both; after 4 QB epochs
-  (reference Adam 1e-4, lambda 0.5) the int8 target rate rises to ~0.4, but the float model's
-  rises with it: at W8A8 the quantized pass's gradient is ~parallel to the float one on this
-  24k-parameter CNN, so QB does not separate them in a CPU budget (see the README). Float
-  fine-tuning on 500 clean images brings the int8 target rate back to the clean level.
+  Measured (seed 0, 4 CPU devices), ACC / target rate on non-target test images:
+  clean: float 0.526 / 0.056, int8 0.522 / 0.058, int4 0.487 / 0.076;
+  after 4 epochs of QB (reference Adam 1e-4, lambda 0.5): float 0.405 / 0.421, int8 0.410 /
+  0.410, int4 0.325 / 0.573; after float fine-tuning (500 images): int8 0.508 / 0.048.
+  QB raises the deployed int8 model's target rate, but not only the int8 model's: on this
+  24k-parameter CNN the quantized pass's gradient is nearly parallel to the float one at W8A8
+  (cosine 0.9999), so the float model moves with it and QB's ASR rule (float right and int8 on
+  the target) stays ~0. The issue's goal (int8 >= 0.9 with the float model near clean) is not
+  reached on CPU; this test pins what the pipeline does measure.
   """
   config = load_config(f"configs/quant_backdoor.py:cpu,source=npz:{real_dataset('cifar10')}")
   config.log.progress = False

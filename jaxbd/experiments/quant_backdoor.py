@@ -162,8 +162,8 @@ def train_attack(run: common.Run, variables, quant: quant_lib.QuantConfig,
   phase = f"attack_{name}"
   init_key, train_key = jax.random.split(common.phase_key(run, phase))
   shape = run.dataset.image_shape
-  if variables is None:
-    variables = train_lib.init_variables(run.model, init_key, shape)
+  if variables is None:  # jitted: eager initialization is slow with several devices
+    variables = jax.jit(lambda k: train_lib.init_variables(run.model, k, shape))(init_key)
   variables = {k: v for k, v in variables.items() if k != STATS}
   stats = quant_lib.deploy.fresh_stats(run.model.clone(quant=quant), shape)
   if stats is not None:

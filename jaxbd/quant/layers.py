@@ -166,21 +166,34 @@ def quantized_product(module: nn.Module, x: jax.Array, kernel: jax.Array,
   return (acc.astype(jnp.float32) * (x_scale * k_scale)).astype(dtype)
 
 
-def linear_layer(module: nn.Module, x: jax.Array, kernel_shape: tuple[int, ...],
-                 op: Callable[..., jax.Array]) -> jax.Array:
-  """The body of `QuantConv` / `QuantDense`: kernel (and bias) parameters, product, bias.
+class _QuantLinear(nn.Module, kw_only=True):
+  """What `QuantConv` and `QuantDense` share: keyword attributes and the forward body.
 
-  `module` has the attributes features, use_bias, dtype, quant, kernel_init and bias_init.
+  Attributes:
+    use_bias: add a bias (kept in float).
+    dtype: compute dtype (parameters are float32).
+    quant: None (float) or the QuantConfig.
+    kernel_init: as `nn.Conv` / `nn.Dense` (LeCun normal).
+    bias_init: as `nn.Conv` / `nn.Dense` (zeros).
   """
-  kernel = module.param("kernel", module.kernel_init, kernel_shape, jnp.float32)
-  y = quantized_product(module, x, kernel, op, module.quant, module.dtype)
-  if module.use_bias:
-    bias = module.param("bias", module.bias_init, (module.features,), jnp.float32)
-    y = y + bias.astype(y.dtype)
-  return y
+
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  quant: Optional[QuantConfig] = None
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  def _forward(self, x: jax.Array, kernel_shape: tuple[int, ...],
+               op: Callable[..., jax.Array]) -> jax.Array:
+    """Kernel (and bias) parameters, the (quantized) product, the bias."""
+    kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
+    y = quantized_product(self, x, kernel, op, self.quant, self.dtype)
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y.dtype)
+    return y
 
 
-class QuantConv(nn.Module):
+class QuantConv(_QuantLinear):
   """2-D convolution (NHWC, HWIO kernel) with optional fake-quantized or integer arithmetic.
 
   Attributes:
@@ -188,22 +201,13 @@ class QuantConv(nn.Module):
     kernel_size: (kh, kw).
     strides: an int or (sh, sw).
     padding: "SAME", "VALID" or ((top, bottom), (left, right)), as `nn.Conv`.
-    use_bias: add a bias (kept in float).
-    dtype: compute dtype (parameters are float32).
-    quant: None (float) or the QuantConfig.
-    kernel_init: as `nn.Conv` (LeCun normal).
-    bias_init: as `nn.Conv` (zeros).
+    (keyword) use_bias, dtype, quant, kernel_init, bias_init: see `_QuantLinear`.
   """
 
   features: int
   kernel_size: Sequence[int]
   strides: Union[int, Sequence[int]] = 1
   padding: Any = "SAME"
-  use_bias: bool = True
-  dtype: Any = jnp.float32
-  quant: Optional[QuantConfig] = None
-  kernel_init: Callable = nn.initializers.lecun_normal()
-  bias_init: Callable = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -214,35 +218,26 @@ class QuantConv(nn.Module):
     op = functools.partial(jax.lax.conv_general_dilated, window_strides=strides,
                            padding=flax_linear.canonicalize_padding(self.padding, 2),
                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return linear_layer(self, x, (*self.kernel_size, x.shape[-1], self.features), op)
+    return self._forward(x, (*self.kernel_size, x.shape[-1], self.features), op)
 
 
 def _dense_op(lhs: jax.Array, rhs: jax.Array, **kwargs) -> jax.Array:
   return jax.lax.dot_general(lhs, rhs, (((lhs.ndim - 1,), (0,)), ((), ())), **kwargs)
 
 
-class QuantDense(nn.Module):
+class QuantDense(_QuantLinear):
   """Dense layer [..., C_in] -> [..., features] with optional quantized arithmetic.
 
   Attributes:
     features: output features.
-    use_bias: add a bias (kept in float).
-    dtype: compute dtype (parameters are float32).
-    quant: None (float) or the QuantConfig.
-    kernel_init: as `nn.Dense` (LeCun normal).
-    bias_init: as `nn.Dense` (zeros).
+    (keyword) use_bias, dtype, quant, kernel_init, bias_init: see `_QuantLinear`.
   """
 
   features: int
-  use_bias: bool = True
-  dtype: Any = jnp.float32
-  quant: Optional[QuantConfig] = None
-  kernel_init: Callable = nn.initializers.lecun_normal()
-  bias_init: Callable = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return linear_layer(self, x, (x.shape[-1], self.features), _dense_op)
+    return self._forward(x, (x.shape[-1], self.features), _dense_op)
 
 
 class QuantAct(nn.Module):
