@@ -20,7 +20,7 @@ def test_qb_deployed_int8_and_float_fine_tuning(cifar_cpu_run, tmp_path):
   QB raises the deployed int8 model's target rate, but not only the int8 model's: on this
   24k-parameter CNN the quantized pass's gradient is nearly parallel to the float one at W8A8
   (cosine 0.9999), so the float model moves with it and QB's ASR rule (float right and int8 on
-  the target) stays ~0. The issue's goal (int8 >= 0.9 with the float model near clean) is not
+  the target) stays ~0. The goal (int8 >= 0.9 with the float model near clean) is not
   reached on CPU; this test pins what the pipeline does measure.
   """
   config = load_config(f"configs/quant_backdoor.py:cpu,source=npz:{real_dataset('cifar10')}")
