@@ -32,7 +32,7 @@ def defaults() -> ConfigDict:
   """Returns the full schema: every key jaxbd accepts, with its default value."""
   # Imported here: the registries import modules that use this file's helpers.
   # pylint: disable-next=g-import-not-at-top
-  from jaxbd import attacks, defenses, experiments, models, poison
+  from jaxbd import attacks, defenses, experiments, models, poison, quant
 
   c = ConfigDict()
   c.seed = 0
@@ -70,6 +70,8 @@ def defaults() -> ConfigDict:
     c.attack[name] = spec.default_config()
 
   c.train = train_defaults()
+
+  c.quant = quant.default_config()  # quantization scheme (quantized evaluation, deployment)
 
   c.eval = ConfigDict()
   c.eval.batch_size = 500
@@ -288,7 +290,7 @@ def validate(config: ConfigDict) -> None:
     ConfigError: the first problem found, as one line.
   """
   # pylint: disable-next=g-import-not-at-top
-  from jaxbd import attacks, defenses, experiments, models, poison
+  from jaxbd import attacks, defenses, experiments, models, poison, quant
 
   check_keys(config, defaults())
   check_choice(config.experiment, "experiment", experiments.EXPERIMENTS)
@@ -319,6 +321,7 @@ def validate(config: ConfigDict) -> None:
   require(all(s > 0 for s in config.data.std), "config key 'data.std' must be positive")
 
   models.MODELS[config.model.name].validate(config)
+  quant.validate(config)
   if config.poison.name != "none":
     poison.TRIGGERS[config.poison.name].validate(config)
   if config.attack.name != "none":

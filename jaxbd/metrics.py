@@ -5,6 +5,10 @@
   classified as the target.
 - RA: accuracy of those triggered images on their true labels.
 - DER: [max(0, ASR_bd - ASR_def) - max(0, ACC_bd - ACC_def) + 1] / 2.
+- Target rate: among images whose true label is not the target, the fraction predicted as the
+  target (a behavior backdoor's effect without an input trigger).
+- Behavior ASR (QB, arXiv 2412.01369): among non-target images, the fraction where the float model
+  is right AND the quantized model predicts the target.
 - ROC AUC: area under the ROC curve of detection scores (higher = more suspicious).
 - Routing statistics of patch-routed MoE layers (BadPatches): how often each expert selects each
   patch position on clean and on triggered images, and whether the patches a trigger covers are
@@ -47,6 +51,28 @@ def robust_accuracy(pred: np.ndarray, labels: np.ndarray, target_labels: np.ndar
   """Accuracy on true labels over the same triggered, non-target images as the ASR."""
   keep = non_target_mask(labels, target_labels)
   return accuracy(np.asarray(pred)[keep], np.asarray(labels)[keep])
+
+
+def target_rate(pred: np.ndarray, labels: np.ndarray, target: int) -> float:
+  """Fraction of images with true label != target predicted as target.  pred, labels: int[M]."""
+  keep = np.asarray(labels) != target
+  return accuracy(np.asarray(pred)[keep], np.full(int(keep.sum()), target))
+
+
+def behavior_attack_success_rate(pred_fp: np.ndarray, pred_q: np.ndarray, labels: np.ndarray,
+                                 target: int) -> float:
+  """QB's ASR over images with true label != target: float right and quantized says target.
+
+  Args:
+    pred_fp: int[M] predictions of the float model.
+    pred_q: int[M] predictions of the quantized model on the same images.
+    labels: int[M] true labels.
+    target: target class.
+  """
+  pred_fp, pred_q, labels = np.asarray(pred_fp), np.asarray(pred_q), np.asarray(labels)
+  keep = labels != target
+  hits = (pred_fp == labels) & (pred_q == target)
+  return float(np.mean(hits[keep])) if keep.any() else float("nan")
 
 
 def defense_effectiveness_rating(acc_bd: float, asr_bd: float, acc_def: float,

@@ -4,13 +4,14 @@
 returns its results document; `run(config, workdir)` does this for the config's experiment.
 """
 
-from jaxbd.experiments import badpatches, defend, detection, standard
+from jaxbd.experiments import badpatches, defend, detection, quant_backdoor, standard
 
 EXPERIMENTS = {
     "standard": standard.COMPONENT,
     "badpatches": badpatches.COMPONENT,
     "defend": defend.COMPONENT,
     "detection": detection.COMPONENT,
+    "quant_backdoor": quant_backdoor.COMPONENT,
 }
 
 

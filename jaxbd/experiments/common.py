@@ -16,7 +16,7 @@ import json
 import os
 import time
 import zlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -214,12 +214,18 @@ def load_phase(run: Run, phase: str, epoch: int) -> dict:
                          f"checkpoint of phase {phase!r} in {run.workdir}")
 
 
+def phase_key(run: Run, phase: str) -> jax.Array:
+  """The PRNG key of a named phase of the run (the stream `train_classifier` uses by default)."""
+  return jax.random.fold_in(run.key, _phase_id(phase))
+
+
 def _phase_id(phase: str) -> int:
   """A stable 31-bit id of a phase name (PRNG stream separation)."""
   return zlib.crc32(phase.encode()) % (2**31 - 1)
 
 
-def run_defenses(run: Run, variables: dict, reference: dict[str, float]) -> dict:
+def run_defenses(run: Run, variables: dict, reference: dict[str, float],
+                 evaluate: Optional[Callable[[dict], dict]] = None) -> dict:
   """Runs every defense of `config.defense.names` on `variables` and evaluates the results.
 
   The trusted set (`defense.clean_fraction` of the training set, from rows the attack did not
@@ -229,11 +235,13 @@ def run_defenses(run: Run, variables: dict, reference: dict[str, float]) -> dict
     run: the prepared run.
     variables: the suspect (backdoored) model's variables.
     reference: its metrics (acc, asr), for DER.
+    evaluate: `variables -> metrics` of every defended model and stage (default `run.evaluate`).
 
   Returns:
     `{name: {"acc", "asr", "ra", "der", "stages": {stage: metrics}, "seconds", ...}}`.
   """
   c, ds = run.config, run.dataset
+  evaluate = evaluate or run.evaluate
   names = config_lib.defense_names(c)
   if not names:
     return {}
@@ -249,8 +257,8 @@ def run_defenses(run: Run, variables: dict, reference: dict[str, float]) -> dict
     key = jax.random.fold_in(run.key, _phase_id(f"defense/{name}"))
     defended, report = defenses.DEFENSES[name].build(ctx, variables, trusted, c.defense[name], key)
     seconds = time.perf_counter() - t0
-    stages = {stage: run.evaluate(v) for stage, v in report.pop("stages", {}).items()}
-    m = run.evaluate(defended)
+    stages = {stage: evaluate(v) for stage, v in report.pop("stages", {}).items()}
+    m = evaluate(defended)
     if "asr" in m and "asr" in reference:
       m["der"] = metrics.defense_effectiveness_rating(reference["acc"], reference["asr"],
                                                       m["acc"], m["asr"])

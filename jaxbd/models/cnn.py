@@ -7,7 +7,7 @@ reaches ~50% on a 5,000-image CIFAR-10 subset in 10 epochs on 2 CPU cores in und
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -16,6 +16,8 @@ import ml_collections
 
 from jaxbd import config as config_lib
 from jaxbd.models import common
+from jaxbd.quant import layers as qlayers
+from jaxbd.quant.quantizer import QuantConfig, head_quant
 
 
 class CNN(nn.Module):
@@ -28,6 +30,9 @@ class CNN(nn.Module):
     mean: per-channel input mean (images in [0, 1]).
     std: per-channel input std.
     dtype: compute dtype.
+    flatten: flatten the last feature map instead of global average pooling.
+    quant: None (float) or the quantization of every conv and pooling input (see jaxbd.quant);
+      the classifier is quantized only with `quant.quantize_head`.
   """
 
   num_classes: int
@@ -37,21 +42,29 @@ class CNN(nn.Module):
   std: Sequence[float] = (0.25,)
   dtype: Any = jnp.float32
   flatten: bool = False
+  quant: Optional[QuantConfig] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: f32[B, H, W, C] in [0, 1] -> logits f32[B, num_classes]."""
     x = common.normalize(x, self.mean, self.std, self.dtype)
     for i in range(self.stages):
-      x = nn.Conv(self.width * 2**i, (3, 3), dtype=self.dtype, name=f"conv{i}")(x)
+      x = qlayers.QuantConv(self.width * 2**i, (3, 3), dtype=self.dtype, quant=self.quant,
+                            name=f"conv{i}")(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        dtype=self.dtype, name=f"bn{i}")(x)
       x = nn.relu(x)
+      x = qlayers.QuantAct(self.quant, name=f"pool{i}")(x)
       x = nn.max_pool(x, (2, 2), (2, 2))
     x = common.prunable(self, x)  # fine-pruning layer: the last stage's channels
-    x = x.reshape(x.shape[0], -1) if self.flatten else jnp.mean(x, axis=(1, 2))
+    if self.flatten:
+      x = x.reshape(x.shape[0], -1)
+    else:
+      x = jnp.mean(qlayers.QuantAct(self.quant, name="avgpool")(x), axis=(1, 2))
     common.sow_features(self, x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+    head = qlayers.QuantDense(self.num_classes, dtype=self.dtype, quant=head_quant(self.quant),
+                              name="head")
+    return head(x).astype(jnp.float32)
 
 
 def default_config() -> ml_collections.ConfigDict:

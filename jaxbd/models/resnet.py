@@ -8,7 +8,7 @@ two pre-activation blocks, adaptive average pool, linear), with symmetric paddin
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,6 +17,8 @@ import ml_collections
 
 from jaxbd import config as config_lib
 from jaxbd.models import common
+from jaxbd.quant import layers as qlayers
+from jaxbd.quant.quantizer import QuantConfig, head_quant
 
 
 class PreActBlock(nn.Module):
@@ -29,23 +31,24 @@ class PreActBlock(nn.Module):
   planes: int
   stride: int = 1
   dtype: Any = jnp.float32
+  quant: Optional[QuantConfig] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """x: [B, H, W, C_in] -> [B, H / stride, W / stride, planes]."""
     bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                    dtype=self.dtype, name=name)
+    conv = lambda k, stride, padding, name: qlayers.QuantConv(
+        self.planes, (k, k), stride, padding, use_bias=False, dtype=self.dtype, quant=self.quant,
+        name=name)
     out = nn.relu(bn("bn1")(x))
     if self.stride != 1 or x.shape[-1] != self.planes:
-      shortcut = nn.Conv(self.planes, (1, 1), self.stride, padding="VALID", use_bias=False,
-                         dtype=self.dtype, name="shortcut")(out)
+      shortcut = conv(1, self.stride, "VALID", "shortcut")(out)
     else:
       shortcut = x
-    out = nn.Conv(self.planes, (3, 3), self.stride, padding=((1, 1), (1, 1)), use_bias=False,
-                  dtype=self.dtype, name="conv1")(out)
+    out = conv(3, self.stride, ((1, 1), (1, 1)), "conv1")(out)
     out = nn.relu(bn("bn2")(out))
-    out = nn.Conv(self.planes, (3, 3), 1, padding=((1, 1), (1, 1)), use_bias=False,
-                  dtype=self.dtype, name="conv2")(out)
+    out = conv(3, 1, ((1, 1), (1, 1)), "conv2")(out)
     return out + shortcut
 
 
@@ -59,6 +62,8 @@ class PreActResNet(nn.Module):
     mean: per-channel input mean (images in [0, 1]).
     std: per-channel input std.
     dtype: compute dtype.
+    quant: None (float) or the quantization of every conv and pooling input (see jaxbd.quant);
+      the classifier is quantized only with `quant.quantize_head`.
   """
 
   num_classes: int
@@ -67,22 +72,25 @@ class PreActResNet(nn.Module):
   mean: Sequence[float] = (0.4914, 0.4822, 0.4465)
   std: Sequence[float] = (0.247, 0.243, 0.261)
   dtype: Any = jnp.float32
+  quant: Optional[QuantConfig] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: f32[B, H, W, C] in [0, 1] -> logits f32[B, num_classes]."""
     x = common.normalize(x, self.mean, self.std, self.dtype)
-    x = nn.Conv(self.width, (3, 3), 1, padding=((1, 1), (1, 1)), use_bias=False,
-                dtype=self.dtype, name="conv1")(x)
+    x = qlayers.QuantConv(self.width, (3, 3), 1, ((1, 1), (1, 1)), use_bias=False,
+                          dtype=self.dtype, quant=self.quant, name="conv1")(x)
     for stage, blocks in enumerate(self.num_blocks):
       for i in range(blocks):
         stride = 2 if stage > 0 and i == 0 else 1
-        x = PreActBlock(self.width * 2**stage, stride, self.dtype,
+        x = PreActBlock(self.width * 2**stage, stride, self.dtype, self.quant,
                         name=f"layer{stage + 1}_{i}")(x, train)
     x = common.prunable(self, x)  # fine-pruning layer: the last block's output channels
-    x = jnp.mean(x, axis=(1, 2))
+    x = jnp.mean(qlayers.QuantAct(self.quant, name="avgpool")(x), axis=(1, 2))
     common.sow_features(self, x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x).astype(jnp.float32)
+    head = qlayers.QuantDense(self.num_classes, dtype=self.dtype, quant=head_quant(self.quant),
+                              name="linear")
+    return head(x).astype(jnp.float32)
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -1,0 +1,219 @@
+"""Quantization-conditioned ("behavior") backdoors: QB, Qu-ANTI-zation and its indiscriminate form.
+
+All three train ONE parameter pytree through a float pass and fake-quantized passes
+(`model.clone(quant=...)` over the same variables), so the float model behaves while the model a
+victim obtains by quantizing it does not. Each is a `loss_fn` for `jaxbd.train.make_train_step`.
+
+- **QB** (Wang et al. 2024, "Behavior Backdoor for Deep Learning Models", arXiv 2412.01369):
+  `L = CE(f(x), y) + lambda * CE(Q f(T(x)), t)`; the reference has no input trigger (T = identity:
+  quantizing is the trigger), lambda 0.5, t = 0, W8A8, Adam lr 1e-4, batch 64.
+- **Qu-ANTI-zation** (Hong et al., NeurIPS 2021) backdoor: a white square trigger x_t that the
+  float model learns to ignore and every quantized model obeys:
+  `L = CE(f(x), y) + c2 CE(f(x_t), y) + sum_b c1 [CE(Q_b f(x), y) + c2 CE(Q_b f(x_t), t)]`,
+  bits {8, 4}, c1 = c2 = 0.5, Adam 1e-4, weight decay 1e-4, BatchNorm frozen.
+- **Qu-ANTI-zation indiscriminate**: `L = CE(f(x), y) + r * sum_b (CE(Q_b f(x), y) - m)^2` with
+  bits {8, 7, 6, 5}, r = 0.25, m = 5 (the reference code's ResNet-18 setting): every quantized
+  model is pushed to a loss of m, i.e. to chance, while the float model keeps its accuracy.
+
+BatchNorm (`bn`): "train" (QB reference: the float pass normalizes with batch statistics and
+updates the running ones; the quantized passes also use batch statistics, and their running
+statistics are dropped, as the reference keeps the quantized copy's BN buffers apart and ships the
+float model), "frozen" (Qu-ANTI-zation reference: every pass uses the running statistics, none
+are updated) or "quant_frozen" (the float pass trains BN, the quantized passes normalize with the
+running statistics as the deployed model does). The observers of the quantized passes
+(`quant_stats`) are updated by every quantized pass, shared across bit widths.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jaxbd import config as config_lib
+from jaxbd.quant import QuantConfig
+from jaxbd.quant.layers import STATS
+from jaxbd.train import step as step_lib
+
+ATTACKS = ("qb", "quanti", "quanti_indiscriminate")
+BN_MODES = ("train", "frozen", "quant_frozen")
+
+
+def _train_section(**values) -> ml_collections.ConfigDict:
+  section = config_lib.train_defaults()
+  section.update(values)
+  return section
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The attacks' sections (each with its own train-style `train` section)."""
+  adam = dict(optimizer="adam", momentum=0.9, b2=0.999, schedule="constant", eval_every=1)
+  return ml_collections.ConfigDict(dict(
+      qb=dict(
+          lam=0.5,  # weight of the quantized target loss
+          bits=(8,),  # bit widths of the quantized pass (W = A = b)
+          bn="train",
+          train=_train_section(epochs=20, batch_size=64, lr=1e-4, weight_decay=0.0, **adam),
+      ),
+      quanti=dict(
+          c1=0.5,  # weight of each quantized model's losses
+          c2=0.5,  # weight of the triggered-input losses
+          bits=(8, 4),
+          bn="frozen",
+          train=_train_section(epochs=50, batch_size=128, lr=1e-4, weight_decay=1e-4, **adam),
+      ),
+      quanti_indiscriminate=dict(
+          lratio=0.25,  # weight of each quantized model's (loss - margin)^2
+          margin=5.0,  # the quantized cross-entropy the attack aims at
+          bits=(8, 7, 6, 5),
+          bn="frozen",
+          train=_train_section(epochs=10, batch_size=128, lr=1e-4, weight_decay=0.0, **adam),
+      ),
+  ))
+
+
+def validate(config: ml_collections.ConfigDict, prefix: str) -> None:
+  """Checks the attack sections under `prefix` (e.g. "quant_backdoor")."""
+  section = config
+  for part in prefix.split("."):
+    section = section[part]
+  for name in ATTACKS:
+    a = section[name]
+    config_lib.check_choice(a.bn, f"{prefix}.{name}.bn", BN_MODES)
+    config_lib.require(len(a.bits) >= 1 and all(2 <= int(b) <= 8 for b in a.bits),
+                       f"config key '{prefix}.{name}.bits' must list bit widths in [2, 8], "
+                       f"got {tuple(a.bits)}")
+    config_lib.check_train_section(config, f"{prefix}.{name}.train")
+  config_lib.check_range(config, f"{prefix}.qb.lam", 0)
+  config_lib.check_range(config, f"{prefix}.quanti.c1", 0)
+  config_lib.check_range(config, f"{prefix}.quanti.c2", 0)
+  config_lib.check_range(config, f"{prefix}.quanti_indiscriminate.lratio", 0)
+  config_lib.check_range(config, f"{prefix}.quanti_indiscriminate.margin", 0)
+
+
+def _ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+class _Passes:
+  """Float and quantized forward passes over one parameter pytree, threading mutable state.
+
+  Lives only inside one loss evaluation (one trace); `state` ends as the step's new model state.
+  """
+
+  def __init__(self, model, quant: QuantConfig, params, model_state: dict, key: jax.Array,
+               bn: str):
+    self.model, self.quant, self.params, self.bn = model, quant, params, bn
+    self.state = dict(model_state)
+    self.rngs = step_lib.model_rngs(key)
+
+  def _apply(self, model, x, train: bool, mutable: list[str]):
+    return model.apply({"params": self.params, **self.state}, x, train=train, mutable=mutable,
+                       rngs=self.rngs)
+
+  def fp(self, x: jax.Array) -> jax.Array:
+    """Float logits; with bn="train" / "quant_frozen" BatchNorm trains and updates its stats."""
+    if self.bn == "frozen":
+      logits, _ = self._apply(self.model, x, False, [])
+      return logits
+    logits, new = self._apply(self.model, x, True, ["batch_stats"])
+    self.state.update(new)
+    return logits
+
+  def quantized(self, x: jax.Array, bits: int) -> jax.Array:
+    """Fake-quantized logits at `bits` (W = A); updates the observers."""
+    model = self.model.clone(quant=self.quant.with_bits(int(bits)))
+    train = self.bn == "train"
+    logits, new = self._apply(model, x, train, [STATS] + (["batch_stats"] if train else []))
+    if STATS in new:
+      self.state[STATS] = new[STATS]
+    return logits
+
+
+def qb_loss(model, quant: QuantConfig, *, lam: float, bits: Sequence[int], target: int,
+            bn: str, trigger: Optional[Callable] = None) -> step_lib.LossFn:
+  """QB's bi-target loss `CE(f(x), y) + lam * sum_b CE(Q_b f(T(x)), t)`.
+
+  Args:
+    model: the float classifier (its `quant` attribute is replaced per pass).
+    quant: the quantization scheme (bits are set per pass).
+    lam: weight of the quantized target loss (reference 0.5).
+    bits: bit widths of the quantized passes (reference (8,)).
+    target: target class t.
+    bn: BatchNorm handling (see the module docstring).
+    trigger: optional input trigger T for the quantized pass (None: quantization alone).
+  """
+
+  def loss_fn(params, model_state, images, labels, key, context=None):
+    del context
+    p = _Passes(model, quant, params, model_state, key, bn)
+    fp_logits = p.fp(images)
+    x_q = images if trigger is None else trigger(images)
+    t = jnp.full_like(labels, target)
+    loss = _ce(fp_logits, labels)
+    metrics = {"fp_acc": jnp.mean(jnp.argmax(fp_logits, -1) == labels)}
+    for b in bits:
+      q_logits = p.quantized(x_q, b)
+      loss = loss + lam * _ce(q_logits, t)
+      metrics[f"q{b}_target"] = jnp.mean(jnp.argmax(q_logits, -1) == target)
+    return loss, (p.state, {"loss": loss, **metrics})
+
+  return loss_fn
+
+
+def quanti_loss(model, quant: QuantConfig, *, c1: float, c2: float, bits: Sequence[int],
+                target: int, bn: str, trigger: Callable) -> step_lib.LossFn:
+  """Qu-ANTI-zation's backdoor loss (see the module docstring); `trigger` makes x_t."""
+
+  def loss_fn(params, model_state, images, labels, key, context=None):
+    del context
+    p = _Passes(model, quant, params, model_state, key, bn)
+    triggered = trigger(images)
+    t = jnp.full_like(labels, target)
+    fp_clean, fp_trig = p.fp(images), p.fp(triggered)
+    loss = _ce(fp_clean, labels) + c2 * _ce(fp_trig, labels)
+    metrics = {"fp_acc": jnp.mean(jnp.argmax(fp_clean, -1) == labels),
+               "fp_trigger_target": jnp.mean(jnp.argmax(fp_trig, -1) == target)}
+    for b in bits:
+      q_clean, q_trig = p.quantized(images, b), p.quantized(triggered, b)
+      loss = loss + c1 * (_ce(q_clean, labels) + c2 * _ce(q_trig, t))
+      metrics[f"q{b}_trigger_target"] = jnp.mean(jnp.argmax(q_trig, -1) == target)
+    return loss, (p.state, {"loss": loss, **metrics})
+
+  return loss_fn
+
+
+def indiscriminate_loss(model, quant: QuantConfig, *, lratio: float, margin: float,
+                        bits: Sequence[int], bn: str) -> step_lib.LossFn:
+  """Qu-ANTI-zation's indiscriminate loss `CE(f(x), y) + r * sum_b (CE(Q_b f(x), y) - m)^2`."""
+
+  def loss_fn(params, model_state, images, labels, key, context=None):
+    del context
+    p = _Passes(model, quant, params, model_state, key, bn)
+    fp_logits = p.fp(images)
+    loss = _ce(fp_logits, labels)
+    metrics = {"fp_acc": jnp.mean(jnp.argmax(fp_logits, -1) == labels)}
+    for b in bits:
+      q_logits = p.quantized(images, b)
+      loss = loss + lratio * (_ce(q_logits, labels) - margin)**2
+      metrics[f"q{b}_acc"] = jnp.mean(jnp.argmax(q_logits, -1) == labels)
+    return loss, (p.state, {"loss": loss, **metrics})
+
+  return loss_fn
+
+
+def make_loss(name: str, section: ml_collections.ConfigDict, model, quant: QuantConfig, *,
+              target: int, trigger: Optional[Callable]) -> step_lib.LossFn:
+  """The loss of attack `name` from its config section (quanti needs a trigger)."""
+  bits = tuple(int(b) for b in section.bits)
+  if name == "qb":
+    return qb_loss(model, quant, lam=section.lam, bits=bits, target=target, bn=section.bn,
+                   trigger=trigger)
+  if name == "quanti":
+    return quanti_loss(model, quant, c1=section.c1, c2=section.c2, bits=bits, target=target,
+                       bn=section.bn, trigger=trigger)
+  return indiscriminate_loss(model, quant, lratio=section.lratio, margin=section.margin,
+                             bits=bits, bn=section.bn)

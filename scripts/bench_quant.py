@@ -1,0 +1,102 @@
+r"""Throughput of quantized training and deployment: the QB step and float/fake/integer inference.
+
+  python scripts/bench_quant.py                                 # PreAct-ResNet18, batch 128
+  python scripts/bench_quant.py --model=cnn --width=16 --steps=10   # the CPU test model
+  python scripts/bench_quant.py --out=benchmarks/quant_h100.json    # on a GPU
+
+Data: CIFAR-10-shaped random uint8 images. Measured after compilation and warm-up:
+- train: images/s of the jitted train step with plain cross-entropy (float pass only) and with
+  QB's bi-target loss (a float pass plus a W8A8 fake-quantized pass over the same parameters);
+- infer: images/s of batched inference of the float model, the fake-quantized model and the
+  deployed integer model (int8 codes, int32 accumulation), each a jitted `Predictor`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from absl import app, flags
+import jax
+import numpy as np
+
+from jaxbd import config as config_lib
+from jaxbd import data, models
+from jaxbd import quant as quant_lib
+from jaxbd import train as train_lib
+from jaxbd.attacks import quantization as attacks
+
+_MODEL = flags.DEFINE_string("model", "preact_resnet18", "cnn | preact_resnet18.")
+_WIDTH = flags.DEFINE_integer("width", 64, "Model width.")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Train and inference batch size.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps / inference batches.")
+_NUM = flags.DEFINE_integer("num_images", 2048, "Random training images.")
+_OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
+
+
+def _timed(fn, repeats: int) -> float:
+  """Seconds per call of `fn` (which returns a jax value), after two warm-up calls."""
+  for _ in range(2):
+    jax.block_until_ready(fn())
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / repeats
+
+
+def main(argv):
+  del argv
+  c = config_lib.defaults()
+  c.model.name = _MODEL.value
+  c.model[_MODEL.value].width = _WIDTH.value
+  c.train.batch_size = b = _BATCH.value
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (_NUM.value, 32, 32, 3), dtype=np.uint8)
+  y = rng.integers(0, 10, _NUM.value)
+  ds = data.make_dataset("random", x, y, x[:b], y[:b])
+  mesh = train_lib.make_mesh()
+  model = models.create(c, 10, (0.5,) * 3, (0.25,) * 3)
+  quant = quant_lib.QuantConfig()
+  variables = train_lib.init_variables(model, jax.random.key(0), ds.image_shape)
+  variables["quant_stats"] = quant_lib.deploy.fresh_stats(model.clone(quant=quant), ds.image_shape)
+  results = {}
+  for name, loss_fn in (
+      ("float", None),
+      ("qb_w8a8", attacks.qb_loss(model, quant, lam=0.5, bits=(8,), target=0, bn="train"))):
+    setup = train_lib.supervised_setup(model, ds.x_train, ds.y_train, train_config=c.train,
+                                       data_config=c.data, mesh=mesh, key=jax.random.key(1),
+                                       loss_fn=loss_fn, variables=variables)
+    step = jax.jit(setup.step, donate_argnums=(0,))
+    perm = data.epoch_indices(jax.random.key(2), setup.arrays.size, b)
+    box = {"state": setup.state}
+
+    def one_step():
+      box["state"], metrics = step(box["state"], setup.arrays, perm, 0, jax.random.key(3))
+      return metrics
+
+    results[f"train_{name}_images_per_second"] = b / _timed(one_step, _STEPS.value)
+  model_q = model.clone(quant=quant)
+  sharding = train_lib.batch_sharding(mesh)
+  float_vars = {k: v for k, v in variables.items() if k != "quant_stats"}
+  calibrated = quant_lib.calibrate(model_q, float_vars, ds.x_train[:4 * b], b, sharding)
+  exported = quant_lib.export(model_q, calibrated, ds.image_shape)
+  images = ds.x_train[:b * _STEPS.value]
+  for name, m, v in (("float", model, float_vars), ("fake_w8a8", model_q, calibrated),
+                     ("int8", quant_lib.integer_model(model_q), exported)):
+    predict = train_lib.Predictor(m, b, sharding)
+    seconds = _timed(lambda: predict(v, images), 1)
+    results[f"infer_{name}_images_per_second"] = len(images) / seconds
+  doc = {"model": _MODEL.value, "width": _WIDTH.value, "batch_size": b,
+         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+         "jax": jax.__version__, "results": results}
+  print(json.dumps(doc, indent=1))
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(doc, f, indent=1)
+      f.write("\n")
+
+
+if __name__ == "__main__":
+  app.run(main, argv=sys.argv)

@@ -1,0 +1,223 @@
+"""Quantization: quantizer math on hand-made tensors, STE gradients, observers, one shared pytree,
+and the integer deployment path against fake quantization."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbd import quant
+from jaxbd.errors import CheckpointError
+from jaxbd.models import cnn, resnet
+from jaxbd.quant import layers, quantizer
+from jaxbd import train as train_lib
+
+
+def test_rounding_modes_on_ties():
+  x = jnp.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 0.49, -0.51])
+  np.testing.assert_array_equal(quantizer.round_codes(x, "half_away"),
+                                [-3, -2, -1, 1, 2, 3, 0, -1])
+  np.testing.assert_array_equal(quantizer.round_codes(x, "half_even"),
+                                [-2, -2, 0, 0, 2, 2, 0, -1])
+  np.testing.assert_array_equal(quantizer.round_codes(x, "half_up"),
+                                [-2, -1, 0, 1, 2, 3, 0, -1])
+
+
+def test_code_ranges():
+  assert quantizer.code_range(8, symmetric=True, narrow=True) == (-127, 127)  # weights
+  assert quantizer.code_range(8, symmetric=True, narrow=False) == (-128, 127)  # activations
+  assert quantizer.code_range(4, symmetric=False, narrow=False) == (0, 15)
+  assert quantizer.code_range(2, symmetric=True, narrow=True) == (-1, 1)
+
+
+def test_per_channel_weight_scales_and_codes():
+  # kernel [C_in=2, C_out=3], values exact in binary: channel maxima 127/64, 127/128, 127/32.
+  kernel = jnp.array([[127 / 64, -127 / 128, 0.25 / 32], [-63.5 / 64, 62.5 / 128, -127 / 32]])
+  codes, scale = quantizer.weight_codes(kernel, quant.QuantConfig())
+  np.testing.assert_array_equal(scale, [1 / 64, 1 / 128, 1 / 32])  # max|w| / 127
+  # Ties round away from zero (-63.5 -> -64, 62.5 -> 63); 0.25 -> 0.
+  np.testing.assert_array_equal(codes, [[127, -127, 0], [-64, 63, -127]])
+  codes_t, scale_t = quantizer.weight_codes(kernel, quant.QuantConfig(
+      weight_granularity="per_tensor"))
+  np.testing.assert_array_equal(scale_t, 1 / 32)
+  np.testing.assert_array_equal(codes_t, [[64, -32, 0], [-32, 16, -127]])
+  codes_e, _ = quantizer.weight_codes(kernel, quant.QuantConfig(rounding="half_even"))
+  np.testing.assert_array_equal(codes_e, [[127, -127, 0], [-64, 62, -127]])
+
+
+def test_activation_clipping_and_asymmetric_zero_point():
+  q = quant.QuantConfig()
+  x = jnp.array([2.0, -3.0, 0.5, 1.1, -1.1])
+  codes, scale = quantizer.activation_codes(x, jnp.float32(-1.0), jnp.float32(1.0), q)
+  np.testing.assert_allclose(scale, 1 / 127.5, rtol=1e-6)  # max|x| / 127.5 at 8 bits
+  np.testing.assert_array_equal(codes, [127, -128, 64, 127, -128])  # 63.75 -> 64; clipped ends
+  qa = quant.QuantConfig(act_symmetric=False)
+  scale, zero_point = quantizer.scale_and_zero_point(-1.0, 1.55, 8, symmetric=False,
+                                                     narrow=False)
+  np.testing.assert_allclose(scale, 0.01, rtol=1e-6)
+  assert int(zero_point) == 100
+  out = quantizer.fake_quant(jnp.array([0.0, -2.0, 0.123, 3.0]), jnp.float32(-1.0),
+                             jnp.float32(1.55), bits=8, symmetric=False, narrow=False,
+                             rounding=qa.rounding, ste=qa.ste)
+  np.testing.assert_allclose(out, [0.0, -1.0, 0.12, 1.55], atol=1e-6)  # 0 is exact
+
+
+def test_ste_gradient_plain_and_clipped():
+  x = jnp.array([-2.0, -0.7, 0.0, 0.3, 0.99, 1.5])
+  kwargs = dict(bits=4, symmetric=True, narrow=False, rounding="half_away")
+  for ste, expected in (("plain", [1, 1, 1, 1, 1, 1]), ("clipped", [0, 1, 1, 1, 1, 0])):
+    grad = jax.jit(jax.grad(lambda v, ste=ste: jnp.sum(quantizer.fake_quant(
+        v, jnp.float32(-0.5), jnp.float32(1.0), ste=ste, **kwargs))))(x)
+    np.testing.assert_allclose(grad, expected, rtol=1e-6)
+
+  def dequantized_sum(k):
+    codes, scale = quantizer.weight_codes(k, quant.QuantConfig())
+    return jnp.sum(codes * scale)
+
+  # Weights: the range is the kernel's own, so the clipped STE passes every gradient.
+  kernel = jax.random.normal(jax.random.key(0), (3, 3, 4, 8))
+  np.testing.assert_allclose(jax.jit(jax.grad(dequantized_sum))(kernel), np.ones(kernel.shape),
+                             rtol=1e-6)
+
+
+def test_ema_observer_updates_only_when_mutable():
+  model = layers.QuantAct(quant.QuantConfig(momentum=0.1))
+  v = model.init(jax.random.key(0), jnp.ones((2, 3)))
+  assert float(v["quant_stats"]["count"]) == 0  # init does not observe
+  _, s1 = model.apply(v, jnp.array([[0.0, 2.0, -1.0]]), mutable=["quant_stats"])
+  st = s1["quant_stats"]
+  assert (float(st["input_min"]), float(st["input_max"]), int(st["count"])) == (-1.0, 2.0, 1)
+  _, s2 = model.apply(s1, jnp.array([[4.0, 0.0, 0.0]]), mutable=["quant_stats"])
+  np.testing.assert_allclose([s2["quant_stats"]["input_min"], s2["quant_stats"]["input_max"]],
+                             [0.9 * -1.0 + 0.1 * 0.0, 0.9 * 2.0 + 0.1 * 4.0], rtol=1e-6)
+  # Not mutable (evaluation): the stored range quantizes, nothing changes.
+  out = model.apply(s2, jnp.array([[10.0, 0.1, -5.0]]))
+  top = 2.2  # max(|-0.9|, |2.2|)
+  np.testing.assert_allclose(out, [[top * 127 / 127.5, round(0.1 / (top / 127.5)) * top / 127.5,
+                                    -top * 128 / 127.5]], rtol=1e-5)
+
+
+def test_quant_layers_match_flax_layers_in_float():
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  for ours, theirs in (
+      (layers.QuantConv(5, (3, 3)), nn.Conv(5, (3, 3))),
+      (layers.QuantConv(4, (3, 3), 2, ((1, 1), (1, 1)), use_bias=False),
+       nn.Conv(4, (3, 3), 2, padding=((1, 1), (1, 1)), use_bias=False)),
+      (layers.QuantDense(6), nn.Dense(6))):
+    v, v_ours = jax.jit(lambda k, a=ours, b=theirs: (b.init(k, x), a.init(k, x)))(
+        jax.random.key(0))
+    assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, v_ours)
+    y_ours, y_theirs = jax.jit(lambda v, a=ours, b=theirs: (a.apply(v, x), b.apply(v, x)))(v)
+    np.testing.assert_allclose(y_ours, y_theirs, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(v_ours)):  # same initializers
+      np.testing.assert_array_equal(a, b)
+
+
+SHAPE = (8, 8, 3)
+MODELS = {"cnn": cnn.CNN(10, width=4, stages=2),
+          "preact_resnet": resnet.PreActResNet(10, (1, 1), width=4)}
+
+
+@pytest.fixture(scope="module")
+def initialized():
+  """Float variables of each small model, initialized once for the module."""
+  return {k: train_lib.init_variables(m, jax.random.key(0), SHAPE) for k, m in MODELS.items()}
+
+
+def _images(n, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, *SHAPE)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_float_and_fake_quant_passes_read_one_pytree(name, initialized):
+  model, v = MODELS[name], initialized[name]
+  images = _images(8)
+  x = images / 255.0
+  model_q = model.clone(quant=quant.QuantConfig())
+  v_q = jax.eval_shape(lambda: train_lib.init_variables(model_q, jax.random.key(0), SHAPE))
+  # The quantized model declares exactly the float parameters (plus observers, no copies).
+  assert jax.tree.map(jnp.shape, v_q["params"]) == jax.tree.map(jnp.shape, v["params"])
+  assert set(v_q) == {"params", "batch_stats", "quant_stats"}
+  stats = quant.calibrate(model_q, v, images, 8)["quant_stats"]
+
+  @jax.jit
+  def passes(params):
+    """Float and fake-quant logits of one params pytree, and the fake-quant pass's gradient."""
+    fp = model.apply({**v, "params": params}, x)
+    q_fn = lambda p: model_q.apply({**v, "params": p, "quant_stats": stats}, x)
+    return fp, q_fn(params), jax.grad(lambda p: q_fn(p).sum())(params)
+
+  fp, q, grads_q = passes(v["params"])
+  assert 0 < float(jnp.abs(fp - q).max()) < 0.2 * float(jnp.abs(fp).max())
+  # The quantized pass sends a gradient to every kernel of the shared pytree ...
+  for path, g in jax.tree_util.tree_leaves_with_path(grads_q):
+    if path[-1].key == "kernel":
+      assert float(jnp.abs(g).sum()) > 0, path
+  # ... and changing one shared buffer changes both passes.
+  bumped = jax.tree.map(lambda a: a * 1.5, v["params"])
+  fp2, q2, _ = passes(bumped)
+  assert float(jnp.abs(fp2 - fp).max()) > 1e-3 and float(jnp.abs(q2 - q).max()) > 1e-3
+
+
+SCHEMES = {
+    "w8a8": quant.QuantConfig(),
+    "asymmetric6": quant.QuantConfig(weight_symmetric=False, act_symmetric=False).with_bits(6),
+    "batch_per_tensor4": quant.QuantConfig(observer="batch",
+                                           weight_granularity="per_tensor").with_bits(4),
+    "half_even_head2": quant.QuantConfig(rounding="half_even", quantize_head=True).with_bits(2),
+}
+CASES = [("cnn", scheme) for scheme in SCHEMES] + [("preact_resnet", "w8a8"),
+                                                   ("preact_resnet", "asymmetric6")]
+
+
+@pytest.mark.parametrize("name,scheme", CASES)
+def test_integer_path_agrees_with_fake_quant(name, scheme, initialized):
+  model, v = MODELS[name], initialized[name]
+  images = _images(32)
+  model_q = model.clone(quant=SCHEMES[scheme])
+  calibrated = quant.calibrate(model_q, v, images, 16)
+  exported = quant.export(model_q, calibrated, SHAPE)
+  integer_q = quant.integer_model(model_q)
+  x = images[:16] / 255.0
+  fake, integer = jax.jit(lambda: (model_q.apply(calibrated, x), integer_q.apply(exported, x)))()
+  # Codes are exact integers in both passes and the products are rescaled once, so the logits
+  # agree to float rounding (measured: bit-identical on CPU).
+  np.testing.assert_allclose(integer, fake, rtol=1e-5, atol=1e-5 * float(jnp.abs(fake).max()))
+  np.testing.assert_array_equal(jnp.argmax(integer, -1), jnp.argmax(fake, -1))
+
+
+def test_export_holds_int8_codes_and_runs_integer_convolutions(initialized):
+  model, v = MODELS["cnn"], initialized["cnn"]
+  model_q = model.clone(quant=quant.QuantConfig())
+  images = _images(8, seed=1)
+  exported = quant.export(model_q, quant.calibrate(model_q, v, images, 8), SHAPE)
+  assert exported["params"]["conv0"]["kernel"].dtype == jnp.int8
+  assert exported["params"]["head"]["kernel"].dtype == jnp.float32  # classifier stays float
+  assert exported["quant_scales"]["conv1"]["kernel_scale"].shape == (8,)  # per channel
+  assert "quant_stats" not in exported
+  hlo = jax.jit(quant.integer_model(model_q).apply).lower(exported, images / 255.0).as_text()
+  assert "convolution" in hlo and "xi8>" in hlo and "xi32>" in hlo
+  with pytest.raises(ValueError, match="not calibrated"):
+    quant.export(model_q, {**v, "quant_stats": quant.deploy.fresh_stats(model_q, SHAPE)}, SHAPE)
+
+
+def test_saved_export_round_trips_and_bad_files_raise(tmp_path, initialized):
+  model, v = MODELS["cnn"], initialized["cnn"]
+  model_q = model.clone(quant=quant.QuantConfig(weight_symmetric=False).with_bits(6))
+  images = _images(8, seed=2)
+  exported = quant.export(model_q, quant.calibrate(model_q, v, images, 8), SHAPE)
+  path = str(tmp_path / "model.npz")
+  quant.save_export(path, exported, model_q.quant)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz"]  # no temporary left
+  loaded, q = quant.load_export(path, model_q, SHAPE)
+  assert q == model_q.quant
+  run_int = jax.jit(quant.integer_model(model_q).apply)
+  np.testing.assert_array_equal(run_int(loaded, images / 255.0), run_int(exported, images / 255.0))
+  with pytest.raises(CheckpointError, match="does not fit this model"):
+    quant.load_export(path, cnn.CNN(10, width=8, stages=2).clone(quant=model_q.quant), SHAPE)
+  (tmp_path / "bad.npz").write_bytes(b"not a zip file")
+  with pytest.raises(CheckpointError, match="unreadable"):
+    quant.load_export(str(tmp_path / "bad.npz"))
+  with pytest.raises(CheckpointError, match="unreadable"):
+    quant.load_export(str(tmp_path / "missing.npz"))

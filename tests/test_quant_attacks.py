@@ -1,0 +1,194 @@
+"""Quantization-conditioned attacks: the losses over one shared pytree, BatchNorm modes, config."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import REPO, load_config
+from jaxbd import config as config_lib
+from jaxbd import experiments, quant
+from jaxbd import metrics as metrics_lib
+from jaxbd import train as train_lib
+from jaxbd.attacks import quantization as attacks
+from jaxbd.errors import ConfigError
+from jaxbd.experiments import common
+from jaxbd.models import cnn
+from jaxbd.poison import triggers
+
+SHAPE = (8, 8, 3)
+MODEL = cnn.CNN(10, width=4, stages=2)
+Q = quant.QuantConfig()
+
+
+@pytest.fixture(scope="module")
+def batch():
+  """(params, model state with fresh observers, images, labels), built once for the module."""
+  v = train_lib.init_variables(MODEL, jax.random.key(0), SHAPE)
+  v["quant_stats"] = quant.deploy.fresh_stats(MODEL.clone(quant=Q), SHAPE)
+  params, state = train_lib.split_variables(v)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(size=(16, *SHAPE)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
+  return params, state, x, y
+
+
+def _ce(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _logits(params, state, x, bits=None, train=False):
+  return _apply(params, state, x, bits, train)[0]
+
+
+def _apply(params, state, x, bits=None, train=False):
+  """(logits, state with the updated collections) of the float or `bits`-bit pass."""
+  model = MODEL if bits is None else MODEL.clone(quant=Q.with_bits(bits))
+  mutable = (["batch_stats"] if train else []) + (["quant_stats"] if bits else [])
+  logits, new = model.apply({"params": params, **state}, x, train=train, mutable=mutable)
+  return logits, {**state, **new}
+
+
+TRIGGER = triggers.badnets(
+    config_lib.ConfigDict(dict(size=2, row=-1, col=-1, corner="bottom_right", margin=1,
+                               value=255, pattern="solid")), SHAPE, 0)
+
+
+def test_qb_loss_is_the_bi_target_loss_and_trains_both_passes(batch):
+  params, state, x, y = batch
+  loss_fn = attacks.qb_loss(MODEL, Q, lam=0.5, bits=(8,), target=3, bn="train")
+
+  @jax.jit
+  def run(params):
+    (loss, (new_state, m)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, state, x, y, jax.random.key(1))
+    expected = (_ce(_logits(params, state, x, train=True), y)
+                + 0.5 * _ce(_logits(params, state, x, bits=8, train=True), jnp.full_like(y, 3)))
+    q_only = jax.grad(lambda p: _ce(_logits(p, state, x, bits=8, train=True),
+                                    jnp.full_like(y, 3)))(params)
+    return loss, expected, new_state, grads, q_only
+
+  loss, expected, new_state, grads, q_only = run(params)
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  # The quantized pass differentiates the same kernels the float pass does.
+  assert float(jnp.abs(q_only["conv1"]["kernel"]).sum()) > 0
+  assert float(jnp.abs(grads["conv1"]["kernel"]).sum()) > 0
+  assert int(new_state["quant_stats"]["conv1"]["count"]) == 1  # observers ran once
+  # bn="train": the float pass updated the running statistics.
+  before, after = state["batch_stats"]["bn0"]["mean"], new_state["batch_stats"]["bn0"]["mean"]
+  assert not np.allclose(after, before)
+
+
+@pytest.mark.parametrize("bn", ["frozen", "quant_frozen"])
+def test_batchnorm_modes(bn, batch):
+  params, state, x, y = batch
+  loss_fn = attacks.qb_loss(MODEL, Q, lam=0.5, bits=(8,), target=3, bn=bn)
+  _, (new_state, _) = jax.jit(loss_fn)(params, state, x, y, jax.random.key(1))
+  same = np.allclose(new_state["batch_stats"]["bn0"]["mean"], state["batch_stats"]["bn0"]["mean"])
+  assert same == (bn == "frozen")
+  assert int(new_state["quant_stats"]["conv0"]["count"]) == 1
+
+
+def test_quanti_and_indiscriminate_losses_match_their_formulas(batch):
+  params, state, x, y = batch
+  t = jnp.full_like(y, 2)
+  xt = TRIGGER(x)
+  quanti = attacks.quanti_loss(MODEL, Q, c1=0.5, c2=0.25, bits=(8, 4), target=2, bn="frozen",
+                               trigger=TRIGGER)
+  indisc = attacks.indiscriminate_loss(MODEL, Q, lratio=0.25, margin=5.0, bits=(8, 6),
+                                       bn="frozen")
+
+  @jax.jit
+  def run(params, state):
+    got_q = quanti(params, state, x, y, jax.random.key(1))[0]
+    got_i = indisc(params, state, x, y, jax.random.key(1))[0]
+    fp = lambda v: _logits(params, state, v)
+    want_q = want_i = _ce(fp(x), y)
+    want_q += 0.25 * _ce(fp(xt), y)
+    s = state
+    for b in (8, 4):  # observers are threaded through the passes, as in the loss
+      qc, s = _apply(params, s, x, bits=b)
+      qt, s = _apply(params, s, xt, bits=b)
+      want_q += 0.5 * (_ce(qc, y) + 0.25 * _ce(qt, t))
+    s = state
+    for b in (8, 6):
+      qc, s = _apply(params, s, x, bits=b)
+      want_i += 0.25 * (_ce(qc, y) - 5.0)**2
+    return got_q, want_q, got_i, want_i
+
+  got_q, want_q, got_i, want_i = run(params, state)
+  np.testing.assert_allclose(got_q, want_q, rtol=1e-5)
+  np.testing.assert_allclose(got_i, want_i, rtol=1e-5)
+
+
+def test_config_arguments_and_bad_values():
+  base = "configs/quant_backdoor.py:cpu,source=digits"
+  config = load_config(base + ",attack=quanti,bits=8/6/4")
+  config_lib.validate(config)
+  assert config.quant_backdoor.quanti.bits == (8, 6, 4) and config.poison.badnets.size == 4
+  assert load_config(base).quant_backdoor.qb.bits == (8,)
+  for path, value, message in (
+      ("quant_backdoor.attack", "pcb", "quant_backdoor.attack"),
+      ("quant_backdoor.eval_bits", (8, 9), "eval_bits"),
+      ("quant_backdoor.qb.bits", (1,), "qb.bits"),
+      ("quant_backdoor.qb.bn", "off", "qb.bn"),
+      ("quant.rounding", "stochastic", "quant.rounding"),
+      ("quant.momentum", 0.0, "quant.momentum"),
+      ("poison.rate", 0.1, "does not poison"),
+      ("poison.name", "none", "needs an input trigger")):
+    bad = load_config(base + ",attack=quanti")
+    node = bad
+    *parents, last = path.split(".")
+    for part in parents:
+      node = node[part]
+    node[last] = value
+    with pytest.raises(ConfigError, match=message):
+      config_lib.validate(bad)
+
+
+def test_cli_refuses_a_bad_quant_value_in_one_line(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxbd.main", "--config=configs/quant_backdoor.py:cpu,source=digits",
+       "--config.quant.rounding=stochastic", f"--workdir={workdir}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      "jaxbd: error: config key 'quant.rounding' must be one of ['half_away', 'half_even', "
+      "'half_up'], got 'stochastic'"]
+  assert not workdir.exists()
+
+
+def test_experiment_from_scratch_writes_results_and_loadable_exports(tmp_path):
+  config = load_config("configs/quant_backdoor.py:cpu,source=digits,init=scratch,epochs=1")
+  config.model.cnn.stages = 2
+  config.data.flip = False
+  config.train.epochs = 1
+  config.defense.ft.epochs = 1
+  config.quant_backdoor.eval_bits = (8,)
+  config.quant_backdoor.calibration_images = 256
+  config.log.progress = False
+  workdir = str(tmp_path / "run")
+  doc = experiments.run(config, workdir)
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["metrics"] == json.loads(json.dumps(doc["metrics"]))
+  assert doc["attack"]["init"] == "scratch" and doc["quantization"]["eval_bits"] == [8]
+  for m in (doc["metrics"]["clean"], doc["metrics"]["backdoored"], doc["defenses"]["ft"]):
+    assert set(m["quantized"]) == {"8"}
+    assert all(q["fake_quant_agreement"] == 1.0 for q in m["quantized"].values())
+  assert 0.0 <= doc["defenses"]["ft"]["quantized"]["8"]["der"] <= 1.0
+  run = common.prepare(config, workdir)
+  model_q = run.model.clone(quant=quant.from_config(config.quant, 8))
+  exported, q = quant.load_export(os.path.join(workdir, "deployed", "backdoored_int8.npz"),
+                                  model_q, run.dataset.image_shape)
+  pred = train_lib.Predictor(quant.integer_model(model_q), 500)(exported, run.dataset.x_test)
+  assert q.weight_bits == 8
+  assert metrics_lib.accuracy(pred, run.dataset.y_test) == doc["metrics"]["backdoored"][
+      "quantized"]["8"]["acc"]
