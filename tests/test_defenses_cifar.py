@@ -43,18 +43,18 @@ def pt_result(cifar_cpu_run):
 
 @pytest.mark.slow
 def test_d3_with_5_percent_clean_data_removes_badnets(d3_result):
-  """Measured: ASR 1.0 -> 0.059, ACC 0.4995 -> 0.3925 (10.7 points lost)."""
+  """Measured: ASR 1.0 -> 0.012, ACC 0.4995 -> 0.4395 (6.0 points lost)."""
   before, after = d3_result["before"], d3_result["after"]
   assert d3_result["trusted"] == 250
   assert d3_result["report"]["layers"] == ["head/kernel"]
   assert before["asr"] >= 0.9
   assert after["asr"] < 0.10, after
-  assert after["acc"] >= before["acc"] - 0.13, (before, after)
+  assert after["acc"] >= before["acc"] - 0.08, (before, after)
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="D3 re-learns the re-initialized classifier from 250 "
-                   "images; this CNN loses ~11 points of ACC doing so (see configs/d3.py)")
+                   "images; this CNN loses 6 points of ACC doing so (see configs/d3.py)")
 def test_d3_keeps_accuracy_within_5_points(d3_result):
   before, after = d3_result["before"], d3_result["after"]
   assert after["acc"] >= before["acc"] - 0.05, (before, after)
