@@ -17,8 +17,19 @@ Expected (the paper, ACC/ASR): BadNets 91.32/95.03 -> FT 89.96/1.48, D3 90.77/0.
 84.48/98.27 -> 90.80/2.37, 89.99/0.00. No full-scale (GPU) run has been made yet.
 
 `cpu`: the 16-wide CNN on a 5,000-image subset (configs/cifar10.py:cpu) with defenses scaled to
-seconds: FT 10 epochs, D3 100 epochs at batch 64 and lr 0.02 with lmd 2, PT 600 steps at lr 0.01.
-Measured on BadNets (tests/test_defenses_cifar.py): D3 takes ASR 1.0 -> 0.026 but ACC 0.50 -> 0.38.
+seconds: FT 10 epochs; D3 100 epochs at batch 16 and lr 0.02 with lmd 3 and eps 0.5 (random
+warm-up, the reference's loss, projection and schedule); PT 600 steps at lr 0.01. D3's batch,
+epochs, lr, lmd, eps and warm-up were chosen on 2,000 held-out CIFAR-10 training images outside
+the subset (never test data) with the attack's trigger, as the paper's rule does ("lowest ASR
+with ACC >= original - 3%"). No setting kept ACC within 3 points, so the choice is the highest
+held-out ACC with held-out ASR < 10% (ACC / ASR: batch 16: 0.435 / 0.013; batch 8: 0.431 / 0.068;
+batch 32: 0.397 / 0.019; batch 64: 0.374 / 0.068; batch 64 with lmd 2, eps 0.1: 0.365 / 0.029;
+lmd 4 or 5: ASR 0.08-0.12; lmd 10: ACC 0.39, ASR 0.38; far / middle warm-up: ACC 0.29-0.30).
+Measured on BadNets (tests/test_defenses_cifar.py, test subset): ASR 1.0 -> 0.012, ACC 0.4995 ->
+0.4395. The 6-point ACC loss (the paper's PreAct-ResNet18 loses < 1) comes from re-learning the
+re-initialized classifier from 250 images with the features of a 50%-accurate CNN: more,
+smaller steps help most; FT alone keeps ACC 0.489 but ASR 1.0. Larger models did not help at
+batch 64: a 32-wide CNN (ACC 0.54) and a 16-wide CNN on 10,000 images (ACC 0.56) lost 13-16 points.
 Arguments: attack=badnets|blended|wanet|sig; defenses=ft+d3+pt ('+'-separated, since ','
 separates arguments); cpu; source=...; epochs=N (victim epochs; 0: the recipe's).
 """
@@ -46,7 +57,7 @@ def get_config(arg=None):
   config.defense.clean_fraction = 0.05
   if a.cpu:
     config.defense.ft.epochs = 10
-    config.defense.d3.update(dict(epochs=100, batch_size=64, lr=0.02, lmd=2.0, eval_every=0,
-                                  checkpoint_every=0))
+    config.defense.d3.update(dict(epochs=100, batch_size=16, lr=0.02, lmd=3.0, eps=0.5,
+                                  eval_every=0, checkpoint_every=0))
     config.defense.pt.update(dict(steps=600, lr=0.01, batch_size=64, checkpoint_every=0))
   return config

@@ -19,7 +19,14 @@ did not touch; the claim holds when every defended model has ASR near the clean 
 at most 2 points below the backdoored model's. No GPU run has been made yet.
 
 `cpu`: the 16-wide CNN recipe of configs/cifar10.py:cpu (5,000 images, 10 epochs) with PT
-scaled to 600 steps at lr 0.01 (1% = 50 images).
+scaled to 600 steps at batch 64, lr 0.05 and l_slol 0.01 (Nesterov, l_param 20,000; 1% = 50
+images). Chosen on 2,000 held-out CIFAR-10 training images outside the subset (never test data)
+with the paper's rule, lowest ASR with ACC >= original - 3%: every setting that kept ACC left
+ASR at 1.0, and this one kept the most ACC. The paper's l_slol 0.05 costs this CNN 20 points of
+ACC (its non-negative 64-d features shrink under SLOL's first term) and still leaves ASR 1.0;
+without the parameter penalty ASR falls only to 0.79 at ACC 0.30. Measured on BadNets
+(tests/test_defenses_cifar.py, test subset): ACC 0.4995 -> 0.481, ASR 1.0 -> 1.0, so the repair
+claim does not hold at this scale.
 Arguments: attack=..., cpu, source=..., rate=R, epochs=N, defenses=pt+ft ('+'-separated).
 """
 
@@ -50,7 +57,8 @@ def get_config(arg=None):
   config.defense.names = a.defenses.replace("+", ",")
   config.defense.clean_fraction = 0.01
   if a.cpu:
-    config.defense.pt.update(dict(steps=600, lr=0.01, batch_size=64, checkpoint_every=0))
+    config.defense.pt.update(dict(steps=600, lr=0.05, slol=0.01, batch_size=64,
+                                  checkpoint_every=0))
   else:
     config.train.lr = 0.1
     config.train.schedule_unit = "step"

@@ -1,4 +1,13 @@
-"""D3 on real CIFAR-10 (5,000-image subset, CPU): the shared fixture's BadNets-backdoored CNN."""
+"""D3 and Pivotal Tuning on real CIFAR-10 (5,000-image subset, CPU): the shared fixture's
+BadNets-backdoored 16-wide CNN (ACC 0.4995, ASR 1.0).
+
+Acceptance criteria: D3 with 5% clean data brings ASR below 10% with ACC within 5 points of the
+backdoored model; Pivotal Tuning with 1% clean data at least halves ASR with ACC within 3 points.
+The settings are the `cpu` branches of configs/d3.py and configs/pick_your_poison.py, chosen on
+held-out training images (never test data; see the configs). On this 24k-parameter CNN the ASR
+criterion of D3 and the ACC criterion of PT hold; D3's ACC criterion and PT's ASR criterion do
+not, and are kept as strict expected failures so that they turn into errors once they hold.
+"""
 
 import jax
 import pytest
@@ -7,26 +16,62 @@ from conftest import load_config
 from jaxbd import defenses
 
 
-@pytest.mark.slow
-def test_d3_with_5_percent_clean_data_removes_badnets(cifar_cpu_run):
-  """configs/d3.py:cpu's D3 settings. Measured: ASR 1.0 -> 0.026, ACC 0.4995 -> 0.3795.
-
-  The ASR criterion (< 10%) holds; ACC falls 12 points, more than the 5 the paper's
-  PreAct-ResNet18 loses: the 24k-parameter CNN at 50% accuracy cannot re-learn a re-initialized
-  classifier from 250 images while D3 pushes it away from W0 (see README).
-  """
-  section = load_config("configs/d3.py:cpu").defense.d3
+def defend(cifar_cpu_run, config_spec: str, name: str) -> dict:
+  """Runs defense `name` of `config_spec` on the fixture's backdoored model (seed 0)."""
+  config = load_config(config_spec)
   run = cifar_cpu_run.prepare()
-  variables = cifar_cpu_run.variables("backdoored")
-  before = cifar_cpu_run.doc["metrics"]["backdoored"]
   ds = run.dataset
-  trusted = defenses.trusted_split(ds.x_train, ds.y_train, run.plan.kind, 0.05, 0)
-  assert len(trusted.labels) == 250
+  trusted = defenses.trusted_split(ds.x_train, ds.y_train, run.plan.kind,
+                                   config.defense.clean_fraction, 0)
   ctx = defenses.Context(run.model, run.mesh, run.config.data, ds.num_classes, progress=False)
-  defended, report = defenses.DEFENSES["d3"].build(ctx, variables, trusted, section,
-                                                   jax.random.key(0))
-  after = run.evaluate(defended)
-  assert report["layers"] == ["head/kernel"]
+  defended, report = defenses.DEFENSES[name].build(
+      ctx, cifar_cpu_run.variables("backdoored"), trusted, config.defense[name],
+      jax.random.key(0))
+  return {"before": cifar_cpu_run.doc["metrics"]["backdoored"], "after": run.evaluate(defended),
+          "report": report, "trusted": len(trusted.labels)}
+
+
+@pytest.fixture(scope="module")
+def d3_result(cifar_cpu_run):
+  return defend(cifar_cpu_run, "configs/d3.py:cpu", "d3")
+
+
+@pytest.fixture(scope="module")
+def pt_result(cifar_cpu_run):
+  return defend(cifar_cpu_run, "configs/pick_your_poison.py:cpu", "pt")
+
+
+@pytest.mark.slow
+def test_d3_with_5_percent_clean_data_removes_badnets(d3_result):
+  """Measured: ASR 1.0 -> 0.012, ACC 0.4995 -> 0.4395 (6.0 points lost)."""
+  before, after = d3_result["before"], d3_result["after"]
+  assert d3_result["trusted"] == 250
+  assert d3_result["report"]["layers"] == ["head/kernel"]
   assert before["asr"] >= 0.9
   assert after["asr"] < 0.10, after
-  assert after["acc"] >= before["acc"] - 0.15, (before, after)
+  assert after["acc"] >= before["acc"] - 0.08, (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="D3 re-learns the re-initialized classifier from 250 "
+                   "images; this CNN loses 6 points of ACC doing so (see configs/d3.py)")
+def test_d3_keeps_accuracy_within_5_points(d3_result):
+  before, after = d3_result["before"], d3_result["after"]
+  assert after["acc"] >= before["acc"] - 0.05, (before, after)
+
+
+@pytest.mark.slow
+def test_pivotal_tuning_with_1_percent_clean_data_keeps_accuracy(pt_result):
+  """Measured: ACC 0.4995 -> 0.481 (1.85 points lost), ASR 1.0 -> 1.0."""
+  before, after = pt_result["before"], pt_result["after"]
+  assert pt_result["trusted"] == 50
+  assert after["acc"] >= before["acc"] - 0.03, (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="on this CNN no PT setting that keeps ACC within 3 "
+                   "points lowers the ASR of the BadNets checkerboard (see "
+                   "configs/pick_your_poison.py)")
+def test_pivotal_tuning_with_1_percent_clean_data_halves_asr(pt_result):
+  before, after = pt_result["before"], pt_result["after"]
+  assert after["asr"] <= 0.5 * before["asr"], (before, after)

@@ -22,7 +22,9 @@ def test_d3_table_configs(attack, cpu):
     d3 = c.defense.d3
     assert (d3.epochs, d3.batch_size, d3.lr, d3.lmd, d3.eps, d3.warm_up) == (
         100, 256, 0.01, 0.5, 0.1, "random")
-    assert d3.weight_decay == 0 and d3.schedule == "cosine" and d3.schedule_unit == "epoch"
+  d3 = c.defense.d3  # the CPU recipe changes hyper-parameters only, never the algorithm
+  assert d3.weight_decay == 0 and d3.schedule == "cosine" and d3.schedule_unit == "epoch"
+  assert d3.train_mode and d3.layers == "" and d3.momentum == 0.9
 
 
 @pytest.mark.parametrize("attack", ["badnets", "adaptive_blend", "adaptive_patch", "wanet", "tsb",
@@ -34,6 +36,10 @@ def test_pick_your_poison_configs(attack):
   pt = c.defense.pt
   assert (pt.steps, pt.lr, pt.nesterov, pt.slol, pt.param, pt.batch_size) == (
       2000, 1e-4, True, 0.05, 20000.0, 128)
+  cpu_config = load_config(f"configs/pick_your_poison.py:attack={attack},cpu")
+  config_lib.validate(cpu_config)
+  cpu = cpu_config.defense.pt  # the CPU recipe keeps Nesterov SGD and the parameter penalty
+  assert cpu.nesterov and cpu.momentum == 0.9 and cpu.param == 20000.0 and cpu.use_labels
   if attack == "pcb":
     assert c.attack.name == "pcb" and c.poison.rate == 0 and c.attack.pcb.batch_rate == 0.1
 
