@@ -127,6 +127,46 @@ def test_quanti_and_indiscriminate_losses_match_their_formulas(batch):
   np.testing.assert_allclose(got_i, want_i, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scheme", ["w8", "asymmetric_w4_and_w8"])
+def test_repair_projection_keeps_every_deployed_code_and_freezes_the_rest(scheme, batch):
+  params, state, x, _ = batch
+  q = Q if scheme == "w8" else quant.QuantConfig(weight_symmetric=False)
+  bits = (8,) if scheme == "w8" else (4, 8)
+  project = jax.jit(attacks.repair_projection(MODEL, q, bits, SHAPE))
+  noise = jax.tree.map(lambda a: 0.05 * jax.random.normal(jax.random.key(2), a.shape), params)
+  moved = jax.tree.map(jnp.add, params, noise)
+  projected = project(moved, params)
+  for b in bits:  # the same integer model at every attacked bit width
+    model_q = MODEL.clone(quant=q.with_bits(b))
+    export = lambda p: quant.export(model_q, {**state, "params": p}, SHAPE)
+    before, after = export(params), export(projected)
+    for path, v in jax.tree_util.tree_leaves_with_path(after):
+      np.testing.assert_array_equal(v, dict(jax.tree_util.tree_leaves_with_path(before))[path])
+  # Quantized kernels moved inside their cells; BatchNorm, biases, the float head did not move.
+  assert float(jnp.abs(projected["conv1"]["kernel"] - params["conv1"]["kernel"]).max()) > 0
+  for name in ("bn0", "head"):
+    for a, b in zip(jax.tree.leaves(projected[name]), jax.tree.leaves(params[name])):
+      np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(projected["conv0"]["bias"], params["conv0"]["bias"])
+  # The float model differs from the anchor, as the repair needs.
+  assert float(jnp.abs(_logits(projected, state, x) - _logits(params, state, x)).max()) > 0
+
+
+def test_scale_anchors_widen_cells_and_see_only_zeros(batch):
+  params, state, x, _ = batch
+  anchored = attacks.add_scale_anchors(params, 8.0)
+  kernel = params["conv1"]["kernel"]
+  c = int(jnp.argmin(jnp.abs(kernel).sum(axis=(0, 1, 3))))
+  silenced = jax.tree.map(lambda a: a, anchored)
+  silenced["conv1"] = {**anchored["conv1"], "kernel": anchored["conv1"]["kernel"].at[:, :, c].set(0)}
+  # The anchors multiply a channel that is 0 after BatchNorm + ReLU: no output changes.
+  np.testing.assert_array_equal(_logits(anchored, state, x), _logits(silenced, state, x))
+  assert float(anchored["bn0"]["scale"][c]) == 0 and float(anchored["bn0"]["bias"][c]) == -1
+  scale = quant.export(MODEL.clone(quant=Q), {**state, "params": anchored}, SHAPE)[
+      "quant_scales"]["conv1"]["kernel_scale"]
+  np.testing.assert_allclose(scale, 8 * jnp.abs(kernel).max(axis=(0, 1, 2)) / 127, rtol=1e-6)
+
+
 def test_config_arguments_and_bad_values():
   base = "configs/quant_backdoor.py:cpu,source=digits"
   config = load_config(base + ",attack=quanti,bits=8/6/4")
@@ -141,8 +181,10 @@ def test_config_arguments_and_bad_values():
       ("quant.rounding", "stochastic", "quant.rounding"),
       ("quant.momentum", 0.0, "quant.momentum"),
       ("poison.rate", 0.1, "does not poison"),
-      ("poison.name", "none", "needs an input trigger")):
-    bad = load_config(base + ",attack=quanti")
+      ("poison.name", "none", "needs an input trigger"),
+      ("quant_backdoor.qb.repair.lr", 0.0, "qb.repair.lr"),
+      ("model.name", "preact_resnet18", "implemented for model.name=cnn")):
+    bad = load_config(base + ",attack=quanti,two_stage")
     node = bad
     *parents, last = path.split(".")
     for part in parents:
