@@ -174,7 +174,7 @@ SCHEMES = {
 }
 CASES = [("cnn", scheme) for scheme in SCHEMES] + [
     ("preact_resnet", "w8a8"), ("preact_resnet", "asymmetric6"), ("pmoe", "w8a8"),
-    ("pmoe", "asymmetric6"), ("pmoe_patch", "w8a8"), ("pmoe_patch", "batch_per_tensor4")]
+    ("pmoe_patch", "asymmetric6"), ("pmoe_patch", "batch_per_tensor4")]
 
 
 @pytest.mark.parametrize("name,scheme", CASES)

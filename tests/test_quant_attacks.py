@@ -136,6 +136,7 @@ def test_repair_projection_keeps_every_deployed_code_and_freezes_the_rest(scheme
   noise = jax.tree.map(lambda a: 0.05 * jax.random.normal(jax.random.key(2), a.shape), params)
   moved = jax.tree.map(jnp.add, params, noise)
   projected = project(moved, params)
+  state = {**state, "quant_stats": jax.tree.map(jnp.ones_like, state["quant_stats"])}
   for b in bits:  # the same integer model at every attacked bit width
     model_q = MODEL.clone(quant=q.with_bits(b))
     export = lambda p: quant.export(model_q, {**state, "params": p}, SHAPE)
@@ -162,8 +163,9 @@ def test_scale_anchors_widen_cells_and_see_only_zeros(batch):
   # The anchors multiply a channel that is 0 after BatchNorm + ReLU: no output changes.
   np.testing.assert_array_equal(_logits(anchored, state, x), _logits(silenced, state, x))
   assert float(anchored["bn0"]["scale"][c]) == 0 and float(anchored["bn0"]["bias"][c]) == -1
-  scale = quant.export(MODEL.clone(quant=Q), {**state, "params": anchored}, SHAPE)[
-      "quant_scales"]["conv1"]["kernel_scale"]
+  stats = jax.tree.map(jnp.ones_like, state["quant_stats"])
+  scale = quant.export(MODEL.clone(quant=Q), {**state, "params": anchored, "quant_stats": stats},
+                       SHAPE)["quant_scales"]["conv1"]["kernel_scale"]
   np.testing.assert_allclose(scale, 8 * jnp.abs(kernel).max(axis=(0, 1, 2)) / 127, rtol=1e-6)
 
 
@@ -209,7 +211,9 @@ def test_cli_refuses_a_bad_quant_value_in_one_line(tmp_path):
 
 
 def test_experiment_from_scratch_writes_results_and_loadable_exports(tmp_path):
-  config = load_config("configs/quant_backdoor.py:cpu,source=digits,init=scratch,epochs=1")
+  config = load_config(
+      "configs/quant_backdoor.py:cpu,source=digits,init=scratch,epochs=1,two_stage")
+  config.quant_backdoor.qb.repair.epochs = 1
   config.model.cnn.stages = 2
   config.data.flip = False
   config.train.epochs = 1
@@ -222,7 +226,11 @@ def test_experiment_from_scratch_writes_results_and_loadable_exports(tmp_path):
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["metrics"] == json.loads(json.dumps(doc["metrics"]))
   assert doc["attack"]["init"] == "scratch" and doc["quantization"]["eval_bits"] == [8]
-  for m in (doc["metrics"]["clean"], doc["metrics"]["backdoored"], doc["defenses"]["ft"]):
+  assert doc["attack"]["params"]["repair"]["epochs"] == 1 and "attack_qb_repair" in doc["timing"]
+  stage1, released = doc["metrics"]["qb_stage1"], doc["metrics"]["backdoored"]
+  # The repair changed the float model, not the deployed one (only recalibrated activations).
+  assert abs(stage1["quantized"]["8"]["acc"] - released["quantized"]["8"]["acc"]) <= 0.02
+  for m in (doc["metrics"]["clean"], stage1, released, doc["defenses"]["ft"]):
     assert set(m["quantized"]) == {"8"}
     assert all(q["fake_quant_agreement"] == 1.0 for q in m["quantized"].values())
   assert 0.0 <= doc["defenses"]["ft"]["quantized"]["8"]["der"] <= 1.0

@@ -104,7 +104,7 @@ class QuantEvaluator:
     """
     r, ds = self.run, self.run.dataset
     target, trigger = r.config.poison.target, r.trigger
-    variables = {k: v for k, v in variables.items() if k != STATS}
+    variables = _float(variables)
     y = ds.y_test
     fp_clean = r.predict(variables, ds.x_test)
     out = {"acc": metrics_lib.accuracy(fp_clean, y),
@@ -172,7 +172,7 @@ def train_attack(run: common.Run, variables, quant: quant_lib.QuantConfig,
   shape = run.dataset.image_shape
   if variables is None:  # jitted: eager initialization is slow with several devices
     variables = jax.jit(lambda k: train_lib.init_variables(run.model, k, shape))(init_key)
-  variables = {k: v for k, v in variables.items() if k != STATS}
+  variables = _float(variables)
   if name == "qb" and section.anchor:
     variables["params"] = attacks.add_scale_anchors(variables["params"], section.anchor)
   stats = quant_lib.deploy.fresh_stats(run.model.clone(quant=quant), shape)
@@ -182,16 +182,21 @@ def train_attack(run: common.Run, variables, quant: quant_lib.QuantConfig,
                               trigger=run.trigger)
   attacked, summary = _train_phase(run, phase, section.train, variables, loss_fn, train_key,
                                    evaluate)
-  released = {k: v for k, v in attacked.items() if k != STATS}
   summaries, stages = {phase: summary}, {}
   if name == "qb" and section.repair.epochs:
-    stages["qb_stage1"] = released
+    stages["qb_stage1"] = _float(attacked)
     project = attacks.repair_projection(run.model, quant, section.bits, shape)
-    released, summaries["attack_qb_repair"] = _train_phase(
-        run, "attack_qb_repair", section.repair, released, attacks.repair_loss(run.model),
+    # The observers ride along unchanged (the repair runs the float model only).
+    attacked, summaries["attack_qb_repair"] = _train_phase(
+        run, "attack_qb_repair", section.repair, attacked, attacks.repair_loss(run.model),
         common.phase_key(run, "attack_qb_repair"), evaluate, post_update=project,
-        context=released["params"])
-  return released, summaries, stages
+        context=attacked["params"])
+  return _float(attacked), summaries, stages
+
+
+def _float(variables: dict) -> dict:
+  """The released float variables: without the attack's observers."""
+  return {k: v for k, v in variables.items() if k != STATS}
 
 
 def _train_phase(run: common.Run, phase: str, train_config: ml_collections.ConfigDict,

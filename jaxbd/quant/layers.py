@@ -25,7 +25,9 @@ Variable collections:
 A new model becomes quantizable by building its conv/dense layers with these classes, passing its
 `quant` attribute, putting `QuantAct(quant)` before each pooling, and keeping its classifier's
 `quant=quantizer.head_quant(quant)`; a model that vmaps experts adds `quant_stats` and
-`quant_scales` to the vmap's `variable_axes`.
+`quant_scales` to the vmap's `variable_axes`, and a layer of E experts with stacked kernels
+[E, D, F] (the pMoE experts) calls `quantized_product(..., stacked=True)` for a weight scale per
+expert and output channel.
 """
 
 from __future__ import annotations
