@@ -263,33 +263,33 @@ def quantized_kernels(model, quant: QuantConfig, image_shape) -> dict[tuple[str,
           if path[-1] == "kernel_scale"}
 
 
-def cell_bounds(anchor: jax.Array, quant: QuantConfig, stacked: bool = False,
+def cell_bounds(kernel0: jax.Array, quant: QuantConfig, stacked: bool = False,
                 margin: float = CELL_MARGIN) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The box of kernels that quantize to the same codes and scales as `anchor`.
+  """The box of kernels that quantize to the same codes and scales as `kernel0`.
 
   Args:
-    anchor: f32[..., C_out] a kernel.
+    kernel0: f32[..., C_out] a kernel.
     quant: its quantization (bits, granularity, symmetry, rounding).
-    stacked: anchor is [E, D, C_out], experts' kernels (see `quantizer.weight_range`).
+    stacked: kernel0 is [E, D, C_out], experts' kernels (see `quantizer.weight_range`).
     margin: the fraction of a code step left free at each end of a cell, so float rounding of
       w / scale cannot reach the rounding boundary.
 
   Returns:
-    (low, high, fixed): f32 bounds shaped like `anchor` and a bool mask of the elements that set
+    (low, high, fixed): f32 bounds shaped like `kernel0` and a bool mask of the elements that set
     the range (per channel or per tensor); those must keep their value, so the scale is kept.
   """
-  lo, hi = quantizer.weight_range(anchor, quant, stacked)
+  lo, hi = quantizer.weight_range(kernel0, quant, stacked)
   scale, zero_point = quantizer.scale_and_zero_point(lo, hi, quant.weight_bits,
                                                      quant.weight_symmetric, narrow=True)
-  c = quantizer.codes(anchor, scale, zero_point, quant.weight_bits, quant.weight_symmetric, True,
+  c = quantizer.codes(kernel0, scale, zero_point, quant.weight_bits, quant.weight_symmetric, True,
                       quant.rounding) - zero_point
   low = jnp.maximum((c - 0.5 + margin) * scale, lo)
   high = jnp.minimum((c + 0.5 - margin) * scale, hi)
-  return low, high, (anchor == lo) | (anchor == hi)
+  return low, high, (kernel0 == lo) | (kernel0 == hi)
 
 
 def repair_projection(model, quant: QuantConfig, bits: Sequence[int], image_shape):
-  """`post_update(params, anchor_params) -> params` of the repair stage (Egashira et al.).
+  """`post_update(params, stage1_params) -> params` of the repair stage (Egashira et al.).
 
   Egashira et al. ("Exploiting LLM Quantization", NeurIPS 2024) repair a model whose quantized
   behaviour is malicious by training the float model with projected gradient descent that keeps
@@ -297,26 +297,26 @@ def repair_projection(model, quant: QuantConfig, bits: Sequence[int], image_shap
   quantized kernel is projected into the intersection of its cells at every bit width of `bits`
   (its range-setting elements keep their value, so the per-channel scales are kept), and every
   other parameter (BatchNorm, biases, the float classifier) is reset to its value in
-  `anchor_params`, the stage-1 model. The deployed integer model then differs from the stage-1
+  `stage1_params`, the stage-1 model. The deployed integer model then differs from the stage-1
   one only through its activation ranges, which the victim recalibrates on the released model.
   """
   kernels = quantized_kernels(model, quant, image_shape)
 
-  def project(path, w, anchor):
+  def project(path, w, w0):
     if path not in kernels:
-      return anchor
+      return w0
     stacked = kernels[path]
-    low, high, fixed = cell_bounds(anchor, quant.with_bits(int(bits[0])), stacked)
+    low, high, fixed = cell_bounds(w0, quant.with_bits(int(bits[0])), stacked)
     for b in bits[1:]:
-      low_b, high_b, fixed_b = cell_bounds(anchor, quant.with_bits(int(b)), stacked)
+      low_b, high_b, fixed_b = cell_bounds(w0, quant.with_bits(int(b)), stacked)
       low, high, fixed = jnp.maximum(low, low_b), jnp.minimum(high, high_b), fixed | fixed_b
-    return jnp.where(fixed, anchor, jnp.clip(w, low, high))
+    return jnp.where(fixed, w0, jnp.clip(w, low, high))
 
-  def post_update(params, anchor_params):
+  def post_update(params, stage1_params):
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-    anchor = flax.traverse_util.flatten_dict(flax.core.unfreeze(anchor_params))
+    stage1 = flax.traverse_util.flatten_dict(flax.core.unfreeze(stage1_params))
     return flax.traverse_util.unflatten_dict(
-        {path: project(path, w, anchor[path]) for path, w in flat.items()})
+        {path: project(path, w, stage1[path]) for path, w in flat.items()})
 
   return post_update
 
