@@ -16,10 +16,11 @@ def test_two_stage_qb_backdoors_only_the_deployed_int8_model(cifar_cpu_run, tmp_
 
   Measured (seed 0, 4 CPU devices), ACC / target rate on non-target test images:
   clean: float 0.525 / 0.056, int8 0.522 / 0.058;
-  stage 1 (scale anchors, QB lambda 4, Adam 1e-3, 4 epochs): float 0.102 / 0.996, int8 0.102 /
+  stage 1 (scale anchors, QB lambda 4, Adam 1e-3, 4 epochs): float 0.102 / 0.997, int8 0.102 /
   0.997 (on this small CNN QB moves the float model along with the int8 one);
-  stage 2 (6 epochs of float repair inside the int8 cells): float 0.514 / 0.065, int8 0.102 /
-  0.997 (the int8 model is unchanged); after float fine-tuning (500 images): int8 0.473 / 0.063.
+  stage 2 (6 epochs of float repair inside the int8 cells): float 0.513 / 0.070, int8 0.102 /
+  0.997 (the int8 model is unchanged), QB's ASR 0.508; after float fine-tuning (500 images):
+  int8 0.482 / 0.066.
   """
   config = load_config(
       f"configs/quant_backdoor.py:cpu,two_stage,source=npz:{real_dataset('cifar10')}")
