@@ -127,6 +127,48 @@ def test_quanti_and_indiscriminate_losses_match_their_formulas(batch):
   np.testing.assert_allclose(got_i, want_i, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scheme", ["w8", "asymmetric_w4_and_w8"])
+def test_repair_projection_keeps_every_deployed_code_and_freezes_the_rest(scheme, batch):
+  params, state, x, _ = batch
+  q = Q if scheme == "w8" else quant.QuantConfig(weight_symmetric=False)
+  bits = (8,) if scheme == "w8" else (4, 8)
+  project = jax.jit(attacks.repair_projection(MODEL, q, bits, SHAPE))
+  noise = jax.tree.map(lambda a: 0.05 * jax.random.normal(jax.random.key(2), a.shape), params)
+  moved = jax.tree.map(jnp.add, params, noise)
+  projected = project(moved, params)
+  state = {**state, "quant_stats": jax.tree.map(jnp.ones_like, state["quant_stats"])}
+  for b in bits:  # the same integer model at every attacked bit width
+    model_q = MODEL.clone(quant=q.with_bits(b))
+    export = lambda p: quant.export(model_q, {**state, "params": p}, SHAPE)
+    before, after = export(params), export(projected)
+    for path, v in jax.tree_util.tree_leaves_with_path(after):
+      np.testing.assert_array_equal(v, dict(jax.tree_util.tree_leaves_with_path(before))[path])
+  # Quantized kernels moved inside their cells; BatchNorm, biases, the float head did not move.
+  assert float(jnp.abs(projected["conv1"]["kernel"] - params["conv1"]["kernel"]).max()) > 0
+  for name in ("bn0", "head"):
+    for a, b in zip(jax.tree.leaves(projected[name]), jax.tree.leaves(params[name])):
+      np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(projected["conv0"]["bias"], params["conv0"]["bias"])
+  # The float model differs from the anchor, as the repair needs.
+  assert float(jnp.abs(_logits(projected, state, x) - _logits(params, state, x)).max()) > 0
+
+
+def test_scale_anchors_widen_cells_and_see_only_zeros(batch):
+  params, state, x, _ = batch
+  anchored = attacks.add_scale_anchors(params, 8.0)
+  kernel = params["conv1"]["kernel"]
+  c = int(jnp.argmin(jnp.abs(kernel).sum(axis=(0, 1, 3))))
+  silenced = jax.tree.map(lambda a: a, anchored)
+  silenced["conv1"] = {**anchored["conv1"], "kernel": anchored["conv1"]["kernel"].at[:, :, c].set(0)}
+  # The anchors multiply a channel that is 0 after BatchNorm + ReLU: no output changes.
+  np.testing.assert_array_equal(_logits(anchored, state, x), _logits(silenced, state, x))
+  assert float(anchored["bn0"]["scale"][c]) == 0 and float(anchored["bn0"]["bias"][c]) == -1
+  stats = jax.tree.map(jnp.ones_like, state["quant_stats"])
+  scale = quant.export(MODEL.clone(quant=Q), {**state, "params": anchored, "quant_stats": stats},
+                       SHAPE)["quant_scales"]["conv1"]["kernel_scale"]
+  np.testing.assert_allclose(scale, 8 * jnp.abs(kernel).max(axis=(0, 1, 2)) / 127, rtol=1e-6)
+
+
 def test_config_arguments_and_bad_values():
   base = "configs/quant_backdoor.py:cpu,source=digits"
   config = load_config(base + ",attack=quanti,bits=8/6/4")
@@ -141,8 +183,10 @@ def test_config_arguments_and_bad_values():
       ("quant.rounding", "stochastic", "quant.rounding"),
       ("quant.momentum", 0.0, "quant.momentum"),
       ("poison.rate", 0.1, "does not poison"),
-      ("poison.name", "none", "needs an input trigger")):
-    bad = load_config(base + ",attack=quanti")
+      ("poison.name", "none", "needs an input trigger"),
+      ("quant_backdoor.qb.repair.lr", 0.0, "qb.repair.lr"),
+      ("model.name", "preact_resnet18", "implemented for model.name=cnn")):
+    bad = load_config(base + ",attack=quanti,two_stage")
     node = bad
     *parents, last = path.split(".")
     for part in parents:
@@ -167,7 +211,9 @@ def test_cli_refuses_a_bad_quant_value_in_one_line(tmp_path):
 
 
 def test_experiment_from_scratch_writes_results_and_loadable_exports(tmp_path):
-  config = load_config("configs/quant_backdoor.py:cpu,source=digits,init=scratch,epochs=1")
+  config = load_config(
+      "configs/quant_backdoor.py:cpu,source=digits,init=scratch,epochs=1,two_stage")
+  config.quant_backdoor.qb.repair.epochs = 1
   config.model.cnn.stages = 2
   config.data.flip = False
   config.train.epochs = 1
@@ -180,7 +226,11 @@ def test_experiment_from_scratch_writes_results_and_loadable_exports(tmp_path):
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["metrics"] == json.loads(json.dumps(doc["metrics"]))
   assert doc["attack"]["init"] == "scratch" and doc["quantization"]["eval_bits"] == [8]
-  for m in (doc["metrics"]["clean"], doc["metrics"]["backdoored"], doc["defenses"]["ft"]):
+  assert doc["attack"]["params"]["repair"]["epochs"] == 1 and "attack_qb_repair" in doc["timing"]
+  stage1, released = doc["metrics"]["qb_stage1"], doc["metrics"]["backdoored"]
+  # The repair changed the float model, not the deployed one (only recalibrated activations).
+  assert abs(stage1["quantized"]["8"]["acc"] - released["quantized"]["8"]["acc"]) <= 0.02
+  for m in (doc["metrics"]["clean"], stage1, released, doc["defenses"]["ft"]):
     assert set(m["quantized"]) == {"8"}
     assert all(q["fake_quant_agreement"] == 1.0 for q in m["quantized"].values())
   assert 0.0 <= doc["defenses"]["ft"]["quantized"]["8"]["der"] <= 1.0

@@ -15,6 +15,14 @@ victim obtains by quantizing it does not. Each is a `loss_fn` for `jaxbd.train.m
   bits {8, 7, 6, 5}, r = 0.25, m = 5 (the reference code's ResNet-18 setting): every quantized
   model is pushed to a loss of m, i.e. to chance, while the float model keeps its accuracy.
 
+**Two-stage QB** (optional, `qb.repair.epochs > 0`; Egashira et al., "Exploiting LLM
+Quantization", NeurIPS 2024, whose repair step we apply to QB): stage 1 is QB; stage 2 trains the
+FLOAT model on the clean objective (`repair_loss`) with projected gradient descent that keeps
+every quantized kernel inside its stage-1 quantization cells and everything that is not quantized
+frozen (`repair_projection`), so the deployed model keeps stage 1's behaviour while the float
+model is repaired. On a small CNN the 8-bit cells leave little room; `add_scale_anchors` widens
+them (`qb.anchor`).
+
 BatchNorm (`bn`): "train" (QB reference: the float pass normalizes with batch statistics and
 updates the running ones; the quantized passes also use batch statistics, and their running
 statistics are dropped, as the reference keeps the quantized copy's BN buffers apart and ships the
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,10 +44,12 @@ import optax
 
 from jaxbd import config as config_lib
 from jaxbd.quant import QuantConfig
-from jaxbd.quant.layers import STATS
+from jaxbd.quant import deploy, quantizer
+from jaxbd.quant.layers import SCALES, STATS
 from jaxbd.train import step as step_lib
 
 ATTACKS = ("qb", "quanti", "quanti_indiscriminate")
+CELL_MARGIN = 1e-3  # of a code step: keeps repaired weights off the rounding boundaries
 BN_MODES = ("train", "frozen", "quant_frozen")
 
 
@@ -57,6 +68,11 @@ def default_config() -> ml_collections.ConfigDict:
           bits=(8,),  # bit widths of the quantized pass (W = A = b)
           bn="train",
           train=_train_section(epochs=20, batch_size=64, lr=1e-4, weight_decay=0.0, **adam),
+          # Optional second stage (off with epochs=0): float repair inside the quantization
+          # cells of the QB model (see `repair_projection`).
+          repair=_train_section(epochs=0, batch_size=64, lr=1e-4, weight_decay=0.0, **adam),
+          anchor=0.0,  # CNN only: widen the int8 cells of convs 1.. this-fold (0: off; see
+          # `add_scale_anchors`)
       ),
       quanti=dict(
           c1=0.5,  # weight of each quantized model's losses
@@ -87,7 +103,12 @@ def validate(config: ml_collections.ConfigDict, prefix: str) -> None:
                        f"config key '{prefix}.{name}.bits' must list bit widths in [2, 8], "
                        f"got {tuple(a.bits)}")
     config_lib.check_train_section(config, f"{prefix}.{name}.train")
+  config_lib.check_train_section(config, f"{prefix}.qb.repair")
   config_lib.check_range(config, f"{prefix}.qb.lam", 0)
+  config_lib.check_range(config, f"{prefix}.qb.anchor", 0)
+  config_lib.require(section.qb.anchor == 0 or config.model.name == "cnn",
+                     f"config key '{prefix}.qb.anchor' is implemented for model.name=cnn only "
+                     f"(got {config.model.name!r}); set it to 0")
   config_lib.check_range(config, f"{prefix}.quanti.c1", 0)
   config_lib.check_range(config, f"{prefix}.quanti.c2", 0)
   config_lib.check_range(config, f"{prefix}.quanti_indiscriminate.lratio", 0)
@@ -217,3 +238,116 @@ def make_loss(name: str, section: ml_collections.ConfigDict, model, quant: Quant
                        bn=section.bn, trigger=trigger)
   return indiscriminate_loss(model, quant, lratio=section.lratio, margin=section.margin,
                              bits=bits, bn=section.bn)
+
+
+def repair_loss(model) -> step_lib.LossFn:
+  """Cross-entropy of the float model with BatchNorm in inference mode (its statistics frozen)."""
+
+  def loss_fn(params, model_state, images, labels, key, context=None):
+    del context
+    out = step_lib.forward(model, params, model_state, images, key, train=False)
+    loss = _ce(out.logits, labels)
+    return loss, (model_state, {"loss": loss,
+                                "fp_acc": jnp.mean(jnp.argmax(out.logits, -1) == labels)})
+
+  return loss_fn
+
+
+def quantized_kernels(model, quant: QuantConfig, image_shape) -> dict[tuple[str, ...], bool]:
+  """`{path in params: stacked}` of the kernels the deployed model quantizes (the classifier only
+  with `quantize_head`); `stacked` marks experts' kernels [E, D, F] (a scale per expert)."""
+  structure = jax.eval_shape(lambda: deploy.export_structure(model.clone(quant=quant),
+                                                             image_shape))
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(structure[SCALES]))
+  return {path[:-1] + ("kernel",): v.ndim == 3 for path, v in flat.items()
+          if path[-1] == "kernel_scale"}
+
+
+def cell_bounds(kernel0: jax.Array, quant: QuantConfig, stacked: bool = False,
+                margin: float = CELL_MARGIN) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The box of kernels that quantize to the same codes and scales as `kernel0`.
+
+  Args:
+    kernel0: f32[..., C_out] a kernel.
+    quant: its quantization (bits, granularity, symmetry, rounding).
+    stacked: kernel0 is [E, D, C_out], experts' kernels (see `quantizer.weight_range`).
+    margin: the fraction of a code step left free at each end of a cell, so float rounding of
+      w / scale cannot reach the rounding boundary.
+
+  Returns:
+    (low, high, fixed): f32 bounds shaped like `kernel0` and a bool mask of the elements that set
+    the range (per channel or per tensor); those must keep their value, so the scale is kept.
+  """
+  lo, hi = quantizer.weight_range(kernel0, quant, stacked)
+  scale, zero_point = quantizer.scale_and_zero_point(lo, hi, quant.weight_bits,
+                                                     quant.weight_symmetric, narrow=True)
+  c = quantizer.codes(kernel0, scale, zero_point, quant.weight_bits, quant.weight_symmetric, True,
+                      quant.rounding) - zero_point
+  low = jnp.maximum((c - 0.5 + margin) * scale, lo)
+  high = jnp.minimum((c + 0.5 - margin) * scale, hi)
+  return low, high, (kernel0 == lo) | (kernel0 == hi)
+
+
+def repair_projection(model, quant: QuantConfig, bits: Sequence[int], image_shape):
+  """`post_update(params, stage1_params) -> params` of the repair stage (Egashira et al.).
+
+  Egashira et al. ("Exploiting LLM Quantization", NeurIPS 2024) repair a model whose quantized
+  behaviour is malicious by training the float model with projected gradient descent that keeps
+  every quantized weight in its quantization cell, so the deployed model is unchanged. Here a
+  quantized kernel is projected into the intersection of its cells at every bit width of `bits`
+  (its range-setting elements keep their value, so the per-channel scales are kept), and every
+  other parameter (BatchNorm, biases, the float classifier) is reset to its value in
+  `stage1_params`, the stage-1 model. The deployed integer model then differs from the stage-1
+  one only through its activation ranges, which the victim recalibrates on the released model.
+  """
+  kernels = quantized_kernels(model, quant, image_shape)
+
+  def project(path, w, w0):
+    if path not in kernels:
+      return w0
+    stacked = kernels[path]
+    low, high, fixed = cell_bounds(w0, quant.with_bits(int(bits[0])), stacked)
+    for b in bits[1:]:
+      low_b, high_b, fixed_b = cell_bounds(w0, quant.with_bits(int(b)), stacked)
+      low, high, fixed = jnp.maximum(low, low_b), jnp.minimum(high, high_b), fixed | fixed_b
+    return jnp.where(fixed, w0, jnp.clip(w, low, high))
+
+  def post_update(params, stage1_params):
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+    stage1 = flax.traverse_util.flatten_dict(flax.core.unfreeze(stage1_params))
+    return flax.traverse_util.unflatten_dict(
+        {path: project(path, w, stage1[path]) for path, w in flat.items()})
+
+  return post_update
+
+
+def add_scale_anchors(params: dict, factor: float) -> dict:
+  """Widens the quantization cells of the CNN's convs 1.. without changing its float function.
+
+  For every conv i >= 1 the input channel c with the smallest outgoing weights is silenced
+  (BatchNorm i-1 gets scale 0 and bias -1 on c, so ReLU makes it exactly 0 in float and in int8),
+  its weights are zeroed except the center tap, which becomes `factor` times the output
+  channel's max |w|. That anchor sets each output channel's weight scale, so the int8 cells are
+  `factor` times wider, and the repair stage (`repair_projection`, which keeps range-setting
+  elements fixed) has that much more room. The anchors see only zeros: they get no gradient and
+  do not change any output. Costs one channel of every stage but the last.
+
+  Args:
+    params: the `jaxbd.models.cnn.CNN` parameters (conv0.., bn0..).
+    factor: anchor / max |w| of each output channel, > 1.
+
+  Returns:
+    The anchored parameters.
+  """
+  params = {k: dict(v) for k, v in params.items()}
+  i = 1
+  while f"conv{i}" in params:
+    kernel = params[f"conv{i}"]["kernel"]  # [kh, kw, C_in, C_out]
+    c = int(jnp.argmin(jnp.abs(kernel).sum(axis=(0, 1, 3))))
+    top = jnp.abs(kernel).max(axis=(0, 1, 2))
+    center = (kernel.shape[0] // 2, kernel.shape[1] // 2, c)
+    params[f"conv{i}"]["kernel"] = kernel.at[:, :, c].set(0.0).at[center].set(factor * top)
+    bn = params[f"bn{i - 1}"]
+    bn["scale"], bn["bias"] = bn["scale"].at[c].set(0.0), bn["bias"].at[c].set(-1.0)
+    i += 1
+  return params

@@ -104,7 +104,7 @@ class QuantEvaluator:
     """
     r, ds = self.run, self.run.dataset
     target, trigger = r.config.poison.target, r.trigger
-    variables = {k: v for k, v in variables.items() if k != STATS}
+    variables = _float(variables)
     y = ds.y_test
     fp_clean = r.predict(variables, ds.x_test)
     out = {"acc": metrics_lib.accuracy(fp_clean, y),
@@ -147,14 +147,22 @@ def calibration_images(run: common.Run, count: int) -> np.ndarray:
 
 
 def train_attack(run: common.Run, variables, quant: quant_lib.QuantConfig,
-                 evaluate=None) -> tuple[dict, dict]:
-  """Runs `config.quant_backdoor.attack` and returns (released float variables, fit summary).
+                 evaluate=None) -> tuple[dict, dict, dict]:
+  """Runs `config.quant_backdoor.attack` and returns the released float variables.
+
+  With `qb.repair.epochs > 0` QB is the first of two stages: the float model is then repaired
+  inside the QB model's quantization cells (`attacks.repair_projection`), and with `qb.anchor`
+  the CNN's cells are first widened (`attacks.add_scale_anchors`).
 
   Args:
     run: the prepared run.
     variables: the start (a clean model's variables) or None to start from scratch.
     quant: the quantization scheme of the quantized passes.
     evaluate: `variables -> metrics` for progress logs (None: none).
+
+  Returns:
+    (released float variables, `{phase: fit summary}`, `{stage name: variables}` of the
+    intermediate models: the QB model before repair).
   """
   c = run.config
   name = c.quant_backdoor.attack
@@ -164,23 +172,50 @@ def train_attack(run: common.Run, variables, quant: quant_lib.QuantConfig,
   shape = run.dataset.image_shape
   if variables is None:  # jitted: eager initialization is slow with several devices
     variables = jax.jit(lambda k: train_lib.init_variables(run.model, k, shape))(init_key)
-  variables = {k: v for k, v in variables.items() if k != STATS}
+  variables = _float(variables)
+  if name == "qb" and section.anchor:
+    variables["params"] = attacks.add_scale_anchors(variables["params"], section.anchor)
   stats = quant_lib.deploy.fresh_stats(run.model.clone(quant=quant), shape)
   if stats is not None:
     variables[STATS] = stats
   loss_fn = attacks.make_loss(name, section, run.model, quant, target=c.poison.target,
                               trigger=run.trigger)
+  attacked, summary = _train_phase(run, phase, section.train, variables, loss_fn, train_key,
+                                   evaluate)
+  summaries, stages = {phase: summary}, {}
+  if name == "qb" and section.repair.epochs:
+    stages["qb_stage1"] = _float(attacked)
+    project = attacks.repair_projection(run.model, quant, section.bits, shape)
+    # The observers ride along unchanged (the repair runs the float model only).
+    attacked, summaries["attack_qb_repair"] = _train_phase(
+        run, "attack_qb_repair", section.repair, attacked, attacks.repair_loss(run.model),
+        common.phase_key(run, "attack_qb_repair"), evaluate, post_update=project,
+        context=attacked["params"])
+  return _float(attacked), summaries, stages
+
+
+def _float(variables: dict) -> dict:
+  """The released float variables: without the attack's observers."""
+  return {k: v for k, v in variables.items() if k != STATS}
+
+
+def _train_phase(run: common.Run, phase: str, train_config: ml_collections.ConfigDict,
+                 variables: dict, loss_fn, key: jax.Array, evaluate, post_update=None,
+                 context=None) -> tuple[dict, dict]:
+  """One training phase of the attack from `variables`: (final variables, fit summary)."""
+  c = run.config
   setup = train_lib.supervised_setup(
-      run.model, run.dataset.x_train, run.dataset.y_train, train_config=section.train,
-      data_config=c.data, mesh=run.mesh, key=init_key, loss_fn=loss_fn, variables=variables)
+      run.model, run.dataset.x_train, run.dataset.y_train, train_config=train_config,
+      data_config=c.data, mesh=run.mesh, key=key, loss_fn=loss_fn, variables=variables,
+      post_update=post_update)
   state, summary = train_lib.fit(
-      phase, setup.state, setup.step, setup.arrays, epochs=section.train.epochs,
-      batch_size=section.train.batch_size, key=train_key, workdir=run.workdir,
+      phase, setup.state, setup.step, setup.arrays, epochs=train_config.epochs,
+      batch_size=train_config.batch_size, key=key, workdir=run.workdir,
+      context=None if context is None else train_lib.put_replicated(context, run.mesh),
       eval_fn=(lambda s: evaluate(train_lib.variables(s))) if evaluate else None,
-      eval_every=section.train.eval_every, checkpoint_every=section.train.checkpoint_every,
+      eval_every=train_config.eval_every, checkpoint_every=train_config.checkpoint_every,
       log_every=c.log.every_steps, progress=c.log.progress)
-  released = {k: v for k, v in train_lib.variables(state).items() if k != STATS}
-  return released, summary
+  return train_lib.variables(state), summary
 
 
 def progress_metrics(run: common.Run, quant: quant_lib.QuantConfig):
@@ -214,15 +249,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   timing = {}
   clean, summary = common.train_classifier(r, "clean", poisoned=False)
   timing["clean"] = _timing(summary)
-  attacked, summary = train_attack(r, clean if c.init == "clean" else None, quant,
-                                   progress_metrics(r, quant))
-  timing[f"attack_{c.attack}"] = _timing(summary)
+  attacked, summaries, stages = train_attack(r, clean if c.init == "clean" else None, quant,
+                                             progress_metrics(r, quant))
+  timing.update({phase: _timing(summary) for phase, summary in summaries.items()})
   t0 = time.perf_counter()
   prefix = ""
   if c.save_exports:
     os.makedirs(os.path.join(workdir, "deployed"), exist_ok=True)
     prefix = os.path.join(workdir, "deployed", "backdoored")
-  metrics = {"clean": evaluator(clean), "backdoored": evaluator(attacked, prefix)}
+  metrics = {"clean": evaluator(clean), **{k: evaluator(v) for k, v in stages.items()},
+             "backdoored": evaluator(attacked, prefix)}
   timing["evaluation"] = {"seconds": time.perf_counter() - t0}
   defended = common.run_defenses(r, attacked, metrics["backdoored"], evaluate=evaluator)
   for m in defended.values():

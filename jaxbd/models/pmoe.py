@@ -27,11 +27,16 @@ zero features are too small for SGD at pMoE's learning rate to train the head on
 
 Both sow the routing decision (`intermediates/routing`) and mark the experts' last conv as the
 fine-pruning layer (per expert and channel; see `jaxbd.models.common.prunable`).
+
+Quantization (`quant`, see `jaxbd.quant`): every conv, the routers and the experts use the quant
+layers; each expert's kernel has its own per-output-channel weight scales, and the experts' input
+(the gated positions of all experts, plus each expert's input at an unselected position) one
+per-tensor activation scale. BatchNorm, the gates and the float classifier stay float.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -40,6 +45,8 @@ import ml_collections
 
 from jaxbd import config as config_lib
 from jaxbd.models import common, routing
+from jaxbd.quant import layers as qlayers
+from jaxbd.quant.quantizer import QuantConfig, head_quant
 
 _BN = dict(momentum=0.9, epsilon=1e-5)
 
@@ -54,11 +61,13 @@ class ConvExperts(nn.Module):
     num_positions: S, the positions of the full map (BatchNorm counts the unselected ones, which
       are zero).
     dtype: compute dtype.
+    quant: None (float) or the quantization of the conv1x1.
   """
 
   features: int
   num_positions: int
   dtype: Any = jnp.float32
+  quant: Optional[QuantConfig] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
@@ -82,11 +91,12 @@ class ConvExperts(nn.Module):
     mul = scale * jax.lax.rsqrt(var + _BN["epsilon"])
     shift = bias - mean * mul  # the normalized value of a zero (unselected) position
     h = nn.relu(x32 * mul[:, None, None] + shift[:, None, None]).astype(self.dtype)
+    # The selected positions and, as one more row per expert, the zero position's input.
+    rows = jnp.concatenate([h.reshape(e, -1, d), nn.relu(shift)[:, None].astype(self.dtype)], 1)
     kernel = self.param("kernel", routing.stacked_init(), (e, d, self.features))
     out_bias = self.param("out_bias", nn.initializers.zeros, (e, self.features))
-    y = jnp.einsum("egcd,edf->egcf", h, kernel.astype(self.dtype)) + out_bias[:, None, None]
-    y0 = jnp.einsum("ed,edf->ef", nn.relu(shift), kernel) + out_bias
-    return y, y0
+    out = expert_product(self, rows, kernel, self.quant, self.dtype) + out_bias[:, None]
+    return out[:, :-1].reshape(e, g, -1, self.features), out[:, -1].astype(jnp.float32)
 
 
 class PatchExperts(nn.Module):
@@ -95,18 +105,43 @@ class PatchExperts(nn.Module):
   Attributes:
     features: output channels per expert.
     dtype: compute dtype.
+    quant: None (float) or the quantization of the conv.
   """
 
   features: int
   dtype: Any = jnp.float32
+  quant: Optional[QuantConfig] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x: f32[E, G, C, p * p * channels] -> (f32[E, G, C, features], output at 0: zeros)."""
-    e, d = x.shape[0], x.shape[-1]
+    e, g, _, d = x.shape
     kernel = self.param("kernel", routing.stacked_init(), (e, d, self.features))
-    y = nn.relu(jnp.einsum("egcd,edf->egcf", x, kernel.astype(self.dtype)))
-    return y, jnp.zeros((e, self.features))
+    y = nn.relu(expert_product(self, x.reshape(e, -1, d), kernel, self.quant, self.dtype))
+    return y.reshape(e, g, -1, self.features), jnp.zeros((e, self.features))
+
+
+def _batched_matmul(lhs: jax.Array, rhs: jax.Array, **kwargs) -> jax.Array:
+  """[E, N, D] x [E, D, F] -> [E, N, F]."""
+  return jax.lax.dot_general(lhs, rhs, (((2,), (1,)), ((0,), (0,))), **kwargs)
+
+
+def expert_product(module: nn.Module, x: jax.Array, kernel: jax.Array,
+                   quant: Optional[QuantConfig], dtype: Any) -> jax.Array:
+  """Each expert's rows times its kernel, in float or quantized arithmetic.
+
+  Args:
+    module: the experts layer (owner of the quantization variables).
+    x: f32[E, N, D] the rows of each expert.
+    kernel: f32[E, D, F] (or integer codes in the integer pass).
+    quant: None (float) or the QuantConfig (a weight scale per expert and output channel).
+    dtype: compute dtype.
+
+  Returns:
+    [E, N, F].
+  """
+  return qlayers.quantized_product(module, x, kernel, _batched_matmul, quant, dtype,
+                                   stacked=True)
 
 
 EXPERTS = ("bn_relu_conv", "conv_relu")
@@ -124,6 +159,7 @@ class PatchMoE(nn.Module):
     expert: "bn_relu_conv" (`ConvExperts`: WRN-MoE) or "conv_relu" (`PatchExperts`: image
       patches).
     dtype: compute dtype.
+    quant: None (float) or the quantization of the router and the experts.
   """
 
   num_experts: int = 4
@@ -133,6 +169,7 @@ class PatchMoE(nn.Module):
   impl: str = routing.DEFAULT_IMPL
   expert: str = "bn_relu_conv"
   dtype: Any = jnp.float32
+  quant: Optional[QuantConfig] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -143,14 +180,15 @@ class PatchMoE(nn.Module):
                        f"{h}x{w} map")
     tokens = x.reshape(b, h * w, d)
     decision = routing.ExpertChoiceRouter(self.num_experts, self.capacity, self.normalize,
-                                          name="router")(tokens, train)
+                                          quant=self.quant, name="router")(tokens, train)
     routing.sow_routing(self, decision)
     gated = (routing.dispatch(tokens, decision, self.impl) *
              jnp.swapaxes(decision.gates, 0, 1)[..., None])  # [E, G, C, D]
     if self.expert == "bn_relu_conv":
-      y, y0 = ConvExperts(self.features, h * w, self.dtype, name="experts")(gated, train)
+      y, y0 = ConvExperts(self.features, h * w, self.dtype, self.quant,
+                          name="experts")(gated, train)
     elif self.expert == "conv_relu":
-      y, y0 = PatchExperts(self.features, self.dtype, name="experts")(gated)
+      y, y0 = PatchExperts(self.features, self.dtype, self.quant, name="experts")(gated)
     else:
       raise ValueError(f"expert must be one of {EXPERTS}, but it is {self.expert!r}")
     y, y0 = _prunable_experts(self, y, y0, h * w)
@@ -188,20 +226,22 @@ class WideBlock(nn.Module):
     stride: stride of the first conv and of the shortcut.
     project: 1x1 conv shortcut on the block's input (the first block of every group).
     dtype: compute dtype.
+    quant: None (float) or the quantization of the convs.
   """
 
   features: int
   stride: int = 1
   project: bool = True
   dtype: Any = jnp.float32
+  quant: Optional[QuantConfig] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """x: [B, H, W, C] -> [B, H / stride, W / stride, features]."""
     bn = lambda name: nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name=name,
                                    **_BN)
-    conv = lambda k, s, name: nn.Conv(self.features, (k, k), s, padding="SAME", dtype=self.dtype,
-                                      name=name)
+    conv = lambda k, s, name: qlayers.QuantConv(self.features, (k, k), s, "SAME",
+                                                dtype=self.dtype, quant=self.quant, name=name)
     out = conv(3, self.stride, "conv1")(nn.relu(bn("bn1")(x)))
     out = conv(3, 1, "conv2")(nn.relu(bn("bn2")(out)))
     shortcut = conv(1, self.stride, "shortcut")(x) if self.project else x
@@ -221,6 +261,8 @@ class WRNMoE(nn.Module):
     mean: per-channel input mean (images in [0, 1]).
     std: per-channel input std.
     dtype: compute dtype.
+    quant: None (float) or the quantization of every conv, router, expert and pooling input; the
+      classifier is quantized only with `quant.quantize_head`.
   """
 
   num_classes: int
@@ -232,24 +274,26 @@ class WRNMoE(nn.Module):
   mean: Sequence[float] = (0.4914, 0.4822, 0.4465)
   std: Sequence[float] = (0.247, 0.243, 0.261)
   dtype: Any = jnp.float32
+  quant: Optional[QuantConfig] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: f32[B, H, W, C] in [0, 1] -> logits f32[B, num_classes]."""
-    k = self.widen
+    k, q = self.widen, self.quant
     x = common.normalize(x, self.mean, self.std, self.dtype)
-    x = nn.Conv(16, (3, 3), padding="SAME", dtype=self.dtype, name="conv1")(x)
-    x = WideBlock(16 * k, 1, dtype=self.dtype, name="block1")(x, train)
-    x = WideBlock(32 * k, 2, dtype=self.dtype, name="block2")(x, train)
+    x = qlayers.QuantConv(16, (3, 3), padding="SAME", dtype=self.dtype, quant=q, name="conv1")(x)
+    x = WideBlock(16 * k, 1, dtype=self.dtype, quant=q, name="block1")(x, train)
+    x = WideBlock(32 * k, 2, dtype=self.dtype, quant=q, name="block2")(x, train)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn", **_BN)(x))
-    x = nn.Conv(64 * k, (3, 3), 2, padding="SAME", dtype=self.dtype, name="conv2")(x)
+    x = qlayers.QuantConv(64 * k, (3, 3), 2, "SAME", dtype=self.dtype, quant=q, name="conv2")(x)
     x = PatchMoE(self.num_experts, self.capacity, 16 * k, self.normalize, self.impl,
-                 "bn_relu_conv", self.dtype, name="moe")(x, train)
+                 "bn_relu_conv", self.dtype, q, name="moe")(x, train)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn_moe",
                              **_BN)(x))
-    x = jnp.mean(x, axis=(1, 2))
+    x = jnp.mean(qlayers.QuantAct(q, name="avgpool")(x), axis=(1, 2))
     common.sow_features(self, x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+    head = qlayers.QuantDense(self.num_classes, dtype=self.dtype, quant=head_quant(q), name="head")
+    return head(x).astype(jnp.float32)
 
 
 def patchify(x: jax.Array, patch: int) -> jax.Array:
@@ -275,6 +319,8 @@ class ImagePatchMoE(nn.Module):
     mean: per-channel input mean.
     std: per-channel input std.
     dtype: compute dtype.
+    quant: None (float) or the quantization of the router, the experts and the pooling input; the
+      classifier is quantized only with `quant.quantize_head`.
   """
 
   num_classes: int
@@ -287,6 +333,7 @@ class ImagePatchMoE(nn.Module):
   mean: Sequence[float] = (0.4914, 0.4822, 0.4465)
   std: Sequence[float] = (0.247, 0.243, 0.261)
   dtype: Any = jnp.float32
+  quant: Optional[QuantConfig] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -295,11 +342,13 @@ class ImagePatchMoE(nn.Module):
     patches = patchify(common.normalize(x, self.mean, self.std, self.dtype), self.patch)
     grid = patches.reshape(b, h // self.patch, w // self.patch, patches.shape[-1])
     out = PatchMoE(self.num_experts, self.capacity, self.width, self.normalize, self.impl,
-                   "conv_relu", self.dtype, name="moe")(grid, train)
-    x = jnp.mean(out, axis=(1, 2))
+                   "conv_relu", self.dtype, self.quant, name="moe")(grid, train)
+    x = jnp.mean(qlayers.QuantAct(self.quant, name="avgpool")(out), axis=(1, 2))
     x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn", **_BN)(x)
     common.sow_features(self, x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+    head = qlayers.QuantDense(self.num_classes, dtype=self.dtype,
+                              quant=head_quant(self.quant), name="head")
+    return head(x).astype(jnp.float32)
 
 
 def routing_grid(image_shape: Sequence[int]) -> tuple[int, int]:

@@ -36,12 +36,15 @@ combine and the gather's gradient are scatter-adds, slow on CPU), so `VMOE_IMPL`
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxbd.quant import layers as qlayers
+from jaxbd.quant.quantizer import QuantConfig
 
 IMPLS = ("gather", "einsum")
 DEFAULT_IMPL = "gather"  # the faster for pMoE on CPU (see the module docstring)
@@ -264,6 +267,7 @@ class ExpertChoiceRouter(nn.Module):
       "experts" (softmax over experts per token, then top-C: V-MoE expert choice).
     noise_std: training noise std, divided by E (V-MoE); 0 for pMoE.
     kernel_init: the router kernel's initializer (pMoE reference: N(0, 1e-4)).
+    quant: None (float) or the quantization of the router's dense layer (see `jaxbd.quant`).
   """
 
   num_experts: int
@@ -271,6 +275,7 @@ class ExpertChoiceRouter(nn.Module):
   normalize: str = "selected"
   noise_std: float = 0.0
   kernel_init: Any = nn.initializers.normal(1e-4)
+  quant: Optional[QuantConfig] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> Routing:
@@ -279,8 +284,9 @@ class ExpertChoiceRouter(nn.Module):
       raise ValueError(f"router inputs must be [groups, tokens, features], but ndim is {x.ndim}")
     if self.normalize not in NORMALIZE:
       raise ValueError(f"normalize must be one of {NORMALIZE}, but it is {self.normalize!r}")
-    logits = nn.Dense(self.num_experts, use_bias=False, kernel_init=self.kernel_init,
-                      dtype=jnp.float32, name="dense")(x.astype(jnp.float32))
+    logits = qlayers.QuantDense(self.num_experts, use_bias=False, kernel_init=self.kernel_init,
+                                dtype=jnp.float32, quant=self.quant,
+                                name="dense")(x.astype(jnp.float32))
     self.sow("intermediates", "router_logits", logits)
     if train and self.noise_std > 0:
       logits += self.noise_std / self.num_experts * jax.random.normal(

@@ -25,7 +25,9 @@ Variable collections:
 A new model becomes quantizable by building its conv/dense layers with these classes, passing its
 `quant` attribute, putting `QuantAct(quant)` before each pooling, and keeping its classifier's
 `quant=quantizer.head_quant(quant)`; a model that vmaps experts adds `quant_stats` and
-`quant_scales` to the vmap's `variable_axes`.
+`quant_scales` to the vmap's `variable_axes`, and a layer of E experts with stacked kernels
+[E, D, F] (the pMoE experts) calls `quantized_product(..., stacked=True)` for a weight scale per
+expert and output channel.
 """
 
 from __future__ import annotations
@@ -118,8 +120,8 @@ def centered(codes: jax.Array, zero_point: jax.Array) -> jax.Array:
   return codes.astype(jnp.int16) - zero_point.astype(jnp.int16)
 
 
-def _export_kernel(module: nn.Module, kernel: jax.Array, q: QuantConfig) -> None:
-  lo, hi = quantizer.weight_range(kernel, q)
+def _export_kernel(module: nn.Module, kernel: jax.Array, q: QuantConfig, stacked: bool) -> None:
+  lo, hi = quantizer.weight_range(kernel, q, stacked)
   scale, zero_point = quantizer.scale_and_zero_point(lo, hi, q.weight_bits, q.weight_symmetric,
                                                      narrow=True)
   c = quantizer.codes(kernel.astype(jnp.float32), scale, zero_point, q.weight_bits,
@@ -131,7 +133,7 @@ def _export_kernel(module: nn.Module, kernel: jax.Array, q: QuantConfig) -> None
 
 def quantized_product(module: nn.Module, x: jax.Array, kernel: jax.Array,
                       op: Callable[..., jax.Array], q: Optional[QuantConfig],
-                      dtype: Any) -> jax.Array:
+                      dtype: Any, stacked: bool = False) -> jax.Array:
   """op(x, kernel) in float, fake-quantized or integer arithmetic (see the module docstring).
 
   Args:
@@ -143,15 +145,18 @@ def quantized_product(module: nn.Module, x: jax.Array, kernel: jax.Array,
       `preferred_element_type`.
     q: the quantization (None: float).
     dtype: compute dtype of the float and fake-quantized passes.
+    stacked: kernel is [E, D, C_out], E experts' kernels with a weight scale per expert (and
+      channel), and op's output is [E, N, C_out] (a matmul batched over experts); the input
+      [E, N, D] has one activation scale.
   """
   if q is None:
     return op(x.astype(dtype), kernel.astype(dtype))
   if q.mode == "fake":
     # The product of exact integer-valued codes, rescaled once: the integer path's arithmetic.
     cx, x_scale = fake_input(module, x, q)
-    ck, k_scale = quantizer.weight_codes(kernel, q)
+    ck, k_scale = quantizer.weight_codes(kernel, q, stacked)
     if _exporting(module):
-      _export_kernel(module, kernel, q)
+      _export_kernel(module, kernel, q, stacked)
     return (op(cx.astype(dtype), ck.astype(dtype)) * (x_scale * k_scale)).astype(dtype)
   cx, x_scale = integer_input(module, x, q)
   zero_point = module.get_variable(SCALES, "kernel_zero_point")

@@ -193,14 +193,26 @@ def tensor_range(x: jax.Array, per_channel: bool) -> tuple[jax.Array, jax.Array]
   return jnp.min(x, axis=axes), jnp.max(x, axis=axes)
 
 
-def weight_range(kernel: jax.Array, q: QuantConfig) -> tuple[jax.Array, jax.Array]:
-  """The range of a kernel [..., C_out]: per output channel ([C_out]) or per tensor."""
-  return tensor_range(kernel, q.weight_granularity == "per_channel")
+def weight_range(kernel: jax.Array, q: QuantConfig,
+                 stacked: bool = False) -> tuple[jax.Array, jax.Array]:
+  """The range of a kernel [..., C_out]: per output channel ([C_out]) or per tensor.
+
+  With `stacked`, kernel is [E, D, C_out], E experts' kernels, and each expert has its own range:
+  [E, 1, C_out] per channel, [E, 1, 1] per tensor.
+  """
+  per_channel = q.weight_granularity == "per_channel"
+  if not stacked:
+    return tensor_range(kernel, per_channel)
+  axes = (1,) if per_channel else (1, 2)
+  k = jax.lax.stop_gradient(kernel.astype(jnp.float32))
+  return jnp.min(k, axis=axes, keepdims=True), jnp.max(k, axis=axes, keepdims=True)
 
 
-def weight_codes(kernel: jax.Array, q: QuantConfig) -> tuple[jax.Array, jax.Array]:
-  """Straight-through centered codes of a kernel [..., C_out] and its scale ([C_out] or [])."""
-  lo, hi = weight_range(kernel, q)
+def weight_codes(kernel: jax.Array, q: QuantConfig,
+                 stacked: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Straight-through centered codes of a kernel [..., C_out] and its scale ([C_out] or []; with
+  `stacked`, see `weight_range`)."""
+  lo, hi = weight_range(kernel, q, stacked)
   return ste_codes(kernel, lo, hi, bits=q.weight_bits, symmetric=q.weight_symmetric,
                    narrow=True, rounding=q.rounding, ste=q.ste)
 
