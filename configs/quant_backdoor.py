@@ -47,7 +47,6 @@ bits=B[/B...] (the attack's bit widths; default: the attack's own), init=clean|s
 epochs=N (attack epochs; 0: the default), two_stage.
 """
 
-import importlib.util
 import os
 
 from jaxbd import config as config_lib
@@ -57,10 +56,7 @@ from jaxbd.attacks import quantization
 def cifar10_config(arg: str):
   """`configs/cifar10.py`'s get_config(arg): the clean victim this experiment starts from."""
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10.py")
-  spec = importlib.util.spec_from_file_location("jaxbd_cifar10_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_file(f"{path}:{arg}")
 
 
 def get_config(arg=None):
