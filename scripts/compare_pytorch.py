@@ -30,7 +30,6 @@ import random
 import time
 
 from absl import app, flags
-import jax
 import numpy as np
 from PIL import Image, ImageOps
 import torch

@@ -8,7 +8,7 @@ import pytest
 from jaxbd import config as config_lib
 from jaxbd import data, poison
 from jaxbd.errors import ConfigError
-from jaxbd.poison import pieces, wanet
+from jaxbd.poison import wanet
 
 
 def trigger_config(name, **kw):

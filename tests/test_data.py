@@ -1,7 +1,5 @@
 """Data sources return the same validated Dataset; malformed data is refused with one line."""
 
-import os
-
 import ml_collections
 import numpy as np
 import pytest

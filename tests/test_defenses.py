@@ -2,12 +2,11 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from jaxbd import attacks, config as config_lib, data, defenses, models, poison
+from jaxbd import attacks, config as config_lib, defenses, models, poison
 from jaxbd import train as train_lib
 from jaxbd.defenses import d3, pivotal_tuning
 from jaxbd.errors import ConfigError

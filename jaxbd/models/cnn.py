@@ -17,7 +17,7 @@ import ml_collections
 from jaxbd import config as config_lib
 from jaxbd.models import common
 from jaxbd.quant import layers as qlayers
-from jaxbd.quant.quantizer import QuantConfig, head_quant
+from jaxbd.quant.quantizer import QuantConfig
 
 
 class CNN(nn.Module):
@@ -61,10 +61,7 @@ class CNN(nn.Module):
       x = x.reshape(x.shape[0], -1)
     else:
       x = jnp.mean(qlayers.QuantAct(self.quant, name="avgpool")(x), axis=(1, 2))
-    common.sow_features(self, x)
-    head = qlayers.QuantDense(self.num_classes, dtype=self.dtype, quant=head_quant(self.quant),
-                              name="head")
-    return head(x).astype(jnp.float32)
+    return common.classifier(self, x)
 
 
 def default_config() -> ml_collections.ConfigDict:

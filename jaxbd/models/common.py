@@ -1,4 +1,4 @@
-"""Pieces shared by the models: input normalization, dtype names, feature taps.
+"""Pieces shared by the models: input normalization, dtype names, feature taps, the classifier.
 
 Every classifier takes images f32[B, H, W, C] in [0, 1] and normalizes them itself with its
 `mean`/`std` attributes, so attacks and defenses (trigger inversion, input-space losses) work in
@@ -20,6 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxbd.quant import layers as qlayers
+from jaxbd.quant import quantizer
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -32,6 +35,19 @@ def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float], dtype: 
 def sow_features(module: nn.Module, features: jax.Array) -> None:
   """Records the penultimate features f32[B, D] for `features()`."""
   module.sow("intermediates", "features", features.astype(jnp.float32))
+
+
+def classifier(module: nn.Module, features: jax.Array, name: str = "head") -> jax.Array:
+  """The final classifier of `module` on its penultimate features [B, D]: logits f32[B, K].
+
+  Sows the features (see `sow_features`) and applies a Dense layer named `name` with
+  `module.num_classes` outputs in `module.dtype`, quantized only with `module.quant.quantize_head`
+  (the QB reference keeps the classifier in float).
+  """
+  sow_features(module, features)
+  quant = quantizer.head_quant(getattr(module, "quant", None))
+  head = qlayers.QuantDense(module.num_classes, dtype=module.dtype, quant=quant, name=name)
+  return head(features).astype(jnp.float32)
 
 
 def features(model: nn.Module, variables, images: jax.Array) -> tuple[jax.Array, jax.Array]:

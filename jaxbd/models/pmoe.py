@@ -46,7 +46,7 @@ import ml_collections
 from jaxbd import config as config_lib
 from jaxbd.models import common, routing
 from jaxbd.quant import layers as qlayers
-from jaxbd.quant.quantizer import QuantConfig, head_quant
+from jaxbd.quant.quantizer import QuantConfig
 
 _BN = dict(momentum=0.9, epsilon=1e-5)
 
@@ -291,9 +291,7 @@ class WRNMoE(nn.Module):
     x = nn.relu(nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn_moe",
                              **_BN)(x))
     x = jnp.mean(qlayers.QuantAct(q, name="avgpool")(x), axis=(1, 2))
-    common.sow_features(self, x)
-    head = qlayers.QuantDense(self.num_classes, dtype=self.dtype, quant=head_quant(q), name="head")
-    return head(x).astype(jnp.float32)
+    return common.classifier(self, x)
 
 
 def patchify(x: jax.Array, patch: int) -> jax.Array:
@@ -345,10 +343,7 @@ class ImagePatchMoE(nn.Module):
                    "conv_relu", self.dtype, self.quant, name="moe")(grid, train)
     x = jnp.mean(qlayers.QuantAct(self.quant, name="avgpool")(out), axis=(1, 2))
     x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn", **_BN)(x)
-    common.sow_features(self, x)
-    head = qlayers.QuantDense(self.num_classes, dtype=self.dtype,
-                              quant=head_quant(self.quant), name="head")
-    return head(x).astype(jnp.float32)
+    return common.classifier(self, x)
 
 
 def routing_grid(image_shape: Sequence[int]) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import ml_collections
 from jaxbd import config as config_lib
 from jaxbd.models import common
 from jaxbd.quant import layers as qlayers
-from jaxbd.quant.quantizer import QuantConfig, head_quant
+from jaxbd.quant.quantizer import QuantConfig
 
 
 class PreActBlock(nn.Module):
@@ -87,10 +87,7 @@ class PreActResNet(nn.Module):
                         name=f"layer{stage + 1}_{i}")(x, train)
     x = common.prunable(self, x)  # fine-pruning layer: the last block's output channels
     x = jnp.mean(qlayers.QuantAct(self.quant, name="avgpool")(x), axis=(1, 2))
-    common.sow_features(self, x)
-    head = qlayers.QuantDense(self.num_classes, dtype=self.dtype, quant=head_quant(self.quant),
-                              name="linear")
-    return head(x).astype(jnp.float32)
+    return common.classifier(self, x, name="linear")
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -198,8 +198,7 @@ class VMoE(nn.Module):
                      parent=None)
       x = EncoderBlock(self.heads, self.mlp_dim, moe, self.dtype, name=f"block{i}")(x, train)
     x = jnp.mean(nn.LayerNorm(dtype=self.dtype, name="ln")(x), axis=1)
-    common.sow_features(self, x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+    return common.classifier(self, x)
 
 
 def default_config() -> ml_collections.ConfigDict:
