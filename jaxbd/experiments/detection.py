@@ -29,7 +29,7 @@ from jaxbd import config as config_lib
 from jaxbd import defenses, metrics, poison
 from jaxbd import train as train_lib
 from jaxbd.defenses import detection
-from jaxbd.experiments import common, plots, population, results
+from jaxbd.experiments import common, plots, population, report, results
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -151,11 +151,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       timing={"train_seconds": train_seconds, "score_seconds": score_seconds,
               "vmap": d.vmap, "members": len(members)})
   results.write_json(os.path.join(workdir, "results.json"), doc)
-  table = [(row["index"], row["attack"], row["acc"], row["asr"] if row["attack"] != "none"
-            else None, *(row[n]["suspicion"] for n in scores)) for row in rows]
-  print(results.markdown_table(["model", "attack", "ACC", "ASR", *scores], table))
-  print(results.markdown_table(["detector", "ROC AUC"],
-                               [(n, s["auc"]) for n, s in summary.items()]))
+  print(report.detection_tables(doc))
   return doc
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from jaxbd import config as config_lib
 from jaxbd import train as train_lib
 from jaxbd.errors import ConfigError
-from jaxbd.experiments import common, population, results
+from jaxbd.experiments import common, population, report, results
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -58,7 +58,7 @@ def finish(r: common.Run, variables: dict, metrics: dict, timing: dict) -> dict:
       r.config, dataset=r.dataset.name, model=r.config.model.name,
       attack=attack_section(r.config, r.plan), metrics=metrics, defenses=defended, timing=timing)
   results.write_json(f"{r.workdir}/results.json", doc)
-  print_table(metrics, defended)
+  print(report.models_table(metrics, defended))
   return doc
 
 
@@ -105,17 +105,6 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
       t[phase] = dict(timing_section(summary), population=len(runs))
   return [finish(r, train_lib.variables(s), m, t)
           for r, s, m, t in zip(runs, states, metrics, timing)]
-
-
-def print_table(metrics: dict, defended: dict) -> None:
-  """Prints models and defenses as a markdown table (ACC, ASR, RA, and DER for defenses)."""
-  rows = [(k, m["acc"], m.get("asr"), m.get("ra"), None) for k, m in metrics.items()]
-  rows += [(f"defense {k}", m["acc"], m.get("asr"), m.get("ra"), m.get("der"))
-           for k, m in defended.items()]
-  header = ["model", "ACC", "ASR", "RA", "DER"]
-  if not defended:
-    header, rows = header[:-1], [row[:-1] for row in rows]
-  print(results.markdown_table(header, rows))
 
 
 def attack_section(config: ml_collections.ConfigDict, plan) -> dict:
