@@ -120,7 +120,9 @@ def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, t
                           progress=log_config.progress, eval_every=0,
                           checkpoint_every=tc.checkpoint_every)
   if vmapped:
-    state, summary = fit(phase, jax.vmap(init)(jnp.stack(init_keys)), step, population,
+    # Initialized one by one as `supervised_setup` does (same values, and the eager kernels it
+    # compiled are reused), then stacked.
+    state, summary = fit(phase, stack([init(k) for k in init_keys]), step, population,
                          key=jnp.stack(train_keys))
     summary["images_per_second"] *= len(members)
     return [jax.tree.map(lambda x, j=j: x[j], state) for j in range(len(members))], summary
