@@ -12,16 +12,23 @@ of its full config. Rerunning a killed sweep skips finished cells and resumes th
 from its checkpoints.
 
 `--vmap_seeds` trains the cells that differ only in `seed` as one population: stacked train states
-under one `jax.vmap`-ed step (`jaxbd.experiments.population`, standard experiment with a
-data-poisoning attack; other cells run one by one). Each member keeps its own keys, plan and
-trigger, so its metrics match the looped cell's up to floating-point reassociation, and it still
-gets its own workdir, results.json and store row. Whether it pays off depends on the device: on 2
-CPU cores it is slower than the loop (XLA's CPU convolutions batch poorly; numbers in
-`jaxbd.experiments.population`), so the loop is the default; on a GPU/TPU, where one small model
-leaves the device idle, a population of seeds runs in about the time of one. Query the store with SQLite's JSON functions, e.g.
+under one `jax.vmap`-ed step (`jaxbd.experiments.population`; standard experiment with a
+data-poisoning attack, other cells run one by one). Each member keeps its own keys, poison plan and
+trigger, so its metrics are those of the looped cell up to floating-point reassociation in the
+batched kernels (equal on the 2-epoch digits test; within 0.013 after 2 CIFAR-10 epochs), and it
+still gets its own workdir, results.json, final checkpoint and store row. The loop is the default:
+on CPU vmap wins only where compilation dominates (short runs); see
+`jaxbd.experiments.population` for measured numbers and scripts/bench_sweep_seeds.py to measure a
+sweep on your device.
+
+Query the store with SQLite's JSON functions, e.g.
 
   sqlite3 WORKDIR/results.sqlite "SELECT json_extract(cell, '$.\"poison.rate\"'),
       json_extract(metrics, '$.backdoored.asr') FROM runs WHERE status = 'done'"
+
+or turn it into tables and figures (cells, ASR against poisoning rate over seeds, defenses):
+
+  python -m jaxbd.report --store=WORKDIR/results.sqlite --inputs=WORKDIR/cells --out=REPORT_DIR
 """
 
 from __future__ import annotations

@@ -87,6 +87,9 @@ def asr_vs_rate(sweep: Sequence[dict], path: str, title: str = "") -> str:
                   fmt=style, color=f"C{i}", alpha=alpha, capsize=3,
                   label=f"{attack} {key.upper()}")
   ax.set_xscale("log")
+  ticks = sorted({100 * r["rate"] for r in sweep})
+  ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+  ax.minorticks_off()
   ax.set_xlabel("poisoning rate (%)")
   ax.set_ylim(-0.02, 1.02)
   ax.grid(alpha=0.3)
@@ -145,6 +148,7 @@ def defense_tradeoff(runs: Sequence[dict], path: str) -> str:
   ax.set_xlabel("ASR")
   ax.set_ylabel("ACC")
   ax.set_xlim(-0.02, 1.02)
+  ax.set_ylim(-0.02, 1.02)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   ax.set_title("defenses: accuracy against attack success", fontsize=10)

@@ -21,6 +21,7 @@ All inputs are read and checked before anything is written; a missing or corrupt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -289,8 +290,10 @@ def write_report(inputs: Sequence[str], store: str | None, out: str) -> str:
     lines += [t + "\n" for t in experiment_tables(doc)]
     figures = os.path.join(out, "runs", name)
     os.makedirs(figures, exist_ok=True)
-    lines += [_figure(os.path.join(figures, f), out, f)
-              for f in plots.from_results(path, figures)]
+    drawn = plots.from_results(path, figures)
+    if not drawn:
+      os.rmdir(figures)
+    lines += [_figure(os.path.join(figures, f), out, f) for f in drawn]
   # Cells of the store whose results.json is among the inputs are drawn once.
   seen = {os.path.realpath(p) for p in docs}
   for r in rows:
@@ -315,6 +318,8 @@ def write_report(inputs: Sequence[str], store: str | None, out: str) -> str:
                                  c["acc"], c["acc_std"]) for c in curves]), "",
                 _figure(plots.asr_vs_rate(curves, os.path.join(out, "asr_vs_rate.png")), out,
                         "ASR against poisoning rate")]
+  with contextlib.suppress(OSError):  # no run had per-run figures
+    os.rmdir(os.path.join(out, "runs"))
   path = os.path.join(out, "report.md")
   with atomic_file(path) as f:
     f.write("\n".join(lines).rstrip() + "\n")
