@@ -1,4 +1,4 @@
-"""Reports: tables parsed back equal the stored metrics, figures are valid PNGs, bad inputs exit 2."""
+"""Reports: tables parsed back hold the stored metrics, figures are PNGs, bad input exits 2."""
 
 import json
 import os

@@ -110,8 +110,16 @@ def test_vmapped_seeds_match_looped_cells(digits_sweep, tmp_path):
     assert doc["metrics"] == m and doc["timing"]["backdoored"]["population"] == 2
     assert (tmp_path / "cells" / digest / "checkpoints" / "backdoored" / "2").is_dir()
   assert len(os.listdir(tmp_path / "populations")) == 1
+  # A sweep killed before it stored a finished member: rerun, the cell alone resumes from the
+  # final checkpoint its population saved (nothing is trained again) and stores the same metrics.
+  lost = next(iter(vmapped))
+  with sqlite3.connect(tmp_path / "results.sqlite") as db:
+    db.execute("DELETE FROM runs WHERE config_hash = ?", (lost,))
   again = sweep.run_sweep(digits_sweep.base, cells, str(tmp_path), vmap_seeds=True)
-  assert again == {"done": 0, "skipped": 2, "failed": 0}
+  assert again == {"done": 1, "skipped": 1, "failed": 0}
+  assert metrics_by_cell(tmp_path / "results.sqlite") == vmapped
+  doc = json.loads((tmp_path / "cells" / lost / "results.json").read_text())
+  assert doc["timing"]["backdoored"]["resumed_from_epoch"] == 2
 
 
 def test_seed_groups_join_only_cells_that_differ_in_seed():

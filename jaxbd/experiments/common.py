@@ -216,9 +216,11 @@ def load_phase(run: Run, phase: str, epoch: int) -> dict:
 
 def save_phase(run: Run, phase: str, epoch: int, state: dict) -> None:
   """Saves a train state as phase `phase` of this run after `epoch` epochs (see `load_phase`),
-  for a phase trained elsewhere (e.g. as a member of a population)."""
+  for a phase trained elsewhere (e.g. as a member of a population); a rerun keeps the saved one.
+  `train_classifier` resumes from it as from its own checkpoints."""
   ckpt = train_lib.Checkpointer(os.path.join(run.workdir, "checkpoints", phase))
-  ckpt.save(epoch, state)
+  if ckpt.latest_epoch() != epoch:
+    ckpt.save(epoch, state)
   ckpt.close()
 
 

@@ -155,7 +155,8 @@ def detection_tables(doc: dict) -> str:
            *(m[n]["suspicion"] for n in scorers)) for m in doc["metrics"]["members"]]
   return "\n\n".join((
       markdown_table(["model", "attack", "ACC", "ASR", *scorers], rows),
-      markdown_table(["detector", "ROC AUC"], [(n, s["auc"]) for n, s in doc["detection"].items()])))
+      markdown_table(["detector", "ROC AUC"],
+                     [(n, s["auc"]) for n, s in doc["detection"].items()])))
 
 
 def experiment_tables(doc: dict) -> list[str]:
@@ -171,7 +172,8 @@ def experiment_tables(doc: dict) -> list[str]:
   if doc.get("sweep"):
     tables.append(markdown_table(
         ["attack", "poison rate", "ACC", "ASR", "RA"],
-        [(s["attack"], s["rate"], s["acc"], s["asr"], s.get("ra")) for s in doc["sweep"]]))
+        [(s["attack"], _field(s["rate"]), s["acc"], s["asr"], s.get("ra"))
+         for s in doc["sweep"]]))
   for model, layers in ((doc.get("routing") or {}).get("models") or {}).items():
     tables.append(markdown_table(
         ["model", "layer", "trigger patches routed", "(clean)", "experts per trigger patch",
@@ -185,12 +187,22 @@ def _flat(tree: dict) -> dict[str, Any]:
   return config_lib.flatten(ml_collections.ConfigDict(tree))
 
 
+def _field(value: Any) -> str:
+  """A config value as a table cell (floats in full, not rounded like the metrics)."""
+  return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _order(value: Any) -> tuple:
+  """A sort key for config values of mixed types (numbers by value, the rest as text)."""
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  return (0, value, "") if number else (1, 0, json.dumps(value, sort_keys=True))
+
+
 def varying_fields(rows: Sequence[dict]) -> list[str]:
   """The config fields whose values differ between store rows (the cells' own fields first)."""
   flats = [_flat(r["config"]) for r in rows]
-  keys = list(dict.fromkeys([k for r in rows for k in r["cell"]] + sorted(flats[0] if flats else [])))
-  return [k for k in keys
-          if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+  keys = dict.fromkeys([k for r in rows for k in r["cell"]] + sorted(set().union(*flats)))
+  return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
 
 
 def metric_values(row: dict) -> dict[str, float]:
@@ -209,10 +221,10 @@ def cells_table(rows: Sequence[dict]) -> str:
   values = [metric_values(r) for r in rows]
   columns = list(dict.fromkeys(k for v in values for k in v))
   flats = [_flat(r["config"]) for r in rows]
-  order = sorted(range(len(rows)), key=lambda i: [json.dumps(flats[i].get(k)) for k in fields])
+  order = sorted(range(len(rows)), key=lambda i: [_order(flats[i].get(k)) for k in fields])
   return markdown_table([*fields, *columns],
-                        [[flats[i].get(k) for k in fields] + [values[i].get(c) for c in columns]
-                         for i in order])
+                        [[_field(flats[i].get(k)) for k in fields]
+                         + [values[i].get(c) for c in columns] for i in order])
 
 
 def rate_curves(rows: Sequence[dict]) -> list[dict]:
@@ -233,7 +245,7 @@ def rate_curves(rows: Sequence[dict]) -> list[dict]:
     if "asr" not in m or rate <= 0:
       continue
     flat = _flat(r["config"])
-    label = " ".join([attack_name(r)] + [f"{k}={flat[k]}" for k in fields
+    label = " ".join([attack_name(r)] + [f"{k}={_field(flat[k])}" for k in fields
                                          if k not in ("poison.name", "attack.name")])
     groups.setdefault((label, rate), []).append(m)
   out = []
@@ -314,7 +326,7 @@ def write_report(inputs: Sequence[str], store: str | None, out: str) -> str:
       lines += ["", "### ASR against poisoning rate (mean, sample std over seeds)", "",
                 markdown_table(["attack", "poison rate", "seeds", "ASR", "ASR std", "ACC",
                                 "ACC std"],
-                               [(c["attack"], c["rate"], c["n"], c["asr"], c["asr_std"],
+                               [(c["attack"], _field(c["rate"]), c["n"], c["asr"], c["asr_std"],
                                  c["acc"], c["acc_std"]) for c in curves]), "",
                 _figure(plots.asr_vs_rate(curves, os.path.join(out, "asr_vs_rate.png")), out,
                         "ASR against poisoning rate")]
