@@ -10,8 +10,8 @@ member trained alone, up to floating-point reassociation in the batched kernels.
 step instead.
 
 Whether vmap pays off depends on the backend and the length of the run. A vmapped step compiles
-once for the whole population where a sweep compiles each cell's step anew, but XLA's CPU backend runs
-the batched convolutions 2-3x slower per image (scripts/bench_population.py: 4 CNNs of width 8,
+once for the whole population where a sweep compiles each cell's step anew, but XLA's CPU backend
+runs the batched convolutions 2-3x slower per image (scripts/bench_population.py: 4 CNNs of width 8,
 529 vs 1,523 images/s; 8 of width 16, 185 vs 424 images/s, 2 shared cores). So on CPU short runs
 gain and long runs lose; end to end (scripts/bench_sweep_seeds.py, 4 seeds, 2 shared cores):
 configs/quickstart.py (30 epochs on 8x8 digits) 60 s vmapped vs 73 s looped; configs/cifar10.py:cpu
