@@ -3,7 +3,7 @@ r"""The D3 table: PreAct-ResNet18 on CIFAR-10, 10% poisoning, 5% clean data; no 
   python -m jaxbd.main --config=configs/d3.py:attack=badnets --workdir=DIR
   python -m jaxbd.main --config=configs/d3.py:attack=sig,source=npz:/data/cifar10.npz --workdir=DIR
   python -m jaxbd.main --config=configs/d3.py:attack=wanet,cpu --workdir=DIR   # CPU scale
-  python scripts/results_table.py DIR1 DIR2 ...   # the markdown table from the results.json files
+  python -m jaxbd.report --inputs=DIR1,DIR2,... --out=REPORT_DIR   # tables and plots
 
 Reproduces Wei, Liu & Zha (ICCV 2025), Table 1's CIFAR-10 rows with BackdoorBench's victim
 (configs/cifar10.py: PreAct-ResNet18, SGD 0.01 momentum 0.9 wd 5e-4, cosine per epoch, 100 epochs,

@@ -3,7 +3,7 @@ r"""Pick-your-Poison's repair claim: every attack mitigated by Pivotal Tuning on
   python -m jaxbd.main --config=configs/pick_your_poison.py:attack=adaptive_blend --workdir=DIR
   python -m jaxbd.main --config=configs/pick_your_poison.py:attack=pcb,cpu,source=npz:FILE \
       --workdir=DIR
-  python scripts/results_table.py DIR1 DIR2 ...
+  python -m jaxbd.report --inputs=DIR1,DIR2,... --out=REPORT_DIR
 
 Lukas & Kerschbaum (arXiv 2305.09671) claim that their defenses "mitigate all tested attacks with a
 maximum accuracy decline of 2% using only 1% of clean data on CIFAR-10". Victim (the paper's):

@@ -95,16 +95,24 @@ def preflight(argv: list[str]) -> None:
       raise ConfigError(f"unknown config key {match.group(1)!r} (in {arg.split('=')[0]})")
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flags parser that turns every parsing error into one line."""
+def parse_absl(argv: list[str]) -> list[str]:
+  """absl's flag parsing with every error as one line (exit status 2)."""
   try:
-    preflight(argv[1:])
-    rest = flags.FLAGS(argv)
+    return flags.FLAGS(argv)
   except JaxbdError as e:
     die(str(e))
   except flags.Error as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     die(lines[-1] if lines else type(e).__name__)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flags parser of the run commands: the config checks of `preflight`, `parse_absl`."""
+  try:
+    preflight(argv[1:])
+  except JaxbdError as e:
+    die(str(e))
+  rest = parse_absl(argv)
   if not _WORKDIR.value:
     die("--workdir is required")
   return rest

@@ -1,7 +1,7 @@
 r"""Sweeps: a grid of config overrides, each cell a normal run, results in one SQLite store.
 
   python -m jaxbd.sweep --config=configs/cifar10.py:cpu --workdir=/tmp/sweeps/rates \
-      --grid="poison.rate=0.01,0.05,0.1;seed=0,1,2" [--config.train.epochs=5 ...]
+      --grid="poison.rate=0.01,0.05,0.1;seed=0,1,2" [--vmap_seeds] [--config.train.epochs=5 ...]
 
 The grid is the cartesian product of `field=v1,v2,...` groups separated by `;` (values are parsed
 with the field's type); a config file may instead define `get_sweep(arg) -> list[dict]` (cells as
@@ -9,10 +9,26 @@ with the field's type); a config file may instead define `get_sweep(arg) -> list
 before the first one runs. Each cell runs in `WORKDIR/cells/<hash>` (its own checkpoints and
 results.json) and its row goes into `WORKDIR/results.sqlite` when it finishes, keyed by the hash
 of its full config. Rerunning a killed sweep skips finished cells and resumes the interrupted one
-from its checkpoints. Query the store with SQLite's JSON functions, e.g.
+from its checkpoints.
+
+`--vmap_seeds` trains the cells that differ only in `seed` as one population: stacked train states
+under one `jax.vmap`-ed step (`jaxbd.experiments.population`; standard experiment with a
+data-poisoning attack, other cells run one by one). Each member keeps its own keys, poison plan and
+trigger, so its metrics are those of the looped cell up to floating-point reassociation in the
+batched kernels (equal on the 2-epoch digits test; within 0.013 after 2 CIFAR-10 epochs), and it
+still gets its own workdir, results.json, final checkpoint and store row. The loop is the default:
+on CPU vmap wins only where compilation dominates (short runs); see
+`jaxbd.experiments.population` for measured numbers and scripts/bench_sweep_seeds.py to measure a
+sweep on your device.
+
+Query the store with SQLite's JSON functions, e.g.
 
   sqlite3 WORKDIR/results.sqlite "SELECT json_extract(cell, '$.\"poison.rate\"'),
       json_extract(metrics, '$.backdoored.asr') FROM runs WHERE status = 'done'"
+
+or turn it into tables and figures (cells, ASR against poisoning rate over seeds, defenses):
+
+  python -m jaxbd.report --store=WORKDIR/results.sqlite --inputs=WORKDIR/cells --out=REPORT_DIR
 """
 
 from __future__ import annotations
@@ -40,6 +56,9 @@ from jaxbd.errors import ConfigError, JaxbdError
 _GRID = flags.DEFINE_string(
     "grid", None, "Cells as 'field=v1,v2;field2=w1,w2' (cartesian product); default: the config "
     "file's get_sweep(arg).")
+_VMAP_SEEDS = flags.DEFINE_bool(
+    "vmap_seeds", False, "Train cells that differ only in seed as one jax.vmap population "
+    "(faster on accelerators for small models; slower on CPU).")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -150,50 +169,82 @@ def record(connection: sqlite3.Connection, *, digest: str, cell: dict, config, w
   connection.commit()
 
 
+def seed_groups(cells: Sequence[tuple], vmap_seeds: bool) -> list[list[tuple]]:
+  """Cells `(index, cell, config, digest)` in run order, as groups run together: with `vmap_seeds`
+  the cells whose configs differ only in `seed` (and that `run_population` can take), else one
+  cell per group."""
+  from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
+  groups: dict[str, list[tuple]] = {}
+  for item in cells:
+    config, digest = item[2], item[3]
+    if vmap_seeds and standard.population_ready(config):
+      digest = config_hash(apply_cell(config, {"seed": 0}))
+    groups.setdefault(digest, []).append(item)
+  return list(groups.values())
+
+
+def _run_group(group: list[tuple], workdir: str) -> tuple[list[dict | None], str | None]:
+  """Runs one cell, or a population of cells differing in seed; (documents, error line)."""
+  from jaxbd import experiments  # pylint: disable=g-import-not-at-top
+  from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
+  configs = [config for _, _, config, _ in group]
+  dirs = [os.path.join(workdir, "cells", digest) for _, _, _, digest in group]
+  try:
+    if len(group) == 1:
+      return [experiments.run(configs[0], dirs[0])], None
+    name = hashlib.sha256(" ".join(d for *_, d in group).encode()).hexdigest()[:16]
+    return standard.run_population(configs, dirs, os.path.join(workdir, "populations", name)), None
+  except JaxbdError as e:
+    return [None] * len(group), str(e)
+  except Exception as e:  # pylint: disable=broad-except  # one broken cell must not end a sweep
+    traceback.print_exc()
+    return [None] * len(group), f"{type(e).__name__}: {e}"
+
+
 def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
-              workdir: str) -> dict[str, int]:
+              workdir: str, vmap_seeds: bool = False) -> dict[str, int]:
   """Runs every cell not yet done; returns counts of done, skipped and failed cells.
+
+  With `vmap_seeds`, the pending cells that differ only in `seed` train as one vmapped population
+  (`jaxbd.experiments.standard.run_population`, standard experiment with a data-poisoning attack);
+  each still gets its workdir, results.json and store row, whose `seconds` is its share of the
+  population's wall time. The population checkpoints in `WORKDIR/populations/<hash>`.
 
   Raises:
     ConfigError: a cell whose config does not validate (checked for all cells before any runs).
   """
-  from jaxbd import experiments  # pylint: disable=g-import-not-at-top
   from jaxbd.experiments import results  # pylint: disable=g-import-not-at-top
   configs = []
-  for cell in cells:
+  for i, cell in enumerate(cells):
     config = apply_cell(base, cell)
     try:
       config_lib.validate(config)
     except ConfigError as e:
       raise ConfigError(f"sweep cell {cell}: {e}") from None
-    configs.append((cell, config, config_hash(config)))
-  if len({digest for _, _, digest in configs}) != len(configs):
+    configs.append((i, cell, config, config_hash(config)))
+  if len({digest for *_, digest in configs}) != len(configs):
     raise ConfigError("the sweep has duplicate cells")
   os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
   counts = {"done": 0, "skipped": 0, "failed": 0}
   with store(os.path.join(workdir, "results.sqlite")) as connection:
     done = finished(connection)
-    for i, (cell, config, digest) in enumerate(configs):
-      if digest in done:
-        counts["skipped"] += 1
-        continue
-      cell_dir = os.path.join(workdir, "cells", digest)
-      print(f"sweep cell {i + 1}/{len(configs)} {digest} {json.dumps(cell)}", file=sys.stderr)
+    counts["skipped"] = sum(digest in done for *_, digest in configs)
+    pending = [item for item in configs if item[3] not in done]
+    for group in seed_groups(pending, vmap_seeds):
+      for i, cell, _, digest in group:
+        print(f"sweep cell {i + 1}/{len(configs)} {digest} {json.dumps(cell)}"
+              + (f" (population of {len(group)})" if len(group) > 1 else ""), file=sys.stderr)
       t0 = time.perf_counter()
-      doc, error = None, None
-      try:
-        doc = experiments.run(config, cell_dir)
-      except JaxbdError as e:
-        error = str(e)
-      except Exception as e:  # pylint: disable=broad-except  # one broken cell must not end a sweep
-        error = f"{type(e).__name__}: {e}"
-        traceback.print_exc()
-      if results.is_writer():
-        record(connection, digest=digest, cell=cell, config=config, workdir=cell_dir, doc=doc,
-               error=error, seconds=time.perf_counter() - t0)
-      counts["failed" if error else "done"] += 1
-      if error:
-        print(f"sweep cell {digest} failed: {error}", file=sys.stderr)
+      docs, error = _run_group(group, workdir)
+      seconds = (time.perf_counter() - t0) / len(group)
+      for (_, cell, config, digest), doc in zip(group, docs):
+        if results.is_writer():
+          record(connection, digest=digest, cell=cell, config=config,
+                 workdir=os.path.join(workdir, "cells", digest), doc=doc, error=error,
+                 seconds=seconds)
+        counts["failed" if error else "done"] += 1
+        if error:
+          print(f"sweep cell {digest} failed: {error}", file=sys.stderr)
   return counts
 
 
@@ -210,7 +261,7 @@ def main(argv: list[str]) -> None:
       cells = list(config_lib.call_file(cli.config_spec(), "get_sweep"))
     if not cells:
       raise ConfigError("the sweep has no cells")
-    counts = run_sweep(base, cells, cli.workdir_value())
+    counts = run_sweep(base, cells, cli.workdir_value(), _VMAP_SEEDS.value)
   except JaxbdError as e:
     cli.die(str(e))
   print(f"sweep: {counts['done']} run, {counts['skipped']} already done, "

@@ -5,7 +5,7 @@ r"""Training a population of small models: one vmapped step over M models vs a l
 
 Data: CIFAR-10-shaped random uint8 images; every member gets its own BadNets plan (10%) and init.
 `vmap`: the stacked train states go through one jitted step that runs `jax.vmap` over the model
-axis (jaxbd.experiments.detection.population_step); `loop`: the same per-member step, jitted once
+axis (jaxbd.experiments.population.population_step); `loop`: the same per-member step, jitted once
 and called for each member in turn. Reports images/s summed over members, compile excluded.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 from jaxbd import config as config_lib
 from jaxbd import models, poison
 from jaxbd import train as train_lib
-from jaxbd.experiments import detection
+from jaxbd.experiments import population as population_lib
 
 _MODELS = flags.DEFINE_integer("models", 8, "Population size M.")
 _WIDTH = flags.DEFINE_integer("width", 8, "CNN width.")
@@ -43,7 +43,7 @@ def main(argv):
   tx = train_lib.make_optimizer(c.train, n // b)
   trigger = poison.make_trigger(c, (32, 32, 3))
   plans = [poison.make_plan(y, 10, rate=0.1, target=0, seed=s) for s in range(m)]
-  population = detection.Population(
+  population = population_lib.Population(
       jnp.asarray(x), jnp.asarray(np.stack([p.labels for p in plans])),
       jnp.asarray(np.stack([p.kind for p in plans])),
       jax.tree.map(lambda a: jnp.stack([a] * m), trigger))
@@ -53,17 +53,18 @@ def main(argv):
   out = {"models": m, "width": _WIDTH.value, "batch_size": b,
          "device": jax.devices()[0].device_kind}
 
-  step = jax.jit(detection.population_step(model, tx, c.data, vmapped=True))
+  step = jax.jit(population_lib.population_step(model, tx, c.data, vmapped=True))
   state = jax.vmap(init)(keys)
-  state, _ = step(state, population, perm, 0, keys[0])
+  perms = jnp.stack([perm] * m)
+  state, _ = step(state, population, perms, 0, keys)
   jax.block_until_ready(state)
   t0 = time.perf_counter()
   for i in range(_STEPS.value):
-    state, _ = step(state, population, perm, i % perm.shape[0], keys[0])
+    state, _ = step(state, population, perms, i % perm.shape[0], keys)
   jax.block_until_ready(state)
   out["vmap_images_per_s"] = m * b * _STEPS.value / (time.perf_counter() - t0)
 
-  step = jax.jit(detection.population_step(model, tx, c.data, vmapped=False))
+  step = jax.jit(population_lib.population_step(model, tx, c.data, vmapped=False))
   members = [population.member(j) for j in range(m)]
   states = [init(k) for k in keys]
   states = [step(s, p, perm, 0, keys[0])[0] for s, p in zip(states, members)]

@@ -76,6 +76,42 @@ def badpatches_cpu_run(tmp_path_factory) -> CifarRun:
                         "configs/badpatches.py:cpu,model=pmoe_patch,source=npz:{cifar10}")
 
 
+def tiny_digits_config(**overrides):
+  """configs/quickstart.py (BadNets CNN on the offline digits) shrunk to seconds per run: width 8,
+  2 epochs, the backdoored model only, no intermediate evaluation or checkpoints; `overrides` as
+  `{"train.epochs": 3}`."""
+  from jaxbd import sweep  # pylint: disable=g-import-not-at-top
+  config = load_config("configs/quickstart.py")
+  return sweep.apply_cell(config, {
+      "model.cnn.width": 8, "train.epochs": 2, "train.eval_every": 0, "train.checkpoint_every": 0,
+      "standard.train_clean": False, "log.progress": False, **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitsSweep:
+  """A finished looped sweep of `tiny_digits_config` (see the `digits_sweep` fixture)."""
+
+  base: object
+  cells: list
+  workdir: str
+  counts: dict
+
+  @property
+  def store(self) -> str:
+    return os.path.join(self.workdir, "results.sqlite")
+
+
+@pytest.fixture(scope="session")
+def digits_sweep(tmp_path_factory) -> DigitsSweep:
+  """A sweep of 2 poison rates x 2 seeds of `tiny_digits_config`, cells run one by one (~30 s),
+  built once per session for the sweep and report tests."""
+  from jaxbd import sweep  # pylint: disable=g-import-not-at-top
+  base = tiny_digits_config()
+  cells = sweep.parse_grid("poison.rate=0.05,0.2;seed=0,1", base)
+  workdir = str(tmp_path_factory.mktemp("digits_sweep"))
+  return DigitsSweep(base, cells, workdir, sweep.run_sweep(base, cells, workdir))
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
   """`tiny_model(name) -> (config, model, variables)`: a small, randomly initialized model of

@@ -83,3 +83,53 @@ def test_killed_sweep_resumes_without_rerunning_finished_cells(tmp_path):
   assert cells == [0.05, 0.05, 0.1, 0.1]
   assert all(0.0 <= r[4] <= 1.0 for r in after.values())
   assert len(os.listdir(tmp_path / "cells")) == 4
+
+
+def metrics_by_cell(path):
+  with sqlite3.connect(path) as db:
+    return {digest: (json.loads(cell), json.loads(m), status) for digest, cell, m, status in
+            db.execute("SELECT config_hash, cell, metrics, status FROM runs")}
+
+
+@pytest.mark.slow
+def test_vmapped_seeds_match_looped_cells(digits_sweep, tmp_path):
+  """The cells of one poison rate (seeds 0 and 1), trained as one vmapped population, give the
+  metrics of the same cells run one by one (each member keeps its own keys, plan and trigger), and
+  each still gets its own store row, workdir, results.json and final checkpoint."""
+  cells = [c for c in digits_sweep.cells if c["poison.rate"] == 0.2]
+  counts = sweep.run_sweep(digits_sweep.base, cells, str(tmp_path), vmap_seeds=True)
+  assert counts == {"done": 2, "skipped": 0, "failed": 0}
+  looped = metrics_by_cell(digits_sweep.store)
+  vmapped = metrics_by_cell(tmp_path / "results.sqlite")
+  assert len(vmapped) == 2 and vmapped.keys() <= looped.keys()
+  for digest, (cell, m, status) in vmapped.items():
+    assert status == "done" and cell == looped[digest][0]
+    for key in ("acc", "asr", "ra"):  # 360 test images: 1e-6 is far below one image
+      assert m["backdoored"][key] == pytest.approx(looped[digest][1]["backdoored"][key], abs=1e-6)
+    doc = json.loads((tmp_path / "cells" / digest / "results.json").read_text())
+    assert doc["metrics"] == m and doc["timing"]["backdoored"]["population"] == 2
+    assert (tmp_path / "cells" / digest / "checkpoints" / "backdoored" / "2").is_dir()
+  assert len(os.listdir(tmp_path / "populations")) == 1
+  # A sweep killed before it stored a finished member: rerun, the cell alone resumes from the
+  # final checkpoint its population saved (nothing is trained again) and stores the same metrics.
+  lost = next(iter(vmapped))
+  with sqlite3.connect(tmp_path / "results.sqlite") as db:
+    db.execute("DELETE FROM runs WHERE config_hash = ?", (lost,))
+  again = sweep.run_sweep(digits_sweep.base, cells, str(tmp_path), vmap_seeds=True)
+  assert again == {"done": 1, "skipped": 1, "failed": 0}
+  assert metrics_by_cell(tmp_path / "results.sqlite") == vmapped
+  doc = json.loads((tmp_path / "cells" / lost / "results.json").read_text())
+  assert doc["timing"]["backdoored"]["resumed_from_epoch"] == 2
+
+
+def test_seed_groups_join_only_cells_that_differ_in_seed():
+  base = config_lib.defaults()
+  cells = sweep.parse_grid("poison.rate=0.05,0.1;seed=0,1,2", base)
+  items = [(i, c, sweep.apply_cell(base, c), str(i)) for i, c in enumerate(cells)]
+  groups = sweep.seed_groups(items, vmap_seeds=True)
+  assert [[c["seed"] for _, c, _, _ in g] for g in groups] == [[0, 1, 2], [0, 1, 2]]
+  assert {g[0][1]["poison.rate"] for g in groups} == {0.05, 0.1}
+  assert sweep.seed_groups(items, vmap_seeds=False) == [[item] for item in items]
+  clean = [(0, {}, sweep.apply_cell(base, {"poison.name": "none", "seed": s}), str(s))
+           for s in (0, 1)]
+  assert len(sweep.seed_groups(clean, vmap_seeds=True)) == 2  # no attack: no population

@@ -214,6 +214,16 @@ def load_phase(run: Run, phase: str, epoch: int) -> dict:
                          f"checkpoint of phase {phase!r} in {run.workdir}")
 
 
+def save_phase(run: Run, phase: str, epoch: int, state: dict) -> None:
+  """Saves a train state as phase `phase` of this run after `epoch` epochs (see `load_phase`),
+  for a phase trained elsewhere (e.g. as a member of a population); a rerun keeps the saved one.
+  `train_classifier` resumes from it as from its own checkpoints."""
+  ckpt = train_lib.Checkpointer(os.path.join(run.workdir, "checkpoints", phase))
+  if ckpt.latest_epoch() != epoch:
+    ckpt.save(epoch, state)
+  ckpt.close()
+
+
 def phase_key(run: Run, phase: str) -> jax.Array:
   """The PRNG key of a named phase of the run (the stream `train_classifier` uses by default)."""
   return jax.random.fold_in(run.key, _phase_id(phase))

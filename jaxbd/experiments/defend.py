@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxbd import config as config_lib
 from jaxbd.errors import ConfigError
-from jaxbd.experiments import common, results, standard
+from jaxbd.experiments import common, report, results, standard
 from jaxbd.poison import plan as plan_lib
 
 
@@ -69,7 +69,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          attack=standard.attack_section(config, r.plan), metrics=metrics,
                          defenses=defended, source=config.defend.checkpoint)
   results.write_json(f"{workdir}/results.json", doc)
-  standard.print_table(metrics, defended)
+  print(report.models_table(metrics, defended))
   return doc
 
 

@@ -2,9 +2,15 @@
 
 - `routing_heatmaps`: per expert, how often each patch position is selected on clean vs on
   triggered images (one figure per model and MoE layer).
-- `asr_vs_rate`: ASR (and ACC) against the poisoning rate, one line per attack.
+- `asr_vs_rate`: ASR (and ACC) against the poisoning rate, one line per attack (with mean +- std
+  error bars over seeds when the rows carry them).
 - `prune_sweep`: ACC and ASR of the pruned-only models against the fraction of channels pruned.
-- `from_results(path)`: all of the above that a results file has data for.
+- `defense_tradeoff`: ACC against ASR, an arrow from each attacked model to each of its defended
+  models, one color per defense.
+- `roc_curves`: the detection experiment's ROC curves of each detector's suspicion scores.
+- `from_results(path)`: the per-run plots (routing, rate sweep, prune sweep, ROC) that a results
+  file has data for. `python -m jaxbd.report` (`jaxbd.experiments.report`) draws them for every
+  results file it finds, plus the cross-run figures.
 
 Figures are drawn on `matplotlib.figure.Figure` objects with the Agg canvas (no pyplot, no global
 backend state) and written atomically (temporary file, then rename).
@@ -21,6 +27,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from jaxbd import metrics
 from jaxbd.experiments import results
 
 
@@ -65,7 +72,8 @@ def asr_vs_rate(sweep: Sequence[dict], path: str, title: str = "") -> str:
   """ASR (solid) and ACC (dashed) against the poisoning rate, one color per attack.
 
   Args:
-    sweep: rows `{"attack", "rate", "acc", "asr", ...}`.
+    sweep: rows `{"attack", "rate", "acc", "asr"}`, optionally with `"acc_std"`, `"asr_std"`
+      (drawn as error bars, e.g. over seeds).
     path: PNG file to write.
     title: figure title.
   """
@@ -74,10 +82,14 @@ def asr_vs_rate(sweep: Sequence[dict], path: str, title: str = "") -> str:
   for i, attack in enumerate(dict.fromkeys(row["attack"] for row in sweep)):
     rows = sorted((r for r in sweep if r["attack"] == attack), key=lambda r: r["rate"])
     rates = [100 * r["rate"] for r in rows]
-    ax.plot(rates, [r["asr"] for r in rows], "o-", color=f"C{i}", label=f"{attack} ASR")
-    ax.plot(rates, [r["acc"] for r in rows], "x--", color=f"C{i}", alpha=0.6,
-            label=f"{attack} ACC")
+    for key, style, alpha in (("asr", "o-", 1.0), ("acc", "x--", 0.6)):
+      ax.errorbar(rates, [r[key] for r in rows], yerr=[r.get(f"{key}_std", 0.0) for r in rows],
+                  fmt=style, color=f"C{i}", alpha=alpha, capsize=3,
+                  label=f"{attack} {key.upper()}")
   ax.set_xscale("log")
+  ticks = sorted({100 * r["rate"] for r in sweep})
+  ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+  ax.minorticks_off()
   ax.set_xlabel("poisoning rate (%)")
   ax.set_ylim(-0.02, 1.02)
   ax.grid(alpha=0.3)
@@ -112,6 +124,57 @@ def prune_sweep(stages: dict, reference: dict, path: str) -> str:
   return _save(fig, path)
 
 
+def defense_tradeoff(runs: Sequence[dict], path: str) -> str:
+  """ACC against ASR: each attacked model (black) with an arrow to each of its defended models.
+
+  Args:
+    runs: `{"label", "attacked": {"acc", "asr"}, "defenses": {name: {"acc", "asr"}}}` each.
+    path: PNG file to write.
+  """
+  fig = Figure(figsize=(5.5, 4.2))
+  ax = fig.subplots()
+  names = list(dict.fromkeys(name for run in runs for name in run["defenses"]))
+  for run in runs:
+    a = run["attacked"]
+    ax.plot(a["asr"], a["acc"], "ko", ms=5)
+    for name, d in run["defenses"].items():
+      color = f"C{names.index(name)}"
+      ax.annotate("", xy=(d["asr"], d["acc"]), xytext=(a["asr"], a["acc"]),
+                  arrowprops=dict(arrowstyle="->", color=color, alpha=0.7))
+      ax.plot(d["asr"], d["acc"], "s", color=color, ms=5)
+  ax.plot([], [], "ko", label="attacked")
+  for i, name in enumerate(names):
+    ax.plot([], [], "s", color=f"C{i}", label=name)
+  ax.set_xlabel("ASR")
+  ax.set_ylabel("ACC")
+  ax.set_xlim(-0.02, 1.02)
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title("defenses: accuracy against attack success", fontsize=10)
+  return _save(fig, path)
+
+
+def roc_curves(detection: dict, positive: Sequence[bool], path: str) -> str:
+  """ROC curves of the detectors' suspicion scores.
+
+  Args:
+    detection: `{detector: {"suspicion": f[M], "auc": float}}` (results.json "detection").
+    positive: bool[M] which models are backdoored.
+    path: PNG file to write.
+  """
+  fig = Figure(figsize=(4, 4))
+  ax = fig.subplots()
+  for name, d in detection.items():
+    fpr, tpr = metrics.roc_curve(d["suspicion"], positive)
+    ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{name} (AUC {d['auc']:.3f})")
+  ax.plot([0, 1], [0, 1], ":", color="gray")
+  ax.set_xlabel("false positive rate")
+  ax.set_ylabel("true positive rate")
+  ax.legend(loc="lower right")
+  return _save(fig, path)
+
+
 def from_results(path: str, outdir: str | None = None) -> list[str]:
   """Draws every plot a results.json has data for into `outdir` (default: beside it).
 
@@ -134,4 +197,7 @@ def from_results(path: str, outdir: str | None = None) -> list[str]:
     if any(s.startswith("pruned@") for s in defense.get("stages", {})):
       written.append(prune_sweep(defense["stages"], doc["metrics"]["backdoored"],
                                  os.path.join(outdir, f"{name}_sweep.png")))
+  if doc.get("detection"):
+    positive = [m["attack"] != "none" for m in doc["metrics"]["members"]]
+    written.append(roc_curves(doc["detection"], positive, os.path.join(outdir, "roc.png")))
   return [os.path.basename(p) for p in written]

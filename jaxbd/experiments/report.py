@@ -1,31 +1,111 @@
-"""Markdown tables generated from `results.json` files (never typed by hand).
+"""Reports: markdown tables and figures built from results files and the sweep store.
 
-`defense_table(docs)` lays out one row per run (attack) and, per model, ACC / ASR in percent, with
-DER for defenses: the layout of the D3 paper's tables, e.g.
+Every number in a report is read from the files (`results.json` documents, DESIGN.md's schema, and
+the SQLite store of `jaxbd.sweep`), never typed by hand. `write_report(inputs, store, out)` (the
+library behind `python -m jaxbd.report`) writes `out/report.md` with
 
-| attack | no defense | ft | d3 |
-|---|---|---|---|
-| badnets | 91.32 / 95.03 | 89.96 / 1.48 (96.09) | 90.77 / 0.74 (96.87) |
+- per run (every `results.json` under the inputs): a table of its models (ACC / ASR / RA) and
+  defenses (with DER), the experiment's own tables (detection members and ROC AUC, BadPatches
+  rate sweep, quantized precisions) and its plots (`jaxbd.experiments.plots.from_results`:
+  routing heatmaps, ROC curves, rate and prune sweeps) under `out/runs/<name>/`;
+- across runs: `defense_table` (the D3 paper's layout: ACC / ASR (DER) in percent per attack and
+  defense) and `tradeoff.png` (ACC against ASR, an arrow from each attacked model to each
+  defended one);
+- from the store: a table of its finished cells (the config fields that vary, then the metrics)
+  and, when cells vary `poison.rate`, ASR and ACC against the rate, mean +- sample std over the
+  cells that differ only in `seed`, one line per attack (`asr_vs_rate.png` and a table).
+
+All inputs are read and checked before anything is written; a missing or corrupt input raises
+`DataError` with one line. Figures and the report are written atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Iterable, Sequence
+import sqlite3
+from typing import Any, Iterable, Sequence
 
-from jaxbd.experiments.results import markdown_table
+import ml_collections
+import numpy as np
+
+from jaxbd import config as config_lib
+from jaxbd.errors import ConfigError, DataError
+from jaxbd.experiments import plots
+from jaxbd.experiments.results import atomic_file, markdown_table
+
+SECTIONS = ("config", "attack", "metrics")  # what a results.json must have to be reported
+MODEL_KEYS = ("acc", "asr", "ra")
 
 
-def load(workdirs: Iterable[str]) -> list[dict]:
-  """The results documents of run directories (or results.json paths)."""
-  docs = []
-  for path in workdirs:
-    if os.path.isdir(path):
-      path = os.path.join(path, "results.json")
+def find_results(paths: Iterable[str]) -> list[str]:
+  """The `results.json` files of `paths` (files, or directories searched recursively), in order.
+
+  Raises:
+    DataError: a path does not exist, or a directory holds no results.json.
+  """
+  found = []
+  for path in paths:
+    if os.path.isfile(path):
+      found.append(path)
+    elif os.path.isdir(path):
+      inside = sorted(os.path.join(d, "results.json") for d, _, files in os.walk(path)
+                      if "results.json" in files)
+      if not inside:
+        raise DataError(f"no results.json under {path}")
+      found += inside
+    else:
+      raise DataError(f"input {path} does not exist")
+  return list(dict.fromkeys(found))
+
+
+def read_results(path: str) -> dict:
+  """One results document, checked for DESIGN.md's sections.
+
+  Raises:
+    DataError: the file is unreadable, not JSON, or not a results document.
+  """
+  try:
     with open(path) as f:
-      docs.append(json.load(f))
-  return docs
+      doc = json.load(f)
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise DataError(f"{path} is not a readable results.json ({str(e).splitlines()[0]})") from None
+  missing = [k for k in SECTIONS if not isinstance(doc, dict) or not isinstance(doc.get(k), dict)]
+  if missing:
+    raise DataError(f"{path} is not a results.json: no {missing[0]!r} section")
+  return doc
+
+
+def load(paths: Iterable[str]) -> dict[str, dict]:
+  """`{path: results document}` of every results.json found under `paths` (see `find_results`)."""
+  return {path: read_results(path) for path in find_results(paths)}
+
+
+def read_store(path: str) -> list[dict]:
+  """The finished cells of a sweep store, each `{"cell", "config", "seed", "workdir", "metrics",
+  "defenses", "attack"}` with the JSON columns decoded, in the order they finished.
+
+  Raises:
+    DataError: the file is missing, not a SQLite database, or not a sweep store.
+  """
+  if not os.path.isfile(path):
+    raise DataError(f"store {path} does not exist")
+  columns = ("cell", "config", "seed", "workdir", "metrics", "defenses", "attack")
+  try:
+    connection = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
+    try:
+      rows = connection.execute(f"SELECT {', '.join(columns)} FROM runs WHERE status = 'done' "
+                                "ORDER BY finished_at").fetchall()
+    finally:
+      connection.close()
+    decoded = [dict(zip(columns, row)) for row in rows]
+    for row in decoded:
+      for key in ("cell", "config", "metrics", "defenses", "attack"):
+        row[key] = json.loads(row[key]) if row[key] is not None else {}
+  except (sqlite3.Error, ValueError) as e:
+    raise DataError(f"{path} is not a readable sweep store ({str(e).splitlines()[0]})") from None
+  return decoded
 
 
 def cell(m: dict | None, der: bool = False) -> str:
@@ -38,16 +118,221 @@ def cell(m: dict | None, der: bool = False) -> str:
   return text
 
 
+def attack_name(doc: dict) -> str:
+  """The attack of a results document (with its training-time attack in parentheses)."""
+  attack = doc["attack"]
+  name = attack.get("name") or ",".join(attack.get("names", [])) or "?"
+  if attack.get("training_attack"):
+    name += f" ({attack['training_attack']['name']})"
+  return name
+
+
 def defense_table(docs: Sequence[dict]) -> str:
   """One row per run: attack, the backdoored model and each defense (ACC / ASR (DER), %)."""
-  defenses = []
-  for doc in docs:
-    defenses += [d for d in doc.get("defenses", {}) if d not in defenses]
-  rows = []
-  for doc in docs:
-    attack = doc["attack"]["name"]
-    if doc["attack"].get("training_attack"):
-      attack += f" ({doc['attack']['training_attack']['name']})"
-    rows.append([attack, cell(doc["metrics"].get("backdoored")),
-                 *(cell(doc["defenses"].get(d), der=True) for d in defenses)])
+  docs = [d for d in docs if "backdoored" in d["metrics"]]
+  defenses = list(dict.fromkeys(name for doc in docs for name in doc.get("defenses", {})))
+  rows = [[attack_name(doc), cell(doc["metrics"]["backdoored"]),
+           *(cell(doc["defenses"].get(d), der=True) for d in defenses)] for doc in docs]
   return markdown_table(["attack", "no defense", *defenses], rows)
+
+
+def models_table(metrics: dict, defenses: dict) -> str:
+  """Models (ACC, ASR, RA) then defenses (and DER), one row each, rates as fractions."""
+  rows = [(k, *(m.get(x) for x in MODEL_KEYS), None) for k, m in metrics.items()
+          if isinstance(m, dict) and "acc" in m]
+  rows += [(f"defense {k}", *(m.get(x) for x in MODEL_KEYS), m.get("der"))
+           for k, m in defenses.items()]
+  header = ["model", "ACC", "ASR", "RA", "DER"]
+  if not defenses:
+    header, rows = header[:-1], [row[:-1] for row in rows]
+  return markdown_table(header, rows)
+
+
+def detection_tables(doc: dict) -> str:
+  """The detection experiment's members (ACC, ASR, suspicion per detector) and ROC AUCs."""
+  scorers = list(doc["detection"])
+  rows = [(m["index"], m["attack"], m["acc"], m["asr"] if m["attack"] != "none" else None,
+           *(m[n]["suspicion"] for n in scorers)) for m in doc["metrics"]["members"]]
+  return "\n\n".join((
+      markdown_table(["model", "attack", "ACC", "ASR", *scorers], rows),
+      markdown_table(["detector", "ROC AUC"],
+                     [(n, s["auc"]) for n, s in doc["detection"].items()])))
+
+
+def experiment_tables(doc: dict) -> list[str]:
+  """The tables of one run: its models and defenses, and what its experiment adds."""
+  tables = []
+  if doc.get("detection"):
+    tables.append(detection_tables(doc))
+  elif "quantization" in doc:
+    from jaxbd.experiments import quant_backdoor  # pylint: disable=g-import-not-at-top
+    tables.append(quant_backdoor.table(doc))
+  else:
+    tables.append(models_table(doc["metrics"], doc.get("defenses") or {}))
+  if doc.get("sweep"):
+    tables.append(markdown_table(
+        ["attack", "poison rate", "ACC", "ASR", "RA"],
+        [(s["attack"], _field(s["rate"]), s["acc"], s["asr"], s.get("ra"))
+         for s in doc["sweep"]]))
+  for model, layers in ((doc.get("routing") or {}).get("models") or {}).items():
+    tables.append(markdown_table(
+        ["model", "layer", "trigger patches routed", "(clean)", "experts per trigger patch",
+         "(clean)"],
+        [(model, layer, s["trigger_routed"], s["trigger_routed_clean"], s["trigger_experts"],
+          s["trigger_experts_clean"]) for layer, s in layers.items()]))
+  return tables
+
+
+def _flat(tree: dict) -> dict[str, Any]:
+  return config_lib.flatten(ml_collections.ConfigDict(tree))
+
+
+def _field(value: Any) -> str:
+  """A config value as a table cell (floats in full, not rounded like the metrics)."""
+  return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _order(value: Any) -> tuple:
+  """A sort key for config values of mixed types (numbers by value, the rest as text)."""
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  return (0, value, "") if number else (1, 0, json.dumps(value, sort_keys=True))
+
+
+def varying_fields(rows: Sequence[dict]) -> list[str]:
+  """The config fields whose values differ between store rows (the cells' own fields first)."""
+  flats = [_flat(r["config"]) for r in rows]
+  keys = dict.fromkeys([k for r in rows for k in r["cell"]] + sorted(set().union(*flats)))
+  return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+
+
+def metric_values(row: dict) -> dict[str, float]:
+  """`{"model.acc": v, ..., "defense.der": v}` of a store row or results document."""
+  out = {}
+  for section in ("metrics", "defenses"):
+    for name, m in (row.get(section) or {}).items():
+      if isinstance(m, dict):
+        out.update((f"{name}.{k}", m[k]) for k in (*MODEL_KEYS, "der") if k in m)
+  return out
+
+
+def cells_table(rows: Sequence[dict]) -> str:
+  """One row per finished cell: the config fields that vary, then every metric."""
+  fields = varying_fields(rows)
+  values = [metric_values(r) for r in rows]
+  columns = list(dict.fromkeys(k for v in values for k in v))
+  flats = [_flat(r["config"]) for r in rows]
+  order = sorted(range(len(rows)), key=lambda i: [_order(flats[i].get(k)) for k in fields])
+  return markdown_table([*fields, *columns],
+                        [[_field(flats[i].get(k)) for k in fields]
+                         + [values[i].get(c) for c in columns] for i in order])
+
+
+def rate_curves(rows: Sequence[dict]) -> list[dict]:
+  """ASR and ACC of the backdoored models against `poison.rate`, over seeds.
+
+  Cells are grouped by every varying config field except `seed`; the line of a group is named by
+  its attack and the other fields that vary (not the rate).
+
+  Returns:
+    `{"attack", "rate", "n", "acc", "acc_std", "asr", "asr_std"}` rows (means and sample standard
+    deviations over the n cells; std 0 for n = 1), for `plots.asr_vs_rate`.
+  """
+  fields = [k for k in varying_fields(rows) if k not in ("seed", "poison.rate")]
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    m = r["metrics"].get("backdoored") or {}
+    rate = r["config"]["poison"]["rate"]
+    if "asr" not in m or rate <= 0:
+      continue
+    flat = _flat(r["config"])
+    label = " ".join([attack_name(r)] + [f"{k}={_field(flat[k])}" for k in fields
+                                         if k not in ("poison.name", "attack.name")])
+    groups.setdefault((label, rate), []).append(m)
+  out = []
+  for (label, rate), ms in groups.items():
+    row = {"attack": label, "rate": rate, "n": len(ms)}
+    for key in ("acc", "asr"):
+      v = np.array([m[key] for m in ms], np.float64)
+      row[key], row[f"{key}_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    out.append(row)
+  return sorted(out, key=lambda r: (r["attack"], r["rate"]))
+
+
+def tradeoff_runs(named: dict[str, dict]) -> list[dict]:
+  """`plots.defense_tradeoff` points of the runs that have a backdoored model and defenses."""
+  runs = []
+  for name, doc in named.items():
+    attacked = doc["metrics"].get("backdoored") or {}
+    defended = {k: d for k, d in (doc.get("defenses") or {}).items() if "asr" in d}
+    if "asr" in attacked and defended:
+      runs.append({"label": name, "attacked": attacked, "defenses": defended})
+  return runs
+
+
+def _figure(path: str, out: str, alt: str) -> str:
+  return f"![{alt}]({os.path.relpath(path, out)})"
+
+
+def write_report(inputs: Sequence[str], store: str | None, out: str) -> str:
+  """Writes `out/report.md` and its figures; returns the report's path.
+
+  Args:
+    inputs: results.json files or directories holding them (searched recursively).
+    store: a sweep's `results.sqlite`, or None.
+    out: the report directory (created).
+
+  Raises:
+    ConfigError: neither inputs nor a store.
+    DataError: a missing or corrupt input (checked before anything is written).
+  """
+  if not inputs and not store:
+    raise ConfigError("nothing to report: give --inputs, --store or both")
+  docs = load(inputs)
+  rows = read_store(store) if store else []
+  os.makedirs(out, exist_ok=True)
+  lines = ["# jaxbd report", ""]
+  lines += [f"- results: `{p}`" for p in docs] + ([f"- sweep store: `{store}`"] if store else [])
+  names = {}
+  for k, (path, doc) in enumerate(docs.items()):
+    name = f"run{k + 1}_{os.path.basename(os.path.dirname(os.path.abspath(path)))}"
+    names[name] = doc
+    lines += ["", f"## {name}", "",
+              f"`{path}`: experiment {doc['config'].get('experiment')}, dataset "
+              f"{doc.get('dataset')}, model {doc.get('model')}, attack {attack_name(doc)}", ""]
+    lines += [t + "\n" for t in experiment_tables(doc)]
+    figures = os.path.join(out, "runs", name)
+    os.makedirs(figures, exist_ok=True)
+    drawn = plots.from_results(path, figures)
+    if not drawn:
+      os.rmdir(figures)
+    lines += [_figure(os.path.join(figures, f), out, f) for f in drawn]
+  # Cells of the store whose results.json is among the inputs are drawn once.
+  seen = {os.path.realpath(p) for p in docs}
+  for r in rows:
+    if os.path.realpath(os.path.join(r["workdir"], "results.json")) not in seen:
+      names[f"cell {os.path.basename(r['workdir'])}"] = r
+  runs = tradeoff_runs(names)
+  if runs:
+    lines += ["", "## Defenses across runs", ""]
+    if any(doc.get("defenses") for doc in docs.values()):
+      lines += ["ACC / ASR (DER) in %:", "", defense_table(list(docs.values())), ""]
+    lines += [_figure(plots.defense_tradeoff(runs, os.path.join(out, "tradeoff.png")), out,
+                      "defense trade-off")]
+  if store:
+    lines += ["", "## Sweep store", "", f"{len(rows)} finished cells.", "",
+              cells_table(rows) if rows else ""]
+    curves = rate_curves(rows)
+    if len({c["rate"] for c in curves}) > 1:
+      lines += ["", "### ASR against poisoning rate (mean, sample std over seeds)", "",
+                markdown_table(["attack", "poison rate", "seeds", "ASR", "ASR std", "ACC",
+                                "ACC std"],
+                               [(c["attack"], _field(c["rate"]), c["n"], c["asr"], c["asr_std"],
+                                 c["acc"], c["acc_std"]) for c in curves]), "",
+                _figure(plots.asr_vs_rate(curves, os.path.join(out, "asr_vs_rate.png")), out,
+                        "ASR against poisoning rate")]
+  with contextlib.suppress(OSError):  # no run had per-run figures
+    os.rmdir(os.path.join(out, "runs"))
+  path = os.path.join(out, "report.md")
+  with atomic_file(path) as f:
+    f.write("\n".join(lines).rstrip() + "\n")
+  return path

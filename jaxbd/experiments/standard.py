@@ -5,14 +5,23 @@ trains on the poisoned set of `config.poison`; then each defense of `defense.nam
 backdoored model with the trusted clean data. Every model is evaluated on ACC and, with the
 attack's trigger, ASR and RA (the clean model's ASR is the trigger's baseline); defenses also get
 DER. Writes `WORKDIR/results.json` and prints a table.
+
+`run_population` runs several such experiments that differ only in `seed` with each phase's models
+trained as one vmapped population (`python -m jaxbd.sweep --vmap_seeds`).
 """
 
 from __future__ import annotations
 
+import os
+from typing import Sequence
+
 import ml_collections
+import numpy as np
 
 from jaxbd import config as config_lib
-from jaxbd.experiments import common, results
+from jaxbd import train as train_lib
+from jaxbd.errors import ConfigError
+from jaxbd.experiments import common, population, report, results
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -25,31 +34,77 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the experiment and returns the results document (also written to the workdir)."""
   r = common.prepare(config, workdir)
   metrics, timing = {}, {}
-  phases = (["clean"] if config.standard.train_clean else []) + ["backdoored"]
-  for phase in phases:
+  for phase in phases(config):
     poisoned = phase == "backdoored" and config.poison.name != "none"
     variables, summary = common.train_classifier(r, phase, poisoned=poisoned)
     metrics[phase] = summary["eval"]
-    timing[phase] = {k: summary[k] for k in ("seconds", "images_per_second", "steps",
-                                             "resumed_from_epoch")}
+    timing[phase] = timing_section(summary)
+  return finish(r, variables, metrics, timing)
+
+
+def phases(config: ml_collections.ConfigDict) -> list[str]:
+  return (["clean"] if config.standard.train_clean else []) + ["backdoored"]
+
+
+def timing_section(summary: dict) -> dict:
+  """A phase's entry of the `timing` section, from `jaxbd.train.fit`'s summary."""
+  return {k: summary[k] for k in ("seconds", "images_per_second", "steps", "resumed_from_epoch")}
+
+
+def finish(r: common.Run, variables: dict, metrics: dict, timing: dict) -> dict:
+  """Defends the backdoored `variables`, writes `results.json` and prints the table."""
   defended = common.run_defenses(r, variables, metrics["backdoored"])
   doc = results.document(
-      config, dataset=r.dataset.name, model=config.model.name,
-      attack=attack_section(config, r.plan), metrics=metrics, defenses=defended, timing=timing)
-  results.write_json(f"{workdir}/results.json", doc)
-  print_table(metrics, defended)
+      r.config, dataset=r.dataset.name, model=r.config.model.name,
+      attack=attack_section(r.config, r.plan), metrics=metrics, defenses=defended, timing=timing)
+  results.write_json(f"{r.workdir}/results.json", doc)
+  print(report.models_table(metrics, defended))
   return doc
 
 
-def print_table(metrics: dict, defended: dict) -> None:
-  """Prints models and defenses as a markdown table (ACC, ASR, RA, and DER for defenses)."""
-  rows = [(k, m["acc"], m.get("asr"), m.get("ra"), None) for k, m in metrics.items()]
-  rows += [(f"defense {k}", m["acc"], m.get("asr"), m.get("ra"), m.get("der"))
-           for k, m in defended.items()]
-  header = ["model", "ACC", "ASR", "RA", "DER"]
-  if not defended:
-    header, rows = header[:-1], [row[:-1] for row in rows]
-  print(results.markdown_table(header, rows))
+def population_ready(config: ml_collections.ConfigDict) -> bool:
+  """Whether runs of `config` can train as one population (`run_population`): the standard
+  experiment with a data-poisoning attack and no training-time attack."""
+  return (config.experiment == "standard" and config.poison.name != "none"
+          and config.attack.name == "none")
+
+
+def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
+                   population_dir: str) -> list[dict]:
+  """Runs standard experiments whose configs differ only in `seed`, each phase's models trained
+  together under `jax.vmap` (`jaxbd.experiments.population`).
+
+  Each member gets the keys, poison plan and trigger its own `run` would use, so its results
+  match a run of its own up to floating-point reassociation; evaluation and defenses run per
+  member. Every workdir ends up as `run` leaves it (config, poison plan, final checkpoint of each
+  phase, results.json); `timing` holds the population's wall time (`population`: its size).
+  The population's checkpoints live in `population_dir`, so a killed run resumes.
+
+  Raises:
+    ConfigError: configs that differ in more than `seed` or are not `population_ready`.
+  """
+  base = [dict(c.to_dict(), seed=0) for c in configs]
+  if any(b != base[0] for b in base) or not population_ready(configs[0]):
+    raise ConfigError("a population needs standard-experiment configs with a data-poisoning "
+                      "attack that differ only in seed")
+  runs = [common.prepare(c, w) for c, w in zip(configs, workdirs)]
+  os.makedirs(population_dir, exist_ok=True)
+  r0, c = runs[0], configs[0]
+  metrics, timing = [{} for _ in runs], [{} for _ in runs]
+  for phase in phases(c):
+    poisoned = phase == "backdoored"
+    members = [dict(key=common.phase_key(r, phase), trigger=r.trigger,
+                    labels=r.plan.labels if poisoned else r.dataset.y_train,
+                    kind=r.plan.kind if poisoned else np.zeros_like(r.plan.kind)) for r in runs]
+    states, summary = population.train_group(
+        r0.model, r0.dataset.x_train, members, phase=phase, train_config=c.train,
+        data_config=c.data, log_config=c.log, vmapped=True, workdir=population_dir)
+    for r, state, m, t in zip(runs, states, metrics, timing):
+      common.save_phase(r, phase, c.train.epochs, state)
+      m[phase] = r.evaluate(train_lib.variables(state))
+      t[phase] = dict(timing_section(summary), population=len(runs))
+  return [finish(r, train_lib.variables(s), m, t)
+          for r, s, m, t in zip(runs, states, metrics, timing)]
 
 
 def attack_section(config: ml_collections.ConfigDict, plan) -> dict:

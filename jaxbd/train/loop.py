@@ -78,7 +78,10 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
     arrays: the training set on device (`arrays.size` examples).
     epochs: total epochs of the phase.
     batch_size: examples per step.
-    key: PRNG key of the phase (epoch permutations and per-step keys derive from it).
+    key: PRNG key of the phase (epoch permutations and per-step keys derive from it); a stack
+      of keys [M] trains a population of M models (see `jaxbd.experiments.population`): each
+      model gets its own permutations (perm int32[M, steps, B]) and step keys, the ones its own
+      key would give it alone.
     workdir: run directory for checkpoints and metrics.jsonl (None: neither).
     context: extra pytree passed to every step (see jaxbd.train.step).
     eval_fn: `state -> {name: float}` run every `eval_every` epochs and after the last.
@@ -105,14 +108,18 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
     start = latest
     log.truncate(phase, latest)
   steps = -(-arrays.size // batch_size)
-  perm_key, step_key = jax.random.split(key)
+  population = key.ndim > 0  # one key per model of a stacked population: per-model epochs
+  keys = (jax.vmap(jax.random.split) if population else jax.random.split)(key)
+  perm_key, step_key = keys[..., 0], keys[..., 1]
+  epoch_perm = lambda k, epoch: epoch_indices(jax.random.fold_in(k, epoch), arrays.size,
+                                              batch_size)
   jit_step = jax.jit(step_fn, donate_argnums=(0,))
-  jit_perm = jax.jit(epoch_indices, static_argnums=(1, 2))
+  jit_perm = jax.jit(jax.vmap(epoch_perm, (0, None)) if population else epoch_perm)
   summary = {"epochs": epochs, "steps": epochs * steps, "resumed_from_epoch": start}
   last_eval: dict = {}
   t0, trained_steps = time.perf_counter(), 0
   for epoch in range(start, epochs):
-    perm = jit_perm(jax.random.fold_in(perm_key, epoch), arrays.size, batch_size)
+    perm = jit_perm(perm_key, epoch)
     bar = tqdm.tqdm(total=steps, desc=f"{phase} {epoch + 1}/{epochs}", leave=False,
                     disable=None if progress else True,  # None: only on a terminal
                     file=sys.stderr, dynamic_ncols=True)

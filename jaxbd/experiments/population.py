@@ -1,0 +1,142 @@
+"""Training a population of M models of one architecture at once, under `jax.vmap`.
+
+Many small models (the detection experiment's clean and backdoored members, the seeds of a sweep
+cell) differ only in their initialization, labels, poisoned rows and trigger. Their train states
+are stacked on a leading model axis and one jitted step runs `jax.vmap` over it; every member
+keeps its own PRNG streams (`jaxbd.train.fit` with a stack of keys gives each member the epoch
+permutations and step keys its key alone would give), so a vmapped member trains like the same
+member trained alone, up to floating-point reassociation in the batched kernels.
+`train_group(..., vmapped=False)` trains the members one after another with the same per-member
+step instead.
+
+Whether vmap pays off depends on the backend and the length of the run. A vmapped step compiles
+once for the whole population where a sweep compiles each cell's step anew, but XLA's CPU backend
+runs the batched convolutions 2-3x slower per image (scripts/bench_population.py: 4 CNNs of width 8,
+529 vs 1,523 images/s; 8 of width 16, 185 vs 424 images/s, 2 shared cores). So on CPU short runs
+gain and long runs lose; end to end (scripts/bench_sweep_seeds.py, 4 seeds, 2 shared cores):
+configs/quickstart.py (30 epochs on 8x8 digits) 60 s vmapped vs 73 s looped; configs/cifar10.py:cpu
+at 2 epochs on 2,000 images 103 s vs 143 s; but the same recipe at its 10 epochs on 5,000 images
+took 671 s looped, while the vmapped population had run 812 s and reached epoch 8 of 10 when it
+was stopped. Accelerators were not measured here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbd import data as data_lib
+from jaxbd import poison
+from jaxbd import train as train_lib
+
+
+@flax.struct.dataclass
+class Population:
+  """Training data of M models sharing one image array.
+
+  Attributes:
+    images: uint8[N, H, W, C].
+    labels: int32[M, N] each member's (relabeled) training labels.
+    kind: int8[M, N] each member's poisoning roles.
+    triggers: the members' triggers stacked on a leading axis.
+  """
+
+  images: jax.Array
+  labels: jax.Array
+  kind: jax.Array
+  triggers: object
+
+  @property
+  def size(self) -> int:
+    return self.images.shape[0]
+
+  def member(self, j: int) -> "Population":
+    """Member j's data (labels int32[N], kind int8[N], its trigger), sharing the images."""
+    pick = lambda tree: jax.tree.map(lambda x: x[j], tree)
+    return self.replace(labels=self.labels[j], kind=self.kind[j], triggers=pick(self.triggers))
+
+
+def population_step(model, tx, data_config, vmapped: bool):
+  """The train step of a stacked population (vmapped) or of one member (`vmapped=False`).
+
+  Vmapped, `perm` is int32[M, steps, B] and `key` a stack of M keys (one per member, as
+  `jaxbd.train.fit` makes them from a stack of keys); the metrics are means over members.
+  """
+
+  def member(state, images, labels, kind, trigger, perm, i, key):
+    batch_fn = functools.partial(data_lib.gather_batch, poison_fn=poison.poison_fn(trigger),
+                                 crop_padding=data_config.crop_padding, flip=data_config.flip)
+    step = train_lib.make_train_step(train_lib.classification_loss(model), tx, batch_fn)
+    return step(state, data_lib.TrainArrays(images, labels, kind), perm, i, key)
+
+  def step(state, arrays: Population, perm, i, key, context=None):
+    del context
+    if not vmapped:
+      return member(state, arrays.images, arrays.labels, arrays.kind, arrays.triggers, perm, i,
+                    key)
+    state, m = jax.vmap(member, in_axes=(0, None, 0, 0, 0, 0, None, 0))(
+        state, arrays.images, arrays.labels, arrays.kind, arrays.triggers, perm, i, key)
+    return state, jax.tree.map(jnp.mean, m)
+
+  return step
+
+
+def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, train_config,
+                data_config, log_config, vmapped: bool,
+                workdir: Optional[str] = None) -> tuple[list[dict], dict]:
+  """Trains the members of one group from scratch.
+
+  Args:
+    model: the architecture every member shares.
+    images: uint8[N, H, W, C] the shared training images.
+    members: dicts with `key` (the member's phase key: its initialization and training streams
+      split from it as in `jaxbd.experiments.common.train_classifier`), `labels` int[N], `kind`
+      int8[N] and `trigger` (the same pytree structure for every member).
+    phase: phase name (checkpoints under `workdir/checkpoints/<phase>`; `<phase>_<j>` per member
+      when not vmapped).
+    train_config: the `train` section.
+    data_config: the `data` section (augmentation).
+    log_config: the `log` section.
+    vmapped: one vmapped step over the stacked members, or a loop over them.
+    workdir: checkpoints and metrics.jsonl (None: neither).
+
+  Returns:
+    (the members' final train states in order, `jaxbd.train.fit`'s summary with `seconds` and
+    `images_per_second` over the whole group).
+  """
+  tc = train_config
+  steps = -(-len(images) // tc.batch_size)
+  tx = train_lib.make_optimizer(tc, steps)
+  init = lambda k: train_lib.create_state(train_lib.init_variables(model, k, images.shape[1:]), tx)
+  stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
+  init_keys, train_keys = zip(*(jax.random.split(m["key"]) for m in members))
+  population = Population(jnp.asarray(images),
+                          jnp.asarray(np.stack([m["labels"] for m in members])),
+                          jnp.asarray(np.stack([m["kind"] for m in members])),
+                          stack([m["trigger"] for m in members]))
+  step = population_step(model, tx, data_config, vmapped)
+  fit = functools.partial(train_lib.fit, epochs=tc.epochs, batch_size=tc.batch_size,
+                          workdir=workdir, log_every=log_config.every_steps,
+                          progress=log_config.progress, eval_every=0,
+                          checkpoint_every=tc.checkpoint_every)
+  if vmapped:
+    # Initialized one by one as `supervised_setup` does (same values, and the eager kernels it
+    # compiled are reused), then stacked.
+    state, summary = fit(phase, stack([init(k) for k in init_keys]), step, population,
+                         key=jnp.stack(train_keys))
+    summary["images_per_second"] *= len(members)
+    return [jax.tree.map(lambda x, j=j: x[j], state) for j in range(len(members))], summary
+  out, seconds, images = [], 0.0, 0.0
+  for j, (init_key, train_key) in enumerate(zip(init_keys, train_keys)):
+    state, summary = fit(f"{phase}_{j}", init(init_key), step, population.member(j),
+                         key=train_key)
+    out.append(state)
+    seconds += summary["seconds"]
+    images += summary["images_per_second"] * summary["seconds"]
+  summary.update(seconds=seconds, images_per_second=images / seconds if seconds else 0.0)
+  return out, summary

@@ -1,0 +1,154 @@
+"""Reports: tables parsed back hold the stored metrics, figures are PNGs, bad input exits 2."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxbd import experiments, metrics
+from jaxbd.errors import DataError
+from jaxbd.experiments import report
+
+from conftest import REPO, tiny_digits_config
+
+
+def tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
+  """Every markdown table of a text as (header, rows of cell strings)."""
+  out, lines = [], markdown.splitlines()
+  for i, line in enumerate(lines):
+    if line.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+      split = lambda l: [c.strip() for c in l.strip().strip("|").split("|")]
+      rows = []
+      for row in lines[i + 2:]:
+        if not row.startswith("|"):
+          break
+        rows.append(split(row))
+      out.append((split(line), rows))
+  return out
+
+
+def table_with(markdown: str, *columns: str) -> list[dict[str, str]]:
+  """The rows, as {column: cell}, of the one table whose header has all `columns`."""
+  found = [(h, rows) for h, rows in tables(markdown) if set(columns) <= set(h)]
+  assert len(found) == 1, [h for h, _ in tables(markdown)]
+  header, rows = found[0]
+  return [dict(zip(header, row)) for row in rows]
+
+
+def assert_png(path) -> None:
+  with Image.open(path) as image:
+    assert image.format == "PNG" and min(image.size) > 100
+    image.verify()
+
+
+def run_cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "jaxbd.report", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_report_of_sweep_store_and_runs(digits_sweep, tmp_path):
+  """A 2 rates x 2 seeds sweep store plus a run with fine-tuning: every table parsed back holds
+  the stored metrics, the rate curve is the mean and sample std over seeds, figures are PNGs."""
+  config = tiny_digits_config(**{"defense.names": "ft", "defense.ft.epochs": 1,
+                                 "defense.ft.eval_every": 0, "defense.ft.checkpoint_every": 0})
+  doc = experiments.run(config, str(tmp_path / "ft_run"))
+  out = tmp_path / "report"
+  path = report.write_report([str(tmp_path / "ft_run"), f"{digits_sweep.workdir}/cells"],
+                             digits_sweep.store, str(out))
+  text = open(path).read()
+
+  # The run with a defense: its models and defense rows.
+  ft_section = text.split("## run1_ft_run")[1].split("\n## ")[0]
+  rows = {r["model"]: r for r in table_with(ft_section, "model", "ACC", "ASR", "RA", "DER")}
+  assert set(rows) == {"backdoored", "defense ft"}
+  for name, m in [*doc["metrics"].items(), ("defense ft", doc["defenses"]["ft"])]:
+    for key in ("acc", "asr", "ra"):
+      assert float(rows[name][key.upper()]) == pytest.approx(m[key], abs=5e-5)
+  assert float(rows["defense ft"]["DER"]) == pytest.approx(doc["defenses"]["ft"]["der"], abs=5e-5)
+  defense_rows = table_with(text, "attack", "no defense", "ft")
+  assert defense_rows[0]["ft"] == report.cell(doc["defenses"]["ft"], der=True)
+  assert_png(out / "tradeoff.png")
+
+  # The store: one row per cell, and the rate curve over seeds.
+  with sqlite3.connect(digits_sweep.store) as db:
+    stored = [(json.loads(c), json.loads(m)["backdoored"]) for c, m in
+              db.execute("SELECT cell, metrics FROM runs WHERE status = 'done'")]
+  assert len(stored) == 4
+  cells = table_with(text, "poison.rate", "seed", "backdoored.asr")
+  assert len(cells) == 4
+  for cell, m in stored:
+    row, = [r for r in cells if float(r["poison.rate"]) == cell["poison.rate"]
+            and int(r["seed"]) == cell["seed"]]
+    for key in ("acc", "asr", "ra"):
+      assert float(row[f"backdoored.{key}"]) == pytest.approx(m[key], abs=5e-5)
+  curve = table_with(text, "poison rate", "seeds", "ASR std")
+  assert [float(r["poison rate"]) for r in curve] == [0.05, 0.2]
+  for row in curve:
+    asr = np.array([m["asr"] for c, m in stored if c["poison.rate"] == float(row["poison rate"])])
+    assert row["attack"] == "badnets" and int(row["seeds"]) == len(asr) == 2
+    assert float(row["ASR"]) == pytest.approx(asr.mean(), abs=5e-5)
+    assert float(row["ASR std"]) == pytest.approx(asr.std(ddof=1), abs=5e-5)
+  assert_png(out / "asr_vs_rate.png")
+  assert text.count("\n## run") == 5  # the ft run and the 4 cells' results.json
+
+
+def test_report_draws_routing_heatmaps_and_roc_curves(tmp_path):
+  """Routing statistics (BadPatches) and detection scores in results files become tables and
+  figures whose numbers are the documents'."""
+  rng = np.random.default_rng(0)
+  selected = lambda: rng.random((20, 4, 2)) < 0.5
+  covered = np.zeros((20, 4), bool)
+  covered[:, 3] = True
+  stats = metrics.routing_statistics(selected(), selected(), covered)
+  base = {"config": {"experiment": "badpatches"}, "dataset": "digits", "model": "pmoe_patch",
+          "attack": {"name": "badpatches"}, "defenses": {}}
+  routed = dict(base, metrics={"backdoored": {"acc": 0.9, "asr": 0.8, "ra": 0.1}},
+                routing={"grid": [2, 2], "models": {"backdoored": {"moe_0": stats}}})
+  suspicion = {"cti": [0.1, 0.3, 0.2, 0.9], "nc": [1.0, 0.2, 2.5, 3.0]}
+  positive = np.array([False, False, True, True])
+  members = [{"index": j, "attack": "badnets" if p else "none", "acc": 0.9, "asr": 0.5,
+              **{n: {"suspicion": s[j]} for n, s in suspicion.items()}}
+             for j, p in enumerate(positive)]
+  detected = dict(base, config={"experiment": "detection"}, metrics={"members": members},
+                  detection={n: {"auc": metrics.roc_auc(s, positive), "suspicion": s}
+                             for n, s in suspicion.items()})
+  for name, doc in (("routed", routed), ("detected", detected)):
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / "results.json").write_text(json.dumps(doc))
+  path = report.write_report([str(tmp_path)], None, str(tmp_path / "report"))
+  text = open(path).read()
+  row, = table_with(text, "layer", "trigger patches routed")
+  assert float(row["trigger patches routed"]) == pytest.approx(stats["trigger_routed"], abs=5e-5)
+  aucs = {r["detector"]: float(r["ROC AUC"]) for r in table_with(text, "detector", "ROC AUC")}
+  assert aucs == pytest.approx({"cti": 0.75, "nc": 1.0})
+  assert_png(tmp_path / "report" / "runs" / "run1_detected" / "roc.png")
+  assert_png(tmp_path / "report" / "runs" / "run2_routed" / "routing_backdoored_moe_0.png")
+  assert "runs/run1_detected/roc.png" in text
+
+
+def test_missing_and_corrupt_inputs_are_one_line_and_write_nothing(tmp_path):
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  (bad / "results.json").write_text('{"metrics": {"backdoored": {"acc": 0.9')
+  result = run_cli(f"--inputs={bad}", f"--out={tmp_path / 'out'}")
+  assert result.returncode == 2
+  line, = result.stderr.strip().splitlines()
+  assert line.startswith(f"jaxbd: error: {bad / 'results.json'} is not a readable results.json "
+                         "(Expecting")
+  assert not (tmp_path / "out").exists()
+  (tmp_path / "store.sqlite").write_bytes(b"not a database" * 100)
+  with pytest.raises(DataError, match="is not a readable sweep store"):
+    report.write_report([], str(tmp_path / "store.sqlite"), str(tmp_path / "out"))
+  with pytest.raises(DataError, match="does not exist"):
+    report.write_report([str(tmp_path / "absent")], None, str(tmp_path / "out"))
+  (bad / "results.json").write_text('{"metrics": {}}')
+  with pytest.raises(DataError, match="no 'config' section"):
+    report.write_report([str(bad)], None, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
