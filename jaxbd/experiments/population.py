@@ -131,12 +131,12 @@ def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, t
                          key=jnp.stack(train_keys))
     summary["images_per_second"] *= len(members)
     return [jax.tree.map(lambda x, j=j: x[j], state) for j in range(len(members))], summary
-  out, seconds, images = [], 0.0, 0.0
+  out, seconds, seen = [], 0.0, 0.0
   for j, (init_key, train_key) in enumerate(zip(init_keys, train_keys)):
     state, summary = fit(f"{phase}_{j}", init(init_key), step, population.member(j),
                          key=train_key)
     out.append(state)
     seconds += summary["seconds"]
-    images += summary["images_per_second"] * summary["seconds"]
-  summary.update(seconds=seconds, images_per_second=images / seconds if seconds else 0.0)
+    seen += summary["images_per_second"] * summary["seconds"]
+  summary.update(seconds=seconds, images_per_second=seen / seconds if seconds else 0.0)
   return out, summary
