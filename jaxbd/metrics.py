@@ -55,8 +55,7 @@ def robust_accuracy(pred: np.ndarray, labels: np.ndarray, target_labels: np.ndar
 
 def target_rate(pred: np.ndarray, labels: np.ndarray, target: int) -> float:
   """Fraction of images with true label != target predicted as target.  pred, labels: int[M]."""
-  keep = np.asarray(labels) != target
-  return accuracy(np.asarray(pred)[keep], np.full(int(keep.sum()), target))
+  return attack_success_rate(pred, labels, np.full(np.shape(labels), target))
 
 
 def behavior_attack_success_rate(pred_fp: np.ndarray, pred_q: np.ndarray, labels: np.ndarray,

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbd import benchmark
 from jaxbd import config as config_lib
 from jaxbd import models, poison
 from jaxbd import train as train_lib
@@ -36,9 +37,8 @@ def main(argv):
   c = config_lib.defaults()
   c.model.cnn.width = _WIDTH.value
   m, n, b = _MODELS.value, 2048, _BATCH.value
-  rng = np.random.default_rng(0)
-  x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-  y = rng.integers(0, 10, n)
+  ds = benchmark.random_dataset(n)
+  x, y = ds.x_train, ds.y_train
   model = models.create(c, 10, (0.5,) * 3, (0.25,) * 3)
   tx = train_lib.make_optimizer(c.train, n // b)
   trigger = poison.make_trigger(c, (32, 32, 3))

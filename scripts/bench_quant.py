@@ -5,7 +5,7 @@ r"""Throughput of quantized training and deployment: the QB step and float/fake/
   python scripts/bench_quant.py --out=benchmarks/quant_h100.json    # on a GPU
 
 Data: CIFAR-10-shaped random uint8 images. Measured after compilation and warm-up:
-- train: images/s of the jitted train step with plain cross-entropy (float pass only) and with
+- train: images/s of the jitted train step (`jaxbd.benchmark.time_steps`) with plain cross-entropy (float pass only) and with
   QB's bi-target loss (a float pass plus a W8A8 fake-quantized pass over the same parameters);
 - infer: images/s of batched inference of the float model, the fake-quantized model and the
   deployed integer model (int8 codes, int32 accumulation), each a jitted `Predictor`.
@@ -19,10 +19,9 @@ import time
 
 from absl import app, flags
 import jax
-import numpy as np
 
 from jaxbd import config as config_lib
-from jaxbd import data, models
+from jaxbd import benchmark, models
 from jaxbd import quant as quant_lib
 from jaxbd import train as train_lib
 from jaxbd.attacks import quantization as attacks
@@ -36,7 +35,7 @@ _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
 
 
 def _timed(fn, repeats: int) -> float:
-  """Seconds per call of `fn` (which returns a jax value), after two warm-up calls."""
+  """Seconds per call of inference `fn` (which returns a jax value), after two warm-up calls."""
   for _ in range(2):
     jax.block_until_ready(fn())
   t0 = time.perf_counter()
@@ -52,10 +51,7 @@ def main(argv):
   c.model.name = _MODEL.value
   c.model[_MODEL.value].width = _WIDTH.value
   c.train.batch_size = b = _BATCH.value
-  rng = np.random.default_rng(0)
-  x = rng.integers(0, 256, (_NUM.value, 32, 32, 3), dtype=np.uint8)
-  y = rng.integers(0, 10, _NUM.value)
-  ds = data.make_dataset("random", x, y, x[:b], y[:b])
+  ds = benchmark.random_dataset(_NUM.value)
   mesh = train_lib.make_mesh()
   model = models.create(c, 10, (0.5,) * 3, (0.25,) * 3)
   quant = quant_lib.QuantConfig()
@@ -68,15 +64,8 @@ def main(argv):
     setup = train_lib.supervised_setup(model, ds.x_train, ds.y_train, train_config=c.train,
                                        data_config=c.data, mesh=mesh, key=jax.random.key(1),
                                        loss_fn=loss_fn, variables=variables)
-    step = jax.jit(setup.step, donate_argnums=(0,))
-    perm = data.epoch_indices(jax.random.key(2), setup.arrays.size, b)
-    box = {"state": setup.state}
-
-    def one_step():
-      box["state"], metrics = step(box["state"], setup.arrays, perm, 0, jax.random.key(3))
-      return metrics
-
-    results[f"train_{name}_images_per_second"] = b / _timed(one_step, _STEPS.value)
+    timed, _ = benchmark.time_steps(setup, b, _STEPS.value, c.model.dtype)
+    results[f"train_{name}_images_per_second"] = timed["step_images_per_second"]
   model_q = model.clone(quant=quant)
   sharding = train_lib.batch_sharding(mesh)
   float_vars = {k: v for k, v in variables.items() if k != "quant_stats"}
@@ -89,13 +78,9 @@ def main(argv):
     seconds = _timed(lambda: predict(v, images), 1)
     results[f"infer_{name}_images_per_second"] = len(images) / seconds
   doc = {"model": _MODEL.value, "width": _WIDTH.value, "batch_size": b,
-         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-         "jax": jax.__version__, "results": results}
+         "device": benchmark.device_name(), "jax": jax.__version__, "results": results}
   print(json.dumps(doc, indent=1))
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(doc, f, indent=1)
-      f.write("\n")
+  benchmark.write_json(_OUT.value, doc)
 
 
 if __name__ == "__main__":

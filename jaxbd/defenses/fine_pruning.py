@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxbd import config as config_lib
 from jaxbd import train as train_lib
+from jaxbd.data.pipeline import to_unit
 from jaxbd.defenses import base, fine_tuning
 from jaxbd.errors import ConfigError
 
@@ -61,7 +62,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 @functools.partial(jax.jit, static_argnums=0)
 def _activations(model, variables: dict, images: jax.Array) -> dict:
   """{module path: f32[B, ..., C]} per-image activations of the fine-pruning layer."""
-  _, state = model.apply(variables, images.astype(jnp.float32) / 255.0, train=False,
+  _, state = model.apply(variables, to_unit(images), train=False,
                          mutable=["intermediates"])
   flat = flax.traverse_util.flatten_dict(state.get("intermediates", {}))
   return {k[:-1]: v[0] for k, v in flat.items() if k[-1] == ACTIVATIONS}

@@ -35,6 +35,7 @@ import numpy as np
 from jaxbd import config as config_lib
 from jaxbd import metrics as metrics_lib
 from jaxbd import models, poison
+from jaxbd.data.pipeline import to_unit
 from jaxbd import train as train_lib
 from jaxbd.experiments import common, plots, results, standard
 from jaxbd.models import routing
@@ -82,7 +83,7 @@ def trigger_pixels(trigger, batch: int, image_shape) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("model", "cell"))
 def _routing_batch(model, variables, images: jax.Array, trigger, cell: int):
-  x = images.astype(jnp.float32) / 255.0
+  x = to_unit(images)
   if trigger is None:
     return routing.collect(model, variables, x), None
   covered = badpatches.coverage(trigger_pixels(trigger, x.shape[0], x.shape[1:]), cell)
@@ -146,8 +147,7 @@ def _surrogate(r: common.Run) -> tuple[common.Run, dict]:
     section.l = b.l
   if b.patch and "patch" in section:
     section.patch = b.patch
-  mean, std = common.channel_stats(c, r.dataset.x_train)
-  model = models.create(c, r.dataset.num_classes, mean, std)
+  model = models.create(c, r.dataset.num_classes, r.model.mean, r.model.std)
   predict = train_lib.Predictor(model, c.eval.batch_size, train_lib.batch_sharding(r.mesh))
   surrogate = dataclasses.replace(r, config=c, model=model, predict=predict)
   variables, _ = common.train_classifier(surrogate, "surrogate", poisoned=False)

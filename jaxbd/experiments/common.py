@@ -178,7 +178,7 @@ def train_classifier(run: Run, phase: str, *, poisoned: bool,
   c = run.config
   tc = train_config or c.train
   ds = run.dataset
-  key = key if key is not None else jax.random.fold_in(run.key, _phase_id(phase))
+  key = key if key is not None else phase_key(run, phase)
   init_key, train_key = jax.random.split(key)
   poison_now = poisoned and run.trigger is not None
   setup = train_lib.supervised_setup(
@@ -264,7 +264,7 @@ def run_defenses(run: Run, variables: dict, reference: dict[str, float],
   out = {}
   for name in names:
     t0 = time.perf_counter()
-    key = jax.random.fold_in(run.key, _phase_id(f"defense/{name}"))
+    key = phase_key(run, f"defense/{name}")
     defended, report = defenses.DEFENSES[name].build(ctx, variables, trusted, c.defense[name], key)
     seconds = time.perf_counter() - t0
     stages = {stage: evaluate(v) for stage, v in report.pop("stages", {}).items()}

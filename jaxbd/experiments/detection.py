@@ -92,10 +92,9 @@ def build_members(r: common.Run) -> list[dict]:
   return members
 
 
-def groups(members: list[dict], vmapped: bool) -> list[list[dict]]:
-  """Members that can share one vmapped step (same trigger structure); singletons otherwise."""
-  if not vmapped:
-    return [members]
+def groups(members: list[dict]) -> list[list[dict]]:
+  """Members whose triggers have one pytree structure: they share a population (and a vmapped
+  step when `detection.vmap`)."""
   out: dict = {}
   for m in members:
     out.setdefault(jax.tree.structure(m["trigger"]), []).append(m)
@@ -109,7 +108,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   members = build_members(r)
   t0 = time.perf_counter()
   variables = {}
-  for g, group in enumerate(groups(members, d.vmap)):
+  for g, group in enumerate(groups(members)):
     trained, _ = population.train_group(
         r.model, ds.x_train, group, phase=f"population{g}", train_config=c.train,
         data_config=c.data, log_config=c.log, vmapped=d.vmap, workdir=r.workdir)

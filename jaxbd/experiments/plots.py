@@ -28,12 +28,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxbd import metrics
-from jaxbd.experiments import results
+from jaxbd import fileio
 
 
 def _save(fig: Figure, path: str) -> str:
   FigureCanvasAgg(fig)
-  with results.atomic_file(path, "wb") as f:
+  with fileio.atomic_file(path, "wb") as f:
     fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
   return path
 
@@ -175,14 +175,17 @@ def roc_curves(detection: dict, positive: Sequence[bool], path: str) -> str:
   return _save(fig, path)
 
 
-def from_results(path: str, outdir: str | None = None) -> list[str]:
+def from_results(path: str, outdir: str | None = None, doc: dict | None = None) -> list[str]:
   """Draws every plot a results.json has data for into `outdir` (default: beside it).
+
+  `doc` is the parsed file when the caller has already read it.
 
   Returns:
     The written file names.
   """
-  with open(path) as f:
-    doc = json.load(f)
+  if doc is None:
+    with open(path) as f:
+      doc = json.load(f)
   outdir = outdir or os.path.dirname(os.path.abspath(path))
   written = []
   routing = doc.get("routing") or {}

@@ -33,7 +33,8 @@ import numpy as np
 from jaxbd import config as config_lib
 from jaxbd.errors import ConfigError, DataError
 from jaxbd.experiments import plots
-from jaxbd.experiments.results import atomic_file, markdown_table
+from jaxbd.experiments.results import markdown_table
+from jaxbd.fileio import atomic_file
 
 SECTIONS = ("config", "attack", "metrics")  # what a results.json must have to be reported
 MODEL_KEYS = ("acc", "asr", "ra")
@@ -302,7 +303,7 @@ def write_report(inputs: Sequence[str], store: str | None, out: str) -> str:
     lines += [t + "\n" for t in experiment_tables(doc)]
     figures = os.path.join(out, "runs", name)
     os.makedirs(figures, exist_ok=True)
-    drawn = plots.from_results(path, figures)
+    drawn = plots.from_results(path, figures, doc)
     if not drawn:
       os.rmdir(figures)
     lines += [_figure(os.path.join(figures, f), out, f) for f in drawn]

@@ -8,15 +8,14 @@ reader never sees a half-written file; in multi-host runs only process 0 writes 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import platform
-import tempfile
-from typing import IO, Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np
+
+from jaxbd.fileio import atomic_file
 
 
 def _jsonable(obj: Any) -> Any:
@@ -34,21 +33,6 @@ def _jsonable(obj: Any) -> Any:
 def is_writer() -> bool:
   """Whether this process writes results and logs (process 0 of a multi-host run)."""
   return jax.process_index() == 0
-
-
-@contextlib.contextmanager
-def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
-  """Opens a temporary file beside `path`, renamed to `path` only when the block succeeds."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-  try:
-    with os.fdopen(fd, mode) as f:
-      yield f
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from jaxbd import config as config_lib
+from jaxbd.data.pipeline import to_unit
 from jaxbd.errors import ConfigError
 from jaxbd.poison import triggers
 
@@ -276,7 +277,7 @@ def optimize_pattern(trigger: PatchTrigger, router_logits: Callable[[jax.Array],
 
   def objective(logits, idx, k):
     t = trigger.replace(pattern=jnp.where(area, jax.nn.sigmoid(logits), 0.0))
-    x = x_all[idx].astype(jnp.float32) / 255.0
+    x = to_unit(x_all[idx])
     covered = coverage(t.mask(x.shape[0], k), victim_cell).astype(jnp.float32)  # [B, S]
     total = 0.0
     for z in router_logits(t(x, k)):

@@ -17,13 +17,12 @@ The number of poisoned rows is `int(rate * N)` for N training images.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbd import fileio
 from jaxbd.errors import ConfigError, DataError
 
 CLEAN, POISONED, COVER = 0, 1, 2
@@ -57,11 +56,9 @@ class PoisonPlan:
 
   def save(self, path: str) -> None:
     """Writes the plan as .npz atomically (temp file + rename)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
+    with fileio.atomic_file(path, "wb") as f:
       np.savez(f, target=self.target, label_mode=self.label_mode, indices=self.indices,
                cover_indices=self.cover_indices, labels=self.labels)
-    os.replace(tmp, path)
 
 
 def load_plan(path: str) -> PoisonPlan:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import tempfile
 import zipfile
 from typing import Any, Optional
 
@@ -34,8 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbd import fileio
 from jaxbd.data.pipeline import to_unit
 from jaxbd.errors import CheckpointError
+from jaxbd.train.evaluate import padded_batches
 from jaxbd.quant.layers import SCALES, STATS
 from jaxbd.quant.quantizer import QuantConfig
 
@@ -76,10 +76,7 @@ def calibrate(model, variables: dict, images: np.ndarray, batch_size: int,
   if q.observer != "ema":
     return base
   stats = fresh_stats(model, images.shape[1:])
-  for start in range(0, len(images), batch_size):
-    chunk = np.asarray(images[start:start + batch_size])
-    if len(chunk) < batch_size:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
+  for chunk, _ in padded_batches(images, batch_size):
     stats = _observe(model, batch_sharding, base, stats, chunk)
   return {**base, STATS: stats}
 
@@ -156,16 +153,8 @@ def save_export(path: str, exported: dict, quant: QuantConfig) -> None:
   """Writes an export and its QuantConfig to `path` (.npz) atomically (temp file + rename)."""
   arrays = {k: np.asarray(v) for k, v in _flat(exported).items()}
   arrays[_CONFIG_KEY] = np.asarray(json.dumps(dataclasses.asdict(quant)))
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with fileio.atomic_file(path, "wb") as f:
+    np.savez(f, **arrays)
 
 
 def load_export(path: str, model=None, image_shape=None) -> tuple[dict, QuantConfig]:
