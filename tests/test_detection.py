@@ -43,9 +43,14 @@ def test_detection_experiment_on_a_small_population(tmp_path, capsys):
     assert m["acc"] >= 0.8, m
     if m["attack"] != "none":
       assert m["asr"] >= 0.8, m
+  backdoored = np.array([m["attack"] != "none" for m in members])
   for name in ("cti", "nc"):
-    auc = doc["detection"][name]["auc"]
-    assert 0.0 <= auc <= 1.0 and len(doc["detection"][name]["suspicion"]) == 3
+    suspicion = np.array(doc["detection"][name]["suspicion"])
+    assert suspicion.tolist() == [m[name]["suspicion"] for m in members]
+    # AUC = P(a backdoored member is more suspicious than a clean one), ties counting one half.
+    pos, neg = suspicion[backdoored][:, None], suspicion[~backdoored][None, :]
+    expected = np.mean((pos > neg) + 0.5 * (pos == neg))
+    assert doc["detection"][name]["auc"] == pytest.approx(expected)
   assert doc["timing"]["vmap"] is True
   assert (tmp_path / "roc.png").stat().st_size > 1000
   assert json.loads((tmp_path / "results.json").read_text())["detection"] == doc["detection"]

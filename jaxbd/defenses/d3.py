@@ -62,9 +62,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def safe_norm(x: jax.Array) -> jax.Array:
-  """Frobenius norm with gradient 0 (not NaN) at x = 0."""
-  sq = jnp.sum(jnp.square(x))
-  return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+  """Frobenius norm of x with gradient 0 (not NaN) at x = 0."""
+  return optax.safe_norm(x, 0.0)
 
 
 def select_kernels(params, layers: str, num_classes: int) -> list[str]:
