@@ -16,6 +16,7 @@ from jaxbd import config as config_lib
 from jaxbd import data, experiments, metrics, poison
 from jaxbd.errors import ConfigError
 from jaxbd.experiments import badpatches as experiment
+from jaxbd.experiments import common
 from jaxbd.models import routing
 from jaxbd.poison import badpatches
 
@@ -269,6 +270,39 @@ def digits_config(arg):
   c.poison.badpatches.optimize_steps = 5
   c.log.progress = False
   return c
+
+
+def test_rate_sweep_plans_are_the_main_run_plans_at_each_rate(tmp_path, monkeypatch):
+  """Triggers with cover rows (Adaptive-Blend, WaNet's noise mode) get them in the sweep too."""
+  c = digits_config("knowledge=full")
+  c.poison.name = "adaptive_blend"
+  c.badpatches.update(dict(rates=(0.05, 0.2), baselines="wanet"))
+  r = common.prepare(c, str(tmp_path / "run"))
+  trained = {}
+
+  def train_classifier(sub, phase, poisoned):
+    assert poisoned
+    trained[phase] = sub.plan
+    summary = dict(seconds=0.0, images_per_second=0.0, steps=0, resumed_from_epoch=None)
+    return None, {**summary, "eval": dict(acc=0.0, asr=0.0, ra=0.0)}
+
+  monkeypatch.setattr(common, "train_classifier", train_classifier)
+  rows, _ = experiment.rate_sweep(r, None, {})
+  assert [(row["attack"], row["rate"]) for row in rows] == [
+      ("adaptive_blend", 0.05), ("adaptive_blend", 0.2), ("wanet", 0.05), ("wanet", 0.2)]
+  for row in rows:
+    main = ml_collections.ConfigDict(c.to_dict())
+    main.poison.update(dict(name=row["attack"], rate=row["rate"]))
+    want = common.build(main, str(tmp_path / "main")).plan  # writes nothing
+    got = trained[f"{row['attack']}_rate{row['rate']:g}"]
+    ratio = 1.0 if row["attack"] == "adaptive_blend" else 2.0  # conservatism 0.5; cross ratio 2
+    assert len(got.indices) == row["num_poisoned"] == int(row["rate"] * len(r.dataset.y_train))
+    assert len(got.cover_indices) == int(ratio * row["rate"] * len(r.dataset.y_train)) > 0
+    for field in ("indices", "cover_indices", "labels"):
+      np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    saved = poison.load_plan(str(tmp_path / "run" / f"poison_plan_{row['attack']}_rate"
+                                 f"{row['rate']:g}.npz"))
+    np.testing.assert_array_equal(saved.cover_indices, want.cover_indices)
 
 
 @pytest.mark.slow

@@ -1,4 +1,7 @@
-"""BadNets pixels and poison plans: the trigger lands exactly where configured, on planned rows."""
+"""BadNets pixels and poison plans: the trigger lands exactly where configured, on planned rows;
+poisoned labels agree on the host and inside jit (PCB's batches)."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxbd import config as config_lib
-from jaxbd import data, poison
+from jaxbd import attacks, data, poison
 from jaxbd.errors import ConfigError, DataError
 
 
@@ -76,6 +79,33 @@ def test_plan_counts_pools_and_labels():
     poison.make_plan(labels, 10, rate=0.2, target=4, label_mode="clean_label")
   with pytest.raises(ConfigError, match="poison.target 10 is not a class"):
     poison.make_plan(labels, 10, rate=0.1, target=10)
+
+
+@pytest.mark.parametrize("mode", ["all2one", "all2all", "clean_label"])
+def test_poisoned_label_is_the_same_on_host_and_traced_labels(mode):
+  labels = np.arange(12, dtype=np.int32) % 5
+  host = poison.poisoned_label(labels, mode, 2, 5)
+  want = {"all2one": np.full(12, 2), "all2all": (labels + 1) % 5, "clean_label": labels}[mode]
+  assert isinstance(host, np.ndarray) and host.dtype == np.int32 and host is not labels
+  np.testing.assert_array_equal(host, want)
+  traced = jax.jit(lambda y: poison.poisoned_label(y, mode, 2, 5))(jnp.asarray(labels))
+  assert traced.dtype == jnp.int32
+  np.testing.assert_array_equal(traced, host)
+
+
+@pytest.mark.parametrize("mode", ["all2one", "all2all"])
+def test_pcb_batches_relabel_their_triggered_rows_with_poisoned_label(mode):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 200, (20, 8, 8, 3), dtype=np.uint8)
+  labels = rng.integers(0, 5, 20).astype(np.int32)
+  arrays = data.train_arrays(images, labels, np.zeros(20, np.int8))
+  trigger = poison.make_trigger(badnets_config(size=2), (8, 8, 3))
+  batch = functools.partial(attacks.pcb.poisoned_batch, trigger=trigger, batch_rate=0.25,
+                            label_mode=mode, target=3, num_classes=5, crop_padding=0, flip=False)
+  _, y = jax.jit(batch)(arrays, jnp.arange(20), jax.random.key(0))
+  y = np.asarray(y)  # round(0.25 * 20) = 5 rows relabeled
+  np.testing.assert_array_equal(y[:5], poison.poisoned_label(labels[:5], mode, 3, 5))
+  np.testing.assert_array_equal(y[5:], labels[5:])
 
 
 def test_plan_save_load_roundtrip(tmp_path):

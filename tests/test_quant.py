@@ -2,12 +2,14 @@
 and the integer deployment path against fake quantization."""
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxbd import quant
+from jaxbd.attacks import quantization as attacks
 from jaxbd.errors import CheckpointError
 from jaxbd.models import cnn, pmoe, resnet
 from jaxbd.quant import layers, quantizer
@@ -44,6 +46,28 @@ def test_per_channel_weight_scales_and_codes():
   np.testing.assert_array_equal(codes_t, [[64, -32, 0], [-32, 16, -127]])
   codes_e, _ = quantizer.weight_codes(kernel, quant.QuantConfig(rounding="half_even"))
   np.testing.assert_array_equal(codes_e, [[127, -127, 0], [-64, 62, -127]])
+
+
+def test_kernel_codes_are_per_channel_max_over_127_rounded_half_away_and_clipped():
+  kernel = jnp.array([[127 / 64, -127 / 128, 0.25 / 32], [-63.5 / 64, 62.5 / 128, -127 / 32]])
+  codes, scale, zero_point = quantizer.kernel_codes(kernel, quant.QuantConfig())
+  np.testing.assert_array_equal(scale, [1 / 64, 1 / 128, 1 / 32])
+  np.testing.assert_array_equal(codes, [[127, -127, 0], [-64, 63, -127]])
+  np.testing.assert_array_equal(zero_point, [0, 0, 0])
+  # The straight-through codes of the fake-quantized pass are the same values.
+  np.testing.assert_array_equal(codes, quantizer.weight_codes(kernel, quant.QuantConfig())[0])
+  # Asymmetric 4 bits per tensor over [-127/32, 127/64]: scale 381/64/15, codes in [0, 15].
+  q = quant.QuantConfig(weight_symmetric=False, weight_granularity="per_tensor").with_bits(4)
+  codes, scale, zero_point = quantizer.kernel_codes(kernel, q)
+  np.testing.assert_allclose(scale, (127 / 64 + 127 / 32) / 15, rtol=1e-6)
+  assert int(zero_point) == 10  # qmin - round(lo / scale) = round(254 * 15 / 381)
+  assert float(codes.min()) == 0 and float(codes.max()) == 15
+  np.testing.assert_allclose((codes - zero_point) * scale, kernel, atol=float(scale) / 2 + 1e-6)
+  # Stacked experts [E, D, F]: one scale per expert and output channel.
+  stacked = jnp.stack([kernel, 2 * kernel])
+  codes, scale, _ = quantizer.kernel_codes(stacked, quant.QuantConfig(), stacked=True)
+  np.testing.assert_array_equal(scale, [[[1 / 64, 1 / 128, 1 / 32]], [[2 / 64, 2 / 128, 2 / 32]]])
+  np.testing.assert_array_equal(codes[0], codes[1])
 
 
 def test_activation_clipping_and_asymmetric_zero_point():
@@ -206,6 +230,25 @@ def test_export_holds_int8_codes_and_runs_integer_convolutions(initialized):
   assert "convolution" in hlo and "xi8>" in hlo and "xi32>" in hlo
   with pytest.raises(ValueError, match="not calibrated"):
     quant.export(model_q, {**v, "quant_stats": quant.deploy.fresh_stats(model_q, SHAPE)}, SHAPE)
+
+
+@pytest.mark.parametrize("name", ["cnn", "pmoe_patch"])
+def test_export_stores_the_kernel_codes_of_every_quantized_kernel(name, initialized):
+  model, v = MODELS[name], initialized[name]
+  q = quant.QuantConfig(weight_symmetric=False).with_bits(6)
+  model_q = model.clone(quant=q)
+  stats = jax.tree.map(jnp.ones_like, quant.deploy.fresh_stats(model_q, SHAPE))
+  exported = quant.export(model_q, {**v, "quant_stats": stats}, SHAPE)
+  params, stored, scales = (traverse_util.flatten_dict(t) for t in (
+      v["params"], exported["params"], exported["quant_scales"]))
+  kernels = attacks.quantized_kernels(model, q, SHAPE)
+  assert any(kernels.values()) == (name != "cnn")  # the experts' kernels are stacked
+  for path, stacked in kernels.items():
+    codes, scale, zero_point = quantizer.kernel_codes(params[path], q, stacked)
+    assert stored[path].dtype == jnp.uint8
+    np.testing.assert_array_equal(stored[path], codes)
+    np.testing.assert_array_equal(scales[path[:-1] + ("kernel_scale",)], scale)
+    np.testing.assert_array_equal(scales[path[:-1] + ("kernel_zero_point",)], zero_point)
 
 
 @pytest.mark.parametrize("name", ["pmoe", "pmoe_patch"])

@@ -130,6 +130,23 @@ def test_quanti_and_indiscriminate_losses_match_their_formulas(batch):
   np.testing.assert_allclose(got_i, want_i, rtol=1e-5)
 
 
+@pytest.mark.parametrize("q", [Q, quant.QuantConfig(weight_symmetric=False).with_bits(4)])
+def test_repair_cells_keep_the_kernel_codes(q, batch):
+  kernel = batch[0]["conv1"]["kernel"]
+  codes, scale, zero_point = quant.quantizer.kernel_codes(kernel, q)
+  low, high, fixed = attacks.cell_bounds(kernel, q)
+  # The cells are those of the codes, [c - 1/2, c + 1/2] * scale less a margin (and clipped to
+  # the range), a whole step wide away from the range's ends ...
+  c = codes - zero_point
+  assert bool(jnp.all(low >= (c - 0.5) * scale)) and bool(jnp.all(high <= (c + 0.5) * scale))
+  assert float(jnp.median((high - low) / scale)) == pytest.approx(1 - 2 * attacks.CELL_MARGIN)
+  # ... so a kernel anywhere in its cells quantizes to the same codes and scales.
+  for inside in (low, high, jnp.clip(kernel, low, high)):
+    moved = quant.quantizer.kernel_codes(jnp.where(fixed, kernel, inside), q)
+    for a, b in zip(moved, (codes, scale, zero_point)):
+      np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("scheme", ["w8", "asymmetric_w4_and_w8"])
 def test_repair_projection_keeps_every_deployed_code_and_freezes_the_rest(scheme, batch):
   params, state, x, _ = batch

@@ -81,10 +81,7 @@ def poisoned_batch(arrays: data_lib.TrainArrays, idx: jax.Array, key: jax.Array,
   b = idx.shape[0]
   rows = jnp.arange(b) < round(batch_rate * b)
   labels = arrays.labels[idx]
-  if label_mode == "all2all":
-    wanted = (labels + 1) % num_classes
-  else:
-    wanted = jnp.full_like(labels, target)
+  wanted = poison.poisoned_label(labels, label_mode, target, num_classes)
   batch = data_lib.TrainArrays(
       arrays.images[idx], jnp.where(rows, wanted, labels),
       jnp.where(rows, jnp.int8(poison.POISONED), arrays.kind[idx]))

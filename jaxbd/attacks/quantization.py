@@ -267,6 +267,9 @@ def cell_bounds(kernel0: jax.Array, quant: QuantConfig, stacked: bool = False,
                 margin: float = CELL_MARGIN) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The box of kernels that quantize to the same codes and scales as `kernel0`.
 
+  The cell of an element with centered code c (`quantizer.kernel_codes` less the zero point) is
+  [c - 1/2, c + 1/2] * scale, less `margin` at each end and clipped to the kernel's range.
+
   Args:
     kernel0: f32[..., C_out] a kernel.
     quant: its quantization (bits, granularity, symmetry, rounding).
@@ -279,10 +282,8 @@ def cell_bounds(kernel0: jax.Array, quant: QuantConfig, stacked: bool = False,
     the range (per channel or per tensor); those must keep their value, so the scale is kept.
   """
   lo, hi = quantizer.weight_range(kernel0, quant, stacked)
-  scale, zero_point = quantizer.scale_and_zero_point(lo, hi, quant.weight_bits,
-                                                     quant.weight_symmetric, narrow=True)
-  c = quantizer.codes(kernel0, scale, zero_point, quant.weight_bits, quant.weight_symmetric, True,
-                      quant.rounding) - zero_point
+  c, scale, zero_point = quantizer.kernel_codes(kernel0, quant, stacked)
+  c = c - zero_point
   low = jnp.maximum((c - 0.5 + margin) * scale, lo)
   high = jnp.minimum((c + 0.5 - margin) * scale, hi)
   return low, high, (kernel0 == lo) | (kernel0 == hi)

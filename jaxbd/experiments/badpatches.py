@@ -14,7 +14,8 @@ Phases, all in one workdir (each checkpointed, so a rerun resumes):
    the prune-rate sweep).
 6. Poison-rate sweep: for each rate of `badpatches.rates`, the attack of `config.poison` and each
    routing-agnostic baseline of `badpatches.baselines` (BadNets, Blend) poison the same rows
-   (same seed) of a fresh model; ASR against rate is plotted (`asr_vs_rate.png`).
+   (same seed) of a fresh model, each plan drawn as the main run's (`common.poison_plan`, with
+   the cover rows its trigger asks for); ASR against rate is plotted (`asr_vs_rate.png`).
 
 Writes `results.json` (DESIGN.md schema plus `sweep` and `plots`) and the plots.
 """
@@ -204,9 +205,7 @@ def rate_sweep(r: common.Run, clean_variables: dict, main: dict) -> tuple[list[d
     trigger = r.trigger if attack == c.poison.name else poison.TRIGGERS[attack].build(
         c, ds.image_shape)
     for rate in c.badpatches.rates:
-      cfg = _copy(c)
-      cfg.poison.rate = rate
-      plan = poison.plan_from_config(cfg, ds.y_train, ds.num_classes)
+      plan = common.poison_plan(c, ds, trigger, rate)
       sub = dataclasses.replace(r, trigger=trigger, plan=plan)
       count = int(len(plan.indices))
       if attack == c.poison.name and rate == c.poison.rate:

@@ -108,7 +108,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Run:
   train_lib.check_batch(config.train.batch_size, mesh)
   trigger = (poison.make_trigger(config, dataset.image_shape)
              if config.poison.name != "none" else None)
-  plan = poison.plan_from_config(config, dataset.y_train, dataset.num_classes, trigger)
+  plan = poison_plan(config, dataset, trigger)
   model = models.create(config, dataset.num_classes, mean, std)
   key = jax.random.key(config.seed)
   try:  # shape errors (an image too small for the model) surface here, before any file is made
@@ -119,6 +119,23 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Run:
   _check_workdir(workdir, config.to_dict())
   predict = train_lib.Predictor(model, config.eval.batch_size, train_lib.batch_sharding(mesh))
   return Run(config, workdir, dataset, mesh, model, trigger, plan, predict, key)
+
+
+def poison_plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset, trigger,
+                rate: Optional[float] = None) -> poison.PoisonPlan:
+  """The poison plan of a run: `config.poison` on the training labels, seeded by `config.seed`.
+
+  Args:
+    config: the validated config.
+    dataset: the run's dataset.
+    trigger: the trigger the plan's rows get (None for a clean run); its `cover_ratio`, if any,
+      sets the number of cover rows (kind 2).
+    rate: the poisoning rate instead of `config.poison.rate` (a rate sweep).
+  """
+  if rate is not None:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.poison.rate = rate
+  return poison.plan_from_config(config, dataset.y_train, dataset.num_classes, trigger)
 
 
 def create_workdir(run: Run) -> None:

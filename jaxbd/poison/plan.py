@@ -71,10 +71,22 @@ def load_plan(path: str) -> PoisonPlan:
     raise DataError(f"poison plan {path}: unreadable ({e})") from None
 
 
-def poisoned_label(labels: np.ndarray, label_mode: str, target: int, num_classes: int):
-  """The label each example gets when poisoned.  labels: int[N] -> int[N]."""
+def poisoned_label(labels, label_mode: str, target: int, num_classes: int):
+  """The label each example gets when poisoned.
+
+  Args:
+    labels: int[N] clean labels, a numpy array (host plans and metrics) or a jax array, traced
+      inside jit too (the poisoned batches of `jaxbd.attacks.pcb`).
+    label_mode: all2one | all2all | clean_label.
+    target: target class.
+    num_classes: K.
+
+  Returns:
+    int[N] of labels' dtype and array type (a new array).
+  """
+  xp = np if isinstance(labels, np.ndarray) else jnp
   if label_mode == "all2one":
-    return np.full_like(labels, target)
+    return xp.full_like(labels, target)
   if label_mode == "all2all":
     return (labels + 1) % num_classes
   if label_mode == "clean_label":

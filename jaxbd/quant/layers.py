@@ -121,11 +121,7 @@ def centered(codes: jax.Array, zero_point: jax.Array) -> jax.Array:
 
 
 def _export_kernel(module: nn.Module, kernel: jax.Array, q: QuantConfig, stacked: bool) -> None:
-  lo, hi = quantizer.weight_range(kernel, q, stacked)
-  scale, zero_point = quantizer.scale_and_zero_point(lo, hi, q.weight_bits, q.weight_symmetric,
-                                                     narrow=True)
-  c = quantizer.codes(kernel.astype(jnp.float32), scale, zero_point, q.weight_bits,
-                      q.weight_symmetric, True, q.rounding)
+  c, scale, zero_point = quantizer.kernel_codes(kernel, q, stacked)
   module.put_variable(SCALES, "kernel_codes", c.astype(_storage_dtype(q.weight_symmetric)))
   module.put_variable(SCALES, "kernel_scale", scale)
   module.put_variable(SCALES, "kernel_zero_point", zero_point)

@@ -18,8 +18,9 @@ Gradients use a straight-through estimator (STE): `plain` passes the gradient un
 zeroes it where x lies outside the observed range [lo, hi]. Scales and zero points carry no
 gradient (they come from observers, as in the reference code).
 
-The same `codes` function serves the fake-quantized forward pass and the integer deployment path
-(`jaxbd.quant.deploy`), so the two agree up to float accumulation order.
+The same `range_codes` function serves the fake-quantized forward pass (`ste_codes`) and the
+integer deployment path (`kernel_codes`, `jaxbd.quant.deploy`), so the two agree up to float
+accumulation order.
 """
 
 from __future__ import annotations
@@ -145,6 +146,13 @@ def codes(x: jax.Array, scale: jax.Array, zero_point: jax.Array, bits: int, symm
   return jnp.clip(q, qmin, qmax)
 
 
+def range_codes(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool,
+                narrow: bool, rounding: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(codes, scale, zero_point) of x over the range [lo, hi]: `scale_and_zero_point`, `codes`."""
+  scale, zero_point = scale_and_zero_point(lo, hi, bits, symmetric, narrow)
+  return codes(x, scale, zero_point, bits, symmetric, narrow, rounding), scale, zero_point
+
+
 def ste_codes(x: jax.Array, lo: jax.Array, hi: jax.Array, *, bits: int, symmetric: bool,
               narrow: bool, rounding: str, ste: str) -> tuple[jax.Array, jax.Array]:
   """Centered integer codes of x over the range [lo, hi], with a straight-through gradient.
@@ -167,9 +175,9 @@ def ste_codes(x: jax.Array, lo: jax.Array, hi: jax.Array, *, bits: int, symmetri
     below 2^24.
   """
   lo, hi = jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi)
-  scale, zero_point = scale_and_zero_point(lo, hi, bits, symmetric, narrow)
   x = x.astype(jnp.float32)
-  c = codes(x, scale, zero_point, bits, symmetric, narrow, rounding) - zero_point
+  c, scale, zero_point = range_codes(x, lo, hi, bits, symmetric, narrow, rounding)
+  c = c - zero_point
   t = x / scale
   if ste == "clipped":
     if symmetric:
@@ -215,6 +223,29 @@ def weight_codes(kernel: jax.Array, q: QuantConfig,
   lo, hi = weight_range(kernel, q, stacked)
   return ste_codes(kernel, lo, hi, bits=q.weight_bits, symmetric=q.weight_symmetric,
                    narrow=True, rounding=q.rounding, ste=q.ste)
+
+
+def kernel_codes(kernel: jax.Array, q: QuantConfig,
+                 stacked: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The integer codes a deployed kernel holds, with their scales and zero points (no gradient).
+
+  With the default scheme: per output channel, scale = max|w| / 127, codes
+  clip(round_half_away(w / scale), -127, 127). The export (`jaxbd.quant.layers`) and the repair
+  cells (`jaxbd.attacks.quantization`) read them; `weight_codes` is the same value, centered,
+  with a straight-through gradient.
+
+  Args:
+    kernel: f32[..., C_out] a kernel (with `stacked`, f32[E, D, C_out], see `weight_range`).
+    q: the quantization (weight bits, granularity, symmetry, rounding).
+    stacked: a range per expert.
+
+  Returns:
+    (codes: integer-valued f32 shaped like kernel, zero point included (in [0, 2^b - 1] for
+    asymmetric codes); scale f32 and zero_point int32 shaped like `weight_range`'s range).
+  """
+  lo, hi = weight_range(kernel, q, stacked)
+  return range_codes(jax.lax.stop_gradient(kernel.astype(jnp.float32)), lo, hi, q.weight_bits,
+                     q.weight_symmetric, True, q.rounding)
 
 
 def activation_codes(x: jax.Array, lo: jax.Array, hi: jax.Array,
