@@ -5,6 +5,8 @@ import dataclasses
 import functools
 import json
 import os
+import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,7 @@ from jaxbd import config as config_lib
 from jaxbd import data, experiments, metrics, poison
 from jaxbd.errors import ConfigError
 from jaxbd.experiments import badpatches as experiment
-from jaxbd.experiments import common
+from jaxbd.experiments import common, plots, results
 from jaxbd.models import routing
 from jaxbd.poison import badpatches
 
@@ -159,20 +161,48 @@ def test_optimized_pattern_raises_the_router_margin_of_the_trigger(tiny_model):
   # (a router with a visible preference: the init is N(0, 1e-4))
   trigger = poison.make_trigger(bp_config(pattern="optimized"), (32, 32, 3))
   images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
-  logits = lambda x: [v["logits"] for v in routing.collect(model, variables, x).values()]
+  logits = functools.partial(routing.router_logits, model)
 
   def margin(t):
     x = jnp.asarray(images, jnp.float32) / 255.0
-    z = logits(t(x))[0]
+    z = logits(variables, t(x))[0]
     z = z - z.mean(1, keepdims=True)
     return float(z[:, 63].mean())  # the trigger's position
 
-  tuned = badpatches.optimize_pattern(trigger, logits, images, 4, steps=10, lr=0.3,
+  tuned = badpatches.optimize_pattern(trigger, logits, variables, images, 4, steps=10, lr=0.3,
                                       key=jax.random.key(1), batch_size=32)
   assert margin(tuned) > margin(trigger) + 0.05
   pattern = np.asarray(tuned.pattern)
   assert pattern.min() >= 0.0 and pattern.max() <= 1.0
   assert not np.any(pattern[~np.asarray(tuned.pixel_cell < tuned.num_cells)])
+
+
+def test_pattern_optimization_compiles_no_images_or_weights_into_its_step():
+  """The images, the router's weights and the trigger are arguments of the jitted step: lowering
+  it captures no constant of 1 KiB or more (the images are 192 KiB, the kernel 3 KiB). The
+  router is nonlinear, so the gradient needs the images."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+  kernel = jnp.asarray(rng.normal(size=(48, 16)), jnp.float32)
+
+  def router(w, x):  # f32[B, 32, 32, 3] -> [f32[B, 64, 16]]
+    patches = x.reshape(-1, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, 64, 48)
+    return [jnp.tanh(patches @ w)]
+
+  trigger = poison.make_trigger(bp_config(pattern="optimized"), (32, 32, 3))
+  threshold = jax.config.jax_captured_constants_warn_bytes
+  jax.config.update("jax_captured_constants_warn_bytes", 1024)
+  try:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      tuned = badpatches.optimize_pattern(trigger, router, kernel, images, 4, steps=2, lr=0.3,
+                                          key=jax.random.key(1), batch_size=8)
+  finally:
+    jax.config.update("jax_captured_constants_warn_bytes", threshold)
+  captured = [str(w.message) for w in caught
+              if re.search("constants were captured|Closed-over constant", str(w.message))]
+  assert not captured, captured
+  assert not np.array_equal(np.asarray(tuned.pattern), np.asarray(trigger.pattern))
 
 
 def test_routing_statistics_count_selections():
@@ -306,12 +336,28 @@ def test_rate_sweep_plans_are_the_main_run_plans_at_each_rate(tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_surrogate_guided_optimized_attack_runs_end_to_end(tmp_path):
-  """Router-guided cells from a surrogate with the attacker's assumed l, optimized pattern."""
+def test_surrogate_guided_optimized_attack_runs_end_to_end(tmp_path, monkeypatch):
+  """Router-guided cells from a surrogate with the attacker's assumed l, optimized pattern;
+  results.json is written once, after the plots, which are drawn from the in-memory document
+  exactly as from the file."""
   c = digits_config("position=router,pattern=optimized")
   c.poison.badpatches.router = "surrogate"
   c.poison.badpatches.l = 2
+  written = []
+  write_json = results.write_json
+  monkeypatch.setattr(results, "write_json",
+                      lambda path, obj: (written.append(os.path.basename(path)),
+                                         write_json(path, obj)))
   doc = experiments.run(c, str(tmp_path))
+  assert written.count("results.json") == 1
+  with open(tmp_path / "results.json") as f:
+    saved = json.load(f)
+  assert saved["plots"] == doc["plots"] == ["routing_clean_moe.png", "routing_backdoored_moe.png"]
+  redrawn = tmp_path / "redrawn"
+  redrawn.mkdir()
+  assert plots.from_results(str(tmp_path / "results.json"), str(redrawn)) == doc["plots"]
+  for name in doc["plots"]:
+    assert (redrawn / name).read_bytes() == (tmp_path / name).read_bytes()
   trigger = doc["attack"]["trigger"]
   assert trigger["guided_by"] == "surrogate" and trigger["grid"] == [4, 4]
   assert len(trigger["cells"]) == 1 and 0 <= trigger["cells"][0] < 16

@@ -58,6 +58,20 @@ def test_pruned_channels_are_silenced_in_every_model(name, tiny_model):
   np.testing.assert_allclose(leaf(kept, path), leaf(acts, path), rtol=1e-6, atol=1e-7)
 
 
+def test_mean_activations_are_the_plain_mean_whatever_the_padding(tiny_model):
+  """24 images in batches of 7 (the last padded from 3 images) give the mean over the 24 of the
+  per-image activations of one unbatched pass."""
+  _, model, variables = tiny_model("pmoe_patch")
+  images = np.random.default_rng(1).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+  _, state = model.apply(variables, jnp.asarray(images, jnp.float32) / 255.0,
+                         mutable=["intermediates"])
+  per_image = np.asarray(state["intermediates"]["moe"][fine_pruning.ACTIVATIONS][0])  # [24, E, C]
+  assert per_image.shape == (24, 4, 8) and per_image.std(0).max() > 0
+  for batch_size in (7, 24):
+    acts = fine_pruning.mean_activations(model, variables, images, batch_size)
+    np.testing.assert_allclose(acts["moe"]["mask"], per_image.mean(0), rtol=1e-5, atol=1e-6)
+
+
 class NoPruningLayer(nn.Module):
   @nn.compact
   def __call__(self, x, train=False):

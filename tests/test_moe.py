@@ -134,6 +134,7 @@ def test_models_record_routing_and_pruning_activations(name, prune_layer, tiny_m
   assert logits.shape == (4, 10)
   assert list(layers) == ["moe" if name != "vmoe" else "block1/moe"]
   for out in layers.values():
+    assert set(out) == {"selected", "logits"}  # what the analyses read, nothing more
     selected = np.asarray(out["selected"])
     assert selected.shape == out["logits"].shape == (4, 64, 4)
     if name == "vmoe":  # token choice: at most K = 2 experts per token, capacity per expert

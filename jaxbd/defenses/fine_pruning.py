@@ -60,16 +60,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _activations(model, variables: dict, images: jax.Array) -> dict:
-  """{module path: f32[B, ..., C]} per-image activations of the fine-pruning layer."""
+def _activation_sums(model, variables: dict, images: jax.Array, valid: jax.Array) -> dict:
+  """{module path: f32[..., C]} fine-pruning-layer activations summed over the first `valid`
+  images of the batch (the rest is padding)."""
   _, state = model.apply(variables, to_unit(images), train=False,
                          mutable=["intermediates"])
   flat = flax.traverse_util.flatten_dict(state.get("intermediates", {}))
-  return {k[:-1]: v[0] for k, v in flat.items() if k[-1] == ACTIVATIONS}
+  keep = jnp.arange(images.shape[0]) < valid  # [B]
+
+  def total(a):  # f32[B, ..., C] -> f32[..., C]
+    return jnp.sum(jnp.where(keep.reshape(-1, *[1] * (a.ndim - 1)), a, 0.0), axis=0)
+
+  return {k[:-1]: total(v[0]) for k, v in flat.items() if k[-1] == ACTIVATIONS}
 
 
 def mean_activations(model, variables: dict, images: np.ndarray, batch_size: int) -> dict:
   """Mean activation per channel of the model's fine-pruning layer over `images`.
+
+  The per-batch sums are accumulated on the device; only the final sums come to the host.
 
   Args:
     model: a classifier with a fine-pruning layer.
@@ -81,16 +89,14 @@ def mean_activations(model, variables: dict, images: np.ndarray, batch_size: int
     The `prune` collection's structure with f32[..., C] means in place of the masks
     (`{module: ... {"mask": means}}`); empty when the model has no fine-pruning layer.
   """
-
   sums = None
   for chunk, valid in train_lib.padded_batches(images, batch_size):
-    batch = {k: np.asarray(v, np.float64)[:valid].sum(0)
-             for k, v in _activations(model, variables, chunk).items()}
-    sums = batch if sums is None else {k: sums[k] + v for k, v in batch.items()}
+    batch = _activation_sums(model, variables, chunk, valid)
+    sums = batch if sums is None else jax.tree.map(jnp.add, sums, batch)
   if not sums:
     return {}
   return flax.traverse_util.unflatten_dict({(*k, "mask"): v / len(images)
-                                            for k, v in sums.items()})
+                                            for k, v in jax.device_get(sums).items()})
 
 
 def prune_masks(activations: dict, rate: float) -> dict:

@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import os
 import zlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -82,17 +82,20 @@ def trigger_pixels(trigger, batch: int, image_shape) -> jax.Array:
   return (changed > 0).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cell"))
-def _routing_batch(model, variables, images: jax.Array, trigger, cell: int):
+@functools.partial(jax.jit, static_argnames=("model", "cell", "fields"))
+def _routing_batch(model, variables, images: jax.Array, trigger, cell: int, fields: tuple):
   x = to_unit(images)
-  if trigger is None:
-    return routing.collect(model, variables, x), None
-  covered = badpatches.coverage(trigger_pixels(trigger, x.shape[0], x.shape[1:]), cell)
-  return routing.collect(model, variables, trigger(x)), covered
+  covered = None
+  if trigger is not None:
+    covered = badpatches.coverage(trigger_pixels(trigger, x.shape[0], x.shape[1:]), cell)
+    x = trigger(x)
+  layers = routing.collect(model, variables, x)
+  return {layer: {f: out[f] for f in fields} for layer, out in layers.items()}, covered
 
 
 def collect_routing(model, variables, images: np.ndarray, batch_size: int, trigger=None,
-                    cell: int = 0) -> tuple[dict, Optional[np.ndarray]]:
+                    cell: int = 0, fields: Sequence[str] = ("selected", "logits")
+                    ) -> tuple[dict, Optional[np.ndarray]]:
   """Eval-mode routing of every MoE layer on uint8 images (optionally triggered), in batches.
 
   Args:
@@ -102,14 +105,16 @@ def collect_routing(model, variables, images: np.ndarray, batch_size: int, trigg
     batch_size: images per jitted batch.
     trigger: applied to the images when given (as at evaluation: without a key).
     cell: the model's routing cell side (for the trigger's coverage).
+    fields: which of `jaxbd.models.routing.collect`'s arrays to copy to the host.
 
   Returns:
-    ({layer: {"selected": bool[N, S, E], "gates": f32[N, S, E], "logits": f32[N, S, E]}},
+    ({layer: {"selected": bool[N, S, E], "logits": f32[N, S, E]}} restricted to `fields`,
     bool[N, S] routing positions the trigger covers, or None without a trigger).
   """
   parts, covers = [], []
   for chunk, valid in train_lib.padded_batches(images, batch_size):
-    layers, covered = jax.device_get(_routing_batch(model, variables, chunk, trigger, cell))
+    layers, covered = jax.device_get(_routing_batch(model, variables, chunk, trigger, cell,
+                                                    tuple(fields)))
     parts.append(jax.tree.map(lambda a, v=valid: a[:v], layers))
     if covered is not None:
       covers.append(covered[:valid])
@@ -129,9 +134,10 @@ def routing_statistics(r: common.Run, variables_by_model: dict) -> dict:
   h, w = ds.image_shape[:2]
   out = {"grid": [h // cell, w // cell], "cell": cell, "images": int(len(images)), "models": {}}
   for name, variables in variables_by_model.items():
-    clean, _ = collect_routing(r.model, variables, images, c.eval.batch_size)
+    clean, _ = collect_routing(r.model, variables, images, c.eval.batch_size,
+                               fields=("selected",))
     triggered, covered = collect_routing(r.model, variables, images, c.eval.batch_size,
-                                         r.trigger, cell)
+                                         r.trigger, cell, fields=("selected",))
     out["models"][name] = {
         layer: metrics_lib.routing_statistics(clean[layer]["selected"],
                                               triggered[layer]["selected"], covered)
@@ -172,15 +178,16 @@ def guide_trigger(r: common.Run, clean_variables: dict) -> tuple[common.Run, Opt
   images = r.dataset.x_train[clean_rows]
   trigger = r.trigger
   if b.position == "router":
-    layers, _ = collect_routing(guide.model, variables, images, c.eval.batch_size)
+    layers, _ = collect_routing(guide.model, variables, images, c.eval.batch_size,
+                                fields=("logits",) if b.l else ("selected",))
     scores = badpatches.position_scores(layers, b.l)
     trigger = badpatches.rank_cells(trigger, np.asarray(scores),
                                     (shape[0] // cell, shape[1] // cell), shape)
   if b.pattern == "optimized":
-    logits = lambda x: [v["logits"] for v in routing.collect(guide.model, variables, x).values()]
     key = jax.random.fold_in(r.key, OPTIMIZE_STREAM)
-    trigger = badpatches.optimize_pattern(trigger, logits, images, cell, steps=b.optimize_steps,
-                                          lr=b.optimize_lr, key=key)
+    trigger = badpatches.optimize_pattern(
+        trigger, functools.partial(routing.router_logits, guide.model), variables, images, cell,
+        steps=b.optimize_steps, lr=b.optimize_lr, key=key)
   return dataclasses.replace(r, trigger=trigger), b.router
 
 
@@ -254,8 +261,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          metrics=metrics, defenses=defended, routing=routing_section,
                          timing=timing, sweep=sweep)
   path = os.path.join(workdir, "results.json")
-  results.write_json(path, doc)
-  doc["plots"] = plots.from_results(path)
+  doc["plots"] = plots.from_results(path, doc=doc)
   results.write_json(path, doc)
   _print_summary(doc)
   return doc

@@ -80,10 +80,6 @@ class Routing:
     """bool[G, S, E]: token s is processed by expert e."""
     return jnp.einsum("gecs->gse", self.one_hot()) > 0
 
-  def token_gates(self) -> jax.Array:
-    """f32[G, S, E]: the gate of token s at expert e (0 where not selected)."""
-    return jnp.einsum("gecs,gec->gse", self.one_hot(), self.gates)
-
 
 def _check(scores: jax.Array, capacity: int) -> None:
   if scores.ndim != 3:
@@ -344,21 +340,20 @@ class TokenChoiceRouter(nn.Module):
 
 
 def sow_routing(module: nn.Module, routing: Routing) -> None:
-  """Records a routing decision for analysis (`intermediates/routing`: selected, gates).
+  """Records which tokens each expert selected, for analysis (`intermediates/routing`).
 
   Only computed when `intermediates` is mutable in `apply` (analysis); the training step and
   evaluation never build these arrays.
   """
   if module.is_mutable_collection("intermediates"):
-    module.sow("intermediates", "routing", {"selected": routing.selected(),
-                                            "gates": routing.token_gates()})
+    module.sow("intermediates", "routing", {"selected": routing.selected()})
 
 
 def collect(model: nn.Module, variables: dict, images: jax.Array) -> dict[str, dict]:
   """The eval-mode routing of every MoE layer of `model` on `images` f32[B, H, W, C] in [0, 1].
 
   Returns:
-    `{layer: {"selected": bool[B, S, E], "gates": f32[B, S, E], "logits": f32[B, S, E]}}` with
+    `{layer: {"selected": bool[B, S, E], "logits": f32[B, S, E]}}` (the router logits) with
     layers named by their module path ("moe", "block1/moe", ...), in model order.
   """
   _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
@@ -375,3 +370,9 @@ def collect(model: nn.Module, variables: dict, images: jax.Array) -> dict[str, d
 
   walk(state["intermediates"], ())
   return out
+
+
+def router_logits(model: nn.Module, variables: dict, images: jax.Array) -> list[jax.Array]:
+  """[f32[B, S, E] per MoE layer, in model order]: the eval-mode router logits of `collect`
+  (differentiable in `images` f32[B, H, W, C] in [0, 1])."""
+  return [layer["logits"] for layer in collect(model, variables, images).values()]

@@ -25,7 +25,7 @@ it with `rank_cells` / `optimize_pattern` once the guiding model exists.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -247,19 +247,22 @@ def rank_cells(trigger: PatchTrigger, scores: np.ndarray, grid: tuple[int, int],
   return trigger.replace(cells=jnp.asarray(np.sort(best), jnp.int32), random=False)
 
 
-def optimize_pattern(trigger: PatchTrigger, router_logits: Callable[[jax.Array], list],
-                     images: np.ndarray, victim_cell: int, *, steps: int, lr: float,
-                     key: jax.Array, batch_size: int = 128) -> PatchTrigger:
+def optimize_pattern(trigger: PatchTrigger, router_logits: Callable[[Any, jax.Array], list],
+                     variables: Any, images: np.ndarray, victim_cell: int, *, steps: int,
+                     lr: float, key: jax.Array, batch_size: int = 128) -> PatchTrigger:
   """Optimizes the trigger's pattern to raise the router scores of the positions it covers.
 
   Gradient ascent (Adam on the pattern's logits, so pixels stay in [0, 1]) on the mean, over
   images, experts and MoE layers, of a covered position's router logit minus the mean logit of
-  all positions: the margin that decides whether an expert selects it.
+  all positions: the margin that decides whether an expert selects it. The trigger, the guiding
+  model's variables and the images are arguments of the jitted step, not constants compiled
+  into it.
 
   Args:
     trigger: a BadPatches trigger (its pattern is the starting point).
-    router_logits: `images f32[B, H, W, C] -> [f32[B, S, E] per MoE layer]` of the guiding
-      model (differentiable).
+    router_logits: `(variables, images f32[B, H, W, C]) -> [f32[B, S, E] per MoE layer]` of the
+      guiding model (differentiable; e.g. `jaxbd.models.routing.router_logits` bound to a model).
+    variables: the guiding model's variables.
     images: uint8[M, H, W, C] clean images.
     victim_cell: the guiding model's routing cell side.
     steps: Adam steps.
@@ -270,30 +273,35 @@ def optimize_pattern(trigger: PatchTrigger, router_logits: Callable[[jax.Array],
   Returns:
     The trigger with the optimized pattern.
   """
-  area = (trigger.pixel_cell < trigger.num_cells)[..., None]  # pixels the pattern can occupy
-  start = jnp.clip(trigger.pattern, 1e-3, 1 - 1e-3)
-  x_all = jnp.asarray(images)
   tx = optax.adam(lr)
 
-  def objective(logits, idx, k):
-    t = trigger.replace(pattern=jnp.where(area, jax.nn.sigmoid(logits), 0.0))
+  def with_pattern(t, logits):
+    area = (t.pixel_cell < t.num_cells)[..., None]  # pixels the pattern can occupy
+    return t.replace(pattern=jnp.where(area, jax.nn.sigmoid(logits), 0.0))
+
+  def objective(logits, t, variables, x_all, idx, k):
+    t = with_pattern(t, logits)
     x = to_unit(x_all[idx])
     covered = coverage(t.mask(x.shape[0], k), victim_cell).astype(jnp.float32)  # [B, S]
     total = 0.0
-    for z in router_logits(t(x, k)):
+    for z in router_logits(variables, t(x, k)):
       z = z - jnp.mean(z, axis=1, keepdims=True)  # [B, S, E]
       total = total + jnp.sum(z * covered[..., None]) / (jnp.sum(covered) * z.shape[-1])
     return -total
 
   @jax.jit
-  def step(logits, opt_state, k):
+  def step(logits, opt_state, t, variables, x_all, k):
     k_idx, k_obj = jax.random.split(k)
     idx = jax.random.randint(k_idx, (batch_size,), 0, x_all.shape[0])
-    updates, opt_state = tx.update(jax.grad(objective)(logits, idx, k_obj), opt_state, logits)
+    grad = jax.grad(objective)(logits, t, variables, x_all, idx, k_obj)
+    updates, opt_state = tx.update(grad, opt_state, logits)
     return optax.apply_updates(logits, updates), opt_state
 
+  x_all = jnp.asarray(images)
+  start = jnp.clip(trigger.pattern, 1e-3, 1 - 1e-3)
   logits = jnp.log(start) - jnp.log1p(-start)
   opt_state = tx.init(logits)
   for i in range(steps):
-    logits, opt_state = step(logits, opt_state, jax.random.fold_in(key, i))
-  return trigger.replace(pattern=jnp.where(area, jax.nn.sigmoid(logits), 0.0))
+    logits, opt_state = step(logits, opt_state, trigger, variables, x_all,
+                             jax.random.fold_in(key, i))
+  return with_pattern(trigger, logits)
