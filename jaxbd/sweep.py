@@ -169,6 +169,11 @@ def record(connection: sqlite3.Connection, *, digest: str, cell: dict, config, w
   connection.commit()
 
 
+def cell_dir(workdir: str, digest: str) -> str:
+  """The workdir of the cell whose config hashes to `digest`."""
+  return os.path.join(workdir, "cells", digest)
+
+
 def seed_groups(cells: Sequence[tuple], vmap_seeds: bool) -> list[list[tuple]]:
   """Cells `(index, cell, config, digest)` in run order, as groups run together: with `vmap_seeds`
   the cells whose configs differ only in `seed` (and that `run_population` can take), else one
@@ -188,7 +193,7 @@ def _run_group(group: list[tuple], workdir: str) -> tuple[list[dict | None], str
   from jaxbd import experiments  # pylint: disable=g-import-not-at-top
   from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
   configs = [config for _, _, config, _ in group]
-  dirs = [os.path.join(workdir, "cells", digest) for _, _, _, digest in group]
+  dirs = [cell_dir(workdir, digest) for *_, digest in group]
   try:
     if len(group) == 1:
       return [experiments.run(configs[0], dirs[0])], None
@@ -240,7 +245,7 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
       for (_, cell, config, digest), doc in zip(group, docs):
         if results.is_writer():
           record(connection, digest=digest, cell=cell, config=config,
-                 workdir=os.path.join(workdir, "cells", digest), doc=doc, error=error,
+                 workdir=cell_dir(workdir, digest), doc=doc, error=error,
                  seconds=seconds)
         counts["failed" if error else "done"] += 1
         if error:

@@ -5,8 +5,9 @@ r"""Throughput of quantized training and deployment: the QB step and float/fake/
   python scripts/bench_quant.py --out=benchmarks/quant_h100.json    # on a GPU
 
 Data: CIFAR-10-shaped random uint8 images. Measured after compilation and warm-up:
-- train: images/s of the jitted train step (`jaxbd.benchmark.time_steps`) with plain cross-entropy (float pass only) and with
-  QB's bi-target loss (a float pass plus a W8A8 fake-quantized pass over the same parameters);
+- train: images/s of the jitted train step (`jaxbd.benchmark.time_steps`) with plain
+  cross-entropy (float pass only) and with QB's bi-target loss (a float pass plus a W8A8
+  fake-quantized pass over the same parameters);
 - infer: images/s of batched inference of the float model, the fake-quantized model and the
   deployed integer model (int8 codes, int32 accumulation), each a jitted `Predictor`.
 """

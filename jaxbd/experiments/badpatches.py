@@ -223,7 +223,7 @@ def rate_sweep(r: common.Run, clean_variables: dict, main: dict) -> tuple[list[d
         phase = _rate_phase(attack, rate)
         plan.save(os.path.join(r.workdir, f"poison_plan_{phase}.npz"))
         _, summary = common.train_classifier(sub, phase, poisoned=True)
-        m, timing[phase] = summary["eval"], standard.timing_section(summary)
+        m, timing[phase] = summary["eval"], common.timing_section(summary)
       rows.append({"attack": attack, "rate": rate, "num_poisoned": count, **m})
   return rows, timing
 
@@ -246,11 +246,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the experiment and returns the results document (also written to the workdir)."""
   r = common.prepare(config, workdir)
   clean, summary = common.train_classifier(r, "clean", poisoned=False)
-  timing = {"clean": standard.timing_section(summary)}
+  timing = {"clean": common.timing_section(summary)}
   r, guide = guide_trigger(r, clean)
   metrics = {"clean": r.evaluate(clean)}
   backdoored, summary = common.train_classifier(r, "backdoored", poisoned=True)
-  metrics["backdoored"], timing["backdoored"] = summary["eval"], standard.timing_section(summary)
+  metrics["backdoored"], timing["backdoored"] = summary["eval"], common.timing_section(summary)
   routing_section = routing_statistics(r, {"clean": clean, "backdoored": backdoored})
   defended = common.run_defenses(r, backdoored, metrics["backdoored"])
   sweep, sweep_timing = rate_sweep(r, clean, metrics["backdoored"])

@@ -241,6 +241,11 @@ def save_phase(run: Run, phase: str, epoch: int, state: dict) -> None:
   ckpt.close()
 
 
+def timing_section(summary: dict) -> dict:
+  """A phase's entry of a results document's `timing` section, from `jaxbd.train.fit`'s summary."""
+  return {k: summary[k] for k in ("seconds", "images_per_second", "steps", "resumed_from_epoch")}
+
+
 def phase_key(run: Run, phase: str) -> jax.Array:
   """The PRNG key of a named phase of the run (the stream `train_classifier` uses by default)."""
   return jax.random.fold_in(run.key, _phase_id(phase))

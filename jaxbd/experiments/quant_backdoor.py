@@ -33,7 +33,7 @@ from jaxbd import metrics as metrics_lib
 from jaxbd import quant as quant_lib
 from jaxbd import train as train_lib
 from jaxbd.attacks import quantization as attacks
-from jaxbd.experiments import common, results, standard
+from jaxbd.experiments import common, results
 from jaxbd.quant.layers import STATS
 
 INITS = ("clean", "scratch")
@@ -248,10 +248,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              c.calibration_batch_size)
   timing = {}
   clean, summary = common.train_classifier(r, "clean", poisoned=False)
-  timing["clean"] = standard.timing_section(summary)
+  timing["clean"] = common.timing_section(summary)
   attacked, summaries, stages = train_attack(r, clean if c.init == "clean" else None, quant,
                                              progress_metrics(r, quant))
-  timing.update({phase: standard.timing_section(summary) for phase, summary in summaries.items()})
+  timing.update({phase: common.timing_section(summary) for phase, summary in summaries.items()})
   t0 = time.perf_counter()
   prefix = ""
   if c.save_exports:

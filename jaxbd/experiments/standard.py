@@ -38,17 +38,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     poisoned = phase == "backdoored" and config.poison.name != "none"
     variables, summary = common.train_classifier(r, phase, poisoned=poisoned)
     metrics[phase] = summary["eval"]
-    timing[phase] = timing_section(summary)
+    timing[phase] = common.timing_section(summary)
   return finish(r, variables, metrics, timing)
 
 
 def phases(config: ml_collections.ConfigDict) -> list[str]:
+  """The phases the experiment trains, in order: "clean" (if `standard.train_clean`), then
+  "backdoored"."""
   return (["clean"] if config.standard.train_clean else []) + ["backdoored"]
-
-
-def timing_section(summary: dict) -> dict:
-  """A phase's entry of the `timing` section, from `jaxbd.train.fit`'s summary."""
-  return {k: summary[k] for k in ("seconds", "images_per_second", "steps", "resumed_from_epoch")}
 
 
 def finish(r: common.Run, variables: dict, metrics: dict, timing: dict) -> dict:
@@ -102,7 +99,7 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
     for r, state, m, t in zip(runs, states, metrics, timing):
       common.save_phase(r, phase, c.train.epochs, state)
       m[phase] = r.evaluate(train_lib.variables(state))
-      t[phase] = dict(timing_section(summary), population=len(runs))
+      t[phase] = dict(common.timing_section(summary), population=len(runs))
   return [finish(r, train_lib.variables(s), m, t)
           for r, s, m, t in zip(runs, states, metrics, timing)]
 
