@@ -205,6 +205,24 @@ def load_file(spec: str) -> ConfigDict:
   return call_file(spec)
 
 
+def apply_cell(config: ConfigDict, cell: dict[str, Any]) -> ConfigDict:
+  """A copy of `config` with a cell's overrides `{"a.b": value}` (type-checked by ConfigDict); the
+  cells of sweeps and of held-out selections."""
+  out = ConfigDict(config.to_dict())
+  for path, value in cell.items():
+    *parents, key = path.split(".")
+    node = out
+    for part in parents:
+      node = node[part]
+    if key not in node:
+      raise ConfigError(f"unknown config key {path!r} in cell {cell}")
+    try:
+      node[key] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"cell {cell}: {str(e).splitlines()[0]}") from None
+  return out
+
+
 def flatten(config: ConfigDict, prefix: str = "") -> dict[str, Any]:
   """Returns `{"a.b.c": value}` for every leaf of a (nested) ConfigDict."""
   out = {}

@@ -51,11 +51,12 @@ import ml_collections
 
 from jaxbd import config as config_lib
 from jaxbd import main as cli
+from jaxbd.config import apply_cell
 from jaxbd.errors import ConfigError, JaxbdError
 
 _GRID = flags.DEFINE_string(
     "grid", None, "Cells as 'field=v1,v2;field2=w1,w2' (cartesian product); default: the config "
-    "file's get_sweep(arg).")
+    "file's get_sweep(arg). Also the settings of `python -m jaxbd.select`.")
 _VMAP_SEEDS = flags.DEFINE_bool(
     "vmap_seeds", False, "Train cells that differ only in seed as one jax.vmap population "
     "(faster on accelerators for small models; slower on CPU).")
@@ -96,6 +97,11 @@ def _convert(path: str, text: str, reference: Any) -> Any:
                       f"{type(reference).__name__}") from None
 
 
+def grid_value() -> str | None:
+  """The `--grid` flag (shared with `python -m jaxbd.select`)."""
+  return _GRID.value
+
+
 def parse_grid(grid: str, config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   """Cells of `"a.b=1,2;c=x,y"`: the cartesian product, values typed like the config's fields.
 
@@ -113,23 +119,6 @@ def parse_grid(grid: str, config: ml_collections.ConfigDict) -> list[dict[str, A
       raise ConfigError(f"unknown config key {path!r} in --grid")
     axes.append([(path, _convert(path, v, flat[path])) for v in values.split(",")])
   return [dict(combo) for combo in itertools.product(*axes)]
-
-
-def apply_cell(config: ml_collections.ConfigDict, cell: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A copy of `config` with the cell's overrides (type-checked by ConfigDict)."""
-  out = ml_collections.ConfigDict(config.to_dict())
-  for path, value in cell.items():
-    *parents, key = path.split(".")
-    node = out
-    for part in parents:
-      node = node[part]
-    if key not in node:
-      raise ConfigError(f"unknown config key {path!r} in sweep cell {cell}")
-    try:
-      node[key] = value
-    except (TypeError, ValueError) as e:
-      raise ConfigError(f"sweep cell {cell}: {str(e).splitlines()[0]}") from None
-  return out
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

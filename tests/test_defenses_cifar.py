@@ -1,10 +1,10 @@
 """D3 and Pivotal Tuning on real CIFAR-10 (5,000-image subset, CPU): the shared fixture's
-BadNets-backdoored 16-wide CNN (ACC 0.4995, ASR 1.0).
+BadNets-backdoored 16-wide CNN (ACC 0.4995 or 0.504 depending on the machine, ASR 1.0).
 
 Acceptance criteria: D3 with 5% clean data brings ASR below 10% with ACC within 5 points of the
 backdoored model; Pivotal Tuning with 1% clean data at least halves ASR with ACC within 3 points.
 The settings are the `cpu` branches of configs/d3.py and configs/pick_your_poison.py, chosen on
-held-out training images (never test data; see the configs). On this 24k-parameter CNN the ASR
+held-out training images with `python -m jaxbd.select` (never test data; see the configs). On this 24k-parameter CNN the ASR
 criterion of D3 and the ACC criterion of PT hold; D3's ACC criterion and PT's ASR criterion do
 not, and are kept as strict expected failures so that they turn into errors once they hold.
 """
@@ -43,18 +43,20 @@ def pt_result(cifar_cpu_run):
 
 @pytest.mark.slow
 def test_d3_with_5_percent_clean_data_removes_badnets(d3_result):
-  """Measured: ASR 1.0 -> 0.012, ACC 0.4995 -> 0.4395 (6.0 points lost)."""
+  """Measured on two machines: ASR 1.0 -> 0.012 / 0.034, ACC 0.4995 -> 0.4395 / 0.504 -> 0.430
+  (6.0 / 7.4 points lost; 8 on held-out images). The ACC bound here only says that D3 keeps a
+  working classifier (chance is 0.1); the criterion's 5 points is the expected failure below."""
   before, after = d3_result["before"], d3_result["after"]
   assert d3_result["trusted"] == 250
   assert d3_result["report"]["layers"] == ["head/kernel"]
   assert before["asr"] >= 0.9
   assert after["asr"] < 0.10, after
-  assert after["acc"] >= before["acc"] - 0.08, (before, after)
+  assert after["acc"] >= before["acc"] - 0.10, (before, after)
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="D3 re-learns the re-initialized classifier from 250 "
-                   "images; this CNN loses 6 points of ACC doing so (see configs/d3.py)")
+                   "images; this CNN loses 6-8 points of ACC doing so (see configs/d3.py)")
 def test_d3_keeps_accuracy_within_5_points(d3_result):
   before, after = d3_result["before"], d3_result["after"]
   assert after["acc"] >= before["acc"] - 0.05, (before, after)
@@ -62,7 +64,7 @@ def test_d3_keeps_accuracy_within_5_points(d3_result):
 
 @pytest.mark.slow
 def test_pivotal_tuning_with_1_percent_clean_data_keeps_accuracy(pt_result):
-  """Measured: ACC 0.4995 -> 0.481 (1.85 points lost), ASR 1.0 -> 1.0."""
+  """Measured: ACC 0.504 -> 0.493 (1.1 points lost), ASR 1.0 -> 1.0."""
   before, after = pt_result["before"], pt_result["after"]
   assert pt_result["trusted"] == 50
   assert after["acc"] >= before["acc"] - 0.03, (before, after)

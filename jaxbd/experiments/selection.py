@@ -1,0 +1,170 @@
+"""Choosing a defense's hyper-parameters on held-out data, never on test data.
+
+Pick your Poison's rule (Lukas & Kerschbaum, arXiv 2305.09671): among the settings whose held-out
+ACC is at least the suspect model's held-out ACC minus `max_acc_drop` (3 points), take the one
+with the lowest held-out ASR; ties go to the higher ACC. Without an eligible setting there is no
+choice. The held-out images are class-balanced training images outside the run's
+`data.train_limit` subset: the suspect model never trained on them, and they are not test images.
+
+`select` trains (or resumes) the config's backdoored model in the workdir, runs defense `name`
+once per grid cell on the same trusted set (`defense.clean_fraction`, drawn with `config.seed`
+from rows the attack did not touch, as `python -m jaxbd.main` draws it) with the same PRNG key,
+scores every defended model on the held-out images, applies the rule, and writes
+`WORKDIR/selection.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional, Sequence
+
+import ml_collections
+import numpy as np
+
+from jaxbd import config as config_lib
+from jaxbd import data as data_lib
+from jaxbd import defenses
+from jaxbd import train as train_lib
+from jaxbd.data.dataset import balanced_indices
+from jaxbd.errors import ConfigError
+from jaxbd.experiments import common, results
+
+
+@dataclasses.dataclass(frozen=True)
+class Heldout:
+  """Held-out training images.
+
+  Attributes:
+    images: uint8[M, H, W, C].
+    labels: int[M].
+    indices: int64[M] their rows in the full training split.
+  """
+
+  images: np.ndarray
+  labels: np.ndarray
+  indices: np.ndarray
+
+
+def heldout_split(data_config: ml_collections.ConfigDict, size: int) -> Heldout:
+  """`size` class-balanced training images outside the `data.train_limit` subset.
+
+  Raises:
+    ConfigError: the run trains on the whole training split, or too few images lie outside it.
+  """
+  if data_config.train_limit <= 0:
+    raise ConfigError("held-out selection needs data.train_limit > 0: the held-out images are "
+                      "training images outside that subset")
+  full_config = ml_collections.ConfigDict(data_config.to_dict())
+  full_config.train_limit = 0
+  full = data_lib.load(full_config)
+  outside = np.setdiff1d(np.arange(len(full.y_train)),
+                         balanced_indices(full.y_train, data_config.train_limit))
+  if not 0 < size <= len(outside):
+    raise ConfigError(f"--heldout {size} must be in [1, {len(outside)}] (training images "
+                      "outside the subset)")
+  rows = outside[balanced_indices(full.y_train[outside], size)]
+  return Heldout(full.x_train[rows], full.y_train[rows], rows)
+
+
+def choose(reference_acc: float, rows: Sequence[dict[str, float]],
+           max_acc_drop: float) -> Optional[int]:
+  """The index of the chosen row (see the module docstring), or None.
+
+  Args:
+    reference_acc: the suspect model's held-out ACC.
+    rows: held-out {"acc", "asr"} of each setting.
+    max_acc_drop: the largest ACC loss allowed (0.03 = 3 points).
+  """
+  eligible = [i for i, r in enumerate(rows) if r["acc"] >= reference_acc - max_acc_drop]
+  if not eligible:
+    return None
+  return min(eligible, key=lambda i: (rows[i]["asr"], -rows[i]["acc"]))
+
+
+def defense_cells(config: ml_collections.ConfigDict, name: str,
+                  cells: Sequence[dict[str, Any]]) -> list[ml_collections.ConfigDict]:
+  """The config of each grid cell, validated; cells may set only `defense.<name>.*` fields.
+
+  Raises:
+    ConfigError: an unknown defense, a field outside its section, or an invalid value.
+  """
+  if name not in defenses.DEFENSES:
+    raise ConfigError(f"--defense must be one of {sorted(defenses.DEFENSES)}, got {name!r}")
+  prefix = f"defense.{name}."
+  configs = []
+  for cell in cells:
+    outside = [path for path in cell if not path.startswith(prefix)]
+    if outside:
+      raise ConfigError(f"--grid may only set {prefix}* fields, got {outside[0]!r}")
+    cell_config = config_lib.apply_cell(config, cell)
+    config_lib.validate(cell_config)
+    defenses.DEFENSES[name].validate(cell_config)  # also when `defense.names` omits it
+    configs.append(cell_config)
+  return configs
+
+
+def select(config: ml_collections.ConfigDict, workdir: str, name: str,
+           cells: Sequence[dict[str, Any]], *, heldout: int = 2000,
+           max_acc_drop: float = 0.03) -> dict:
+  """Runs defense `name` for each grid cell and chooses one on held-out images.
+
+  Args:
+    config: a standard-experiment config with a data-poisoning attack and `data.train_limit`.
+    workdir: run directory of the suspect model (resumed if it exists).
+    name: the defense (a key of `jaxbd.defenses.DEFENSES`).
+    cells: grid cells `{"defense.<name>.field": value}`.
+    heldout: number of held-out images.
+    max_acc_drop: the rule's ACC tolerance.
+
+  Returns:
+    The selection document (also written to `WORKDIR/selection.json`).
+
+  Raises:
+    JaxbdError: bad config, grid or data, before anything is trained.
+  """
+  if config.experiment != "standard" or config.poison.name == "none":
+    raise ConfigError("held-out selection needs the standard experiment with a data-poisoning "
+                      "attack")
+  configs = defense_cells(config, name, cells)
+  held = heldout_split(config.data, heldout)
+  run = common.prepare(config, workdir)
+  variables, _ = common.train_classifier(run, "backdoored", poisoned=True)
+  evaluate = lambda v: train_lib.backdoor_metrics(
+      run.predict, v, held.images, held.labels, run.trigger, target=config.poison.target,
+      label_mode=config.poison.label_mode, num_classes=run.dataset.num_classes)
+  ds = run.dataset
+  trusted = defenses.trusted_split(ds.x_train, ds.y_train, run.plan.kind,
+                                   config.defense.clean_fraction, config.seed)
+  ctx = defenses.Context(run.model, run.mesh, config.data, ds.num_classes,
+                         progress=config.log.progress)
+  key = common.phase_key(run, f"defense/{name}")
+  reference = evaluate(variables)
+  rows = []
+  for cell, cell_config in zip(cells, configs):
+    defended, _ = defenses.DEFENSES[name].build(ctx, variables, trusted,
+                                               cell_config.defense[name], key)
+    rows.append({"cell": dict(cell), **evaluate(defended)})
+    print(f"selection: {cell} -> " + ", ".join(f"{k} {v:.4f}" for k, v in rows[-1].items()
+                                                if k != "cell"), flush=True)
+  chosen = choose(reference["acc"], rows, max_acc_drop)
+  doc = {"defense": name, "heldout": {"size": int(len(held.labels)),
+                                      "indices": held.indices.tolist()},
+         "trusted_size": int(len(trusted.labels)), "max_acc_drop": max_acc_drop,
+         "suspect": reference, "settings": rows, "chosen": chosen,
+         "config": config.to_dict(), "versions": results.versions()}
+  results.write_json(os.path.join(workdir, "selection.json"), doc)
+  return doc
+
+
+def table(doc: dict) -> str:
+  """A markdown table of a selection document: one row per setting, the suspect model first."""
+  fields = list(doc["settings"][0]["cell"]) if doc["settings"] else []
+  floor = doc["suspect"]["acc"] - doc["max_acc_drop"]
+  rows = [["suspect"] + [""] * len(fields) +
+          [doc["suspect"][k] for k in ("acc", "asr", "ra")] + ["", ""]]
+  for i, r in enumerate(doc["settings"]):
+    rows.append([str(i)] + [r["cell"][f] for f in fields] + [r[k] for k in ("acc", "asr", "ra")]
+                + ["yes" if r["acc"] >= floor else "no", "<-" if i == doc["chosen"] else ""])
+  return results.markdown_table(["setting", *fields, "ACC", "ASR", "RA", "eligible", "chosen"],
+                                rows)

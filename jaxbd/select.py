@@ -1,0 +1,56 @@
+r"""`python -m jaxbd.select`: choose a defense's hyper-parameters on held-out training images.
+
+  python -m jaxbd.select --config=configs/pick_your_poison.py:cpu,source=npz:FILE \
+      --workdir=DIR --defense=pt --grid="defense.pt.lr=0.005,0.01,0.05;defense.pt.slol=0.01,0.05"
+
+Trains (or resumes) the config's backdoored model in DIR, runs the defense once per cell of
+`--grid` (cartesian product of `defense.<name>.field=v1,v2` groups) on the run's trusted set,
+scores each defended model on `--heldout` training images outside the `data.train_limit`
+subset, and picks the setting with Pick your Poison's rule: lowest held-out ASR among those
+whose held-out ACC is at most `--max_acc_drop` below the suspect model's (ties: higher ACC).
+Test data is never read. Prints a table and writes DIR/selection.json
+(`jaxbd.experiments.selection`). Exit status 1 when no setting is eligible; bad input is one
+line `jaxbd: error: ...` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+from jaxbd import main as cli
+from jaxbd import sweep
+from jaxbd.errors import ConfigError, JaxbdError
+
+_DEFENSE = flags.DEFINE_string("defense", None, "The defense to tune (ft, d3, pt, fine_pruning).")
+_HELDOUT = flags.DEFINE_integer("heldout", 2000, "Held-out training images.")
+_MAX_ACC_DROP = flags.DEFINE_float("max_acc_drop", 0.03,
+                                   "Largest held-out ACC loss a setting may cost.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    cli.die(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)
+  from jaxbd.experiments import selection  # pylint: disable=g-import-not-at-top
+  try:
+    if not _DEFENSE.value or not sweep.grid_value():
+      raise ConfigError("--defense and --grid are required")
+    config = cli.config_value()
+    doc = selection.select(config, cli.workdir_value(), _DEFENSE.value,
+                           sweep.parse_grid(sweep.grid_value(), config),
+                           heldout=_HELDOUT.value, max_acc_drop=_MAX_ACC_DROP.value)
+  except JaxbdError as e:
+    cli.die(str(e))
+  print(selection.table(doc))
+  print(f"selection: {os.path.join(cli.workdir_value(), 'selection.json')}")
+  if doc["chosen"] is None:
+    print(f"selection: no setting keeps held-out ACC within {_MAX_ACC_DROP.value} of the "
+          "suspect model's", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

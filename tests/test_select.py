@@ -1,0 +1,90 @@
+"""Held-out selection of a defense's hyper-parameters (`python -m jaxbd.select`): Pick your
+Poison's rule, held-out images outside the training subset, and the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxbd import config as config_lib
+from jaxbd import data as data_lib
+from jaxbd.data.dataset import balanced_indices
+from jaxbd.errors import ConfigError
+from jaxbd.experiments import selection
+
+from conftest import REPO
+
+
+@pytest.mark.parametrize("rows, chosen", [
+    # lowest ASR among the settings within 3 points of the suspect's ACC 0.50
+    ([{"acc": 0.49, "asr": 0.40}, {"acc": 0.46, "asr": 0.01}, {"acc": 0.475, "asr": 0.20}], 2),
+    # equal ASR: the higher ACC
+    ([{"acc": 0.48, "asr": 1.0}, {"acc": 0.49, "asr": 1.0}], 1),
+    # the bound is inclusive
+    ([{"acc": 0.47, "asr": 0.5}, {"acc": 0.50, "asr": 0.9}], 0),
+    # nothing keeps ACC: no choice
+    ([{"acc": 0.40, "asr": 0.0}], None),
+])
+def test_choose_takes_the_lowest_asr_among_settings_that_keep_accuracy(rows, chosen):
+  assert selection.choose(0.50, rows, 0.03) == chosen
+
+
+def test_heldout_images_are_balanced_training_images_outside_the_subset():
+  c = config_lib.defaults()
+  c.data.train_limit = 1000
+  held = selection.heldout_split(c.data, 300)
+  full = data_lib.load(config_lib.defaults().data)
+  assert not set(held.indices) & set(balanced_indices(full.y_train, 1000))
+  np.testing.assert_array_equal(held.images, full.x_train[held.indices])
+  np.testing.assert_array_equal(held.labels, full.y_train[held.indices])
+  assert np.bincount(held.labels).min() >= 29  # 300 images over 10 classes
+  with pytest.raises(ConfigError, match=r"--heldout 500 must be in \[1, 437\]"):
+    selection.heldout_split(c.data, 500)
+  c.data.train_limit = 0
+  with pytest.raises(ConfigError, match="needs data.train_limit > 0"):
+    selection.heldout_split(c.data, 300)
+
+
+def select_cli(workdir, *args):
+  cmd = [sys.executable, "-m", "jaxbd.select", "--config=configs/quickstart.py",
+         "--config.train.epochs=3", "--config.model.cnn.width=8", "--config.log.progress=false",
+         "--config.data.train_limit=1000", "--config.defense.clean_fraction=0.1",
+         "--heldout=400", f"--workdir={workdir}", *args]
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_select_scores_every_setting_on_heldout_images_and_applies_the_rule(tmp_path):
+  proc = select_cli(tmp_path / "run", "--defense=ft",
+                    "--grid=defense.ft.lr=0.01,0.2;defense.ft.epochs=2")
+  assert proc.returncode in (0, 1), proc.stderr[-3000:]
+  doc = json.loads((tmp_path / "run" / "selection.json").read_text())
+  assert [r["cell"] for r in doc["settings"]] == [
+      {"defense.ft.lr": 0.01, "defense.ft.epochs": 2}, {"defense.ft.lr": 0.2, "defense.ft.epochs": 2}]
+  assert doc["heldout"]["size"] == 400 and doc["trusted_size"] == 100
+  assert doc["suspect"]["asr"] > 0.5  # the backdoor the settings are scored against
+  assert doc["chosen"] == selection.choose(doc["suspect"]["acc"], doc["settings"], 0.03)
+  assert proc.returncode == (1 if doc["chosen"] is None else 0)
+  assert "| setting | defense.ft.lr | defense.ft.epochs |" in proc.stdout
+  # the two settings really differ: lr 0.2 moves the model further than lr 0.01
+  low, high = doc["settings"]
+  assert (low["acc"], low["asr"]) != (high["acc"], high["asr"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--defense=ft", "--grid=poison.rate=0.1"],
+     "--grid may only set defense.ft.* fields, got 'poison.rate'"),
+    (["--defense=nc", "--grid=defense.ft.lr=0.1"], "--defense must be one of"),
+    (["--defense=ft", "--grid=defense.ft.lr=-1"], "defense.ft.lr"),
+    (["--defense=ft"], "--defense and --grid are required"),
+])
+def test_bad_selections_are_one_line_before_any_file(tmp_path, args, message):
+  proc = select_cli(tmp_path / "run", *args)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().startswith("jaxbd: error:") and message in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "run").exists()
