@@ -51,7 +51,6 @@ import ml_collections
 
 from jaxbd import config as config_lib
 from jaxbd import main as cli
-from jaxbd.config import apply_cell
 from jaxbd.errors import ConfigError, JaxbdError
 
 _GRID = flags.DEFINE_string(
@@ -172,7 +171,7 @@ def seed_groups(cells: Sequence[tuple], vmap_seeds: bool) -> list[list[tuple]]:
   for item in cells:
     config, digest = item[2], item[3]
     if vmap_seeds and standard.population_ready(config):
-      digest = config_hash(apply_cell(config, {"seed": 0}))
+      digest = config_hash(config_lib.apply_cell(config, {"seed": 0}))
     groups.setdefault(digest, []).append(item)
   return list(groups.values())
 
@@ -210,7 +209,7 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
   from jaxbd.experiments import results  # pylint: disable=g-import-not-at-top
   configs = []
   for i, cell in enumerate(cells):
-    config = apply_cell(base, cell)
+    config = config_lib.apply_cell(base, cell)
     try:
       config_lib.validate(config)
     except ConfigError as e:

@@ -80,9 +80,9 @@ def tiny_digits_config(**overrides):
   """configs/quickstart.py (BadNets CNN on the offline digits) shrunk to seconds per run: width 8,
   2 epochs, the backdoored model only, no intermediate evaluation or checkpoints; `overrides` as
   `{"train.epochs": 3}`."""
-  from jaxbd import sweep  # pylint: disable=g-import-not-at-top
+  from jaxbd import config as config_lib  # pylint: disable=g-import-not-at-top
   config = load_config("configs/quickstart.py")
-  return sweep.apply_cell(config, {
+  return config_lib.apply_cell(config, {
       "model.cnn.width": 8, "train.epochs": 2, "train.eval_every": 0, "train.checkpoint_every": 0,
       "standard.train_clean": False, "log.progress": False, **overrides})
 

@@ -35,7 +35,7 @@ def test_config_files_can_declare_their_sweep():
   cells = call_config_file(str(REPO / "configs/cifar10.py:cpu"), "get_sweep")
   assert len(cells) == 12 and {c["seed"] for c in cells} == {0, 1, 2}
   base = call_config_file(str(REPO / "configs/cifar10.py:cpu"))
-  assert sweep.apply_cell(base, cells[5])["poison"]["rate"] == cells[5]["poison.rate"]
+  assert config_lib.apply_cell(base, cells[5])["poison"]["rate"] == cells[5]["poison.rate"]
 
 
 def test_bad_cell_is_refused_before_anything_runs(tmp_path):
@@ -125,11 +125,11 @@ def test_vmapped_seeds_match_looped_cells(digits_sweep, tmp_path):
 def test_seed_groups_join_only_cells_that_differ_in_seed():
   base = config_lib.defaults()
   cells = sweep.parse_grid("poison.rate=0.05,0.1;seed=0,1,2", base)
-  items = [(i, c, sweep.apply_cell(base, c), str(i)) for i, c in enumerate(cells)]
+  items = [(i, c, config_lib.apply_cell(base, c), str(i)) for i, c in enumerate(cells)]
   groups = sweep.seed_groups(items, vmap_seeds=True)
   assert [[c["seed"] for _, c, _, _ in g] for g in groups] == [[0, 1, 2], [0, 1, 2]]
   assert {g[0][1]["poison.rate"] for g in groups} == {0.05, 0.1}
   assert sweep.seed_groups(items, vmap_seeds=False) == [[item] for item in items]
-  clean = [(0, {}, sweep.apply_cell(base, {"poison.name": "none", "seed": s}), str(s))
+  clean = [(0, {}, config_lib.apply_cell(base, {"poison.name": "none", "seed": s}), str(s))
            for s in (0, 1)]
   assert len(sweep.seed_groups(clean, vmap_seeds=True)) == 2  # no attack: no population

@@ -126,6 +126,8 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
   if config.experiment != "standard" or config.poison.name == "none":
     raise ConfigError("held-out selection needs the standard experiment with a data-poisoning "
                       "attack")
+  if not 0 <= max_acc_drop <= 1:
+    raise ConfigError(f"--max_acc_drop must be in [0, 1], got {max_acc_drop}")
   configs = defense_cells(config, name, cells)
   held = heldout_split(config.data, heldout)
   run = common.prepare(config, workdir)
