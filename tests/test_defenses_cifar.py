@@ -4,9 +4,10 @@ BadNets-backdoored 16-wide CNN (ACC 0.4995 or 0.504 depending on the machine, AS
 Acceptance criteria: D3 with 5% clean data brings ASR below 10% with ACC within 5 points of the
 backdoored model; Pivotal Tuning with 1% clean data at least halves ASR with ACC within 3 points.
 The settings are the `cpu` branches of configs/d3.py and configs/pick_your_poison.py, chosen on
-held-out training images with `python -m jaxbd.select` (never test data; see the configs). On this 24k-parameter CNN the ASR
-criterion of D3 and the ACC criterion of PT hold; D3's ACC criterion and PT's ASR criterion do
-not, and are kept as strict expected failures so that they turn into errors once they hold.
+held-out training images with `python -m jaxbd.select` (never test data; see the configs). On
+this 24k-parameter CNN the ASR criterion of D3 and the ACC criterion of PT hold; D3's ACC
+criterion and PT's ASR criterion do not, and are kept as strict expected failures so that they
+turn into errors once they hold.
 """
 
 import jax

@@ -64,7 +64,8 @@ def test_select_scores_every_setting_on_heldout_images_and_applies_the_rule(tmp_
   assert proc.returncode in (0, 1), proc.stderr[-3000:]
   doc = json.loads((tmp_path / "run" / "selection.json").read_text())
   assert [r["cell"] for r in doc["settings"]] == [
-      {"defense.ft.lr": 0.01, "defense.ft.epochs": 2}, {"defense.ft.lr": 0.2, "defense.ft.epochs": 2}]
+      {"defense.ft.lr": 0.01, "defense.ft.epochs": 2},
+      {"defense.ft.lr": 0.2, "defense.ft.epochs": 2}]
   assert doc["heldout"]["size"] == 400 and doc["trusted_size"] == 100
   assert doc["suspect"]["asr"] > 0.5  # the backdoor the settings are scored against
   assert doc["chosen"] == selection.choose(doc["suspect"]["acc"], doc["settings"], 0.03)

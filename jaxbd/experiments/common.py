@@ -57,10 +57,14 @@ class Run:
   predict: train_lib.Predictor
   key: jax.Array
 
-  def evaluate(self, variables) -> dict[str, float]:
-    """ACC, and ASR/RA on the attack's trigger, of model variables."""
+  def evaluate(self, variables, images: Optional[np.ndarray] = None,
+               labels: Optional[np.ndarray] = None) -> dict[str, float]:
+    """ACC, and ASR/RA on the attack's trigger, of model variables on the test set (or on
+    uint8[M, H, W, C] `images` with int[M] `labels`, e.g. held-out training images)."""
     ds, p = self.dataset, self.config.poison
-    return train_lib.backdoor_metrics(self.predict, variables, ds.x_test, ds.y_test, self.trigger,
+    if images is None:
+      images, labels = ds.x_test, ds.y_test
+    return train_lib.backdoor_metrics(self.predict, variables, images, labels, self.trigger,
                                       target=p.target, label_mode=p.label_mode,
                                       num_classes=ds.num_classes)
 

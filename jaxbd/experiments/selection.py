@@ -25,7 +25,6 @@ import numpy as np
 from jaxbd import config as config_lib
 from jaxbd import data as data_lib
 from jaxbd import defenses
-from jaxbd import train as train_lib
 from jaxbd.data.dataset import balanced_indices
 from jaxbd.errors import ConfigError
 from jaxbd.experiments import common, results
@@ -67,6 +66,11 @@ def heldout_split(data_config: ml_collections.ConfigDict, size: int) -> Heldout:
   return Heldout(full.x_train[rows], full.y_train[rows], rows)
 
 
+def keeps_accuracy(row: dict[str, float], reference_acc: float, max_acc_drop: float) -> bool:
+  """Whether a setting's held-out ACC is at most `max_acc_drop` below the suspect model's."""
+  return row["acc"] >= reference_acc - max_acc_drop
+
+
 def choose(reference_acc: float, rows: Sequence[dict[str, float]],
            max_acc_drop: float) -> Optional[int]:
   """The index of the chosen row (see the module docstring), or None.
@@ -76,7 +80,7 @@ def choose(reference_acc: float, rows: Sequence[dict[str, float]],
     rows: held-out {"acc", "asr"} of each setting.
     max_acc_drop: the largest ACC loss allowed (0.03 = 3 points).
   """
-  eligible = [i for i, r in enumerate(rows) if r["acc"] >= reference_acc - max_acc_drop]
+  eligible = [i for i, r in enumerate(rows) if keeps_accuracy(r, reference_acc, max_acc_drop)]
   if not eligible:
     return None
   return min(eligible, key=lambda i: (rows[i]["asr"], -rows[i]["acc"]))
@@ -132,9 +136,7 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
   held = heldout_split(config.data, heldout)
   run = common.prepare(config, workdir)
   variables, _ = common.train_classifier(run, "backdoored", poisoned=True)
-  evaluate = lambda v: train_lib.backdoor_metrics(
-      run.predict, v, held.images, held.labels, run.trigger, target=config.poison.target,
-      label_mode=config.poison.label_mode, num_classes=run.dataset.num_classes)
+  evaluate = lambda v: run.evaluate(v, held.images, held.labels)
   ds = run.dataset
   trusted = defenses.trusted_split(ds.x_train, ds.y_train, run.plan.kind,
                                    config.defense.clean_fraction, config.seed)
@@ -162,11 +164,11 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
 def table(doc: dict) -> str:
   """A markdown table of a selection document: one row per setting, the suspect model first."""
   fields = list(doc["settings"][0]["cell"]) if doc["settings"] else []
-  floor = doc["suspect"]["acc"] - doc["max_acc_drop"]
   rows = [["suspect"] + [""] * len(fields) +
           [doc["suspect"][k] for k in ("acc", "asr", "ra")] + ["", ""]]
   for i, r in enumerate(doc["settings"]):
+    eligible = keeps_accuracy(r, doc["suspect"]["acc"], doc["max_acc_drop"])
     rows.append([str(i)] + [r["cell"][f] for f in fields] + [r[k] for k in ("acc", "asr", "ra")]
-                + ["yes" if r["acc"] >= floor else "no", "<-" if i == doc["chosen"] else ""])
+                + ["yes" if eligible else "no", "<-" if i == doc["chosen"] else ""])
   return results.markdown_table(["setting", *fields, "ACC", "ASR", "RA", "eligible", "chosen"],
                                 rows)
