@@ -35,7 +35,7 @@ def defend(run, config_spec: str, name: str) -> dict:
 @pytest.fixture(scope="module")
 def d3_cpu_run(tmp_path_factory):
   """`configs/d3.py:cpu` with FT and D3 through the experiment runner: trains the backdoored
-  victim, defends it with 5% clean training data, writes results.json (~3 minutes)."""
+  victim, defends it with 5% clean training data, writes results.json (~2 minutes)."""
   return run_experiment(tmp_path_factory, "configs/d3.py:cpu,defenses=ft+d3,source=npz:{cifar10}")
 
 
