@@ -6,6 +6,7 @@ they are absent.
 """
 
 import dataclasses
+import functools
 import os
 import pathlib
 
@@ -45,15 +46,17 @@ class CifarRun:
   workdir: str
   doc: dict
 
-  def prepare(self):
-    """The run's `jaxbd.experiments.common.Run` (same workdir, so nothing is retrained)."""
+  @functools.cached_property
+  def prepared(self):
+    """The run's `jaxbd.experiments.common.Run` (same workdir, so nothing is retrained), built
+    once: preparing decodes the dataset again."""
     from jaxbd.experiments import common  # pylint: disable=g-import-not-at-top
     return common.prepare(self.config, self.workdir)
 
   def variables(self, phase: str):
     """The final variables of phase "clean" or "backdoored"."""
     from jaxbd.experiments import common  # pylint: disable=g-import-not-at-top
-    return common.load_phase(self.prepare(), phase, self.config.train.epochs)
+    return common.load_phase(self.prepared, phase, self.config.train.epochs)
 
 
 def run_experiment(tmp_path_factory, spec: str) -> CifarRun:

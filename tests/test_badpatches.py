@@ -276,7 +276,7 @@ def test_results_files_and_router_guidance(badpatches_cpu_run):
   saved = poison.load_plan(os.path.join(workdir, "poison_plan_badpatches_rate0.001.npz"))
   assert len(saved.indices) == 5
   # Router guidance from the trained clean victim: the cells its routers select most often.
-  r, clean = run.prepare(), run.variables("clean")
+  r, clean = run.prepared, run.variables("clean")
   config = ml_collections.ConfigDict(r.config.to_dict())
   config.poison.badpatches.position = "router"
   guided, guide = experiment.guide_trigger(dataclasses.replace(r, config=config), clean)

@@ -20,12 +20,10 @@ from jaxbd import analysis, defenses
 def defend(run, config_spec: str, name: str) -> dict:
   """Runs defense `name` of `config_spec` on the backdoored model of `run` (seed 0)."""
   config = load_config(config_spec)
-  prepared = run.prepare()
-  ds = prepared.dataset
-  trusted = defenses.trusted_split(ds.x_train, ds.y_train, prepared.plan.kind,
-                                   config.defense.clean_fraction, 0)
-  ctx = defenses.Context(prepared.model, prepared.mesh, prepared.config.data, ds.num_classes,
-                         progress=False)
+  prepared = run.prepared
+  trusted = prepared.trusted(config.defense.clean_fraction)
+  ctx = defenses.Context(prepared.model, prepared.mesh, prepared.config.data,
+                         prepared.dataset.num_classes, progress=False)
   defended, report = defenses.DEFENSES[name].build(
       ctx, run.variables("backdoored"), trusted, config.defense[name], jax.random.key(0))
   return {"before": run.doc["metrics"]["backdoored"], "after": prepared.evaluate(defended),
@@ -91,9 +89,9 @@ def test_a_head_fitted_on_trusted_clean_features_keeps_the_backdoor(d3_cpu_run):
   clean images about as well as the model, and still sends the triggered ones to the target, so
   a repair must move the features, as D3 does. Measured: ACC 0.5855, ASR 0.994 (on 1%, 450
   images, the fit is poorer: ACC 0.548, ASR 0.587)."""
-  run = d3_cpu_run.prepare()
+  run = d3_cpu_run.prepared
   ds, p = run.dataset, run.config.poison
-  trusted = defenses.trusted_split(ds.x_train, ds.y_train, run.plan.kind, 0.05, 0)
+  trusted = run.trusted(0.05)
   probe = analysis.linear_probe(run.model, d3_cpu_run.variables("backdoored"), trusted.images,
                                 trusted.labels, ds.x_test, ds.y_test, run.trigger,
                                 target=p.target, label_mode=p.label_mode,

@@ -21,7 +21,7 @@ def test_cnn_learns_cifar10_subset_and_badnets_backdoors_it(cifar_cpu_run):
 @pytest.mark.slow
 def test_saved_plan_and_checkpoint_reproduce_the_results(cifar_cpu_run):
   """The saved poison plan is the config's plan, and the saved model gives the reported metrics."""
-  run = cifar_cpu_run.prepare()
+  run = cifar_cpu_run.prepared
   saved = poison.load_plan(f"{cifar_cpu_run.workdir}/poison_plan.npz")
   np.testing.assert_array_equal(saved.indices, run.plan.indices)
   assert set(run.dataset.y_train[saved.indices]) <= set(range(1, 10))  # non-target rows only

@@ -111,7 +111,7 @@ def test_fine_pruning_on_the_badpatches_backdoor(badpatches_cpu_run):
   assert accs[-1] < accs[0] - 0.15  # pruning most channels destroys the model
   assert all(0.0 <= fp[k] <= 1.0 for k in ("acc", "asr", "ra", "der"))
   # The fine-tuned model (its checkpoint) keeps the pruned channels off and has moved.
-  run = badpatches_cpu_run.prepare()
+  run = badpatches_cpu_run.prepared
   epochs = badpatches_cpu_run.config.defense.fine_pruning.finetune.epochs
   ckpt = train_lib.Checkpointer(os.path.join(run.workdir, "checkpoints", "fine_pruning"))
   state = ckpt.restore(epochs)

@@ -68,6 +68,13 @@ class Run:
                                       target=p.target, label_mode=p.label_mode,
                                       num_classes=ds.num_classes)
 
+  def trusted(self, fraction: float) -> defenses.Trusted:
+    """`fraction` of the training set as the defenses' trusted clean set, class-balanced from
+    rows the attack did not touch, drawn with `config.seed`."""
+    ds = self.dataset
+    return defenses.trusted_split(ds.x_train, ds.y_train, self.plan.kind, fraction,
+                                  self.config.seed)
+
 
 def channel_stats(config, images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Per-channel mean/std in [0, 1]: from the config, or computed from uint8[N, H, W, C]."""
@@ -281,8 +288,7 @@ def run_defenses(run: Run, variables: dict, reference: dict[str, float],
   names = config_lib.defense_names(c)
   if not names:
     return {}
-  trusted = defenses.trusted_split(ds.x_train, ds.y_train, run.plan.kind,
-                                   c.defense.clean_fraction, c.seed)
+  trusted = run.trusted(c.defense.clean_fraction)
   if results.is_writer():
     np.save(os.path.join(run.workdir, "trusted_indices.npy"), trusted.indices)
   ctx = defenses.Context(run.model, run.mesh, c.data, ds.num_classes, run.workdir,

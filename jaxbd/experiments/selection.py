@@ -137,10 +137,8 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
   run = common.prepare(config, workdir)
   variables, _ = common.train_classifier(run, "backdoored", poisoned=True)
   evaluate = lambda v: run.evaluate(v, held.images, held.labels)
-  ds = run.dataset
-  trusted = defenses.trusted_split(ds.x_train, ds.y_train, run.plan.kind,
-                                   config.defense.clean_fraction, config.seed)
-  ctx = defenses.Context(run.model, run.mesh, config.data, ds.num_classes,
+  trusted = run.trusted(config.defense.clean_fraction)
+  ctx = defenses.Context(run.model, run.mesh, config.data, run.dataset.num_classes,
                          progress=config.log.progress)
   key = common.phase_key(run, f"defense/{name}")
   reference = evaluate(variables)
