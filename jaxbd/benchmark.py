@@ -95,9 +95,11 @@ def time_steps(setup: train_lib.Setup, batch_size: int, steps: int,
   for i in range(2):
     state, metrics = step(state, setup.arrays, perm, i % rows, key)
   jax.block_until_ready(metrics)
+  throttle = train_lib.Throttle()  # as `jaxbd.train.fit` dispatches
   t0 = time.perf_counter()
   for i in range(steps):
     state, metrics = step(state, setup.arrays, perm, i % rows, key)
+    throttle(metrics)
   jax.block_until_ready((state, metrics))
   seconds = (time.perf_counter() - t0) / steps
   out["step_images_per_second"] = batch_size / seconds

@@ -51,7 +51,8 @@ class Predictor:
     `transform` is a callable pytree such as a trigger (`transform(x f32[B, H, W, C]) -> x`),
     passed to jit as an argument, so a new trigger of the same type does not recompile.
     """
-    out = [self._predict(variables, self._place(chunk), transform)
+    throttle = mesh_lib.Throttle()
+    out = [throttle(self._predict(variables, self._place(chunk), transform))
            for chunk, _ in padded_batches(images, self.batch_size)]
     return (np.concatenate([np.asarray(o) for o in out])[:len(images)] if out else
             np.zeros(0, np.int32))

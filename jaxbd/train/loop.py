@@ -3,8 +3,8 @@
 `fit` runs one named phase (e.g. "clean", "backdoored", "d3"). With a workdir it checkpoints every
 `checkpoint_every` epochs into `WORKDIR/checkpoints/<phase>`, and a rerun restores the latest
 checkpoint and continues; a finished phase restores its final state and returns at once. Train
-metrics are fetched from the device only every `log_every` steps, so the loop never waits on the
-accelerator in between.
+metrics are fetched from the device only every `log_every` steps; in between the loop keeps one
+step queued behind the running one (`jaxbd.train.mesh.Throttle`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import tqdm
 from jaxbd.data.pipeline import epoch_indices
 from jaxbd.errors import CheckpointError
 from jaxbd.train.checkpoint import Checkpointer
+from jaxbd.train.mesh import Throttle
 
 
 class MetricsLog:
@@ -118,6 +119,7 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
   summary = {"epochs": epochs, "steps": epochs * steps, "resumed_from_epoch": start}
   last_eval: dict = {}
   t0, trained_steps = time.perf_counter(), 0
+  throttle = Throttle()
   for epoch in range(start, epochs):
     perm = jit_perm(perm_key, epoch)
     bar = tqdm.tqdm(total=steps, desc=f"{phase} {epoch + 1}/{epochs}", leave=False,
@@ -125,6 +127,7 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
                     file=sys.stderr, dynamic_ncols=True)
     for i in range(steps):
       state, metrics = jit_step(state, arrays, perm, i, step_key, context)
+      throttle(metrics)  # not the state: the next step consumes (donates) it
       trained_steps += 1
       bar.update(1)
       if (i + 1) % log_every == 0 or i + 1 == steps:

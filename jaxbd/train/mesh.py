@@ -6,9 +6,14 @@ over `expert` (`state_sharding`): MoE models keep them stacked on a leading expe
 submodules named `experts`, and every leaf under such a key (parameters, BatchNorm statistics,
 optimizer moments) is split on that axis. With one process this covers all local devices; with
 `jax.distributed.initialize()` (multi-host) the same code spans every host's devices.
+
+`Throttle` bounds how many multi-device programs a loop leaves queued (see its docstring).
 """
 
 from __future__ import annotations
+
+import collections
+from typing import Any
 
 import jax
 import numpy as np
@@ -95,3 +100,28 @@ def state_sharding(tree, mesh: Mesh):
 def put_state(tree, mesh: Mesh):
   """Places a train state or variables on the mesh with `state_sharding`."""
   return jax.tree.map(_put, tree, state_sharding(tree, mesh))
+
+
+class Throttle:
+  """Keeps at most `depth` dispatched computations queued behind the one that runs.
+
+  Call it with each output of a loop of jitted calls; once more than `depth` are pending it
+  waits for the oldest. XLA's CPU runtime (jaxlib 0.10) deadlocks when unbounded asynchronous
+  dispatch queues several programs with collectives over more than one device: one device waits
+  in an all-reduce for a peer whose launch is blocked behind the next program, and after
+  `--xla_cpu_collective_call_terminate_timeout_seconds` the process aborts. Two fake CPU devices
+  and a data-parallel step reproduce it within a few hundred steps (tests/test_train.py). With
+  one step queued the device is still never idle as long as dispatching a step takes less time
+  than running it.
+  """
+
+  def __init__(self, depth: int = 1):
+    self._depth = depth
+    self._pending: collections.deque = collections.deque()
+
+  def __call__(self, tree: Any) -> Any:
+    """Records `tree` (any pytree of arrays) as pending and returns it unchanged."""
+    self._pending.append(tree)
+    if len(self._pending) > self._depth:
+      jax.block_until_ready(self._pending.popleft())
+    return tree
