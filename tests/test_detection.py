@@ -21,7 +21,8 @@ def test_anomaly_index_of_the_smallest_norm():
 @pytest.mark.slow
 def test_detection_experiment_on_a_small_population(tmp_path, capsys):
   """1 clean + 2 backdoored (BadNets, Blended) CNNs on digits, trained under one vmapped step,
-  scored by CTI and NC; the experiment prints and writes the ROC AUC of both and a ROC plot."""
+  scored by CTI and NC; the experiment reports each member as it is scored, and prints and
+  writes the ROC AUC of both and a ROC plot."""
   c = load_config("configs/detection.py:clean=1,backdoored=2")
   c.data.source, c.data.train_limit, c.data.test_limit = "digits", 0, 0
   c.data.crop_padding, c.data.flip = 1, False
@@ -33,10 +34,14 @@ def test_detection_experiment_on_a_small_population(tmp_path, capsys):
   c.defense.pt.update(dict(steps=40, lr=0.01, batch_size=48))
   c.detection.nc.epochs = 4
   c.detection.cti.steps = 20
-  c.log.progress = False
+  c.log.progress = True  # bars only on a terminal; the per-member lines always
   doc = experiments.run(c, str(tmp_path))
-  out = capsys.readouterr().out
+  captured = capsys.readouterr()
+  out = captured.out
   assert "| cti |" in out and "| nc |" in out and "ROC AUC" in out
+  scored = [l for l in captured.err.splitlines() if l.startswith("detection: member ")]
+  assert [l.split(" (")[0] for l in scored] == [f"detection: member {i}/3" for i in (1, 2, 3)]
+  assert all(" suspicion cti " in l and " nc " in l for l in scored), scored
   members = doc["metrics"]["members"]
   assert [m["attack"] for m in members] == ["none", "badnets", "blended"]
   for m in members:

@@ -19,6 +19,7 @@ rows no member poisoned.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import jax
@@ -101,6 +102,16 @@ def groups(members: list[dict]) -> list[list[dict]]:
   return list(out.values())
 
 
+def progress_line(row: dict, count: int, seconds: float) -> str:
+  """One scored member, e.g. `detection: member 2/6 (badnets, seed 1): acc 0.5120 asr 0.9930,
+  suspicion cti 0.0310 nc 2.4100 (95 s)`."""
+  shown = " ".join(f"{k} {row[k]:.4f}" for k in ("acc", "asr") if k in row)
+  scored = " ".join(f"{name} {row[name]['suspicion']:.4f}" for name in detection.SCORERS
+                    if name in row)
+  return (f"detection: member {row['index'] + 1}/{count} ({row['attack']}, seed {row['seed']}): "
+          f"{shown}, suspicion {scored} ({seconds:.0f} s)")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the experiment and returns the results document (also written to the workdir)."""
   r = common.prepare(config, workdir)
@@ -136,6 +147,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       scores[name].append(s["suspicion"])
       row[name] = s
     rows.append(row)
+    if c.log.progress:
+      print(progress_line(row, len(members), time.perf_counter() - t0), file=sys.stderr,
+            flush=True)
   score_seconds = time.perf_counter() - t0
 
   positive = np.array([m["attack"] is not None for m in members])
