@@ -35,9 +35,10 @@ import numpy as np
 from jaxbd import fileio
 from jaxbd.data.pipeline import to_unit
 from jaxbd.errors import CheckpointError
-from jaxbd.train.evaluate import padded_batches
 from jaxbd.quant.layers import SCALES, STATS
 from jaxbd.quant.quantizer import QuantConfig
+from jaxbd.train.evaluate import padded_batches
+from jaxbd.train.mesh import Throttle
 
 _CONFIG_KEY = "__quant_config__"
 
@@ -76,8 +77,9 @@ def calibrate(model, variables: dict, images: np.ndarray, batch_size: int,
   if q.observer != "ema":
     return base
   stats = fresh_stats(model, images.shape[1:])
+  throttle = Throttle()
   for chunk, _ in padded_batches(images, batch_size):
-    stats = _observe(model, batch_sharding, base, stats, chunk)
+    stats = throttle(_observe(model, batch_sharding, base, stats, chunk))
   return {**base, STATS: stats}
 
 
