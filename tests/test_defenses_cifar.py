@@ -22,10 +22,9 @@ def defend(run, config_spec: str, name: str) -> dict:
   config = load_config(config_spec)
   prepared = run.prepared
   trusted = prepared.trusted(config.defense.clean_fraction)
-  ctx = defenses.Context(prepared.model, prepared.mesh, prepared.config.data,
-                         prepared.dataset.num_classes, progress=False)
   defended, report = defenses.DEFENSES[name].build(
-      ctx, run.variables("backdoored"), trusted, config.defense[name], jax.random.key(0))
+      prepared.defense_context(progress=False), run.variables("backdoored"), trusted,
+      config.defense[name], jax.random.key(0))
   return {"before": run.doc["metrics"]["backdoored"], "after": prepared.evaluate(defended),
           "report": report, "trusted": len(trusted.labels)}
 

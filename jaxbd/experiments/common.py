@@ -69,11 +69,21 @@ class Run:
                                       num_classes=ds.num_classes)
 
   def trusted(self, fraction: float) -> defenses.Trusted:
-    """`fraction` of the training set as the defenses' trusted clean set, class-balanced from
-    rows the attack did not touch, drawn with `config.seed`."""
+    """`fraction` of the training set as the defenses' trusted clean set, drawn at random with
+    `config.seed` from the rows the attack did not touch (`jaxbd.defenses.trusted_split`)."""
     ds = self.dataset
     return defenses.trusted_split(ds.x_train, ds.y_train, self.plan.kind, fraction,
                                   self.config.seed)
+
+  def defense_context(self, *, workdir: Optional[str] = None,
+                      evaluate: Optional[Callable[[dict], dict]] = None,
+                      progress: Optional[bool] = None) -> defenses.Context:
+    """What a defense may know of this run (`jaxbd.defenses.Context`): model, mesh, data
+    settings and class count; no workdir or progress evaluation unless given; progress output
+    as `config.log.progress` unless given."""
+    return defenses.Context(self.model, self.mesh, self.config.data, self.dataset.num_classes,
+                            workdir, evaluate,
+                            self.config.log.progress if progress is None else progress)
 
 
 def channel_stats(config, images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -283,7 +293,7 @@ def run_defenses(run: Run, variables: dict, reference: dict[str, float],
   Returns:
     `{name: {"acc", "asr", "ra", "der", "stages": {stage: metrics}, "seconds", ...}}`.
   """
-  c, ds = run.config, run.dataset
+  c = run.config
   evaluate = evaluate or run.evaluate
   names = config_lib.defense_names(c)
   if not names:
@@ -291,8 +301,7 @@ def run_defenses(run: Run, variables: dict, reference: dict[str, float],
   trusted = run.trusted(c.defense.clean_fraction)
   if results.is_writer():
     np.save(os.path.join(run.workdir, "trusted_indices.npy"), trusted.indices)
-  ctx = defenses.Context(run.model, run.mesh, c.data, ds.num_classes, run.workdir,
-                         run.evaluate, c.log.progress)
+  ctx = run.defense_context(workdir=run.workdir, evaluate=run.evaluate)
   out = {}
   for name in names:
     t0 = time.perf_counter()

@@ -129,7 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   kind_any = np.max(np.stack([m["kind"] for m in members]), 0)
   trusted = defenses.trusted_split(ds.x_train, ds.y_train, kind_any, c.defense.clean_fraction,
                                    c.seed)
-  ctx = defenses.Context(r.model, r.mesh, c.data, ds.num_classes, None, None, c.log.progress)
+  ctx = r.defense_context()
   rows, scores = [], {name: [] for name in names(d.scorers)}
   t0 = time.perf_counter()
   for m in members:

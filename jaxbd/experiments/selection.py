@@ -138,8 +138,7 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
   variables, _ = common.train_classifier(run, "backdoored", poisoned=True)
   evaluate = lambda v: run.evaluate(v, held.images, held.labels)
   trusted = run.trusted(config.defense.clean_fraction)
-  ctx = defenses.Context(run.model, run.mesh, config.data, run.dataset.num_classes,
-                         progress=config.log.progress)
+  ctx = run.defense_context()
   key = common.phase_key(run, f"defense/{name}")
   reference = evaluate(variables)
   rows = []
