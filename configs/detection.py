@@ -15,14 +15,16 @@ GPU job). `cpu`: 3 clean + 3 backdoored 16-wide CNNs on the 5,000-image subset o
 configs/cifar10.py:cpu (10 epochs), 5% trusted (250 images; 1% would be 50), PT repair 200 steps
 at lr 0.01, NC 10 epochs, members trained one after another (on CPU XLA's batched convolutions
 make the vmapped step 2-3x slower than a loop; scripts/bench_population.py). Measured (2 CPU
-devices, 25 minutes: 5 training, 20 scoring): clean members ACC 0.50-0.52, backdoored ones ACC
+devices, 22 minutes: 5 training, 17 scoring): clean members ACC 0.50-0.52, backdoored ones ACC
 0.48-0.50 with ASR 1.0 (BadNets, Blended, BadNets). Neural Cleanse separates them (anomaly
-index 0.72-0.89 clean, 1.14-2.33 backdoored: ROC AUC 1.0); CTI ranks them backwards (suspicion
-0.82-0.97 clean, 0.56-0.85 backdoored: AUC 0.11). CTI assumes the repaired copy keeps the clean
-behaviour and loses the backdoor; here PT leaves the backdoor (see configs/pick_your_poison.py),
-so a trigger that finds it fools both copies, while the universal perturbation found for a clean
-suspect does not transfer to its repaired copy. Six models are few: the default population on
-an accelerator is the detection result.
+index 0.72-0.89 clean, 1.14-2.33 backdoored: ROC AUC 1.0); CTI barely does (suspicion 0.59-0.90
+clean, 0.66-0.89 backdoored: AUC 0.67, s_t on the 125 trusted images held out from its repair and
+inversion; measured on the inversion's own 250 images it was 0.82-0.97 vs 0.56-0.85, AUC 0.11).
+CTI assumes the repaired copy keeps the clean behaviour and loses the backdoor; here PT leaves the
+backdoor (see configs/pick_your_poison.py), so a trigger that finds it fools both copies, while
+for a clean suspect the inversion still finds a perturbation that fools it and not its repaired
+copy (trained at lr 0.01). Six models are few: the default population on an accelerator is the
+detection result.
 
 Arguments: cpu, source=..., clean=N, backdoored=N, attacks=badnets+blended ('+'-separated).
 """

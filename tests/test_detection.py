@@ -2,12 +2,14 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import load_config
-from jaxbd import experiments
-from jaxbd.defenses import detection
+from jaxbd import defenses, experiments
+from jaxbd.defenses import base, detection
+from jaxbd.errors import ConfigError
 
 
 def test_anomaly_index_of_the_smallest_norm():
@@ -16,6 +18,28 @@ def test_anomaly_index_of_the_smallest_norm():
   mad = 1.4826 * np.median(np.abs(norms - median))
   assert detection.anomaly_index(norms) == pytest.approx((median - 2.0) / mad)
   assert detection.anomaly_index(np.array([3.0, 3.0, 3.0])) == 0.0
+
+
+def test_cti_holds_out_a_random_part_of_the_trusted_set_for_its_scores():
+  """The images that measure s_t are disjoint from those of the repair and the inversion, rows
+  stay paired with their labels and training indices, and the split follows the key."""
+  rng = np.random.default_rng(0)
+  indices = np.sort(rng.choice(10_000, 40, replace=False))
+  images = rng.integers(0, 256, (40, 4, 4, 3), dtype=np.uint8)
+  trusted = defenses.Trusted(images, (indices % 10).astype(np.int32), indices)
+  fit, scored = base.holdout(trusted, 0.25, jax.random.key(3))
+  assert (len(fit.labels), len(scored.labels)) == (30, 10)
+  assert not set(fit.indices) & set(scored.indices)
+  assert sorted([*fit.indices, *scored.indices]) == indices.tolist()
+  for part in (fit, scored):
+    rows = np.searchsorted(indices, part.indices)
+    np.testing.assert_array_equal(part.images, images[rows])
+    np.testing.assert_array_equal(part.labels, part.indices % 10)
+  again = base.holdout(trusted, 0.25, jax.random.key(3))[1]
+  other = base.holdout(trusted, 0.25, jax.random.key(4))[1]
+  assert again.indices.tolist() == scored.indices.tolist() != other.indices.tolist()
+  with pytest.raises(ConfigError, match="empty part"):
+    base.holdout(trusted, 0.01, jax.random.key(0))
 
 
 @pytest.mark.slow
@@ -56,6 +80,8 @@ def test_detection_experiment_on_a_small_population(tmp_path, capsys):
     pos, neg = suspicion[backdoored][:, None], suspicion[~backdoored][None, :]
     expected = np.mean((pos > neg) + 0.5 * (pos == neg))
     assert doc["detection"][name]["auc"] == pytest.approx(expected)
+  # 10% of the 1,437 digits, half of them held out to measure CTI's s_t.
+  assert [(m["cti"]["fit_size"], m["cti"]["scored_size"]) for m in members] == [(72, 72)] * 3
   assert doc["timing"]["vmap"] is True
   assert (tmp_path / "roc.png").stat().st_size > 1000
   assert json.loads((tmp_path / "results.json").read_text())["detection"] == doc["detection"]

@@ -88,6 +88,25 @@ def trusted_split(images: np.ndarray, labels: np.ndarray, kind: np.ndarray, frac
   return Trusted(images[idx], np.asarray(labels)[idx].astype(np.int32), idx)
 
 
+def holdout(trusted: Trusted, fraction: float, key: jax.Array) -> tuple[Trusted, Trusted]:
+  """Splits the trusted set at random into (kept, held out), `round(fraction * M)` held out.
+
+  Raises:
+    ConfigError: either part would be empty.
+  """
+  m = len(trusted.labels)
+  count = int(round(fraction * m))
+  if not 0 < count < m:
+    raise ConfigError(f"holding out {fraction} of {m} trusted images leaves an empty part")
+  order = np.asarray(jax.random.permutation(key, m))
+
+  def part(rows):
+    rows = np.sort(rows)
+    return Trusted(trusted.images[rows], trusted.labels[rows], trusted.indices[rows])
+
+  return part(order[count:]), part(order[:count])
+
+
 def train_section(**values: Any) -> ml_collections.ConfigDict:
   """A train-style config section (see `jaxbd.config.train_defaults`) with a defense's defaults."""
   section = config_lib.train_defaults()

@@ -9,8 +9,10 @@ betas (0.5, 0.9), 50 steps, batch 128, random flips) on trusted images of classe
 
 A trigger that fools the suspect but not its repaired copy reveals a backdoor:
 `s_t = ASR_P(delta_t) - ASR_R(delta_t)`; the paper's model score is `-max_t s_t` (low = suspicious),
-so `suspicion = max_t s_t`. The reference measures s_t on test images; here it is measured on the
-trusted images (classes != t), since a defense never sees test data.
+so `suspicion = max_t s_t`. The reference repairs and inverts on the trusted images and measures
+s_t on test images, which neither step saw; a defense never sees test data, so here a random
+`score_fraction` of the trusted images (classes != t) is held out from the repair and the
+inversion to measure s_t (0: measure on the images the trigger was fitted to).
 
 **Neural Cleanse (NC)**, Wang et al., S&P 2019 (the baseline): for every class t, find the
 smallest mask m (H x W) and pattern p with `x' = (1 - m) x + m p` classified as t:
@@ -48,6 +50,7 @@ def cti_config() -> ml_collections.ConfigDict:
       lr=0.01,
       init=0.01,  # delta starts as U(0, init)
       repair_weight=0.5,  # weight of the repaired model's cross-entropy on true labels
+      score_fraction=0.5,  # trusted images held out from repair and inversion to measure s_t
   ))
 
 
@@ -71,6 +74,7 @@ def validate_cti(config: ml_collections.ConfigDict, path: str) -> None:
   for key in ("lr", "init"):
     config_lib.check_range(config, f"{path}.{key}", 0, low_open=True)
   config_lib.check_range(config, f"{path}.repair_weight", 0)
+  config_lib.check_range(config, f"{path}.score_fraction", 0, 0.9)
 
 
 def validate_nc(config: ml_collections.ConfigDict, path: str) -> None:
@@ -157,19 +161,23 @@ def calibrated_trigger_inversion(ctx: base.Context, variables: dict, trusted: ba
                                  config: ml_collections.ConfigDict,
                                  pt_config: ml_collections.ConfigDict,
                                  key: jax.Array) -> dict:
-  """CTI: `{"suspicion": max_t s_t, "score": -max_t s_t, "target": argmax, "class_scores"}`."""
-  k_repair, k_invert = jax.random.split(key)
-  repaired, _ = pivotal_tuning.pivotal_tuning(ctx, variables, trusted, pt_config, k_repair,
+  """CTI: `{"suspicion": max_t s_t, "score": -max_t s_t, "target": argmax, "class_scores",
+  "fit_size", "scored_size"}` (trusted images for repair and inversion / for s_t)."""
+  k_split, k_repair, k_invert = jax.random.split(key, 3)
+  fit, scored = (base.holdout(trusted, config.score_fraction, k_split)
+                 if config.score_fraction else (trusted, trusted))
+  repaired, _ = pivotal_tuning.pivotal_tuning(ctx, variables, fit, pt_config, k_repair,
                                               phase="cti_repair")
   c = (config.steps, config.batch_size, config.lr, config.init, config.repair_weight)
-  images, labels = jnp.asarray(trusted.images), jnp.asarray(trusted.labels)
-  deltas = invert_additive(ctx.model, variables, repaired, images, labels, ctx.num_classes, c,
-                           k_invert)
+  deltas = invert_additive(ctx.model, variables, repaired, jnp.asarray(fit.images),
+                           jnp.asarray(fit.labels), ctx.num_classes, c, k_invert)
+  images, labels = jnp.asarray(scored.images), jnp.asarray(scored.labels)
   scores = (np.asarray(trigger_success(ctx.model, variables, images, labels, deltas))
             - np.asarray(trigger_success(ctx.model, repaired, images, labels, deltas)))
   best = int(np.argmax(scores))
   return {"suspicion": float(scores[best]), "score": -float(scores[best]), "target": best,
-          "class_scores": scores.tolist()}
+          "class_scores": scores.tolist(), "fit_size": len(fit.labels),
+          "scored_size": len(scored.labels)}
 
 
 def _squash(raw: jax.Array) -> jax.Array:
