@@ -19,7 +19,9 @@ points of the clean model.
 CPU cores, ACC ~0.60, BadNets ASR 1.0), the victim of the post-training defenses' CPU recipes
 (configs/d3.py:cpu, configs/pick_your_poison.py:cpu): 5% / 1% of it are 2,250 / 450 trusted
 images, close to the papers' 2,500 / 500, and the other 5,000 training images are left for
-choosing a defense's hyper-parameters (`python -m jaxbd.select`).
+choosing a defense's hyper-parameters (`python -m jaxbd.select`). It carries Pivotal Tuning's CPU
+recipe, shared by both: 600 steps at batch 64, l_slol 0.01, the paper's other settings (chosen in
+configs/pick_your_poison.py).
 
 Arguments: cpu, cpu_defense, source=..., attack=badnets|none, rate=0.1, epochs=N (0: the
 default).
@@ -59,6 +61,8 @@ def get_config(arg=None):
     config.train.nesterov = True
     config.train.eval_every = 0
     config.poison.badnets.pattern = "checkerboard"
+    if a.cpu_defense:
+      config.defense.pt.update(dict(steps=600, batch_size=64, slol=0.01, checkpoint_every=0))
   else:
     config.model.name = "preact_resnet18"
     config.train.epochs = 100

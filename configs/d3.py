@@ -36,7 +36,8 @@ subset: 100 epochs, batch 256, eps 0.1: ACC 0.599 -> 0.431, ASR 0.0; lmd 3, eps 
 0.50-0.53; held-out, lmd 3 or 10 at lr 0.005-0.02: 0.495-0.567): the distance term pushes the
 classifier as far from W0 as the hinge allows and the features of a small CNN follow it; a
 larger lmd weighs the clean hinge more while the distance term still moves the classifier away.
-PT: 600 steps at batch 64 with the paper's other settings (configs/pick_your_poison.py).
+PT: the CPU recipe of configs/cifar10.py:cpu_defense (600 steps at batch 64, l_slol 0.01; chosen
+in configs/pick_your_poison.py).
 Measured (tests/test_defenses_cifar.py, test subset): see the README's CPU table. An earlier
 recipe on a 5,000-image victim (250 trusted images) lost 6-8 points of ACC with every setting.
 Arguments: attack=badnets|blended|wanet|sig; defenses=ft+d3+pt ('+'-separated, since ','
@@ -69,5 +70,4 @@ def get_config(arg=None):
     config.defense.ft.epochs = 10
     config.defense.d3.update(dict(epochs=40, batch_size=64, lr=0.05, lmd=30.0, eps=0.1,
                                   eval_every=0, checkpoint_every=0))
-    config.defense.pt.update(dict(steps=600, batch_size=64, checkpoint_every=0))
   return config

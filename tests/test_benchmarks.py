@@ -45,3 +45,33 @@ def test_compare_pytorch_prints_ratios(tmp_path):
   assert set(moe) == {"float32", "bfloat16"} and all(r["model"] == "pmoe" for r in moe.values())
   assert moe["float32"]["step_images_per_second"] > 0 and moe["float32"]["params"] > 0
   assert moe["float32"]["step_tflops_per_second"] > 0  # FLOPs from XLA's cost analysis
+
+
+def checks(cwd, *args):
+  """Runs scripts/accelerator_checks.sh at CPU size (QUICK=1) from folder `cwd`."""
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), QUICK="1",
+             PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+  return subprocess.run(["bash", str(REPO / "scripts" / "accelerator_checks.sh"), *args],
+                        cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_accelerator_checks_run_a_stage_and_report_a_failed_one(tmp_path):
+  out = tmp_path / "out"
+  data = tmp_path / "data.npz"
+  data.write_bytes(b"not used by the bench stage")
+  # Relative paths are taken from the caller's folder, although the stages run from the repo.
+  proc = checks(tmp_path, "out", "data.npz", "bench", "d3:badnets")
+  # bench succeeds; d3 fails on the unreadable data file, is reported, and counts in the status.
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  assert "bench: done in" in proc.stdout
+  assert "d3:badnets: FAILED (exit status" in proc.stdout
+  assert json.loads((out / "train_bf16.json").read_text())["dtype"] == "bfloat16"
+  assert (out / "d3_badnets.log").is_file() and not (out / "d3_badnets.json").exists()
+
+
+def test_accelerator_checks_refuse_bad_arguments(tmp_path):
+  missing = checks(tmp_path, "out", "absent.npz")
+  assert missing.returncode == 2 and "absent.npz does not exist" in missing.stderr
+  (tmp_path / "data.npz").write_bytes(b"")
+  unknown = checks(tmp_path, "out", "data.npz", "train")
+  assert unknown.returncode == 2 and "unknown stage train" in unknown.stderr

@@ -25,6 +25,8 @@ def test_d3_table_configs(attack, cpu):
   d3 = c.defense.d3  # the CPU recipe changes hyper-parameters only, never the algorithm
   assert d3.weight_decay == 0 and d3.schedule == "cosine" and d3.schedule_unit == "epoch"
   assert d3.train_mode and d3.layers == "" and d3.momentum == 0.9
+  if cpu:  # one PT recipe per victim: the D3 table's PT column is the repair claim's PT
+    assert c.defense.pt == load_config("configs/pick_your_poison.py:cpu").defense.pt
 
 
 @pytest.mark.parametrize("attack", ["badnets", "adaptive_blend", "adaptive_patch", "wanet", "tsb",

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The README's accelerator figures in one prepared run, each stage under its own time limit.
+#
+#   scripts/accelerator_checks.sh OUT DATA [STAGE...]
+#
+# OUT: folder for the results (created): one JSON file and one log per stage. DATA: CIFAR-10 as
+# an `npz:` source file (the encoded or the decoded layout, see jaxbd/data/sources.py). Stages run
+# in the order given (default: bench compare moe d3:badnets):
+#   bench      scripts/bench_train.py in bfloat16     -> OUT/train_bf16.json
+#   compare    scripts/compare_pytorch.py              -> OUT/compare_pytorch.json
+#   moe        scripts/bench_moe.py in bfloat16       -> OUT/moe_bf16.json
+#   d3:ATTACK  configs/d3.py:attack=ATTACK at full scale (PreAct-ResNet18, all of CIFAR-10, the
+#              reference's 100 victim epochs unless D3_EPOCHS=N) -> OUT/d3_ATTACK.json (the run's
+#              results.json) and OUT/d3_ATTACK.md (its table)
+# Environment: LIMIT_S (default 900) bounds every stage; WORKDIR (default OUT/runs) holds the
+# runs' checkpoints; QUICK=1 runs every stage at CPU size (small shapes, configs/d3.py:cpu), to
+# check this script without an accelerator. A stage that fails or outlives its limit is reported
+# and the next one runs; the exit status is the number of failed stages.
+set -uo pipefail
+
+if [[ $# -lt 2 ]]; then
+  echo "usage: $0 OUT DATA [bench|compare|moe|d3:ATTACK ...]" >&2
+  exit 2
+fi
+out=$1
+data=$2
+shift 2
+stages=("$@")
+[[ ${#stages[@]} -gt 0 ]] || stages=(bench compare moe d3:badnets)
+if [[ ! -f $data ]]; then
+  echo "$0: error: data file $data does not exist" >&2
+  exit 2
+fi
+limit=${LIMIT_S:-900}
+quick=${QUICK:-0}
+
+# The words of each stage's command; QUICK=1 adds CPU-sized arguments (later flags win).
+stage_command() {
+  local stage=$1 quick_args
+  case $stage in
+    bench)
+      echo python scripts/bench_train.py --dtype=bfloat16 --out="$out/train_bf16.json"
+      quick_args="--num_train=512 --batch_sizes=32 --steps=2 --width=8" ;;
+    compare)
+      echo python scripts/compare_pytorch.py --out="$out/compare_pytorch.json"
+      quick_args="--num_train=256 --batch_sizes=32 --steps=2 --width=8 --workers=0"
+      quick_args+=" --variants=eager --moe_models=" ;;
+    moe)
+      echo python scripts/bench_moe.py --models=pmoe,pmoe_patch,vmoe --dtype=bfloat16 \
+          --out="$out/moe_bf16.json"
+      quick_args="--widen=1 --steps=2 --batch_size=16 --num_train=64 --models=pmoe,vmoe" ;;
+    d3:*)
+      local attack=${stage#d3:} args="epochs=${D3_EPOCHS:-0}"
+      if [[ $quick == 1 ]]; then args="cpu,defenses=d3,epochs=1"; fi
+      echo python -m jaxbd.main "--config=configs/d3.py:attack=$attack,source=npz:$data,$args" \
+          --workdir="$workdir/d3_$attack"
+      quick_args="" ;;
+  esac
+  if [[ $quick == 1 ]]; then echo "$quick_args"; fi
+}
+
+# Copies a finished D3 run's results.json and its table into OUT.
+collect_d3() {
+  local attack=$1
+  cp "$workdir/d3_$attack/results.json" "$out/d3_$attack.json" &&
+    python -m jaxbd.report --inputs="$workdir/d3_$attack" --out="$workdir/d3_${attack}_report" \
+      >/dev/null && cp "$workdir/d3_${attack}_report/report.md" "$out/d3_$attack.md"
+}
+
+for stage in "${stages[@]}"; do  # every stage is known before any runs
+  case $stage in
+    bench | compare | moe | d3:?*) ;;
+    *)
+      echo "$0: error: unknown stage $stage (bench, compare, moe, d3:ATTACK)" >&2
+      exit 2 ;;
+  esac
+done
+
+mkdir -p "$out"
+# Absolute paths, since the stages run from the repository root.
+out=$(cd "$out" && pwd)
+data=$(cd "$(dirname "$data")" && pwd)/$(basename "$data")
+workdir=${WORKDIR:-$out/runs}
+mkdir -p "$workdir"
+workdir=$(cd "$workdir" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+
+failed=0
+for stage in "${stages[@]}"; do
+  command=$(stage_command "$stage")
+  log="$out/${stage/:/_}.log"
+  start=$SECONDS
+  # shellcheck disable=SC2086  # the command's words are split on purpose
+  timeout "$limit" $command >"$log" 2>&1
+  status=$?
+  if [[ $status == 0 && $stage == d3:* ]]; then
+    collect_d3 "${stage#d3:}" >>"$log" 2>&1
+    status=$?
+  fi
+  elapsed=$((SECONDS - start))
+  if [[ $status == 0 ]]; then
+    echo "$stage: done in ${elapsed} s"
+  else
+    [[ $status == 124 ]] && why="stopped at LIMIT_S=$limit s" || why="exit status $status"
+    echo "$stage: FAILED ($why) after ${elapsed} s; last lines of $log:"
+    tail -n 5 "$log" | sed 's/^/  /'
+    failed=$((failed + 1))
+  fi
+done
+exit "$failed"
