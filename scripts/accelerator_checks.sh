@@ -36,7 +36,7 @@ quick=${QUICK:-0}
 
 # The words of each stage's command; QUICK=1 adds CPU-sized arguments (later flags win).
 stage_command() {
-  local stage=$1 quick_args
+  local stage=$1 quick_args=""
   case $stage in
     bench)
       echo python scripts/bench_train.py --dtype=bfloat16 --out="$out/train_bf16.json"
@@ -53,8 +53,7 @@ stage_command() {
       local attack=${stage#d3:} args="epochs=${D3_EPOCHS:-0}"
       if [[ $quick == 1 ]]; then args="cpu,defenses=d3,epochs=1"; fi
       echo python -m jaxbd.main "--config=configs/d3.py:attack=$attack,source=npz:$data,$args" \
-          --workdir="$workdir/d3_$attack"
-      quick_args="" ;;
+          --workdir="$workdir/d3_$attack" ;;
   esac
   if [[ $quick == 1 ]]; then echo "$quick_args"; fi
 }

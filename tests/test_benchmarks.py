@@ -10,9 +10,13 @@ import pytest
 from conftest import REPO
 
 
+def script_env(**extra):
+  """The environment of a script run: one CPU device, the repository importable."""
+  return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **extra)
+
+
 def script(name, *args, timeout=600):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  proc = subprocess.run([sys.executable, f"scripts/{name}", *args], cwd=REPO, env=env,
+  proc = subprocess.run([sys.executable, f"scripts/{name}", *args], cwd=REPO, env=script_env(),
                         capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
@@ -49,8 +53,7 @@ def test_compare_pytorch_prints_ratios(tmp_path):
 
 def checks(cwd, *args):
   """Runs scripts/accelerator_checks.sh at CPU size (QUICK=1) from folder `cwd`."""
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), QUICK="1",
-             PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+  env = script_env(QUICK="1", PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
   return subprocess.run(["bash", str(REPO / "scripts" / "accelerator_checks.sh"), *args],
                         cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
