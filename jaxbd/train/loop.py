@@ -1,4 +1,4 @@
-"""The training loop: epochs of jitted steps, progress bar, JSON-lines metrics, checkpoints, resume.
+"""The training loop: epochs of jitted steps, progress, JSON-lines metrics, checkpoints, resume.
 
 `fit` runs one named phase (e.g. "clean", "backdoored", "d3"). With a workdir it checkpoints every
 `checkpoint_every` epochs into `WORKDIR/checkpoints/<phase>`, and a rerun restores the latest
@@ -64,6 +64,12 @@ def _host(metrics: dict) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def epoch_line(phase: str, epoch: int, epochs: int, metrics: dict, seconds: float) -> str:
+  """The progress line printed after each epoch: the last train metrics, any evaluation."""
+  shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+  return f"{phase} epoch {epoch}/{epochs}: {shown} ({seconds:.0f} s)"
+
+
 def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int, batch_size: int,
         key: jax.Array, workdir: Optional[str] = None, context: Any = None,
         eval_fn: Optional[Callable[[dict], dict]] = None, eval_every: int = 1,
@@ -89,7 +95,7 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
     eval_every: epochs between evaluations (0: only after the last).
     checkpoint_every: epochs between checkpoints (0: only after the last).
     log_every: steps between train-metric records.
-    progress: show a progress bar on stderr.
+    progress: on stderr, a progress bar (on a terminal) and one line per epoch (`epoch_line`).
 
   Returns:
     (final state, summary) where summary has epochs, steps, seconds, images_per_second and the
@@ -136,12 +142,13 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
         log.write(phase=phase, epoch=epoch + 1, step=epoch * steps + i + 1, **m)
     bar.close()
     last = epoch + 1 == epochs
+    evaluated = {}
     if eval_fn is not None and (last or (eval_every and (epoch + 1) % eval_every == 0)):
-      last_eval = eval_fn(state)
+      last_eval = evaluated = eval_fn(state)
       log.write(phase=phase, epoch=epoch + 1, step=(epoch + 1) * steps, **last_eval)
-      if progress:
-        shown = " ".join(f"{k}={v:.4f}" for k, v in last_eval.items())
-        print(f"{phase} epoch {epoch + 1}/{epochs}: {shown}", file=sys.stderr)
+    if progress:  # one line per epoch, also where the bar is off (output to a file)
+      print(epoch_line(phase, epoch + 1, epochs, {**m, **evaluated}, time.perf_counter() - t0),
+            file=sys.stderr, flush=True)
     if ckpt is not None and (last or (checkpoint_every and (epoch + 1) % checkpoint_every == 0)):
       ckpt.save(epoch + 1, state)
   jax.block_until_ready(state)
