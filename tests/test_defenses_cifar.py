@@ -6,8 +6,8 @@ points of the backdoored model; Pivotal Tuning with 1% clean data (450 images) a
 ASR with ACC within 3 points. The settings are the `cpu` branches of configs/d3.py and
 configs/pick_your_poison.py, chosen on 5,000 held-out training images outside the subset with
 `python -m jaxbd.select` (never test data; see the configs). D3's criteria hold; PT keeps ACC but
-leaves ASR at 1.0 on this CNN (and on a 16-wide PreAct-ResNet18, see README), a strict expected
-failure so that it turns into an error once it holds.
+leaves ASR at 1.0 on this CNN (and on PreAct-ResNet18 at width 16 and 32, see README), a strict
+expected failure so that it turns into an error once it holds.
 """
 
 import jax
