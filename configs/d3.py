@@ -44,8 +44,6 @@ Arguments: attack=badnets|blended|wanet|sig; defenses=ft+d3+pt ('+'-separated, s
 separates arguments); cpu; source=...; epochs=N (victim epochs; 0: the recipe's).
 """
 
-import os
-
 from jaxbd import config as config_lib
 
 ATTACKS = ("badnets", "blended", "wanet", "sig")
@@ -56,9 +54,8 @@ def get_config(arg=None):
                            source="tfds:cifar10", epochs=0)
   if a.attack not in ATTACKS:
     raise config_lib.ConfigError(f"configs/d3.py: attack must be one of {ATTACKS}")
-  base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10.py")
-  config = config_lib.load_file(f"{base}:source={a.source},epochs={a.epochs}" +
-                                (",cpu_defense" if a.cpu else ""))
+  config = config_lib.load_beside(__file__, "cifar10.py", f"source={a.source},epochs={a.epochs}"
+                                  + (",cpu_defense" if a.cpu else ""))
   config.poison.name = a.attack
   config.poison.rate = 0.1
   config.poison.target = 0

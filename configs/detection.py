@@ -29,16 +29,14 @@ detection result.
 Arguments: cpu, source=..., clean=N, backdoored=N, attacks=badnets+blended ('+'-separated).
 """
 
-import os
-
 from jaxbd import config as config_lib
 
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, cpu=False, source="tfds:cifar10", clean=0, backdoored=0,
                            attacks="badnets+blended")
-  base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10.py")
-  config = config_lib.load_file(f"{base}:source={a.source}" + (",cpu" if a.cpu else ""))
+  config = config_lib.load_beside(__file__, "cifar10.py",
+                                  f"source={a.source}" + (",cpu" if a.cpu else ""))
   config.experiment = "detection"
   config.defense.clean_fraction = 0.01
   d = config.detection

@@ -55,8 +55,6 @@ learned; this CNN does not learn PCB (its masked poisoned steps destabilize trai
 Arguments: attack=..., cpu, source=..., rate=R, epochs=N, defenses=pt+ft ('+'-separated).
 """
 
-import os
-
 from jaxbd import config as config_lib
 
 ATTACKS = ("badnets", "adaptive_blend", "adaptive_patch", "wanet", "tsb", "sig", "pcb")
@@ -67,9 +65,8 @@ def get_config(arg=None):
                            epochs=0, defenses="pt+ft")
   if a.attack not in ATTACKS:
     raise config_lib.ConfigError(f"configs/pick_your_poison.py: attack must be one of {ATTACKS}")
-  base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10.py")
-  config = config_lib.load_file(f"{base}:source={a.source},epochs={a.epochs}" +
-                                (",cpu_defense" if a.cpu else ""))
+  config = config_lib.load_beside(__file__, "cifar10.py", f"source={a.source},epochs={a.epochs}"
+                                  + (",cpu_defense" if a.cpu else ""))
   config.poison.rate = a.rate
   config.poison.target = 0
   if a.attack == "pcb":

@@ -47,16 +47,13 @@ bits=B[/B...] (the attack's bit widths; default: the attack's own), init=clean|s
 epochs=N (attack epochs; 0: the default), two_stage.
 """
 
-import os
-
 from jaxbd import config as config_lib
 from jaxbd.attacks import quantization
 
 
 def cifar10_config(arg: str):
   """`configs/cifar10.py`'s get_config(arg): the clean victim this experiment starts from."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10.py")
-  return config_lib.load_file(f"{path}:{arg}")
+  return config_lib.load_beside(__file__, "cifar10.py", arg)
 
 
 def get_config(arg=None):

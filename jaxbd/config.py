@@ -205,6 +205,13 @@ def load_file(spec: str) -> ConfigDict:
   return call_file(spec)
 
 
+def load_beside(config_file: str, name: str, arg: str = "") -> ConfigDict:
+  """The config of file `name` in the folder of `config_file` (a config building on another),
+  with `get_config(arg)`."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  return load_file(f"{path}:{arg}" if arg else path)
+
+
 def apply_cell(config: ConfigDict, cell: dict[str, Any]) -> ConfigDict:
   """A copy of `config` with a cell's overrides `{"a.b": value}` (type-checked by ConfigDict); the
   cells of sweeps and of held-out selections."""
