@@ -65,7 +65,7 @@ def _host(metrics: dict) -> dict:
 
 
 def epoch_line(phase: str, epoch: int, epochs: int, metrics: dict, seconds: float) -> str:
-  """The progress line printed after each epoch: the last train metrics, any evaluation."""
+  """The progress line of an epoch: the last train metrics, any evaluation, elapsed seconds."""
   shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
   return f"{phase} epoch {epoch}/{epochs}: {shown} ({seconds:.0f} s)"
 
@@ -95,7 +95,8 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
     eval_every: epochs between evaluations (0: only after the last).
     checkpoint_every: epochs between checkpoints (0: only after the last).
     log_every: steps between train-metric records.
-    progress: on stderr, a progress bar (on a terminal) and one line per epoch (`epoch_line`).
+    progress: on stderr, a progress bar (on a terminal) and a line (`epoch_line`) after every
+      evaluation, the last epoch and every `epochs // 10`-th.
 
   Returns:
     (final state, summary) where summary has epochs, steps, seconds, images_per_second and the
@@ -146,7 +147,8 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
     if eval_fn is not None and (last or (eval_every and (epoch + 1) % eval_every == 0)):
       last_eval = evaluated = eval_fn(state)
       log.write(phase=phase, epoch=epoch + 1, step=(epoch + 1) * steps, **last_eval)
-    if progress:  # one line per epoch, also where the bar is off (output to a file)
+    if progress and (evaluated or last or (epoch + 1) % max(1, epochs // 10) == 0):
+      # about ten lines per phase, also where the bar is off (output to a file)
       print(epoch_line(phase, epoch + 1, epochs, {**m, **evaluated}, time.perf_counter() - t0),
             file=sys.stderr, flush=True)
     if ckpt is not None and (last or (checkpoint_every and (epoch + 1) % checkpoint_every == 0)):
