@@ -10,8 +10,9 @@
 #   compare    scripts/compare_pytorch.py              -> OUT/compare_pytorch.json
 #   moe        scripts/bench_moe.py in bfloat16       -> OUT/moe_bf16.json
 #   d3:ATTACK  configs/d3.py:attack=ATTACK at full scale (PreAct-ResNet18, all of CIFAR-10, the
-#              reference's 100 victim epochs unless D3_EPOCHS=N) -> OUT/d3_ATTACK.json (the run's
-#              results.json) and OUT/d3_ATTACK.md (its table)
+#              reference's 100 victim epochs unless D3_EPOCHS=N; compute dtype float32 unless
+#              D3_DTYPE=bfloat16) -> OUT/d3_ATTACK.json (the run's results.json) and
+#              OUT/d3_ATTACK.md (its table)
 # Environment: LIMIT_S (default 900) bounds every stage; WORKDIR (default OUT/runs) holds the
 # runs' checkpoints; QUICK=1 runs every stage at CPU size (small shapes, configs/d3.py:cpu), to
 # check this script without an accelerator. A stage that fails or outlives its limit is reported
@@ -53,7 +54,7 @@ stage_command() {
       local attack=${stage#d3:} args="epochs=${D3_EPOCHS:-0}"
       if [[ $quick == 1 ]]; then args="cpu,defenses=d3,epochs=1"; fi
       echo python -m jaxbd.main "--config=configs/d3.py:attack=$attack,source=npz:$data,$args" \
-          --workdir="$workdir/d3_$attack" ;;
+          --config.model.dtype="${D3_DTYPE:-float32}" --workdir="$workdir/d3_$attack" ;;
   esac
   if [[ $quick == 1 ]]; then echo "$quick_args"; fi
 }
