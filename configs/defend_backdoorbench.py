@@ -18,6 +18,7 @@ target=0, width=64.
 """
 
 from jaxbd import config as config_lib
+from jaxbd.models import common
 
 
 def get_config(arg=None):
@@ -27,8 +28,8 @@ def get_config(arg=None):
   config.experiment = "defend"
   config.defend.checkpoint = a.checkpoint
   config.data.source = a.source
-  config.data.mean = (0.4914, 0.4822, 0.4465)
-  config.data.std = (0.247, 0.243, 0.261)
+  config.data.mean = common.CIFAR10_MEAN
+  config.data.std = common.CIFAR10_STD
   config.model.name = "preact_resnet18"
   config.model.preact_resnet18.width = a.width
   config.poison.name = a.attack

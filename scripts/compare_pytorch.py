@@ -38,6 +38,7 @@ from jaxbd import benchmark
 from jaxbd import config as config_lib
 from jaxbd import poison
 from jaxbd.interop import torch_models
+from jaxbd.models import common
 
 _BATCHES = flags.DEFINE_list("batch_sizes", ["128", "512"], "Batch sizes.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed train steps on resident data.")
@@ -55,7 +56,7 @@ _MOE_WIDEN = flags.DEFINE_integer("moe_widen", 10, "WRN-MoE widen factor k (pape
 _MOE_HIDDEN = flags.DEFINE_integer("moe_vmoe_hidden", 128, "V-MoE token width.")
 _OUT = flags.DEFINE_string("out", "", "Write all figures as JSON here.")
 
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
+MEAN, STD = common.CIFAR10_MEAN, common.CIFAR10_STD
 
 
 class PoisonedDataset(torch.utils.data.Dataset):

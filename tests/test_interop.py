@@ -16,7 +16,7 @@ from test_cli import assert_one_line_error, jaxbd
 torch = pytest.importorskip("torch")
 from jaxbd.interop import backdoorbench, torch_models  # pylint: disable=g-import-not-at-top
 
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
+MEAN, STD = models.common.CIFAR10_MEAN, models.common.CIFAR10_STD
 
 
 def torch_model(width=64, seed=0):

@@ -24,6 +24,10 @@ from jaxbd.quant import layers as qlayers
 from jaxbd.quant import quantizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# CIFAR-10's per-channel training-set mean and std of images in [0, 1] (BackdoorBench's values):
+# the models' default normalization.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.247, 0.243, 0.261)
 
 
 def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float], dtype: Any) -> jax.Array:

@@ -271,8 +271,8 @@ class WRNMoE(nn.Module):
   capacity: int = 16
   normalize: str = "tokens"
   impl: str = routing.DEFAULT_IMPL
-  mean: Sequence[float] = (0.4914, 0.4822, 0.4465)
-  std: Sequence[float] = (0.247, 0.243, 0.261)
+  mean: Sequence[float] = common.CIFAR10_MEAN
+  std: Sequence[float] = common.CIFAR10_STD
   dtype: Any = jnp.float32
   quant: Optional[QuantConfig] = None
 
@@ -328,8 +328,8 @@ class ImagePatchMoE(nn.Module):
   width: int = 64
   normalize: str = "selected"
   impl: str = routing.DEFAULT_IMPL
-  mean: Sequence[float] = (0.4914, 0.4822, 0.4465)
-  std: Sequence[float] = (0.247, 0.243, 0.261)
+  mean: Sequence[float] = common.CIFAR10_MEAN
+  std: Sequence[float] = common.CIFAR10_STD
   dtype: Any = jnp.float32
   quant: Optional[QuantConfig] = None
 

@@ -69,8 +69,8 @@ class PreActResNet(nn.Module):
   num_classes: int
   num_blocks: Sequence[int] = (2, 2, 2, 2)
   width: int = 64
-  mean: Sequence[float] = (0.4914, 0.4822, 0.4465)
-  std: Sequence[float] = (0.247, 0.243, 0.261)
+  mean: Sequence[float] = common.CIFAR10_MEAN
+  std: Sequence[float] = common.CIFAR10_STD
   dtype: Any = jnp.float32
   quant: Optional[QuantConfig] = None
 

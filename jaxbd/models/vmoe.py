@@ -179,8 +179,8 @@ class VMoE(nn.Module):
   moe_every: int = 2
   moe_last: int = 0
   moe: MoeSettings = MoeSettings()
-  mean: Sequence[float] = (0.4914, 0.4822, 0.4465)
-  std: Sequence[float] = (0.247, 0.243, 0.261)
+  mean: Sequence[float] = common.CIFAR10_MEAN
+  std: Sequence[float] = common.CIFAR10_STD
   dtype: Any = jnp.float32
 
   @nn.compact
