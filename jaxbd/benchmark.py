@@ -50,6 +50,7 @@ def training_data(data_config: ml_collections.ConfigDict, source: str,
 
 
 def device_name() -> str:
+  """The devices the benchmark ran on, e.g. '1 x NVIDIA H100 80GB HBM3'."""
   return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
 
 

@@ -300,9 +300,14 @@ def check_choice(value: str, path: str, choices: Iterable[str]) -> None:
     raise ConfigError(f"config key {path!r} must be one of {choices}, got {value!r}")
 
 
+def split_names(text: str) -> list[str]:
+  """The non-empty, stripped items of a comma-separated list, in order."""
+  return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def defense_names(config: ConfigDict) -> list[str]:
   """The defenses named by `config.defense.names`, in order."""
-  return [n.strip() for n in config.defense.names.split(",") if n.strip()]
+  return split_names(config.defense.names)
 
 
 def validate(config: ConfigDict) -> None:

@@ -57,6 +57,7 @@ def config_value():
 
 
 def workdir_value() -> str:
+  """The value of --workdir."""
   return _WORKDIR.value
 
 
@@ -144,6 +145,7 @@ def init_distributed() -> None:
 
 
 def main(argv: list[str]) -> None:
+  """Runs the experiment of --config in --workdir; bad input exits with one line."""
   if len(argv) > 1:
     die(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)

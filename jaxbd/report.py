@@ -24,6 +24,7 @@ _OUT = flags.DEFINE_string("out", None, "Report directory (report.md and the fig
 
 
 def main(argv: list[str]) -> None:
+  """Writes the markdown tables and figures of --inputs into --out."""
   if len(argv) > 1:
     cli.die(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _OUT.value:

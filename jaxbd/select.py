@@ -31,6 +31,7 @@ _MAX_ACC_DROP = flags.DEFINE_float("max_acc_drop", 0.03,
 
 
 def main(argv: list[str]) -> None:
+  """Runs the selection; exit status 1 when no setting is eligible."""
   if len(argv) > 1:
     cli.die(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)

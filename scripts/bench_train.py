@@ -1,4 +1,5 @@
-r"""Training throughput of jaxbd: the jitted train step and a full epoch, with poisoning + augmentation.
+r"""Training throughput of jaxbd: the jitted train step and a full epoch, with poisoning and
+augmentation.
 
   python scripts/bench_train.py                       # PreAct-ResNet18, batch 128 and 512
   python scripts/bench_train.py --num_train=1024 --steps=3          # CPU figures of the README

@@ -35,17 +35,18 @@ def test_choose_takes_the_lowest_asr_among_settings_that_keep_accuracy(rows, cho
 def test_heldout_images_are_balanced_training_images_outside_the_subset():
   c = config_lib.defaults()
   c.data.train_limit = 1000
-  held = selection.heldout_split(c.data, 300)
-  full = data_lib.load(config_lib.defaults().data)
+  full = selection.load_full(c.data)
+  np.testing.assert_array_equal(full.y_train, data_lib.load(config_lib.defaults().data).y_train)
+  held = selection.heldout_split(full, 1000, 300)
   assert not set(held.indices) & set(balanced_indices(full.y_train, 1000))
   np.testing.assert_array_equal(held.images, full.x_train[held.indices])
   np.testing.assert_array_equal(held.labels, full.y_train[held.indices])
   assert np.bincount(held.labels).min() >= 29  # 300 images over 10 classes
   with pytest.raises(ConfigError, match=r"--heldout 500 must be in \[1, 437\]"):
-    selection.heldout_split(c.data, 500)
+    selection.heldout_split(full, 1000, 500)
   c.data.train_limit = 0
   with pytest.raises(ConfigError, match="needs data.train_limit > 0"):
-    selection.heldout_split(c.data, 300)
+    selection.load_full(c.data)
 
 
 def select_cli(workdir, *args):

@@ -33,6 +33,7 @@ from jaxbd import train as train_lib
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """The `attack.pcb` section: poisoned-batch rate, period and update-mask fraction."""
   return ml_collections.ConfigDict(dict(
       batch_rate=0.1,  # fraction of a poisoned batch's rows that get the trigger and target label
       every=2,  # poison every n-th batch (steps n-1, 2n-1, ...)
@@ -41,6 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `attack.pcb` and that a trigger is configured (ConfigError otherwise)."""
   config_lib.check_range(config, "attack.pcb.batch_rate", 0, 1, low_open=True)
   config_lib.check_range(config, "attack.pcb.every", 1)
   config_lib.check_range(config, "attack.pcb.param_fraction", 0, 1, low_open=True)

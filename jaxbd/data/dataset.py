@@ -37,6 +37,7 @@ class Dataset:
 
   @property
   def num_classes(self) -> int:
+    """Number of classes (the length of `classes`)."""
     return len(self.classes)
 
   @property

@@ -38,6 +38,7 @@ class TrainArrays:
 
   @property
   def size(self) -> int:
+    """Number of training rows."""
     return self.images.shape[0]
 
 

@@ -2,9 +2,10 @@
 
 `DEFENSES[name].build(ctx, variables, trusted, config.defense.<name>, key) -> (variables, report)`
 (see `jaxbd.defenses.base` for the contract): `ft` (vanilla fine-tuning), `d3` (Distance-Driven
-Detoxification), `pt` (Pivotal Tuning), `fine_pruning` (prune dormant channels, then fine-tune). Each defense's config section is `config.defense.<name>`;
-`defense.names` lists the defenses an experiment runs. Detection (calibrated trigger inversion,
-Neural Cleanse) scores models instead of repairing them: see `jaxbd.defenses.detection`.
+Detoxification), `pt` (Pivotal Tuning), `fine_pruning` (prune dormant channels, then fine-tune).
+Each defense's config section is `config.defense.<name>`; `defense.names` lists the defenses an
+experiment runs. Detection (calibrated trigger inversion, Neural Cleanse) scores models instead
+of repairing them: see `jaxbd.defenses.detection`.
 """
 
 from jaxbd import config as config_lib

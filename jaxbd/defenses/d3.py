@@ -55,6 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `defense.d3` (ConfigError on a bad value)."""
   config_lib.check_train_section(config, "defense.d3")
   config_lib.check_range(config, "defense.d3.lmd", 0, low_open=True)
   config_lib.check_range(config, "defense.d3.eps", 0)
@@ -74,7 +75,7 @@ def select_kernels(params, layers: str, num_classes: int) -> list[str]:
   """
   flat = traverse_util.flatten_dict(params, sep="/")
   kernels = [p for p in flat if p.endswith("/kernel")]
-  names = [n.strip() for n in layers.split(",") if n.strip()]
+  names = config_lib.split_names(layers)
   if not names:
     heads = [p for p in kernels if p.count("/") == 1 and flat[p].ndim == 2
              and flat[p].shape[-1] == num_classes]
@@ -93,6 +94,7 @@ def select_kernels(params, layers: str, num_classes: int) -> list[str]:
 
 
 def get(params, path: str) -> jax.Array:
+  """The leaf of `params` at a '/'-separated path, e.g. 'Dense_0/kernel'."""
   return traverse_util.flatten_dict(params, sep="/")[path]
 
 

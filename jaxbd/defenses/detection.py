@@ -69,6 +69,7 @@ def nc_config() -> ml_collections.ConfigDict:
 
 
 def validate_cti(config: ml_collections.ConfigDict, path: str) -> None:
+  """Checks the CTI section at config path `path` (ConfigError on a bad value)."""
   for key in ("steps", "batch_size"):
     config_lib.check_range(config, f"{path}.{key}", 1)
   for key in ("lr", "init"):
@@ -78,6 +79,7 @@ def validate_cti(config: ml_collections.ConfigDict, path: str) -> None:
 
 
 def validate_nc(config: ml_collections.ConfigDict, path: str) -> None:
+  """Checks the Neural Cleanse section at config path `path` (ConfigError on a bad value)."""
   for key in ("epochs", "batch_size", "patience"):
     config_lib.check_range(config, f"{path}.{key}", 1)
   for key in ("lr", "init_cost"):

@@ -39,6 +39,7 @@ ACTIVATIONS = "prune_activations"
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """The `defense.fine_pruning` section: prune rate, ranking images, extra rates, fine-tuning."""
   return ml_collections.ConfigDict(dict(
       prune_rate=0.1,  # fraction of the layer's channels switched off (per expert for MoE)
       num_images=10000,  # clean images whose activations rank the channels (at most the trusted)
@@ -50,6 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `defense.fine_pruning` (ConfigError on a bad value)."""
   c = config.defense.fine_pruning
   config_lib.check_range(config, "defense.fine_pruning.prune_rate", 0, 1)
   config_lib.check_range(config, "defense.fine_pruning.num_images", 1)

@@ -40,6 +40,7 @@ DIAGONALS = ("reference", "zero")
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """The `defense.pt` section with the paper's defaults (see the module docstring)."""
   section = base.train_section(epochs=0, batch_size=128, lr=1e-4, momentum=0.9, nesterov=True,
                                weight_decay=0.0, schedule="constant", eval_every=0,
                                checkpoint_every=100)
@@ -52,6 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `defense.pt` (ConfigError on a bad value)."""
   config_lib.check_train_section(config, "defense.pt")
   config_lib.check_range(config, "defense.pt.steps", 1)
   config_lib.check_range(config, "defense.pt.slol", 0)

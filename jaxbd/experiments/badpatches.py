@@ -47,6 +47,7 @@ OPTIMIZE_STREAM = zlib.crc32(b"badpatches/optimize_pattern")  # PRNG stream of t
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """The `badpatches` section: poison-rate sweep, baseline attacks, routing images."""
   return ml_collections.ConfigDict(dict(
       rates=(0.0001, 0.001, 0.01, 0.02),  # poison-rate sweep (empty: none)
       baselines="badnets,blended",  # routing-agnostic attacks of the sweep (comma-separated)
@@ -55,10 +56,12 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def baselines(config: ml_collections.ConfigDict) -> list[str]:
-  return [n.strip() for n in config.badpatches.baselines.split(",") if n.strip()]
+  """The routing-agnostic attacks named in `badpatches.baselines`."""
+  return config_lib.split_names(config.badpatches.baselines)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the `badpatches` section and its attack (ConfigError on a bad value)."""
   config_lib.require(config.poison.name != "none",
                      "experiment 'badpatches' needs an attack (poison.name is 'none')")
   config_lib.require(all(0 < r <= 1 for r in config.badpatches.rates),

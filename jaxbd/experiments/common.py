@@ -116,14 +116,21 @@ def _check_workdir(workdir: str, config_dict: dict) -> None:
                           f"difference: {diff[0] if diff else '?'}); use a new --workdir")
 
 
-def build(config: ml_collections.ConfigDict, workdir: str) -> Run:
+def build(config: ml_collections.ConfigDict, workdir: str,
+          dataset: Optional[data_lib.Dataset] = None) -> Run:
   """Validates the config and builds data, mesh, trigger, plan and model; writes nothing.
+
+  Args:
+    config: the experiment config.
+    workdir: the run directory.
+    dataset: `config.data` already loaded (default: load it).
 
   Raises:
     JaxbdError: any bad input (config, data, workdir).
   """
   config_lib.validate(config)
-  dataset = data_lib.load(config.data)
+  if dataset is None:
+    dataset = data_lib.load(config.data)
   mean, std = channel_stats(config, dataset.x_train)
   mesh = train_lib.make_mesh(config.mesh.data, config.mesh.expert)
   train_lib.check_batch(config.train.batch_size, mesh)
@@ -167,9 +174,10 @@ def create_workdir(run: Run) -> None:
     run.plan.save(os.path.join(run.workdir, "poison_plan.npz"))
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
+def prepare(config: ml_collections.ConfigDict, workdir: str,
+            dataset: Optional[data_lib.Dataset] = None) -> Run:
   """`build`, then `create_workdir`: bad input never leaves files behind."""
-  run = build(config, workdir)
+  run = build(config, workdir, dataset)
   create_workdir(run)
   return run
 

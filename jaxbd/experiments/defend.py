@@ -22,12 +22,14 @@ from jaxbd.poison import plan as plan_lib
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """The `defend` section: the BackdoorBench checkpoint to evaluate and defend."""
   return ml_collections.ConfigDict(dict(
       checkpoint="",  # BackdoorBench-style .pt file (model_name, num_classes, model, bd_train)
   ))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks that `defend.checkpoint` names a file (ConfigError otherwise)."""
   config_lib.require(config.defend.checkpoint != "",
                      "config key 'defend.checkpoint' must name a BackdoorBench .pt file")
 

@@ -34,6 +34,7 @@ from jaxbd.experiments import common, plots, population, report, results
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """The `detection` section: population sizes, attacks, vmap, scorers."""
   return ml_collections.ConfigDict(dict(
       num_clean=4,
       num_backdoored=4,
@@ -45,20 +46,17 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
-def names(text: str) -> list[str]:
-  return [n.strip() for n in text.split(",") if n.strip()]
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the `detection` section (ConfigError on a bad value)."""
   c = config.detection
   config_lib.check_range(config, "detection.num_clean", 1)
   config_lib.check_range(config, "detection.num_backdoored", 1)
-  attacks = names(c.attacks)
+  attacks = config_lib.split_names(c.attacks)
   config_lib.require(bool(attacks), "config key 'detection.attacks' names no attack")
   for name in attacks:
     config_lib.check_choice(name, "detection.attacks", poison.TRIGGERS)
     poison.TRIGGERS[name].validate(config)
-  for name in names(c.scorers):
+  for name in config_lib.split_names(c.scorers):
     config_lib.check_choice(name, "detection.scorers", detection.SCORERS)
   detection.validate_cti(config, "detection.cti")
   detection.validate_nc(config, "detection.nc")
@@ -76,7 +74,7 @@ def build_members(r: common.Run) -> list[dict]:
   """Every member: attack (None: clean), seed, trigger, plan labels and kinds."""
   c, ds = r.config, r.dataset
   d = c.detection
-  attacks = names(d.attacks)
+  attacks = config_lib.split_names(d.attacks)
   members = []
   for j in range(d.num_clean + d.num_backdoored):
     seed = c.seed + 1000 * (j + 1)
@@ -130,7 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   trusted = defenses.trusted_split(ds.x_train, ds.y_train, kind_any, c.defense.clean_fraction,
                                    c.seed)
   ctx = r.defense_context()
-  rows, scores = [], {name: [] for name in names(d.scorers)}
+  rows, scores = [], {name: [] for name in config_lib.split_names(d.scorers)}
   t0 = time.perf_counter()
   for m in members:
     v = variables[m["index"]]
@@ -158,8 +156,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   plots.roc_curves(summary, positive, os.path.join(workdir, "roc.png"))
   doc = results.document(
       config, dataset=ds.name, model=config.model.name,
-      attack={"names": names(d.attacks), "poison_rate": c.poison.rate, "target": c.poison.target,
-              "label_mode": c.poison.label_mode},
+      attack={"names": config_lib.split_names(d.attacks), "poison_rate": c.poison.rate,
+              "target": c.poison.target, "label_mode": c.poison.label_mode},
       metrics={"members": rows}, detection=summary,
       timing={"train_seconds": train_seconds, "score_seconds": score_seconds,
               "vmap": d.vmap, "members": len(members)})

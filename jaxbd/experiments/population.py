@@ -53,6 +53,7 @@ class Population:
 
   @property
   def size(self) -> int:
+    """Number of members."""
     return self.images.shape[0]
 
   def member(self, j: int) -> "Population":

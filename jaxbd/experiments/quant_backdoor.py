@@ -40,6 +40,7 @@ INITS = ("clean", "scratch")
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """The `quant_backdoor` section: attack, start, deployed bit widths, calibration."""
   c = ml_collections.ConfigDict(dict(
       attack="qb",  # qb | quanti | quanti_indiscriminate
       init="clean",  # start the attack from the clean model, or from scratch
@@ -53,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the `quant_backdoor` section (ConfigError on a bad value)."""
   c = config.quant_backdoor
   config_lib.check_choice(c.attack, "quant_backdoor.attack", attacks.ATTACKS)
   config_lib.check_choice(c.init, "quant_backdoor.init", INITS)

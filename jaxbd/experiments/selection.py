@@ -45,20 +45,28 @@ class Heldout:
   indices: np.ndarray
 
 
-def heldout_split(data_config: ml_collections.ConfigDict, size: int) -> Heldout:
-  """`size` class-balanced training images outside the `data.train_limit` subset.
+def load_full(data_config: ml_collections.ConfigDict) -> data_lib.Dataset:
+  """The dataset with the whole training split (`data.test_limit` still applies).
 
   Raises:
-    ConfigError: the run trains on the whole training split, or too few images lie outside it.
+    ConfigError: the run trains on the whole training split (no image is held out).
   """
   if data_config.train_limit <= 0:
     raise ConfigError("held-out selection needs data.train_limit > 0: the held-out images are "
                       "training images outside that subset")
   full_config = ml_collections.ConfigDict(data_config.to_dict())
   full_config.train_limit = 0
-  full = data_lib.load(full_config)
+  return data_lib.load(full_config)
+
+
+def heldout_split(full: data_lib.Dataset, train_limit: int, size: int) -> Heldout:
+  """`size` class-balanced training images of `full` outside its `train_limit` subset.
+
+  Raises:
+    ConfigError: too few images lie outside the subset.
+  """
   outside = np.setdiff1d(np.arange(len(full.y_train)),
-                         balanced_indices(full.y_train, data_config.train_limit))
+                         balanced_indices(full.y_train, train_limit))
   if not 0 < size <= len(outside):
     raise ConfigError(f"--heldout {size} must be in [1, {len(outside)}] (training images "
                       "outside the subset)")
@@ -133,8 +141,9 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
   if not 0 <= max_acc_drop <= 1:
     raise ConfigError(f"--max_acc_drop must be in [0, 1], got {max_acc_drop}")
   configs = defense_cells(config, name, cells)
-  held = heldout_split(config.data, heldout)
-  run = common.prepare(config, workdir)
+  full = load_full(config.data)
+  held = heldout_split(full, config.data.train_limit, heldout)
+  run = common.prepare(config, workdir, data_lib.subset(full, config.data.train_limit))
   variables, _ = common.train_classifier(run, "backdoored", poisoned=True)
   evaluate = lambda v: run.evaluate(v, held.images, held.labels)
   trusted = run.trusted(config.defense.clean_fraction)

@@ -25,6 +25,7 @@ from jaxbd.experiments import common, population, report, results
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """The `standard` section: whether a clean reference model is trained too."""
   return ml_collections.ConfigDict(dict(
       train_clean=True,  # also train a clean model of the same architecture as the reference
   ))

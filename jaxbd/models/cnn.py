@@ -65,15 +65,18 @@ class CNN(nn.Module):
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """The `model.cnn` section: width of the first stage, number of stages."""
   return ml_collections.ConfigDict(dict(width=16, stages=3))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `model.cnn` (ConfigError on a bad value)."""
   config_lib.check_range(config, "model.cnn.width", 1)
   config_lib.check_range(config, "model.cnn.stages", 1, 6)
 
 
 def build(config, num_classes: int, mean, std) -> CNN:
+  """The CNN of `config.model.cnn` with the given input normalization."""
   c = config.model.cnn
   return CNN(num_classes, c.width, c.stages, tuple(mean), tuple(std),
              common.DTYPES[config.model.dtype])

@@ -353,6 +353,7 @@ def routing_grid(image_shape: Sequence[int]) -> tuple[int, int]:
 
 
 def pmoe_config() -> ml_collections.ConfigDict:
+  """The `model.pmoe` section (WRN-MoE; the reference's settings)."""
   return ml_collections.ConfigDict(dict(
       widen=10,  # k: channels 16k, 32k, 64k; experts 16k each (reference: 10)
       experts=4,  # E
@@ -364,6 +365,7 @@ def pmoe_config() -> ml_collections.ConfigDict:
 
 
 def pmoe_patch_config() -> ml_collections.ConfigDict:
+  """The `model.pmoe_patch` section (image-patch pMoE)."""
   return ml_collections.ConfigDict(dict(
       patch=4,  # patch side in pixels
       experts=4,
@@ -383,23 +385,27 @@ def _validate_common(config: ml_collections.ConfigDict, name: str) -> None:
 
 
 def pmoe_validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `model.pmoe` (ConfigError on a bad value)."""
   _validate_common(config, "pmoe")
   config_lib.check_range(config, "model.pmoe.widen", 1)
 
 
 def pmoe_patch_validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `model.pmoe_patch` (ConfigError on a bad value)."""
   _validate_common(config, "pmoe_patch")
   config_lib.check_range(config, "model.pmoe_patch.patch", 1)
   config_lib.check_range(config, "model.pmoe_patch.width", 1)
 
 
 def pmoe_build(config, num_classes: int, mean, std) -> WRNMoE:
+  """The WRN-MoE of `config.model.pmoe` with the given input normalization."""
   c = config.model.pmoe
   return WRNMoE(num_classes, c.widen, c.experts, c.l, c.normalize, c.dispatch, tuple(mean),
                 tuple(std), common.DTYPES[config.model.dtype])
 
 
 def pmoe_patch_build(config, num_classes: int, mean, std) -> ImagePatchMoE:
+  """The image-patch pMoE of `config.model.pmoe_patch` with the given input normalization."""
   c = config.model.pmoe_patch
   return ImagePatchMoE(num_classes, c.patch, c.experts, c.l, c.width, c.normalize, c.dispatch,
                        tuple(mean), tuple(std), common.DTYPES[config.model.dtype])
@@ -412,5 +418,6 @@ def pmoe_cell(config, image_shape: Sequence[int]) -> int:
 
 
 def pmoe_patch_cell(config, image_shape: Sequence[int]) -> int:
+  """The routing cell side in pixels: the patch size."""
   del image_shape
   return config.model.pmoe_patch.patch

@@ -91,13 +91,16 @@ class PreActResNet(nn.Module):
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """The `model.preact_resnet18` section: base width (64 in the papers)."""
   return ml_collections.ConfigDict(dict(width=64))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `model.preact_resnet18` (ConfigError on a bad value)."""
   config_lib.check_range(config, "model.preact_resnet18.width", 1)
 
 
 def build(config, num_classes: int, mean, std) -> PreActResNet:
+  """The PreAct-ResNet18 of `config.model.preact_resnet18` with the given input normalization."""
   return PreActResNet(num_classes, (2, 2, 2, 2), config.model.preact_resnet18.width,
                       tuple(mean), tuple(std), common.DTYPES[config.model.dtype])

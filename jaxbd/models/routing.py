@@ -70,6 +70,7 @@ class Routing:
 
   @property
   def capacity(self) -> int:
+    """Tokens each expert takes per image."""
     return self.indices.shape[-1]
 
   def one_hot(self) -> jax.Array:

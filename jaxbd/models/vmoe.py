@@ -202,6 +202,7 @@ class VMoE(nn.Module):
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """The `model.vmoe` section: patching, transformer and MoE-layer settings."""
   return ml_collections.ConfigDict(dict(
       patch=4,  # 64 tokens on 32x32 images
       hidden=128,
@@ -222,6 +223,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `model.vmoe` (ConfigError on a bad value)."""
   c = config.model.vmoe
   for key in ("patch", "hidden", "depth", "heads", "mlp_dim", "experts", "k"):
     config_lib.check_range(config, f"model.vmoe.{key}", 1)
@@ -240,6 +242,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def build(config, num_classes: int, mean, std) -> VMoE:
+  """The V-MoE of `config.model.vmoe` with the given input normalization."""
   c = config.model.vmoe
   moe = MoeSettings(c.experts, c.router, c.k, c.capacity_factor, c.batch_priority, c.noise_std,
                     c.aux_weight, c.dispatch)
@@ -248,5 +251,6 @@ def build(config, num_classes: int, mean, std) -> VMoE:
 
 
 def cell(config, image_shape: Sequence[int]) -> int:
+  """The routing cell side in pixels: the patch size."""
   del image_shape
   return config.model.vmoe.patch

@@ -45,7 +45,7 @@ ROUTERS = ("victim", "surrogate")
 
 
 @flax.struct.dataclass
-class PatchTrigger:
+class PatchTrigger(triggers.NoCover):
   """A trigger on k cells of a patch grid.
 
   Attributes:
@@ -67,6 +67,7 @@ class PatchTrigger:
 
   @property
   def count(self) -> int:
+    """Number of trigger cells."""
     return self.cells.shape[0]
 
   def chosen(self, batch: int, key: Optional[jax.Array] = None) -> jax.Array:
@@ -91,12 +92,9 @@ class PatchTrigger:
     m = self.mask(images.shape[0], key)
     return images * (1.0 - m) + m * self.pattern
 
-  def cover(self, images: jax.Array, key: Optional[jax.Array] = None) -> jax.Array:
-    del key
-    return images
-
 
 def default_config() -> ml_collections.ConfigDict:
+  """The `poison.badpatches` section: cell grid, assumed routing, trigger size and value."""
   return ml_collections.ConfigDict(dict(
       patch=0,  # the attacker's cell side in pixels; 0: the victim model's routing cell
       offset=0,  # grid origin (pixels, both axes); the attacker's assumed offset
@@ -114,6 +112,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `poison.badpatches` (ConfigError on a bad value)."""
   c = config.poison.badpatches
   for key in ("patch", "offset", "l", "size", "optimize_steps"):
     config_lib.check_range(config, f"poison.badpatches.{key}", 0)

@@ -62,6 +62,7 @@ class PiecewiseTrigger:
 
   @property
   def num_pieces(self) -> int:
+    """Number of trigger pieces."""
     return self.masks.shape[0]
 
   def keep(self, key: jax.Array, batch: int) -> jax.Array:
@@ -153,6 +154,7 @@ def adaptive_blend_config() -> ml_collections.ConfigDict:
 
 
 def adaptive_blend_validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `poison.adaptive_blend` (ConfigError on a bad value)."""
   _check_common(config, "adaptive_blend")
 
 
@@ -184,6 +186,7 @@ def adaptive_patch_config() -> ml_collections.ConfigDict:
 
 
 def adaptive_patch_validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `poison.adaptive_patch` (ConfigError on a bad value)."""
   _check_common(config, "adaptive_patch")
   config_lib.check_range(config, "poison.adaptive_patch.size", 1)
 
@@ -210,6 +213,7 @@ def tsb_config() -> ml_collections.ConfigDict:
 
 
 def tsb_validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `poison.tsb` (ConfigError on a bad value)."""
   config_lib.check_range(config, "poison.tsb.marks", 1)
   config_lib.check_range(config, "poison.tsb.size", 1)
   config_lib.check_range(config, "poison.tsb.alpha", 0, 1, low_open=True)

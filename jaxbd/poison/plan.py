@@ -115,7 +115,8 @@ def make_plan(labels: np.ndarray, num_classes: int, *, rate: float, target: int,
   labels = np.asarray(labels)
   n = len(labels)
   if not 0 <= target < num_classes:
-    raise ConfigError(f"poison.target {target} is not a class of this dataset (0..{num_classes - 1})")
+    raise ConfigError(f"poison.target {target} is not a class of this dataset "
+                      f"(0..{num_classes - 1})")
   if label_mode == "clean_label":
     pool = np.flatnonzero(labels == target)
   elif label_mode == "all2one" and exclude_target:

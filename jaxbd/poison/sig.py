@@ -21,10 +21,11 @@ import ml_collections
 import numpy as np
 
 from jaxbd import config as config_lib
+from jaxbd.poison import triggers
 
 
 @flax.struct.dataclass
-class AdditiveTrigger:
+class AdditiveTrigger(triggers.NoCover):
   """Adds `pattern` and clips to [0, 1].
 
   Attributes:
@@ -38,10 +39,6 @@ class AdditiveTrigger:
     """images: f32[B, H, W, C] in [0, 1] -> clip(images + pattern, 0, 1)."""
     del key, train
     return jnp.clip(images + self.pattern, 0.0, 1.0)
-
-  def cover(self, images: jax.Array, key: Optional[jax.Array] = None) -> jax.Array:
-    del key
-    return images
 
 
 def sinusoid(image_shape: tuple[int, int, int], delta: float, f: float) -> np.ndarray:
@@ -60,6 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `poison.sig` (ConfigError on a bad value)."""
   config_lib.check_range(config, "poison.sig.delta", 0, 255, low_open=True)
   config_lib.check_range(config, "poison.sig.f", 0, low_open=True)
 

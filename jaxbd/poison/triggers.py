@@ -30,8 +30,17 @@ CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 PATTERNS = ("solid", "checkerboard", "noise")
 
 
+class NoCover:
+  """Mixin of triggers without a cover transform: cover rows stay as they are."""
+
+  def cover(self, images: jax.Array, key: Optional[jax.Array] = None) -> jax.Array:
+    """images: f32[B, H, W, C] -> the same images."""
+    del key
+    return images
+
+
 @flax.struct.dataclass
-class MaskTrigger:
+class MaskTrigger(NoCover):
   """Pastes `pattern` where `mask` is 1 and blends where it is fractional.
 
   Attributes:
@@ -47,10 +56,6 @@ class MaskTrigger:
     """images: f32[B, H, W, C] in [0, 1] -> the triggered images, same shape."""
     del key, train
     return images * (1.0 - self.mask) + self.mask * self.pattern
-
-  def cover(self, images: jax.Array, key: Optional[jax.Array] = None) -> jax.Array:
-    del key
-    return images
 
 
 def square_position(image_shape: tuple[int, int, int], size: int, row: int, col: int,
@@ -111,6 +116,7 @@ def badnets_config() -> ml_collections.ConfigDict:
 
 
 def badnets_validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `poison.badnets` (ConfigError on a bad value)."""
   c = config.poison.badnets
   config_lib.check_range(config, "poison.badnets.size", 1)
   config_lib.check_range(config, "poison.badnets.value", 0, 255)
@@ -144,6 +150,7 @@ def blended_config() -> ml_collections.ConfigDict:
 
 
 def blended_validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `poison.blended` (ConfigError on a bad value)."""
   config_lib.check_range(config, "poison.blended.alpha", 0, 1, low_open=True)
 
 

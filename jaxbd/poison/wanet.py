@@ -143,6 +143,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `poison.wanet` (ConfigError on a bad value)."""
   config_lib.check_range(config, "poison.wanet.k", 2)
   config_lib.check_range(config, "poison.wanet.s", 0)
   config_lib.check_range(config, "poison.wanet.grid_rescale", 0, low_open=True)

@@ -70,5 +70,6 @@ class Checkpointer:
           f"({first[:200]}); delete it or use a new --workdir") from None
 
   def close(self) -> None:
+    """Waits for pending asynchronous saves and releases the manager."""
     if self._manager is not None:
       self._manager.close()

@@ -36,6 +36,7 @@ class MetricsLog:
     self.path = os.path.join(workdir, "metrics.jsonl") if workdir and writer else None
 
   def write(self, **record: Any) -> None:
+    """Appends one record to the metrics file."""
     if self.path is None:
       return
     record = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v)
