@@ -27,7 +27,7 @@ class PreActBlock(nn.Module):
       self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
-    """Logits, float[B, classes], of images float[B, C, H, W]."""
+    """x: float[B, C, H, W] -> float[B, planes, H / stride, W / stride]."""
     out = F.relu(self.bn1(x))
     shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
     out = self.conv2(F.relu(self.bn2(self.conv1(out))))
@@ -49,9 +49,13 @@ class PreActResNet18(nn.Module):
     self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
     self.linear = nn.Linear(planes, num_classes)
 
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    """Logits, float[B, classes], of images float[B, C, H, W]."""
+  def features(self, x: torch.Tensor) -> torch.Tensor:
+    """Penultimate features float[B, 8 * width] (pooled) of images float[B, C, H, W]."""
     out = self.conv1(x)
     for stage in range(4):
       out = getattr(self, f"layer{stage + 1}")(out)
-    return self.linear(torch.flatten(self.avgpool(out), 1))
+    return torch.flatten(self.avgpool(out), 1)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Logits, float[B, classes], of images float[B, C, H, W]."""
+    return self.linear(self.features(x))
