@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from jaxbd import defenses, experiments
+from jaxbd import defenses, experiments, models
+from jaxbd import train as train_lib
 from jaxbd.defenses import base, detection
 from jaxbd.errors import ConfigError
 
@@ -40,6 +41,32 @@ def test_cti_holds_out_a_random_part_of_the_trusted_set_for_its_scores():
   assert again.indices.tolist() == scored.indices.tolist() != other.indices.tolist()
   with pytest.raises(ConfigError, match="empty part"):
     base.holdout(trusted, 0.01, jax.random.key(0))
+
+
+def test_cti_calibrates_by_the_repair_it_is_given():
+  """The repair sees only the fit part of the trusted set; with the suspect itself as its
+  'repair' every class score s_t = ASR_P - ASR_R is exactly 0."""
+  c = load_config("configs/detection.py")
+  c.model.name, c.model.cnn.width, c.model.cnn.stages = "cnn", 4, 2
+  model = models.create(c, 10, (0.5,) * 3, (0.25,) * 3)
+  variables = train_lib.init_variables(model, jax.random.key(0), (8, 8, 3))
+  rng = np.random.default_rng(0)
+  trusted = defenses.Trusted(rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8),
+                             (np.arange(40) % 10).astype(np.int32), np.arange(40))
+  seen = []
+
+  def identity(v, fit, key):
+    del key
+    seen.append(len(fit.labels))
+    return v
+
+  ctx = defenses.Context(model, train_lib.make_mesh(1, 1), c.data, 10, progress=False)
+  cti = c.detection.cti
+  cti.steps, cti.batch_size = 3, 8
+  s = detection.calibrated_trigger_inversion(ctx, variables, trusted, cti, identity,
+                                             jax.random.key(1))
+  assert seen == [20] and (s["fit_size"], s["scored_size"]) == (20, 20)
+  assert s["class_scores"] == [0.0] * 10 and s["suspicion"] == 0.0
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Backdoor detection by trigger inversion: a suspicion score per model.
 
 **Calibrated Trigger Inversion (CTI)**, Lukas & Kerschbaum, "Pick your Poison" (arXiv
-2305.09671): repair a copy of the suspect model f_P with Pivotal Tuning (f_R), then for every
+2305.09671): repair a copy of the suspect model f_P with Pivotal Tuning (f_R; the caller passes
+the repair, so another defense can stand in for it, `detection.cti.repair`), then for every
 candidate target t optimize an additive full-image trigger delta_t (init U(0, 0.01), Adam lr 0.01,
 betas (0.5, 0.9), 50 steps, batch 128, random flips) on trusted images of classes != t:
 
@@ -29,6 +30,7 @@ Both optimize all K candidates at once with `jax.vmap` over classes inside one j
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +40,7 @@ import optax
 
 from jaxbd import config as config_lib
 from jaxbd import data as data_lib
-from jaxbd.defenses import base, pivotal_tuning
+from jaxbd.defenses import base
 from jaxbd.poison.sig import AdditiveTrigger
 
 
@@ -51,6 +53,7 @@ def cti_config() -> ml_collections.ConfigDict:
       init=0.01,  # delta starts as U(0, init)
       repair_weight=0.5,  # weight of the repaired model's cross-entropy on true labels
       score_fraction=0.5,  # trusted images held out from repair and inversion to measure s_t
+      repair="pt",  # the defense that makes f_R (pt: the paper's; any of jaxbd.defenses)
   ))
 
 
@@ -161,15 +164,16 @@ def trigger_success(model, variables, images, labels, deltas) -> jax.Array:
 
 def calibrated_trigger_inversion(ctx: base.Context, variables: dict, trusted: base.Trusted,
                                  config: ml_collections.ConfigDict,
-                                 pt_config: ml_collections.ConfigDict,
+                                 repair: Callable[[dict, base.Trusted, jax.Array], dict],
                                  key: jax.Array) -> dict:
   """CTI: `{"suspicion": max_t s_t, "score": -max_t s_t, "target": argmax, "class_scores",
-  "fit_size", "scored_size"}` (trusted images for repair and inversion / for s_t)."""
+  "fit_size", "scored_size"}` (trusted images for repair and inversion / for s_t).
+
+  `repair(variables, trusted, key) -> variables` makes f_R (the paper: Pivotal Tuning)."""
   k_split, k_repair, k_invert = jax.random.split(key, 3)
   fit, scored = (base.holdout(trusted, config.score_fraction, k_split)
                  if config.score_fraction else (trusted, trusted))
-  repaired, _ = pivotal_tuning.pivotal_tuning(ctx, variables, fit, pt_config, k_repair,
-                                              phase="cti_repair")
+  repaired = repair(variables, fit, k_repair)
   c = (config.steps, config.batch_size, config.lr, config.init, config.repair_weight)
   deltas = invert_additive(ctx.model, variables, repaired, jnp.asarray(fit.images),
                            jnp.asarray(fit.labels), ctx.num_classes, c, k_invert)

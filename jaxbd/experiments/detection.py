@@ -60,7 +60,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.check_choice(name, "detection.scorers", detection.SCORERS)
   detection.validate_cti(config, "detection.cti")
   detection.validate_nc(config, "detection.nc")
-  defenses.DEFENSES["pt"].validate(config)
+  config_lib.check_choice(c.cti.repair, "detection.cti.repair", defenses.DEFENSES)
+  defenses.DEFENSES[c.cti.repair].validate(config)
 
 
 def member_config(config, attack: str, seed: int):
@@ -128,6 +129,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   trusted = defenses.trusted_split(ds.x_train, ds.y_train, kind_any, c.defense.clean_fraction,
                                    c.seed)
   ctx = r.defense_context()
+  repair_name = d.cti.repair
+  repair = lambda v, t, k: defenses.DEFENSES[repair_name].build(
+      ctx, v, t, c.defense[repair_name], k)[0]
   rows, scores = [], {name: [] for name in config_lib.split_names(d.scorers)}
   t0 = time.perf_counter()
   for m in members:
@@ -139,7 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     key = jax.random.fold_in(r.key, m["index"])
     for name in scores:
       if name == "cti":
-        s = detection.calibrated_trigger_inversion(ctx, v, trusted, d.cti, c.defense.pt, key)
+        s = detection.calibrated_trigger_inversion(ctx, v, trusted, d.cti, repair, key)
       else:
         s = detection.neural_cleanse(ctx, v, trusted, d.nc, key)
       scores[name].append(s["suspicion"])
