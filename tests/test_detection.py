@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from jaxbd import defenses, experiments, models
-from jaxbd import train as train_lib
+from test_defenses import tiny_ctx, tiny_model, tiny_trusted
+from jaxbd import defenses, experiments
 from jaxbd.defenses import base, detection
 from jaxbd.errors import ConfigError
 
@@ -46,13 +46,8 @@ def test_cti_holds_out_a_random_part_of_the_trusted_set_for_its_scores():
 def test_cti_calibrates_by_the_repair_it_is_given():
   """The repair sees only the fit part of the trusted set; with the suspect itself as its
   'repair' every class score s_t = ASR_P - ASR_R is exactly 0."""
-  c = load_config("configs/detection.py")
-  c.model.name, c.model.cnn.width, c.model.cnn.stages = "cnn", 4, 2
-  model = models.create(c, 10, (0.5,) * 3, (0.25,) * 3)
-  variables = train_lib.init_variables(model, jax.random.key(0), (8, 8, 3))
-  rng = np.random.default_rng(0)
-  trusted = defenses.Trusted(rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8),
-                             (np.arange(40) % 10).astype(np.int32), np.arange(40))
+  model, variables = tiny_model()
+  trusted = tiny_trusted(40)
   seen = []
 
   def identity(v, fit, key):
@@ -60,13 +55,12 @@ def test_cti_calibrates_by_the_repair_it_is_given():
     seen.append(len(fit.labels))
     return v
 
-  ctx = defenses.Context(model, train_lib.make_mesh(1, 1), c.data, 10, progress=False)
-  cti = c.detection.cti
+  cti = detection.cti_config()
   cti.steps, cti.batch_size = 3, 8
-  s = detection.calibrated_trigger_inversion(ctx, variables, trusted, cti, identity,
+  s = detection.calibrated_trigger_inversion(tiny_ctx(model), variables, trusted, cti, identity,
                                              jax.random.key(1))
   assert seen == [20] and (s["fit_size"], s["scored_size"]) == (20, 20)
-  assert s["class_scores"] == [0.0] * 10 and s["suspicion"] == 0.0
+  assert s["class_scores"] == [0.0] * 5 and s["suspicion"] == 0.0
 
 
 @pytest.mark.slow

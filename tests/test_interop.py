@@ -1,4 +1,5 @@
-"""PyTorch interop: BackdoorBench checkpoints load into jaxbd with the same logits, and round-trip."""
+"""PyTorch interop: BackdoorBench checkpoints load into jaxbd with the same logits, and
+round-trip."""
 
 import json
 
@@ -55,11 +56,16 @@ def cifar_images(n):
   return data.load(c).x_test
 
 
+def torch_inputs(images_u8, dtype=torch.float32):
+  """uint8[B, H, W, C] -> normalized NCHW images of `dtype`, as BackdoorBench models take."""
+  x = torch.from_numpy(images_u8).to(dtype).permute(0, 3, 1, 2) / 255.0
+  mean, std = torch.tensor(MEAN, dtype=dtype), torch.tensor(STD, dtype=dtype)
+  return (x - mean[:, None, None]) / std[:, None, None]
+
+
 def torch_logits(net, images_u8):
-  x = torch.from_numpy(images_u8).float().permute(0, 3, 1, 2) / 255.0
-  x = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
   with torch.no_grad():
-    return net(x).numpy()
+    return net(torch_inputs(images_u8)).numpy()
 
 
 def test_backdoorbench_checkpoint_gives_the_same_logits_on_cifar10(tmp_path):

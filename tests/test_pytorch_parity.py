@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 
 from jaxbd import config as config_lib
-from jaxbd import defenses, models
+from jaxbd import defenses
 from jaxbd import train as train_lib
 
 torch = pytest.importorskip("torch")
-from jaxbd.interop import backdoorbench, torch_models  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+from jaxbd.interop import backdoorbench, torch_models
+from test_interop import jax_model, torch_inputs
 
-MEAN, STD = models.common.CIFAR10_MEAN, models.common.CIFAR10_STD
 WIDTH, N, STEPS = 8, 32, 6
 
 
@@ -55,19 +56,15 @@ def torch_net(variables):
 def torch_batch():
   """The trusted batch as normalized float64 NCHW images and int64 labels."""
   batch = trusted_batch()
-  x = torch.from_numpy(batch.images).double().permute(0, 3, 1, 2) / 255.0
-  mean, std = torch.tensor(MEAN, dtype=torch.float64), torch.tensor(STD, dtype=torch.float64)
-  return (x - mean[:, None, None]) / std[:, None, None], torch.from_numpy(batch.labels).long()
+  return torch_inputs(batch.images, torch.float64), torch.from_numpy(batch.labels).long()
 
 
 def run_jaxbd(name, variables, section):
   """Defense `name` with `section` on the trusted batch, no augmentation; PyTorch-named params."""
-  c = config_lib.defaults()
-  c.model.name = "preact_resnet18"
-  c.model.preact_resnet18.width = WIDTH
-  model = models.create(c, 10, MEAN, STD)
-  c.data.crop_padding, c.data.flip = 0, False
-  ctx = defenses.Context(model, train_lib.make_mesh(1, 1), c.data, 10, progress=False)
+  data_config = config_lib.defaults().data
+  data_config.crop_padding, data_config.flip = 0, False
+  ctx = defenses.Context(jax_model(WIDTH), train_lib.make_mesh(1, 1), data_config, 10,
+                         progress=False)
   defended, _ = defenses.DEFENSES[name].build(ctx, variables, trusted_batch(), section,
                                               jax.random.key(0))
   return backdoorbench.flax_to_torch(jax.tree.map(np.asarray, defended))

@@ -129,9 +129,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   trusted = defenses.trusted_split(ds.x_train, ds.y_train, kind_any, c.defense.clean_fraction,
                                    c.seed)
   ctx = r.defense_context()
-  repair_name = d.cti.repair
-  repair = lambda v, t, k: defenses.DEFENSES[repair_name].build(
-      ctx, v, t, c.defense[repair_name], k)[0]
+  repair = lambda v, t, k: defenses.DEFENSES[d.cti.repair].build(
+      ctx, v, t, c.defense[d.cti.repair], k)[0]
   rows, scores = [], {name: [] for name in config_lib.split_names(d.scorers)}
   t0 = time.perf_counter()
   for m in members:
