@@ -151,12 +151,12 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
   key = common.phase_key(run, f"defense/{name}")
   reference = evaluate(variables)
   rows = []
-  for cell, cell_config in zip(cells, configs):
+  for i, (cell, cell_config) in enumerate(zip(cells, configs)):
     defended, _ = defenses.DEFENSES[name].build(ctx, variables, trusted,
                                                cell_config.defense[name], key)
     rows.append({"cell": dict(cell), **evaluate(defended)})
-    print(f"selection: {cell} -> " + ", ".join(f"{k} {v:.4f}" for k, v in rows[-1].items()
-                                                if k != "cell"), flush=True)
+    measured = ", ".join(f"{k} {v:.4f}" for k, v in rows[-1].items() if k != "cell")
+    print(f"selection: setting {i} ({i + 1}/{len(cells)}) {cell} -> {measured}", flush=True)
   chosen = choose(reference["acc"], rows, max_acc_drop)
   doc = {"defense": name, "heldout": {"size": int(len(held.labels)),
                                       "indices": held.indices.tolist()},
