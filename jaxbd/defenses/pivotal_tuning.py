@@ -7,9 +7,11 @@ The suspect model, frozen, is the pivot theta0. A copy theta is trained on the t
     L = CE(f(x), y) + l_slol * SLOL(z, z0, y) + l_param * mean((theta - theta0)^2),
 
 where z, z0 are the penultimate features of the model (train mode) and of the pivot (eval mode),
-and the parameter penalty is the mean over all parameter elements. Without labels
-(`use_labels=False`) the cross-entropy becomes distillation from the pivot at temperature 1,
-`-mean_i sum_k softmax(f0(x_i))_k log(softmax(f(x_i))_k + 1e-7)`, and SLOL groups the images
+and the parameter penalty is the mean over all N parameter elements, so at a fixed l_param each
+weight is held in proportion to 1/N: the paper's 20,000 is set for ResNet-18 (11.2M parameters),
+and a smaller network wants l_param chosen on held-out data (`python -m jaxbd.select`). Without
+labels (`use_labels=False`) the cross-entropy becomes distillation from the pivot at temperature
+1, `-mean_i sum_k softmax(f0(x_i))_k log(softmax(f(x_i))_k + 1e-7)`, and SLOL groups the images
 by the pivot's predicted class (the reference reads dataset labels there).
 
 SLOL (soft latent orthogonality loss) on the per-class centroids mu_k of z and mu0_k of z0 over
