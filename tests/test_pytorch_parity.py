@@ -109,11 +109,11 @@ def torch_pivotal_tuning(variables, section):
   pivot_params = [p.detach().clone() for p in pivot.parameters()]
   count = sum(p.numel() for p in pivot_params)
   opt = torch.optim.SGD(net.parameters(), lr=section.lr, momentum=0.9, nesterov=True)
+  with torch.no_grad():  # the frozen pivot in eval mode on the one batch: the same every step
+    z0 = pivot.features(x)
+    logits0 = pivot.linear(z0)
   for _ in range(section.steps):
     net.train()
-    with torch.no_grad():
-      z0 = pivot.features(x)
-      logits0 = pivot.linear(z0)
     z = net.features(x)
     logits = net.linear(z)
     if section.use_labels:

@@ -142,13 +142,12 @@ def pt_loss(model, c: ml_collections.ConfigDict, num_classes: int) -> train_lib.
 
 
 def pivotal_tuning(ctx: base.Context, variables: dict, trusted: base.Trusted,
-                   config: ml_collections.ConfigDict, key: jax.Array, *,
-                   phase: str = "pt") -> tuple[dict, dict]:
+                   config: ml_collections.ConfigDict, key: jax.Array) -> tuple[dict, dict]:
   """Repairs `variables` by Pivotal Tuning on the trusted data (see the module docstring)."""
   steps_per_epoch = -(-len(trusted.labels) // config.batch_size)
   section = ml_collections.ConfigDict(config.to_dict())
   section.epochs = -(-config.steps // steps_per_epoch)
   repaired, report = fine_tuning.fine_tune(
-      ctx, variables, trusted, section, key, phase=phase,
+      ctx, variables, trusted, section, key, phase="pt",
       loss_fn=pt_loss(ctx.model, config, ctx.num_classes), context=variables)
   return repaired, {**report, "use_labels": config.use_labels}
