@@ -1,4 +1,5 @@
-"""D3 and Pivotal Tuning against PyTorch loops written from SPEC, step for step.
+"""D3, Pivotal Tuning, CTI's trigger inversion and Neural Cleanse against PyTorch loops written
+from SPEC (and, for NC, from jaxbd.defenses.detection's docstring), step for step.
 
 The defenses run through jaxbd's own training loop (`jaxbd.defenses.DEFENSES[...].build`, float32)
 on a PreAct-ResNet18 (width 8) with BatchNorm in train mode; the PyTorch side is a plain loop in
@@ -9,6 +10,15 @@ images at every step. The float64 loop is the reference because the early layers
 this random network are ill-conditioned in float32: PyTorch's own float32 loop ends 1% away from
 it (relative L2 distance of the total update), jaxbd's 2e-6 (PT, lr 0.01, 6 steps). The checks
 require 1e-3; PT without its parameter penalty, a term of 3% of the update, must fail them.
+
+The trigger inversions sample their batches at random; the tests make every draw the same batch
+(one image per class, left-right symmetric so that CTI's random flips leave it unchanged; two
+candidate classes for CTI, so that the images of the classes != t are one image), start both
+sides from the same trigger, and compare float32 jaxbd with float64 PyTorch: CTI's triggers after
+10 Adam steps (measured 6e-6 relative, PyTorch's float32 loop 4e-6; CTI with repair weight 0.45
+instead of 0.5 is 0.14 off; by 50 steps Adam's normalization of near-zero gradients has carried
+float32 round-off to 1-3% on both jaxbd and PyTorch float32), NC's mask norms through the cost
+schedule (2e-7).
 """
 
 import copy
@@ -25,7 +35,8 @@ from jaxbd import train as train_lib
 torch = pytest.importorskip("torch")
 # pylint: disable=g-import-not-at-top
 from jaxbd.interop import backdoorbench, torch_models
-from test_interop import jax_model, torch_inputs
+from jaxbd.defenses import detection
+from test_interop import MEAN, STD, jax_model, torch_inputs, torch_model
 
 WIDTH, N, STEPS = 8, 32, 6
 
@@ -188,3 +199,117 @@ def test_d3_follows_the_pytorch_loop(lmd):
   warmed = jax.tree.map(np.array, variables)
   warmed["params"]["linear"]["kernel"][...] = 0.0
   assert_same_update(got, net, warmed, f"D3 (lmd={lmd})")
+
+
+def eval_pair(seed):
+  """Flax variables of a random PreAct-ResNet18 with non-trivial BatchNorm statistics, and its
+  float64 PyTorch twin in eval mode."""
+  net = torch_model(WIDTH, seed).double().eval()
+  return jax.tree.map(np.asarray, backdoorbench.torch_to_flax(net.state_dict())), net
+
+
+def symmetric_image(rng):
+  """uint8[32, 32, 3], left-right symmetric, values in 1..254 (no clip at the first step)."""
+  half = rng.integers(1, 255, (32, 16, 3), dtype=np.uint8)
+  return np.concatenate([half, half[:, ::-1]], 1)
+
+
+def torch_unit(image):
+  """uint8[H, W, C] -> float64[1, C, H, W] in [0, 1]."""
+  return torch.from_numpy(image).double().permute(2, 0, 1)[None] / 255.0
+
+
+def normalize(x):
+  mean, std = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in (MEAN, STD))
+  return (x - mean) / std
+
+
+def test_cti_trigger_inversion_follows_the_pytorch_loop():
+  """Two candidates: for t, every batch is class 1 - t's image; delta starts at ~0 (U(0, 1e-9))
+  on both sides; loss CE(f_P(x'), t) + 0.5 CE(f_R(x'), y), Adam(0.01, (0.5, 0.9)), 10 steps."""
+  (suspect, f_p), (repaired, f_r) = eval_pair(0), eval_pair(1)
+  rng = np.random.default_rng(0)
+  pair = [symmetric_image(rng), symmetric_image(rng)]
+  config = detection.cti_config()
+  config.update(steps=10, batch_size=4, init=1e-9)
+  c = (config.steps, config.batch_size, config.lr, config.init, config.repair_weight)
+  got = detection.invert_additive(jax_model(WIDTH), suspect, repaired,
+                                  np.repeat(np.stack(pair), 4, axis=0),
+                                  np.repeat(np.arange(2, dtype=np.int32), 4), 2, c,
+                                  jax.random.key(0))
+  ce = torch.nn.functional.cross_entropy
+  want = []
+  for t in range(2):
+    x = torch_unit(pair[1 - t])
+    delta = torch.zeros(x.shape[1:], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=config.lr, betas=(0.5, 0.9))
+    for _ in range(config.steps):
+      x_adv = normalize(torch.clamp(x + delta, 0, 1))
+      loss = (ce(f_p(x_adv), torch.tensor([t]))
+              + config.repair_weight * ce(f_r(x_adv), torch.tensor([1 - t])))
+      opt.zero_grad()
+      loss.backward()
+      opt.step()
+    want.append(delta.detach().permute(1, 2, 0).numpy())
+  want = np.stack(want)
+  error = np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want)
+  print(f"CTI: relative error {error:.2e}, largest |delta| {np.abs(want).max():.2f}")
+  assert np.abs(want).max() > 0.05, "the triggers barely moved"
+  assert error <= 1e-3, error
+
+
+def torch_neural_cleanse(net, image, start, config, num_classes, steps):
+  """NC for every class over batches of `image`: the smallest mask L1 norm that reached the
+  threshold at the end of an epoch (else the last), and whether one did."""
+  squash = lambda raw: torch.tanh(raw) / 2 + 0.5
+  x = torch_unit(image).repeat(config.batch_size, 1, 1, 1)
+  norms, found = [], []
+  for t in range(num_classes):
+    raw = [torch.tensor(np.asarray(start[k][t]), dtype=torch.float64).permute(2, 0, 1)
+           .requires_grad_() for k in ("mask", "pattern")]
+    opt = torch.optim.Adam(raw, lr=config.lr, betas=(0.5, 0.9))
+    cost, up, down, best = config.init_cost, 0, 0, math.inf
+    for _ in range(config.epochs):
+      hits = []
+      for _ in range(steps):
+        mask, pattern = squash(raw[0]), squash(raw[1])
+        logits = net(normalize((1 - mask) * x + mask * pattern))
+        target = torch.full((len(x),), t)
+        loss = torch.nn.functional.cross_entropy(logits, target) + cost * mask.abs().sum()
+        hits.append((logits.argmax(-1) == target).double().mean().item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+      norm = squash(raw[0]).abs().sum().item()
+      if np.mean(hits) >= config.threshold:
+        up, down, best = up + 1, 0, min(best, norm)
+      else:
+        up, down = 0, down + 1
+      if up >= config.patience:
+        up, cost = 0, cost * config.cost_up
+      elif down >= config.patience:
+        down, cost = 0, cost / config.cost_down
+    norms.append(best if math.isfinite(best) else norm)
+    found.append(math.isfinite(best))
+  return np.array(norms), found
+
+
+def test_neural_cleanse_follows_the_pytorch_loop():
+  """Three classes, 16 epochs of 2 steps; the settings make every class reach the threshold
+  with the cost raised and lowered on the way."""
+  variables, net = eval_pair(0)
+  image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  config = detection.nc_config()
+  config.update(epochs=16, batch_size=4, lr=0.3, init_cost=3e-4, patience=1, cost_down=1.5)
+  ctx = defenses.Context(jax_model(WIDTH), train_lib.make_mesh(1, 1), config_lib.defaults().data,
+                         3, progress=False)
+  key = jax.random.key(0)
+  got = detection.neural_cleanse(ctx, variables,
+                                 defenses.Trusted(np.stack([image] * 8), np.zeros(8, np.int32),
+                                                  np.arange(8)), config, key)
+  start = detection.nc_start(jax.random.split(key)[0], 3, image.shape)  # as neural_cleanse does
+  norms, found = torch_neural_cleanse(net, image, start, config, 3, steps=2)
+  error = np.abs(np.array(got["norms"]) - norms).max() / norms.min()
+  print(f"NC: norms {norms.round(2).tolist()}, found {found}, relative error {error:.2e}")
+  assert got["found"] == found
+  assert error <= 1e-4, (got["norms"], norms)

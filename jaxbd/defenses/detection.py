@@ -237,15 +237,21 @@ def anomaly_index(norms: np.ndarray) -> float:
   return float(max(median - norms.min(), 0.0) / max(mad, 1e-12))
 
 
+def nc_start(key: jax.Array, num_classes: int, shape: tuple) -> dict:
+  """NC's random start, as tanh pre-images: `{"mask": f32[K, H, W, 1], "pattern": f32[K, H, W,
+  C]}` with `_squash(raw)` uniform in [0, 1].  shape: (H, W, C)."""
+  k_mask, k_pattern = jax.random.split(key)
+  to_raw = lambda u: jnp.arctanh((u - 0.5) * (2 - 1e-6))
+  return {"mask": to_raw(jax.random.uniform(k_mask, (num_classes, *shape[:2], 1))),
+          "pattern": to_raw(jax.random.uniform(k_pattern, (num_classes, *shape)))}
+
+
 def neural_cleanse(ctx: base.Context, variables: dict, trusted: base.Trusted,
                    config: ml_collections.ConfigDict, key: jax.Array) -> dict:
   """NC: `{"suspicion": anomaly index, "score": same, "target": argmin norm, "norms"}`."""
   k = ctx.num_classes
-  shape = trusted.images.shape[1:]
-  k_mask, k_pattern, k_loop = jax.random.split(key, 3)
-  to_raw = lambda u: jnp.arctanh((u - 0.5) * (2 - 1e-6))
-  raw = {"mask": to_raw(jax.random.uniform(k_mask, (k, *shape[:2], 1))),
-         "pattern": to_raw(jax.random.uniform(k_pattern, (k, *shape)))}
+  k_init, k_loop = jax.random.split(key)
+  raw = nc_start(k_init, k, trusted.images.shape[1:])
   tx = optax.adam(config.lr, b1=0.5, b2=0.9)
   state = {"raw": raw, "opt_state": tx.init(raw), "cost": jnp.full((k,), config.init_cost),
            "up": jnp.zeros((k,), jnp.int32), "down": jnp.zeros((k,), jnp.int32),
