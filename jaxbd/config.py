@@ -10,7 +10,8 @@ under `model.<name>`, a defense's under `defense.<name>`, an experiment's under 
 declared by that component's `default_config()` and assembled here, so the schema has one source.
 
 `validate(config)` checks a config before any work starts: unknown keys, values of the wrong type,
-unknown names and out-of-range values each raise `ConfigError` with a one-line message.
+unknown names and out-of-range values each raise `ConfigError` with a one-line message. Every
+model, trigger and defense section is checked whether the run uses it or not.
 """
 
 from __future__ import annotations
@@ -350,14 +351,15 @@ def validate(config: ConfigDict) -> None:
           "config keys 'data.mean' and 'data.std' must have the same length")
   require(all(s > 0 for s in config.data.std), "config key 'data.std' must be positive")
 
-  models.MODELS[config.model.name].validate(config)
+  # Every model, trigger and defense section is checked, chosen or not (each check reads only its
+  # own section): a bad value there is a mistake either way. Attacks and experiments are checked
+  # only when chosen, since their checks constrain other sections.
+  for registry in (models.MODELS, poison.TRIGGERS, defenses.DEFENSES):
+    for component in registry.values():
+      component.validate(config)
   quant.validate(config)
-  if config.poison.name != "none":
-    poison.TRIGGERS[config.poison.name].validate(config)
   if config.attack.name != "none":
     attacks.ATTACKS[config.attack.name].validate(config)
-  for name in defense_names(config):
-    defenses.DEFENSES[name].validate(config)
   experiments.EXPERIMENTS[config.experiment].validate(config)
 
 

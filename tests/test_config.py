@@ -31,6 +31,11 @@ def test_shared_field_names_exist():
     ("train.optimizer", "lbfgs", "'train.optimizer' must be one of"),
     ("defense.names", "nodefense", "'defense.names' must be one of"),
     ("train.lr", float("nan"), "'train.lr' must be finite"),
+    # Sections the run does not use (the defaults: a CNN, BadNets, no defense) are checked too.
+    ("defense.d3.warm_up", "sideways", "'defense.d3.warm_up' must be one of"),
+    ("defense.pt.slol", -1.0, "'defense.pt.slol' must be in [0, inf]"),
+    ("poison.wanet.k", 1, "'poison.wanet.k' must be in [2, inf]"),
+    ("model.vmoe.heads", 0, "'model.vmoe.heads' must be in [1, inf]"),
 ])
 def test_out_of_range_values_are_refused(path, value, message):
   config = config_lib.defaults()

@@ -62,9 +62,10 @@ def test_detection_config():
   c.detection.scorers = "cti"
   c.detection.cti.repair = "d3"
   config_lib.validate(c)
-  c.defense.d3.lmd = 0.0  # the chosen repair's own section is checked
+  c.defense.d3.lmd = 0.0  # the repair's own section is checked
   with pytest.raises(ConfigError, match="defense.d3.lmd"):
     config_lib.validate(c)
+  c.defense.d3.lmd = 0.5
   c.detection.cti.repair = "retrain"
   with pytest.raises(ConfigError, match="'detection.cti.repair' must be one of"):
     config_lib.validate(c)
