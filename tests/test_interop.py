@@ -56,11 +56,20 @@ def cifar_images(n):
   return data.load(c).x_test
 
 
+def torch_unit(images_u8, dtype=torch.float32):
+  """uint8[B, H, W, C] -> NCHW images of `dtype` in [0, 1]."""
+  return torch.from_numpy(images_u8).to(dtype).permute(0, 3, 1, 2) / 255.0
+
+
+def torch_normalize(x):
+  """NCHW images in [0, 1] -> normalized as BackdoorBench models take them (x's dtype)."""
+  mean, std = (torch.tensor(v, dtype=x.dtype)[:, None, None] for v in (MEAN, STD))
+  return (x - mean) / std
+
+
 def torch_inputs(images_u8, dtype=torch.float32):
   """uint8[B, H, W, C] -> normalized NCHW images of `dtype`, as BackdoorBench models take."""
-  x = torch.from_numpy(images_u8).to(dtype).permute(0, 3, 1, 2) / 255.0
-  mean, std = torch.tensor(MEAN, dtype=dtype), torch.tensor(STD, dtype=dtype)
-  return (x - mean[:, None, None]) / std[:, None, None]
+  return torch_normalize(torch_unit(images_u8, dtype))
 
 
 def torch_logits(net, images_u8):

@@ -18,7 +18,7 @@ sides from the same trigger, and compare float32 jaxbd with float64 PyTorch: CTI
 10 Adam steps (measured 6e-6 relative, PyTorch's float32 loop 4e-6; CTI with repair weight 0.45
 instead of 0.5 is 0.14 off; by 50 steps Adam's normalization of near-zero gradients has carried
 float32 round-off to 1-3% on both jaxbd and PyTorch float32), NC's mask norms through the cost
-schedule (2e-7).
+schedule (1e-6).
 """
 
 import copy
@@ -36,7 +36,7 @@ torch = pytest.importorskip("torch")
 # pylint: disable=g-import-not-at-top
 from jaxbd.interop import backdoorbench, torch_models
 from jaxbd.defenses import detection
-from test_interop import MEAN, STD, jax_model, torch_inputs, torch_model
+from test_interop import jax_model, torch_inputs, torch_model, torch_normalize, torch_unit
 
 WIDTH, N, STEPS = 8, 32, 6
 
@@ -214,16 +214,6 @@ def symmetric_image(rng):
   return np.concatenate([half, half[:, ::-1]], 1)
 
 
-def torch_unit(image):
-  """uint8[H, W, C] -> float64[1, C, H, W] in [0, 1]."""
-  return torch.from_numpy(image).double().permute(2, 0, 1)[None] / 255.0
-
-
-def normalize(x):
-  mean, std = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in (MEAN, STD))
-  return (x - mean) / std
-
-
 def test_cti_trigger_inversion_follows_the_pytorch_loop():
   """Two candidates: for t, every batch is class 1 - t's image; delta starts at ~0 (U(0, 1e-9))
   on both sides; loss CE(f_P(x'), t) + 0.5 CE(f_R(x'), y), Adam(0.01, (0.5, 0.9)), 10 steps."""
@@ -232,19 +222,18 @@ def test_cti_trigger_inversion_follows_the_pytorch_loop():
   pair = [symmetric_image(rng), symmetric_image(rng)]
   config = detection.cti_config()
   config.update(steps=10, batch_size=4, init=1e-9)
-  c = (config.steps, config.batch_size, config.lr, config.init, config.repair_weight)
   got = detection.invert_additive(jax_model(WIDTH), suspect, repaired,
                                   np.repeat(np.stack(pair), 4, axis=0),
-                                  np.repeat(np.arange(2, dtype=np.int32), 4), 2, c,
-                                  jax.random.key(0))
+                                  np.repeat(np.arange(2, dtype=np.int32), 4), 2,
+                                  detection.inversion_constants(config), jax.random.key(0))
   ce = torch.nn.functional.cross_entropy
   want = []
   for t in range(2):
-    x = torch_unit(pair[1 - t])
+    x = torch_unit(pair[1 - t][None], torch.float64)
     delta = torch.zeros(x.shape[1:], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=config.lr, betas=(0.5, 0.9))
     for _ in range(config.steps):
-      x_adv = normalize(torch.clamp(x + delta, 0, 1))
+      x_adv = torch_normalize(torch.clamp(x + delta, 0, 1))
       loss = (ce(f_p(x_adv), torch.tensor([t]))
               + config.repair_weight * ce(f_r(x_adv), torch.tensor([1 - t])))
       opt.zero_grad()
@@ -262,7 +251,7 @@ def torch_neural_cleanse(net, image, start, config, num_classes, steps):
   """NC for every class over batches of `image`: the smallest mask L1 norm that reached the
   threshold at the end of an epoch (else the last), and whether one did."""
   squash = lambda raw: torch.tanh(raw) / 2 + 0.5
-  x = torch_unit(image).repeat(config.batch_size, 1, 1, 1)
+  x = torch_unit(image[None], torch.float64).repeat(config.batch_size, 1, 1, 1)
   norms, found = [], []
   for t in range(num_classes):
     raw = [torch.tensor(np.asarray(start[k][t]), dtype=torch.float64).permute(2, 0, 1)
@@ -273,7 +262,7 @@ def torch_neural_cleanse(net, image, start, config, num_classes, steps):
       hits = []
       for _ in range(steps):
         mask, pattern = squash(raw[0]), squash(raw[1])
-        logits = net(normalize((1 - mask) * x + mask * pattern))
+        logits = net(torch_normalize((1 - mask) * x + mask * pattern))
         target = torch.full((len(x),), t)
         loss = torch.nn.functional.cross_entropy(logits, target) + cost * mask.abs().sum()
         hits.append((logits.argmax(-1) == target).double().mean().item())

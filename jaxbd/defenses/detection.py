@@ -104,6 +104,12 @@ def _class_batches(key, labels, num_classes: int, batch: int, exclude_own: bool)
   return jax.vmap(draw)(jax.random.split(key, num_classes), jnp.arange(num_classes))
 
 
+def inversion_constants(config: ml_collections.ConfigDict) -> tuple:
+  """The CTI section as `invert_additive`'s static `c`: (steps, batch_size, lr, init,
+  repair_weight)."""
+  return (config.steps, config.batch_size, config.lr, config.init, config.repair_weight)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def invert_additive(model, suspect, repaired, images, labels, num_classes: int,
                     c: tuple, key: jax.Array) -> jax.Array:
@@ -174,9 +180,9 @@ def calibrated_trigger_inversion(ctx: base.Context, variables: dict, trusted: ba
   fit, scored = (base.holdout(trusted, config.score_fraction, k_split)
                  if config.score_fraction else (trusted, trusted))
   repaired = repair(variables, fit, k_repair)
-  c = (config.steps, config.batch_size, config.lr, config.init, config.repair_weight)
   deltas = invert_additive(ctx.model, variables, repaired, jnp.asarray(fit.images),
-                           jnp.asarray(fit.labels), ctx.num_classes, c, k_invert)
+                           jnp.asarray(fit.labels), ctx.num_classes, inversion_constants(config),
+                           k_invert)
   images, labels = jnp.asarray(scored.images), jnp.asarray(scored.labels)
   scores = (np.asarray(trigger_success(ctx.model, variables, images, labels, deltas))
             - np.asarray(trigger_success(ctx.model, repaired, images, labels, deltas)))
