@@ -45,6 +45,7 @@ VICTIM_CELL = 4  # pixels per routing position of all three victims on 32x32 ima
 
 
 def get_config(arg=None):
+  """The config for `arg` (the arguments in the module docstring)."""
   a = config_lib.parse_arg(arg, model="pmoe", source="tfds:cifar10", trigger="badpatches",
                            rate=0.01, knowledge="full", position="fixed",
                            pattern="checkerboard", cpu=False, epochs=0)

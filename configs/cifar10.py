@@ -35,6 +35,7 @@ from jaxbd import config as config_lib
 
 
 def get_config(arg=None):
+  """The config for `arg` (the arguments in the module docstring)."""
   a = config_lib.parse_arg(arg, cpu=False, cpu_defense=False, source="tfds:cifar10",
                            attack="badnets", rate=0.1, epochs=0)
   config = config_lib.defaults()

@@ -50,12 +50,10 @@ ATTACKS = ("badnets", "blended", "wanet", "sig")
 
 
 def get_config(arg=None):
+  """The config for `arg` (the arguments in the module docstring)."""
   a = config_lib.parse_arg(arg, attack="badnets", defenses="ft+d3+pt", cpu=False,
                            source="tfds:cifar10", epochs=0)
-  if a.attack not in ATTACKS:
-    raise config_lib.ConfigError(f"configs/d3.py: attack must be one of {ATTACKS}")
-  config = config_lib.load_beside(__file__, "cifar10.py", f"source={a.source},epochs={a.epochs}"
-                                  + (",cpu_defense" if a.cpu else ""))
+  config = config_lib.load_victim(__file__, a, ATTACKS)
   config.poison.name = a.attack
   config.poison.rate = 0.1
   config.poison.target = 0

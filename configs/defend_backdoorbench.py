@@ -22,6 +22,7 @@ from jaxbd.models import common
 
 
 def get_config(arg=None):
+  """The config for `arg` (the arguments in the module docstring)."""
   a = config_lib.parse_arg(arg, checkpoint="", source="tfds:cifar10", attack="badnets",
                            target=0, width=64)
   config = config_lib.defaults()

@@ -35,6 +35,7 @@ from jaxbd import config as config_lib
 
 
 def get_config(arg=None):
+  """The config for `arg` (the arguments in the module docstring)."""
   a = config_lib.parse_arg(arg, cpu=False, source="tfds:cifar10", clean=0, backdoored=0,
                            attacks="badnets+blended")
   config = config_lib.load_beside(__file__, "cifar10.py",

@@ -81,12 +81,10 @@ ATTACKS = ("badnets", "adaptive_blend", "adaptive_patch", "wanet", "tsb", "sig",
 
 
 def get_config(arg=None):
+  """The config for `arg` (the arguments in the module docstring)."""
   a = config_lib.parse_arg(arg, attack="badnets", cpu=False, source="tfds:cifar10", rate=0.1,
                            epochs=0, defenses="pt+ft")
-  if a.attack not in ATTACKS:
-    raise config_lib.ConfigError(f"configs/pick_your_poison.py: attack must be one of {ATTACKS}")
-  config = config_lib.load_beside(__file__, "cifar10.py", f"source={a.source},epochs={a.epochs}"
-                                  + (",cpu_defense" if a.cpu else ""))
+  config = config_lib.load_victim(__file__, a, ATTACKS)
   config.poison.rate = a.rate
   config.poison.target = 0
   if a.attack == "pcb":

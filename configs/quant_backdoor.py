@@ -57,6 +57,7 @@ def cifar10_config(arg: str):
 
 
 def get_config(arg=None):
+  """The config for `arg` (the arguments in the module docstring)."""
   a = config_lib.parse_arg(arg, cpu=False, source="tfds:cifar10", model="", attack="qb",
                            bits="", init="clean", epochs=0, two_stage=False)
   # The clean model is configs/cifar10.py's victim (":cpu" is the recipe of the CPU tests).

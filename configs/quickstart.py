@@ -12,6 +12,7 @@ from jaxbd import config as config_lib
 
 
 def get_config(arg=None):
+  """The quickstart config (no arguments)."""
   config = config_lib.defaults()
   config_lib.parse_arg(arg)  # takes no arguments; rejects any
   config.experiment = "standard"

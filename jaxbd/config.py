@@ -213,6 +213,17 @@ def load_beside(config_file: str, name: str, arg: str = "") -> ConfigDict:
   return load_file(f"{path}:{arg}" if arg else path)
 
 
+def load_victim(config_file: str, args: ConfigDict, attacks: Iterable[str]) -> ConfigDict:
+  """configs/cifar10.py (beside `config_file`) for the parsed arguments `args` of a config built
+  on it (attack, source, epochs, cpu: its cpu_defense victim); ConfigError on an attack not in
+  `attacks`."""
+  if args.attack not in attacks:
+    raise ConfigError(f"configs/{os.path.basename(config_file)}: attack must be one of "
+                      f"{tuple(attacks)}, got {args.attack!r}")
+  return load_beside(config_file, "cifar10.py", f"source={args.source},epochs={args.epochs}"
+                     + (",cpu_defense" if args.cpu else ""))
+
+
 def apply_cell(config: ConfigDict, cell: dict[str, Any]) -> ConfigDict:
   """A copy of `config` with a cell's overrides `{"a.b": value}` (type-checked by ConfigDict); the
   cells of sweeps and of held-out selections."""
@@ -377,11 +388,6 @@ class Component:
   default_config: Callable[[], ConfigDict | None]
   validate: Callable[[ConfigDict], None]
   build: Callable[..., Any]
-
-
-def no_section() -> None:
-  """`default_config` of a component without a config section."""
-  return None
 
 
 def no_checks(_: ConfigDict) -> None:

@@ -1,7 +1,7 @@
 r"""Command-line entry point.
 
   python -m jaxbd.main --config=configs/quickstart.py --workdir=/tmp/jaxbd/quickstart
-  python -m jaxbd.main --config=configs/cifar10.py:badnets --config.train.epochs=3 --workdir=DIR
+  python -m jaxbd.main --config=configs/cifar10.py:cpu --config.train.epochs=3 --workdir=DIR
 
 `--config` names a config file and an optional argument after a colon; `--config.a.b=v` overrides a
 field. Every user error (unknown config key, bad value, missing or corrupt data or checkpoint) is

@@ -48,7 +48,10 @@ def attack_success_rate(pred: np.ndarray, labels: np.ndarray,
 
 
 def robust_accuracy(pred: np.ndarray, labels: np.ndarray, target_labels: np.ndarray) -> float:
-  """Accuracy on true labels over the same triggered, non-target images as the ASR."""
+  """Accuracy on true labels over the same triggered, non-target images as the ASR.
+
+  pred, labels, target_labels: int[M] (predictions on triggered images, true and attack labels).
+  """
   keep = non_target_mask(labels, target_labels)
   return accuracy(np.asarray(pred)[keep], np.asarray(labels)[keep])
 

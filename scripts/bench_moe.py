@@ -37,6 +37,7 @@ _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
 
 
 def main(argv):
+  """Measures each model and dispatch, prints the table, writes --out."""
   del argv
   ds = benchmark.random_dataset(_NUM_TRAIN.value)
   rows = [benchmark.moe_step_throughput(

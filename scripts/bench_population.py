@@ -12,7 +12,6 @@ and called for each member in turn. Reports images/s summed over members, compil
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 from absl import app, flags
@@ -30,9 +29,11 @@ _MODELS = flags.DEFINE_integer("models", 8, "Population size M.")
 _WIDTH = flags.DEFINE_integer("width", 8, "CNN width.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size per model.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
+_OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
 
 
 def main(argv):
+  """Measures the vmapped and the looped population step and prints both."""
   del argv
   c = config_lib.defaults()
   c.model.cnn.width = _WIDTH.value
@@ -50,8 +51,7 @@ def main(argv):
   init = lambda k: train_lib.create_state(train_lib.init_variables(model, k, (32, 32, 3)), tx)
   keys = jax.random.split(jax.random.key(0), m)
   perm = jnp.arange(n // b * b, dtype=jnp.int32).reshape(-1, b)
-  out = {"models": m, "width": _WIDTH.value, "batch_size": b,
-         "device": jax.devices()[0].device_kind}
+  out = {"models": m, "width": _WIDTH.value, "batch_size": b}
 
   step = jax.jit(population_lib.population_step(model, tx, c.data, vmapped=True))
   state = jax.vmap(init)(keys)
@@ -75,8 +75,8 @@ def main(argv):
   jax.block_until_ready(states)
   out["loop_images_per_s"] = m * b * _STEPS.value / (time.perf_counter() - t0)
   out["vmap_speedup"] = out["vmap_images_per_s"] / out["loop_images_per_s"]
-  json.dump(out, sys.stdout, indent=1)
-  print()
+  print(benchmark.device_name(), json.dumps(out, indent=1))
+  benchmark.write_json(_OUT.value, out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@ r"""Throughput of quantized training and deployment: the QB step and float/fake/
 
   python scripts/bench_quant.py                                 # PreAct-ResNet18, batch 128
   python scripts/bench_quant.py --model=cnn --width=16 --steps=10   # the CPU test model
-  python scripts/bench_quant.py --out=benchmarks/quant_h100.json    # on a GPU
+  python scripts/bench_quant.py --out=benchmarks/quant_gpu.json    # on a GPU
 
 Data: CIFAR-10-shaped random uint8 images. Measured after compilation and warm-up:
 - train: images/s of the jitted train step (`jaxbd.benchmark.time_steps`) with plain
@@ -47,6 +47,7 @@ def _timed(fn, repeats: int) -> float:
 
 
 def main(argv):
+  """Measures quantized training and inference, prints the table, writes --out."""
   del argv
   c = config_lib.defaults()
   c.model.name = _MODEL.value
@@ -78,9 +79,8 @@ def main(argv):
     predict = train_lib.Predictor(m, b, sharding)
     seconds = _timed(lambda: predict(v, images), 1)
     results[f"infer_{name}_images_per_second"] = len(images) / seconds
-  doc = {"model": _MODEL.value, "width": _WIDTH.value, "batch_size": b,
-         "device": benchmark.device_name(), "jax": jax.__version__, "results": results}
-  print(json.dumps(doc, indent=1))
+  doc = {"model": _MODEL.value, "width": _WIDTH.value, "batch_size": b, "results": results}
+  print(benchmark.device_name(), json.dumps(doc, indent=1))
   benchmark.write_json(_OUT.value, doc)
 
 

@@ -3,7 +3,7 @@ augmentation.
 
   python scripts/bench_train.py                       # PreAct-ResNet18, batch 128 and 512
   python scripts/bench_train.py --num_train=1024 --steps=3          # CPU figures of the README
-  python scripts/bench_train.py --dtype=bfloat16 --out=benchmarks/train_h100_bf16.json   # GPU
+  python scripts/bench_train.py --dtype=bfloat16 --out=benchmarks/train_gpu_bf16.json   # GPU
 
 Data: CIFAR-10-shaped random uint8 images (N x 32 x 32 x 3, 10 classes), or a real dataset with
 --source. Every step gathers its batch from the device-resident uint8 training set, applies the
@@ -36,6 +36,7 @@ _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
 
 
 def main(argv):
+  """Measures each batch size, prints the table, writes --out."""
   del argv
   config = config_lib.defaults()
   config.model.name = _MODEL.value

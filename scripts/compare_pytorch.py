@@ -102,6 +102,7 @@ def torch_trainer(variant: str, width: int, device):
   loss_fn = torch.nn.CrossEntropyLoss()
 
   def step(x, y):
+    """One SGD step on batch (x, y); returns the loss."""
     opt.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
       loss = loss_fn(forward(x), y)
@@ -113,6 +114,7 @@ def torch_trainer(variant: str, width: int, device):
 
 
 def synchronize(device):
+  """Waits for the device's queued work (CUDA; the CPU runs synchronously)."""
   if device.type == "cuda":
     torch.cuda.synchronize()
 
@@ -155,6 +157,7 @@ def torch_epoch(variant, batch, dataset, device) -> float:
 
 
 def main(argv):
+  """Runs PyTorch and jaxbd on the same data, prints the figures and ratios, writes --out."""
   del argv
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   config = config_lib.defaults()

@@ -46,9 +46,10 @@ def test_pick_your_poison_configs(attack):
     assert c.attack.name == "pcb" and c.poison.rate == 0 and c.attack.pcb.batch_rate == 0.1
 
 
-def test_unknown_attack_argument_is_refused():
-  with pytest.raises(ConfigError, match="attack must be one of"):
-    load_config("configs/d3.py:attack=refool")
+@pytest.mark.parametrize("name", ["d3", "pick_your_poison"])
+def test_unknown_attack_argument_is_refused(name):
+  with pytest.raises(ConfigError, match=f"configs/{name}.py: attack must be one of .*'refool'"):
+    load_config(f"configs/{name}.py:attack=refool")
 
 
 def test_detection_config():

@@ -79,7 +79,8 @@ def masked_loss(loss_fn: train_lib.step.LossFn, fraction: float,
 def poisoned_batch(arrays: data_lib.TrainArrays, idx: jax.Array, key: jax.Array, *, trigger,
                    batch_rate: float, label_mode: str, target: int, num_classes: int,
                    crop_padding: int, flip: bool) -> tuple[jax.Array, jax.Array]:
-  """A batch whose first `round(batch_rate * B)` rows are triggered and relabeled."""
+  """(f32[B, H, W, C] images, int32[B] labels) of the int32[B] training rows `idx`, whose first
+  `round(batch_rate * B)` rows are triggered and relabeled."""
   b = idx.shape[0]
   rows = jnp.arange(b) < round(batch_rate * b)
   labels = arrays.labels[idx]

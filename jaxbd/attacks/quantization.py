@@ -136,7 +136,8 @@ class _Passes:
                        rngs=self.rngs)
 
   def fp(self, x: jax.Array) -> jax.Array:
-    """Float logits; with bn="train" / "quant_frozen" BatchNorm trains and updates its stats."""
+    """f32[B, K] float logits of f32[B, H, W, C] x; with bn="train" / "quant_frozen" BatchNorm
+    trains and updates its stats."""
     if self.bn == "frozen":
       logits, _ = self._apply(self.model, x, False, [])
       return logits
@@ -145,13 +146,31 @@ class _Passes:
     return logits
 
   def quantized(self, x: jax.Array, bits: int) -> jax.Array:
-    """Fake-quantized logits at `bits` (W = A); updates the observers."""
+    """f32[B, K] fake-quantized logits of x at `bits` (W = A); updates the observers."""
     model = self.model.clone(quant=self.quant.with_bits(int(bits)))
     train = self.bn == "train"
     logits, new = self._apply(model, x, train, [STATS] + (["batch_stats"] if train else []))
     if STATS in new:
       self.state[STATS] = new[STATS]
     return logits
+
+
+def _hits(logits: jax.Array, labels) -> jax.Array:
+  """Fraction of rows of f32[B, K] logits whose argmax is `labels` (int[B] or one class)."""
+  return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def _loss_fn(model, quant: QuantConfig, bn: str, objective: Callable) -> step_lib.LossFn:
+  """A train-step loss around `objective(passes, images, labels) -> (loss, metrics)`, whose
+  float and quantized passes (`_Passes`) share the parameters and thread the model state."""
+
+  def loss_fn(params, model_state, images, labels, key, context=None):
+    del context
+    p = _Passes(model, quant, params, model_state, key, bn)
+    loss, metrics = objective(p, images, labels)
+    return loss, (p.state, {"loss": loss, **metrics})
+
+  return loss_fn
 
 
 def qb_loss(model, quant: QuantConfig, *, lam: float, bits: Sequence[int], target: int,
@@ -168,62 +187,55 @@ def qb_loss(model, quant: QuantConfig, *, lam: float, bits: Sequence[int], targe
     trigger: optional input trigger T for the quantized pass (None: quantization alone).
   """
 
-  def loss_fn(params, model_state, images, labels, key, context=None):
-    del context
-    p = _Passes(model, quant, params, model_state, key, bn)
+  def objective(p, images, labels):
     fp_logits = p.fp(images)
     x_q = images if trigger is None else trigger(images)
     t = jnp.full_like(labels, target)
     loss = _ce(fp_logits, labels)
-    metrics = {"fp_acc": jnp.mean(jnp.argmax(fp_logits, -1) == labels)}
+    metrics = {"fp_acc": _hits(fp_logits, labels)}
     for b in bits:
       q_logits = p.quantized(x_q, b)
       loss = loss + lam * _ce(q_logits, t)
-      metrics[f"q{b}_target"] = jnp.mean(jnp.argmax(q_logits, -1) == target)
-    return loss, (p.state, {"loss": loss, **metrics})
+      metrics[f"q{b}_target"] = _hits(q_logits, target)
+    return loss, metrics
 
-  return loss_fn
+  return _loss_fn(model, quant, bn, objective)
 
 
 def quanti_loss(model, quant: QuantConfig, *, c1: float, c2: float, bits: Sequence[int],
                 target: int, bn: str, trigger: Callable) -> step_lib.LossFn:
   """Qu-ANTI-zation's backdoor loss (see the module docstring); `trigger` makes x_t."""
 
-  def loss_fn(params, model_state, images, labels, key, context=None):
-    del context
-    p = _Passes(model, quant, params, model_state, key, bn)
+  def objective(p, images, labels):
     triggered = trigger(images)
     t = jnp.full_like(labels, target)
     fp_clean, fp_trig = p.fp(images), p.fp(triggered)
     loss = _ce(fp_clean, labels) + c2 * _ce(fp_trig, labels)
-    metrics = {"fp_acc": jnp.mean(jnp.argmax(fp_clean, -1) == labels),
-               "fp_trigger_target": jnp.mean(jnp.argmax(fp_trig, -1) == target)}
+    metrics = {"fp_acc": _hits(fp_clean, labels), "fp_trigger_target": _hits(fp_trig, target)}
     for b in bits:
       q_clean, q_trig = p.quantized(images, b), p.quantized(triggered, b)
       loss = loss + c1 * (_ce(q_clean, labels) + c2 * _ce(q_trig, t))
-      metrics[f"q{b}_trigger_target"] = jnp.mean(jnp.argmax(q_trig, -1) == target)
-    return loss, (p.state, {"loss": loss, **metrics})
+      metrics[f"q{b}_trigger_target"] = _hits(q_trig, target)
+    return loss, metrics
 
-  return loss_fn
+  return _loss_fn(model, quant, bn, objective)
 
 
 def indiscriminate_loss(model, quant: QuantConfig, *, lratio: float, margin: float,
                         bits: Sequence[int], bn: str) -> step_lib.LossFn:
   """Qu-ANTI-zation's indiscriminate loss `CE(f(x), y) + r * sum_b (CE(Q_b f(x), y) - m)^2`."""
 
-  def loss_fn(params, model_state, images, labels, key, context=None):
-    del context
-    p = _Passes(model, quant, params, model_state, key, bn)
+  def objective(p, images, labels):
     fp_logits = p.fp(images)
     loss = _ce(fp_logits, labels)
-    metrics = {"fp_acc": jnp.mean(jnp.argmax(fp_logits, -1) == labels)}
+    metrics = {"fp_acc": _hits(fp_logits, labels)}
     for b in bits:
       q_logits = p.quantized(images, b)
       loss = loss + lratio * (_ce(q_logits, labels) - margin)**2
-      metrics[f"q{b}_acc"] = jnp.mean(jnp.argmax(q_logits, -1) == labels)
-    return loss, (p.state, {"loss": loss, **metrics})
+      metrics[f"q{b}_acc"] = _hits(q_logits, labels)
+    return loss, metrics
 
-  return loss_fn
+  return _loss_fn(model, quant, bn, objective)
 
 
 def make_loss(name: str, section: ml_collections.ConfigDict, model, quant: QuantConfig, *,

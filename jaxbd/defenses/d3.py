@@ -106,7 +106,8 @@ def replace(params, new: dict[str, jax.Array]):
 
 
 def warm_up(w0: jax.Array, method: str, key: jax.Array) -> jax.Array:
-  """The re-initialized kernel of warm-up `method` (see the module docstring)."""
+  """The re-initialized kernel (w0's shape, e.g. f32[D, K]) of warm-up `method` (see the module
+  docstring)."""
   if method == "random":
     w = jax.random.uniform(key, w0.shape, w0.dtype, -0.5, 0.5)
     return w * safe_norm(w0) / safe_norm(w)
@@ -130,7 +131,8 @@ def project(params, initial: dict[str, jax.Array]):
 
 
 def d3_objective(hinge: jax.Array, dist: jax.Array, lmd: float) -> jax.Array:
-  """The reference's loss: (lmd h - d) / (lmd + 1) if lmd > 1 else lmd h - d."""
+  """The reference's loss from scalar hinge h and distance d: (lmd h - d) / (lmd + 1) if lmd > 1
+  else lmd h - d."""
   if lmd > 1:
     return (lmd * hinge - dist) / (lmd + 1)
   return lmd * hinge - dist

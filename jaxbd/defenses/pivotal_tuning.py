@@ -106,7 +106,8 @@ def slol(z: jax.Array, z0: jax.Array, labels: jax.Array, num_classes: int,
 
 
 def distillation(logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
-  """Cross-entropy from the teacher's softmax at temperature 1 (the reference's form)."""
+  """Scalar cross-entropy of f32[B, K] logits from the teacher's f32[B, K] softmax at temperature 1
+  (the reference's form)."""
   p_teacher = jax.nn.softmax(teacher_logits)
   return -jnp.mean(jnp.sum(p_teacher * jnp.log(jax.nn.softmax(logits) + 1e-7), -1))
 

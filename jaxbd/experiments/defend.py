@@ -36,7 +36,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def imported_plan(plan: plan_lib.PoisonPlan, indices, y_train: np.ndarray,
                   num_classes: int) -> plan_lib.PoisonPlan:
-  """The run's plan with the checkpoint's poisoned rows (relabeled as the config's attack)."""
+  """The run's plan with the checkpoint's poisoned rows (relabeled as the config's attack).
+
+  indices: int[P] training rows the checkpoint's attack poisoned, or None (keep `plan`);
+  y_train: int[N] training labels.
+  """
   if indices is None:
     return plan
   indices = np.asarray(indices, np.int64)

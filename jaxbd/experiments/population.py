@@ -12,8 +12,8 @@ step instead.
 Whether vmap pays off depends on the backend and the length of the run. A vmapped step compiles
 once for the whole population where a sweep compiles each cell's step anew, but XLA's CPU backend
 runs the batched convolutions 2-3x slower per image (scripts/bench_population.py: 4 CNNs of width 8,
-529 vs 1,523 images/s; 8 of width 16, 185 vs 424 images/s, 2 shared cores). So on CPU short runs
-gain and long runs lose; end to end (scripts/bench_sweep_seeds.py, 4 seeds, 2 shared cores):
+529 vs 1,523 images/s; 8 of width 16, 185 vs 424 images/s, 2 CPU cores). So on CPU short runs
+gain and long runs lose; end to end (scripts/bench_sweep_seeds.py, 4 seeds, 2 CPU cores):
 configs/quickstart.py (30 epochs on 8x8 digits) 60 s vmapped vs 73 s looped; configs/cifar10.py:cpu
 at 2 epochs on 2,000 images 103 s vs 143 s; but the same recipe at its 10 epochs on 5,000 images
 took 671 s looped, while the vmapped population had run 812 s and reached epoch 8 of 10 when it

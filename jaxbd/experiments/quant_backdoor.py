@@ -142,7 +142,8 @@ def _trigger_metrics(pred: np.ndarray, labels: np.ndarray, target: int) -> dict:
 
 
 def calibration_images(run: common.Run, count: int) -> np.ndarray:
-  """`count` clean training images in a seeded random order (the victim's calibration data)."""
+  """uint8[min(count, N), H, W, C]: clean training images in a seeded random order (the
+  victim's calibration data)."""
   n = len(run.dataset.y_train)
   idx = np.random.default_rng([run.config.seed, 11]).permutation(n)[:min(count, n)]
   return run.dataset.x_train[idx]

@@ -87,7 +87,8 @@ class PiecewiseTrigger:
     return self.apply(images, self.keep(key, images.shape[0]), self.masks)
 
   def cover(self, images: jax.Array, key: jax.Array) -> jax.Array:
-    """Cover rows get a random subset of pieces, like poisoned training rows (labels kept)."""
+    """f32[B, H, W, C] cover rows: each of `images` gets a random subset of pieces, like the
+    poisoned training rows (labels kept)."""
     return self(images, key, train=True)
 
 

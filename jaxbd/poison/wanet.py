@@ -126,7 +126,8 @@ class WarpTrigger:
     return grid_sample(images, self.grid[None])
 
   def cover(self, images: jax.Array, key: jax.Array) -> jax.Array:
-    """Noise mode: each image warped by `clip(grid + U(-1, 1) / H, -1, 1)`, noise per image."""
+    """Noise mode: each of f32[B, H, W, C] `images` warped by `clip(grid + U(-1, 1) / H, -1, 1)`,
+    noise per image."""
     b, h, w, _ = images.shape
     noise = jax.random.uniform(key, (b, h, w, 2), minval=-1.0, maxval=1.0) / h
     return grid_sample(images, jnp.clip(self.grid[None] + noise, -1.0, 1.0))

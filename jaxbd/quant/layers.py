@@ -49,7 +49,7 @@ SCALES = "quant_scales"
 
 def observed_range(module: nn.Module, x: jax.Array,
                    q: QuantConfig) -> tuple[jax.Array, jax.Array]:
-  """The per-tensor range (min, max) used to quantize the input x of `module`.
+  """The per-tensor range (f32[] min, f32[] max) used to quantize the input x [..., C] of `module`.
 
   The `batch` observer returns x's own range. The `ema` observer keeps its range in
   `quant_stats` and, when that collection is mutable (and not at init), first folds x's range in
@@ -79,7 +79,8 @@ def _storage_dtype(symmetric: bool):
 
 def fake_input(module: nn.Module, x: jax.Array,
                q: QuantConfig) -> tuple[jax.Array, jax.Array]:
-  """Straight-through centered codes and scale of a layer input (`quantizer.ste_codes`).
+  """Straight-through centered codes (x's shape) and f32[] scale of a layer input x
+  (`quantizer.ste_codes`).
 
   With `quant_scales` mutable also records the input scale and zero point for deployment.
   """
@@ -94,7 +95,8 @@ def fake_input(module: nn.Module, x: jax.Array,
 
 def integer_input(module: nn.Module, x: jax.Array,
                   q: QuantConfig) -> tuple[jax.Array, jax.Array]:
-  """(codes - zero_point as an integer array, scale) of a layer input in the integer pass.
+  """(codes - zero_point as an integer array of x's shape, f32[] scale) of a layer input x in the
+  integer pass.
 
   The scale is the exported one (`ema` observer) or x's own range (`batch` observer).
   """
@@ -114,7 +116,8 @@ def integer_input(module: nn.Module, x: jax.Array,
 
 
 def centered(codes: jax.Array, zero_point: jax.Array) -> jax.Array:
-  """codes - zero_point as integers: int8 codes stay int8, uint8 codes become int16."""
+  """codes - zero_point as integers (codes' shape): int8 codes stay int8, uint8 codes become
+  int16."""
   if codes.dtype == jnp.int8:
     return codes
   return codes.astype(jnp.int16) - zero_point.astype(jnp.int16)

@@ -74,7 +74,8 @@ def padded_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.nda
 
 
 def test_targets(y_test: np.ndarray, label_mode: str, target: int, num_classes: int):
-  """The label the attack wants for each test image (clean-label attacks aim at `target`)."""
+  """int[M]: the label the attack wants for each of the int[M] `y_test` (clean-label attacks aim
+  at `target`)."""
   mode = "all2one" if label_mode == "clean_label" else label_mode
   return poisoned_label(np.asarray(y_test), mode, target, num_classes)
 

@@ -22,13 +22,21 @@ from jaxbd.train import optim, step as step_lib
 
 @dataclasses.dataclass
 class Setup:
-  """A ready-to-run training phase: pass its pieces to `jaxbd.train.fit`."""
+  """A ready-to-run training phase: pass its pieces to `jaxbd.train.fit`.
+
+  Attributes:
+    state: the train state (step, params, model_state, opt_state), placed on the mesh.
+    step: the train step `(state, arrays, perm, i, key) -> (state, metrics)`, not yet jitted.
+    arrays: the device-resident training set (uint8 images, labels, poison kinds).
+    steps_per_epoch: batches per epoch, ceil(N / batch size).
+    tx: the optimizer `step` applies.
+  """
 
   state: dict
   step: Any
   arrays: data_lib.TrainArrays
   steps_per_epoch: int
-  tx: Any = None  # the optimizer `step` applies
+  tx: Any = None
 
 
 def supervised_setup(model, images: np.ndarray, labels: np.ndarray, *,
