@@ -43,8 +43,8 @@ def pt_result(d3_cpu_run):
 
 @pytest.mark.slow
 def test_d3_with_5_percent_clean_data_removes_badnets(d3_cpu_run):
-  """Measured (4 CPU devices, as the suite runs): ACC 0.5965 -> 0.5885 (0.8 points lost), ASR
-  1.0 -> 0.014, DER 0.989; with 2 devices the victim differs slightly (ACC 0.5915)."""
+  """Measured (4 CPU devices, as the suite runs): ACC 0.5965 -> 0.5895 (0.7 points lost), ASR
+  1.0 -> 0.039, DER 0.977; with 2 devices the victim differs slightly (ACC 0.5915)."""
   doc = d3_cpu_run.doc
   before, after = doc["metrics"]["backdoored"], doc["defenses"]["d3"]
   assert after["trusted_size"] == 2250

@@ -236,7 +236,8 @@ def _nc_epoch(model, variables, images, state, num_classes: int, c: tuple, key: 
 
 
 def anomaly_index(norms: np.ndarray) -> float:
-  """NC's anomaly index of the smallest of f[K] mask norms: (median - min) / (1.4826 * MAD), >= 0."""
+  """NC's anomaly index of the smallest of the f[K] mask norms: (median - min) / (1.4826 * MAD),
+  >= 0."""
   norms = np.asarray(norms, np.float64)
   median = np.median(norms)
   mad = 1.4826 * np.median(np.abs(norms - median))
