@@ -9,6 +9,7 @@ FLOPs utilization (against the device's dense peak, where known) come with the s
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Optional
 
@@ -194,11 +195,14 @@ def moe_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def write_json(path: str, doc: dict) -> None:
-  """Writes `{**doc, "device", "jax", "date"}` as JSON to `path` atomically (if a path is given)."""
+def write_json(path: str, doc: dict, echo: bool = False) -> None:
+  """Writes `{**doc, "device", "jax", "date"}` as JSON to `path` atomically (if a path is given);
+  `echo` also prints it."""
+  doc = {**doc, "device": device_name(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
+  if echo:
+    print(json.dumps(doc, indent=1))
   if path:
-    results.write_json(path, {**doc, "device": device_name(), "jax": jax.__version__,
-                              "date": time.strftime("%Y-%m-%d")})
+    results.write_json(path, doc)
 
 
 def write_results(path: str, rows: list[dict], **meta) -> None:

@@ -11,7 +11,6 @@ and called for each member in turn. Reports images/s summed over members, compil
 
 from __future__ import annotations
 
-import json
 import time
 
 from absl import app, flags
@@ -75,8 +74,7 @@ def main(argv):
   jax.block_until_ready(states)
   out["loop_images_per_s"] = m * b * _STEPS.value / (time.perf_counter() - t0)
   out["vmap_speedup"] = out["vmap_images_per_s"] / out["loop_images_per_s"]
-  print(benchmark.device_name(), json.dumps(out, indent=1))
-  benchmark.write_json(_OUT.value, out)
+  benchmark.write_json(_OUT.value, out, echo=True)
 
 
 if __name__ == "__main__":

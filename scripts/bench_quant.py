@@ -14,7 +14,6 @@ Data: CIFAR-10-shaped random uint8 images. Measured after compilation and warm-u
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -80,8 +79,7 @@ def main(argv):
     seconds = _timed(lambda: predict(v, images), 1)
     results[f"infer_{name}_images_per_second"] = len(images) / seconds
   doc = {"model": _MODEL.value, "width": _WIDTH.value, "batch_size": b, "results": results}
-  print(benchmark.device_name(), json.dumps(doc, indent=1))
-  benchmark.write_json(_OUT.value, doc)
+  benchmark.write_json(_OUT.value, doc, echo=True)
 
 
 if __name__ == "__main__":

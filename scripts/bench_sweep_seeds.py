@@ -69,8 +69,7 @@ def main(argv):
          "loop_wall_s": loop["wall_s"], "vmap_wall_s": vmap["wall_s"],
          "loop_train_s": loop["train_s"], "vmap_train_s": vmap["train_s"],
          "vmap_speedup_wall": loop["wall_s"] / vmap["wall_s"], "max_metric_diff": diff}
-  print(benchmark.device_name(), json.dumps(out, indent=1))
-  benchmark.write_json(_OUT.value, out)
+  benchmark.write_json(_OUT.value, out, echo=True)
 
 
 if __name__ == "__main__":

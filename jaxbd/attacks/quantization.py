@@ -155,11 +155,6 @@ class _Passes:
     return logits
 
 
-def _hits(logits: jax.Array, labels) -> jax.Array:
-  """Fraction of rows of f32[B, K] logits whose argmax is `labels` (int[B] or one class)."""
-  return jnp.mean(jnp.argmax(logits, -1) == labels)
-
-
 def _loss_fn(model, quant: QuantConfig, bn: str, objective: Callable) -> step_lib.LossFn:
   """A train-step loss around `objective(passes, images, labels) -> (loss, metrics)`, whose
   float and quantized passes (`_Passes`) share the parameters and thread the model state."""
@@ -192,11 +187,11 @@ def qb_loss(model, quant: QuantConfig, *, lam: float, bits: Sequence[int], targe
     x_q = images if trigger is None else trigger(images)
     t = jnp.full_like(labels, target)
     loss = _ce(fp_logits, labels)
-    metrics = {"fp_acc": _hits(fp_logits, labels)}
+    metrics = {"fp_acc": step_lib.batch_accuracy(fp_logits, labels)}
     for b in bits:
       q_logits = p.quantized(x_q, b)
       loss = loss + lam * _ce(q_logits, t)
-      metrics[f"q{b}_target"] = _hits(q_logits, target)
+      metrics[f"q{b}_target"] = step_lib.batch_accuracy(q_logits, target)
     return loss, metrics
 
   return _loss_fn(model, quant, bn, objective)
@@ -211,11 +206,12 @@ def quanti_loss(model, quant: QuantConfig, *, c1: float, c2: float, bits: Sequen
     t = jnp.full_like(labels, target)
     fp_clean, fp_trig = p.fp(images), p.fp(triggered)
     loss = _ce(fp_clean, labels) + c2 * _ce(fp_trig, labels)
-    metrics = {"fp_acc": _hits(fp_clean, labels), "fp_trigger_target": _hits(fp_trig, target)}
+    metrics = {"fp_acc": step_lib.batch_accuracy(fp_clean, labels),
+               "fp_trigger_target": step_lib.batch_accuracy(fp_trig, target)}
     for b in bits:
       q_clean, q_trig = p.quantized(images, b), p.quantized(triggered, b)
       loss = loss + c1 * (_ce(q_clean, labels) + c2 * _ce(q_trig, t))
-      metrics[f"q{b}_trigger_target"] = _hits(q_trig, target)
+      metrics[f"q{b}_trigger_target"] = step_lib.batch_accuracy(q_trig, target)
     return loss, metrics
 
   return _loss_fn(model, quant, bn, objective)
@@ -228,11 +224,11 @@ def indiscriminate_loss(model, quant: QuantConfig, *, lratio: float, margin: flo
   def objective(p, images, labels):
     fp_logits = p.fp(images)
     loss = _ce(fp_logits, labels)
-    metrics = {"fp_acc": _hits(fp_logits, labels)}
+    metrics = {"fp_acc": step_lib.batch_accuracy(fp_logits, labels)}
     for b in bits:
       q_logits = p.quantized(images, b)
       loss = loss + lratio * (_ce(q_logits, labels) - margin)**2
-      metrics[f"q{b}_acc"] = _hits(q_logits, labels)
+      metrics[f"q{b}_acc"] = step_lib.batch_accuracy(q_logits, labels)
     return loss, metrics
 
   return _loss_fn(model, quant, bn, objective)
@@ -260,7 +256,7 @@ def repair_loss(model) -> step_lib.LossFn:
     out = step_lib.forward(model, params, model_state, images, key, train=False)
     loss = _ce(out.logits, labels)
     return loss, (model_state, {"loss": loss,
-                                "fp_acc": jnp.mean(jnp.argmax(out.logits, -1) == labels)})
+                                "fp_acc": step_lib.batch_accuracy(out.logits, labels)})
 
   return loss_fn
 

@@ -148,7 +148,7 @@ def d3_loss(model, lmd: float, eps: float, train_mode: bool) -> train_lib.step.L
     hinge = jnp.mean(jax.nn.relu(ce - eps))
     dist = sum(safe_norm(get(params, p) - w0) for p, w0 in context.items())
     loss = d3_objective(hinge, dist, lmd)
-    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    acc = train_lib.step.batch_accuracy(logits, labels)
     return loss, (new_state, {"loss": loss, "hinge": hinge, "dist": dist, "train_acc": acc})
 
   return loss_fn

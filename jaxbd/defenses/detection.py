@@ -42,6 +42,7 @@ from jaxbd import config as config_lib
 from jaxbd import data as data_lib
 from jaxbd.defenses import base
 from jaxbd.poison.sig import AdditiveTrigger
+from jaxbd.train import step as step_lib
 
 
 def cti_config() -> ml_collections.ConfigDict:
@@ -209,7 +210,7 @@ def _nc_epoch(model, variables, images, state, num_classes: int, c: tuple, key: 
     x = (1 - mask) * x + mask * pattern
     logits = _logits(model, variables, x)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full((x.shape[0],), t))
-    return ce.mean() + cost * jnp.sum(jnp.abs(mask)), jnp.mean(jnp.argmax(logits, -1) == t)
+    return ce.mean() + cost * jnp.sum(jnp.abs(mask)), step_lib.batch_accuracy(logits, t)
 
   def step(carry, k):
     raw, opt_state = carry

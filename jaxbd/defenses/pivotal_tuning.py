@@ -135,7 +135,7 @@ def pt_loss(model, c: ml_collections.ConfigDict, num_classes: int) -> train_lib.
     latent = slol(z, z0, groups, num_classes, c.slol_diagonal)
     penalty = parameter_penalty(params, context["params"])
     loss = task + c.slol * latent + c.param * penalty
-    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    acc = train_lib.step.batch_accuracy(logits, labels)
     return loss, (new_state, {"loss": loss, "task": task, "slol": latent, "param": penalty,
                               "train_acc": acc})
 

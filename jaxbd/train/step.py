@@ -95,6 +95,11 @@ def forward(model: nn.Module, params, model_state: dict, images: jax.Array, key:
   return Forward(logits, new_state if train else model_state, feats, sum(aux) if aux else None)
 
 
+def batch_accuracy(logits: jax.Array, labels) -> jax.Array:
+  """Fraction of the rows of f32[B, K] logits whose argmax is `labels` (int[B] or one class)."""
+  return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
 def classification_loss(model: nn.Module) -> LossFn:
   """Mean softmax cross-entropy of `model` in train mode (BatchNorm statistics updated).
 
@@ -106,7 +111,7 @@ def classification_loss(model: nn.Module) -> LossFn:
     del context
     out = forward(model, params, model_state, images, key)
     loss = optax.softmax_cross_entropy_with_integer_labels(out.logits, labels).mean()
-    metrics = {"loss": loss, "train_acc": jnp.mean(jnp.argmax(out.logits, -1) == labels)}
+    metrics = {"loss": loss, "train_acc": batch_accuracy(out.logits, labels)}
     if out.aux_loss is not None:
       metrics["aux_loss"] = out.aux_loss
       loss = loss + out.aux_loss
