@@ -13,13 +13,16 @@ leading model axis.
 Default: 8 clean + 8 backdoored PreAct-ResNet18s (width 64), 100 epochs each, on full CIFAR-10 (a
 GPU job). `cpu`: 3 clean + 3 backdoored 16-wide CNNs on the 5,000-image subset of
 configs/cifar10.py:cpu (10 epochs), 5% trusted (250 images; 1% would be 50), PT repair 200 steps
-at lr 0.01, NC 10 epochs, members trained one after another (on CPU XLA's batched convolutions
+at lr 0.01, NC 20 epochs, members trained one after another (on CPU XLA's batched convolutions
 make the vmapped step 2-3x slower than a loop; scripts/bench_population.py). Measured (2 CPU
-devices, 22 minutes: 5 training, 17 scoring): clean members ACC 0.50-0.52, backdoored ones ACC
-0.48-0.50 with ASR 1.0 (BadNets, Blended, BadNets). Neural Cleanse separates them (anomaly
-index 0.72-0.89 clean, 1.14-2.33 backdoored: ROC AUC 1.0); CTI barely does (suspicion 0.59-0.90
-clean, 0.66-0.89 backdoored: AUC 0.67, s_t on the 125 trusted images held out from its repair and
-inversion; measured on the inversion's own 250 images it was 0.82-0.97 vs 0.56-0.85, AUC 0.11).
+devices, 22 minutes with NC at 10 epochs: 5 training, 17 scoring; NC's 20 epochs add about 2.5):
+clean members ACC 0.50-0.52, backdoored ones ACC 0.48-0.50 with ASR 1.0 (BadNets, Blended,
+BadNets). Neural Cleanse separates them (with the reference's cost schedule, which starts at 0
+until the attack succeeds for `patience` epochs, hence 20 epochs: anomaly index 0.72-0.96 clean,
+1.07-2.21 backdoored, ROC AUC 1.0, 2026-11-29; `--config.detection.scorers=nc`, 9 minutes); CTI
+barely does (suspicion 0.59-0.90 clean, 0.66-0.89 backdoored: AUC 0.67, s_t on the 125 trusted
+images held out from its repair and inversion; measured on the inversion's own 250 images it was
+0.82-0.97 vs 0.56-0.85, AUC 0.11).
 CTI assumes the repaired copy keeps the clean behaviour and loses the backdoor; here PT leaves the
 backdoor (see configs/pick_your_poison.py), so a trigger that finds it fools both copies, while
 for a clean suspect the inversion still finds a perturbation that fools it and not its repaired
@@ -51,7 +54,7 @@ def get_config(arg=None):
     config.defense.clean_fraction = 0.05  # 250 images: 1% of the 5,000-image subset is 50
     config.defense.pt.update(dict(steps=200, lr=0.01, batch_size=50, checkpoint_every=0))
     d.num_clean, d.num_backdoored = 3, 3
-    d.nc.epochs = 10
+    d.nc.epochs = 20  # 5 (patience) at cost 0 before the schedule starts
     d.vmap = False  # on CPU the loop is 2-3x faster than vmap (scripts/bench_population.py)
   if a.clean:
     d.num_clean = a.clean

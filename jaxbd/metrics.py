@@ -91,6 +91,11 @@ def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.
     positive: bool[M] ground truth.
   """
   scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+  if scores.ndim != 1 or scores.shape != positive.shape:
+    raise ValueError(f"ROC needs one score per model: scores {scores.shape}, labels "
+                     f"{positive.shape}")
+  if not np.all(np.isfinite(scores)):
+    raise ValueError(f"ROC scores must be finite, got {scores.tolist()}")
   n_pos, n_neg = int(positive.sum()), int((~positive).sum())
   if n_pos == 0 or n_neg == 0:
     raise ValueError("ROC needs at least one positive and one negative")
@@ -105,7 +110,8 @@ def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
   """Area under the ROC curve (ties count one half), in [0, 1]."""
   fpr, tpr = roc_curve(scores, positive)
-  return float(np.trapezoid(tpr, fpr))
+  # Trapezoids between the curve's points: a tie group is one straight segment, worth one half.
+  return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
 def routing_statistics(clean: np.ndarray, triggered: np.ndarray,

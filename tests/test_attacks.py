@@ -151,6 +151,19 @@ def test_tsb_puts_exactly_one_mark_on_training_images_and_all_at_test():
   assert trigger.cover_ratio == 0.0
 
 
+def test_piece_patterns_are_independent_across_pieces_and_run_seeds():
+  """Piece p's noise comes from the seed sequence (seed, 2, p): it differs from every other
+  piece, from another run's pieces (seeds 1000 apart, as a detection population's members) and
+  from a Blended run's seeded noise image."""
+  from jaxbd.poison import pieces, triggers
+  shape = (8, 8, 3)
+  a, b = pieces.noise_patterns(shape, 3, 0), pieces.noise_patterns(shape, 3, 1000)
+  blended = triggers.patch_pattern(shape, "noise", 0, 2000)
+  patterns = [*a, *b, blended]
+  assert all(not np.array_equal(x, y) for i, x in enumerate(patterns) for y in patterns[i + 1:])
+  np.testing.assert_array_equal(a, pieces.noise_patterns(shape, 3, 0))  # seeded
+
+
 def test_piece_layouts_that_do_not_fit_are_refused():
   with pytest.raises(ConfigError, match="3 pieces do not tile a 32x32 image"):
     poison.make_trigger(trigger_config("adaptive_blend", pieces=3), (32, 32, 3))

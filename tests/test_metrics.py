@@ -62,6 +62,10 @@ def test_roc_auc_on_hand_computed_cases():
   np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
   with pytest.raises(ValueError, match="at least one positive and one negative"):
     metrics.roc_auc([0.1, 0.2], np.array([True, True]))
+  with pytest.raises(ValueError, match="one score per model"):
+    metrics.roc_auc([0.1, 0.9, 0.5], [False, True, True, True])
+  with pytest.raises(ValueError, match="must be finite"):
+    metrics.roc_auc([np.nan, 1.0, 2.0], [True, False, False])
 
 
 def test_roc_auc_agrees_with_scikit_learn():

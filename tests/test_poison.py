@@ -55,6 +55,8 @@ def test_trigger_larger_than_image_is_refused():
     poison.make_trigger(badnets_config(size=9), (8, 8, 1))
   with pytest.raises(ConfigError, match="does not fit a 32x32 image"):
     poison.make_trigger(badnets_config(size=3, row=30, col=0), (32, 32, 3))
+  with pytest.raises(ConfigError, match="'poison.badnets.row' must be in"):
+    config_lib.validate(badnets_config(row=-7))  # -1 means "at the corner"; below is refused
 
 
 def test_plan_counts_pools_and_labels():
@@ -75,6 +77,9 @@ def test_plan_counts_pools_and_labels():
   cl = poison.make_plan(labels, 10, rate=0.05, target=4, label_mode="clean_label", seed=0)
   assert np.all(labels[cl.indices] == 4) and np.array_equal(cl.labels, labels)
   assert len(poison.make_plan(labels, 10, rate=0.0001, target=0).indices) == 0  # int(0.1)
+  # 0.57 * 100 is 56.99... in floating point: still 57 rows
+  assert len(poison.make_plan(labels[:100], 10, rate=0.57, target=0, exclude_target=False)
+             .indices) == 57
   with pytest.raises(ConfigError, match="only 100 are eligible"):
     poison.make_plan(labels, 10, rate=0.2, target=4, label_mode="clean_label")
   with pytest.raises(ConfigError, match="poison.target 10 is not a class"):

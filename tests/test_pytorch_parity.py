@@ -18,7 +18,7 @@ sides from the same trigger, and compare float32 jaxbd with float64 PyTorch: CTI
 10 Adam steps (measured 6e-6 relative, PyTorch's float32 loop 4e-6; CTI with repair weight 0.45
 instead of 0.5 is 0.14 off; by 50 steps Adam's normalization of near-zero gradients has carried
 float32 round-off to 1-3% on both jaxbd and PyTorch float32), NC's mask norms through the cost
-schedule (1e-6).
+schedule from 0, raised and lowered (5e-7).
 """
 
 import copy
@@ -248,44 +248,57 @@ def test_cti_trigger_inversion_follows_the_pytorch_loop():
 
 
 def torch_neural_cleanse(net, image, start, config, num_classes, steps):
-  """NC for every class over batches of `image`: the smallest mask L1 norm that reached the
-  threshold at the end of an epoch (else the last), and whether one did."""
+  """NC for every class over batches of `image`, with the reference's cost schedule (0 until the
+  attack has succeeded for `patience` epochs): the L1 norm of the mask kept at the epoch with the
+  smallest mean mask L1 among those at the threshold (else the last mask's), whether one was
+  kept, and the epochs at which the cost was started, raised and lowered."""
   squash = lambda raw: torch.tanh(raw) / 2 + 0.5
   x = torch_unit(image[None], torch.float64).repeat(config.batch_size, 1, 1, 1)
-  norms, found = [], []
+  norms, found, moves = [], [], set()
   for t in range(num_classes):
     raw = [torch.tensor(np.asarray(start[k][t]), dtype=torch.float64).permute(2, 0, 1)
            .requires_grad_() for k in ("mask", "pattern")]
     opt = torch.optim.Adam(raw, lr=config.lr, betas=(0.5, 0.9))
-    cost, up, down, best = config.init_cost, 0, 0, math.inf
+    cost, set_count, up, down = 0.0, 0, 0, 0
+    best_reg, best = math.inf, math.inf
     for _ in range(config.epochs):
-      hits = []
+      hits, regs = [], []
       for _ in range(steps):
         mask, pattern = squash(raw[0]), squash(raw[1])
         logits = net(torch_normalize((1 - mask) * x + mask * pattern))
         target = torch.full((len(x),), t)
-        loss = torch.nn.functional.cross_entropy(logits, target) + cost * mask.abs().sum()
+        reg = mask.abs().sum()
+        loss = torch.nn.functional.cross_entropy(logits, target) + cost * reg
         hits.append((logits.argmax(-1) == target).double().mean().item())
+        regs.append(reg.item())
         opt.zero_grad()
         loss.backward()
         opt.step()
-      norm = squash(raw[0]).abs().sum().item()
-      if np.mean(hits) >= config.threshold:
-        up, down, best = up + 1, 0, min(best, norm)
+      norm, success = squash(raw[0]).abs().sum().item(), np.mean(hits) >= config.threshold
+      if success and np.mean(regs) < best_reg:
+        best_reg, best = np.mean(regs), norm
+      if cost == 0 and success:
+        set_count += 1
+        if set_count >= config.patience:
+          cost, up, down = config.init_cost, 0, 0
+          moves.add("start")
       else:
-        up, down = 0, down + 1
+        set_count = 0
+      up, down = (up + 1, 0) if success else (0, down + 1)
       if up >= config.patience:
         up, cost = 0, cost * config.cost_up
+        moves.add("up" if cost else "up at 0")
       elif down >= config.patience:
         down, cost = 0, cost / config.cost_down
+        moves.add("down" if cost else "down at 0")
     norms.append(best if math.isfinite(best) else norm)
     found.append(math.isfinite(best))
-  return np.array(norms), found
+  return np.array(norms), found, moves
 
 
 def test_neural_cleanse_follows_the_pytorch_loop():
   """Three classes, 16 epochs of 2 steps; the settings make every class reach the threshold
-  with the cost raised and lowered on the way."""
+  with the cost started from 0, raised and lowered on the way."""
   variables, net = eval_pair(0)
   image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
   config = detection.nc_config()
@@ -297,8 +310,10 @@ def test_neural_cleanse_follows_the_pytorch_loop():
                                  defenses.Trusted(np.stack([image] * 8), np.zeros(8, np.int32),
                                                   np.arange(8)), config, key)
   start = detection.nc_start(jax.random.split(key)[0], 3, image.shape)  # as neural_cleanse does
-  norms, found = torch_neural_cleanse(net, image, start, config, 3, steps=2)
+  norms, found, moves = torch_neural_cleanse(net, image, start, config, 3, steps=2)
   error = np.abs(np.array(got["norms"]) - norms).max() / norms.min()
-  print(f"NC: norms {norms.round(2).tolist()}, found {found}, relative error {error:.2e}")
+  print(f"NC: norms {norms.round(2).tolist()}, found {found}, cost moves {sorted(moves)}, "
+        f"relative error {error:.2e}")
+  assert {"start", "up", "down"} <= moves
   assert got["found"] == found
   assert error <= 1e-4, (got["norms"], norms)

@@ -45,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
   """The reference defaults (BackdoorBench D3 config)."""
   section = base.train_section(epochs=100, batch_size=256, lr=0.01, momentum=0.9,
                                weight_decay=0.0, schedule="cosine", schedule_unit="epoch",
-                               eval_every=10, checkpoint_every=10)
+                               eval_every=1, checkpoint_every=10)
   section.lmd = 0.5  # weight of the clean hinge loss
   section.eps = 0.1  # hinge threshold on the per-sample cross-entropy
   section.warm_up = "random"  # random | far | middle | noise | near
@@ -117,11 +117,18 @@ def warm_up(w0: jax.Array, method: str, key: jax.Array) -> jax.Array:
     return jnp.zeros_like(w0)
   if method == "noise":
     return w0 + jax.random.normal(key, w0.shape, w0.dtype) * jnp.std(w0, ddof=1)
-  return w0
+  if method == "near":
+    return w0
+  raise ConfigError(f"defense.d3.warm_up must be one of {WARM_UPS}, got {method!r}")
 
 
 def project(params, initial: dict[str, jax.Array]):
-  """Rescales each selected kernel to the norm of its initial value (a kernel at 0 is kept)."""
+  """Rescales each selected kernel to the norm of its initial value (a kernel at 0 is kept).
+
+  Args:
+    params: the parameter pytree.
+    initial: {path: W0} of the selected kernels (each of its kernel's shape, e.g. f32[D, K]).
+  """
   new = {}
   for path, w0 in initial.items():
     w = get(params, path)
@@ -142,14 +149,14 @@ def d3_loss(model, lmd: float, eps: float, train_mode: bool) -> train_lib.step.L
   """The D3 loss; `context` is {path: W0} of the selected kernels."""
 
   def loss_fn(params, model_state, images, labels, key, context):
-    logits, new_state, _, _ = train_lib.forward(model, params, model_state, images, key,
-                                                train=train_mode)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    out = train_lib.forward(model, params, model_state, images, key, train=train_mode)
+    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, labels)
     hinge = jnp.mean(jax.nn.relu(ce - eps))
     dist = sum(safe_norm(get(params, p) - w0) for p, w0 in context.items())
     loss = d3_objective(hinge, dist, lmd)
-    acc = train_lib.step.batch_accuracy(logits, labels)
-    return loss, (new_state, {"loss": loss, "hinge": hinge, "dist": dist, "train_acc": acc})
+    metrics = {"loss": loss, "hinge": hinge, "dist": dist,
+               "train_acc": train_lib.step.batch_accuracy(out.logits, labels)}
+    return train_lib.step.plus_aux(loss, out, metrics), (out.model_state, metrics)
 
   return loss_fn
 
@@ -160,6 +167,10 @@ def d3(ctx: base.Context, variables: dict, trusted: base.Trusted,
   params = variables["params"]
   paths = select_kernels(params, config.layers, ctx.num_classes)
   initial = {p: jnp.asarray(get(params, p)) for p in paths}
+  zero = [p for p, w0 in initial.items() if not jnp.any(w0)]
+  if zero:
+    raise ConfigError(f"defense.d3: selected kernels {zero} are all zero; the projection to "
+                      "||W0|| would pin them at 0")
   keys = jax.random.split(jax.random.fold_in(key, 1), len(paths))
   warm = {p: warm_up(w0, config.warm_up, k) for (p, w0), k in zip(initial.items(), keys)}
   start = {**variables, "params": replace(params, warm)}

@@ -17,12 +17,17 @@ inversion to measure s_t (0: measure on the images the trigger was fitted to).
 
 **Neural Cleanse (NC)**, Wang et al., S&P 2019 (the baseline): for every class t, find the
 smallest mask m (H x W) and pattern p with `x' = (1 - m) x + m p` classified as t:
-`CE(f(x'), t) + cost_t * |m|_1`, mask and pattern through tanh, Adam (lr 0.1, betas (0.5, 0.9)),
-cost starting at 1e-3 and multiplied by 2 after `patience` epochs at >= 99% attack success, divided
-by 2^1.5 after `patience` epochs below; the smallest successful mask of each class is kept. The
+`CE(f(x'), t) + cost_t * |m|_1`, mask and pattern through tanh, Adam (lr 0.1, betas (0.5, 0.9)).
+As in the reference (`reset_cost_to_zero`), the cost starts at 0 and is set to 1e-3 once the
+attack success has been >= 99% for `patience` epochs; from then on it is multiplied by 2 after
+`patience` epochs at >= 99% and divided by 2^1.5 after `patience` epochs below. An epoch's mask is
+kept when its attack success (mean over the epoch's batches) is >= 99% and its mean L1 over the
+epoch's batches is the smallest so far; the class's norm is the L1 of that kept mask (a class
+that never succeeds keeps its last mask's, as the reference does; `found` says which). The
 model's suspicion is the anomaly index of the smallest norm, `(median - min) / (1.4826 * MAD)`
-(0 when the minimum is not below the median); NC flags a model above 2. NC's early stopping is
-not implemented: every class runs `epochs` epochs.
+(0 when the minimum is not below the median; MAD is floored at 1e-12, so a minimum below a
+median that most norms share scores about 1e12); NC flags a model above 2. NC's early stopping
+is not implemented: every class runs `epochs` epochs.
 
 Both optimize all K candidates at once with `jax.vmap` over classes inside one jitted program.
 """
@@ -69,6 +74,7 @@ def nc_config() -> ml_collections.ConfigDict:
       patience=5,  # epochs before the cost is changed
       cost_up=2.0,
       cost_down=2.0**1.5,
+      reset_cost_to_zero=True,  # start at cost 0 until the attack succeeds (the reference's)
   ))
 
 
@@ -93,7 +99,8 @@ def validate_nc(config: ml_collections.ConfigDict, path: str) -> None:
     config_lib.check_range(config, f"{path}.{key}", 1, low_open=True)
 
 
-def _logits(model, variables, x):
+def _logits(model, variables, x: jax.Array) -> jax.Array:
+  """Eval-mode logits f32[B, K] of images f32[B, H, W, C] in [0, 1]."""
   return model.apply(variables, x, train=False)
 
 
@@ -200,8 +207,21 @@ def _squash(raw: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def _nc_epoch(model, variables, images, state, num_classes: int, c: tuple, key: jax.Array):
-  """One Neural Cleanse epoch for every class at once; returns the updated state."""
-  steps, batch, lr, threshold, patience, cost_up, cost_down = c
+  """One Neural Cleanse epoch for every class at once; returns the updated state.
+
+  Args:
+    model, variables: the suspect model.
+    images: uint8[N, H, W, C] trusted images.
+    state: per class (leading axis K): `raw` mask / pattern pre-images (see `nc_start`), their
+      Adam state, `cost` f32[K], the counters `up`, `down` int32[K] (epochs in a row at / below
+      the threshold) and `set` int32[K] (successful epochs in a row while the cost is 0),
+      `best_reg` f32[K] (the kept epoch's mean mask L1), `best_norm` f32[K] (the kept mask's
+      L1) and `last_norm` f32[K].
+    num_classes: K.
+    c: (steps, batch, lr, threshold, patience, cost_up, cost_down, init_cost).
+    key: the epoch's batch key.
+  """
+  steps, batch, lr, threshold, patience, cost_up, cost_down, init_cost = c
   tx = optax.adam(lr, b1=0.5, b2=0.9)
   targets = jnp.arange(num_classes)
 
@@ -210,29 +230,37 @@ def _nc_epoch(model, variables, images, state, num_classes: int, c: tuple, key: 
     x = (1 - mask) * x + mask * pattern
     logits = _logits(model, variables, x)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full((x.shape[0],), t))
-    return ce.mean() + cost * jnp.sum(jnp.abs(mask)), step_lib.batch_accuracy(logits, t)
+    reg = jnp.sum(jnp.abs(mask))
+    return ce.mean() + cost * reg, (step_lib.batch_accuracy(logits, t), reg)
 
   def step(carry, k):
     raw, opt_state = carry
     idx = jax.random.randint(k, (batch,), 0, images.shape[0])
     x = data_lib.to_unit(images[idx])
-    grads, acc = jax.vmap(jax.grad(loss, has_aux=True), (0, 0, 0, None))(
+    grads, stats = jax.vmap(jax.grad(loss, has_aux=True), (0, 0, 0, None))(
         raw, targets, state["cost"], x)
     updates, opt_state = tx.update(grads, opt_state, raw)
-    return (optax.apply_updates(raw, updates), opt_state), acc
+    return (optax.apply_updates(raw, updates), opt_state), stats
 
-  (raw, opt_state), accs = jax.lax.scan(step, (state["raw"], state["opt_state"]),
-                                        jax.random.split(key, steps))
-  acc = accs.mean(0)
+  (raw, opt_state), (accs, regs) = jax.lax.scan(step, (state["raw"], state["opt_state"]),
+                                                jax.random.split(key, steps))
+  acc, reg = accs.mean(0), regs.mean(0)
   norm = jnp.sum(jnp.abs(_squash(raw["mask"])), axis=(1, 2, 3))
   success = acc >= threshold
-  better = success & (norm < state["best_norm"])
-  up = jnp.where(success, state["up"] + 1, 0)
-  down = jnp.where(success, 0, state["down"] + 1)
-  cost = jnp.where(up >= patience, state["cost"] * cost_up,
-                   jnp.where(down >= patience, state["cost"] / cost_down, state["cost"]))
-  return {"raw": raw, "opt_state": opt_state, "cost": cost,
+  better = success & (reg < state["best_reg"])
+  # The reference's order: the cost leaves 0 after `patience` successes at 0, resetting the
+  # counters; then the counters count this epoch and may move the cost.
+  at_zero = (state["cost"] == 0) & success
+  set_count = jnp.where(at_zero, state["set"] + 1, 0)
+  start = at_zero & (set_count >= patience)
+  cost = jnp.where(start, init_cost, state["cost"])
+  up = jnp.where(success, jnp.where(start, 0, state["up"]) + 1, 0)
+  down = jnp.where(success, 0, jnp.where(start, 0, state["down"]) + 1)
+  cost = jnp.where(up >= patience, cost * cost_up, jnp.where(down >= patience, cost / cost_down,
+                                                             cost))
+  return {"raw": raw, "opt_state": opt_state, "cost": cost, "set": set_count,
           "up": jnp.where(up >= patience, 0, up), "down": jnp.where(down >= patience, 0, down),
+          "best_reg": jnp.where(better, reg, state["best_reg"]),
           "best_norm": jnp.where(better, norm, state["best_norm"]), "last_norm": norm}
 
 
@@ -256,17 +284,20 @@ def nc_start(key: jax.Array, num_classes: int, shape: tuple) -> dict:
 
 def neural_cleanse(ctx: base.Context, variables: dict, trusted: base.Trusted,
                    config: ml_collections.ConfigDict, key: jax.Array) -> dict:
-  """NC: `{"suspicion": anomaly index, "score": same, "target": argmin norm, "norms"}`."""
+  """NC: `{"suspicion": anomaly index, "score": same, "target": argmin norm, "norms": f[K] the
+  kept masks' L1 norms, "found": bool[K] which classes reached the threshold}`."""
   k = ctx.num_classes
   k_init, k_loop = jax.random.split(key)
   raw = nc_start(k_init, k, trusted.images.shape[1:])
   tx = optax.adam(config.lr, b1=0.5, b2=0.9)
-  state = {"raw": raw, "opt_state": tx.init(raw), "cost": jnp.full((k,), config.init_cost),
-           "up": jnp.zeros((k,), jnp.int32), "down": jnp.zeros((k,), jnp.int32),
+  zeros = jnp.zeros((k,), jnp.int32)
+  state = {"raw": raw, "opt_state": tx.init(raw),
+           "cost": jnp.full((k,), 0.0 if config.reset_cost_to_zero else config.init_cost),
+           "up": zeros, "down": zeros, "set": zeros, "best_reg": jnp.full((k,), jnp.inf),
            "best_norm": jnp.full((k,), jnp.inf), "last_norm": jnp.full((k,), jnp.inf)}
   steps = max(1, -(-len(trusted.labels) // config.batch_size))
   c = (steps, config.batch_size, config.lr, config.threshold, config.patience, config.cost_up,
-       config.cost_down)
+       config.cost_down, config.init_cost)
   images = jnp.asarray(trusted.images)
   for epoch in range(config.epochs):
     state = _nc_epoch(ctx.model, variables, images, state, k, c, jax.random.fold_in(k_loop, epoch))

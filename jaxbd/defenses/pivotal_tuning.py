@@ -125,8 +125,8 @@ def pt_loss(model, c: ml_collections.ConfigDict, num_classes: int) -> train_lib.
   def loss_fn(params, model_state, images, labels, key, context):
     logits0, z0 = models.features(model, context, images)
     logits0, z0 = jax.lax.stop_gradient((logits0, z0))
-    logits, new_state, z, _ = train_lib.forward(model, params, model_state, images, key,
-                                                with_features=True)
+    out = train_lib.forward(model, params, model_state, images, key, with_features=True)
+    logits, z = out.logits, out.features
     if c.use_labels:
       task = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       groups = labels
@@ -135,9 +135,9 @@ def pt_loss(model, c: ml_collections.ConfigDict, num_classes: int) -> train_lib.
     latent = slol(z, z0, groups, num_classes, c.slol_diagonal)
     penalty = parameter_penalty(params, context["params"])
     loss = task + c.slol * latent + c.param * penalty
-    acc = train_lib.step.batch_accuracy(logits, labels)
-    return loss, (new_state, {"loss": loss, "task": task, "slol": latent, "param": penalty,
-                              "train_acc": acc})
+    metrics = {"loss": loss, "task": task, "slol": latent, "param": penalty,
+               "train_acc": train_lib.step.batch_accuracy(logits, labels)}
+    return train_lib.step.plus_aux(loss, out, metrics), (out.model_state, metrics)
 
   return loss_fn
 

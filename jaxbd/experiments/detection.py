@@ -91,11 +91,12 @@ def build_members(r: common.Run) -> list[dict]:
 
 
 def groups(members: list[dict]) -> list[list[dict]]:
-  """Members whose triggers have one pytree structure: they share a population (and a vmapped
-  step when `detection.vmap`)."""
+  """Members whose triggers have one pytree structure and leaf shapes and dtypes (so that they
+  stack): they share a population (and a vmapped step when `detection.vmap`)."""
   out: dict = {}
   for m in members:
-    out.setdefault(jax.tree.structure(m["trigger"]), []).append(m)
+    leaves = tuple((np.shape(x), np.result_type(x)) for x in jax.tree.leaves(m["trigger"]))
+    out.setdefault((jax.tree.structure(m["trigger"]), leaves), []).append(m)
   return list(out.values())
 
 

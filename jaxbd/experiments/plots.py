@@ -167,7 +167,8 @@ def roc_curves(detection: dict, positive: Sequence[bool], path: str) -> str:
   ax = fig.subplots()
   for name, d in detection.items():
     fpr, tpr = metrics.roc_curve(d["suspicion"], positive)
-    ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{name} (AUC {d['auc']:.3f})")
+    # Straight segments between the thresholds' points: a tie group's diagonal, as the AUC has it.
+    ax.plot(fpr, tpr, marker=".", label=f"{name} (AUC {d['auc']:.3f})")
   ax.plot([0, 1], [0, 1], ":", color="gray")
   ax.set_xlabel("false positive rate")
   ax.set_ylabel("true positive rate")

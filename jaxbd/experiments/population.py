@@ -53,7 +53,7 @@ class Population:
 
   @property
   def size(self) -> int:
-    """Number of members."""
+    """N, the number of training examples each member trains on (what `train.fit` batches)."""
     return self.images.shape[0]
 
   def member(self, j: int) -> "Population":

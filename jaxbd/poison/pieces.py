@@ -19,7 +19,9 @@ trigger but keep their label, so that the latent representations of poisoned and
 not separate. `conservatism` is the fraction of triggered training images that are such cover
 samples (Pick-your-Poison: 0.5, i.e. as many cover as payload samples); the poison plan draws
 `conservatism / (1 - conservatism)` cover rows per poisoned row. The reference code masks a fixed
-number of pieces per image; following Pick-your-Poison each piece is kept independently.
+number of pieces per image; following Pick-your-Poison each piece is kept independently, so
+a fraction (1 - keep_prob)^P of the poisoned rows (6% at P = 4, keep_prob 0.5) carries no piece
+at all and is relabeled all the same.
 No image ships with jaxbd: patterns are seeded noise unless a file is given.
 """
 
@@ -84,6 +86,8 @@ class PiecewiseTrigger:
     """images: f32[B, H, W, C] in [0, 1] -> triggered images (random pieces when `train`)."""
     if not train:
       return self.apply(images, jnp.ones((images.shape[0], self.num_pieces)), self.test_masks)
+    if key is None:
+      raise ValueError("a piecewise trigger draws its pieces in training: pass a PRNG key")
     return self.apply(images, self.keep(key, images.shape[0]), self.masks)
 
   def cover(self, images: jax.Array, key: jax.Array) -> jax.Array:
@@ -129,8 +133,9 @@ def scattered_regions(image_shape: tuple[int, int, int], count: int, size: int,
 
 
 def noise_patterns(image_shape: tuple[int, int, int], count: int, seed: int) -> np.ndarray:
-  """f32[P, H, W, C]: an independent seeded uniform-noise image per piece."""
-  return np.stack([triggers.patch_pattern(image_shape, "noise", 0, seed + 1000 * (p + 1))
+  """f32[P, H, W, C]: an independent seeded uniform-noise image per piece (piece p from the seed
+  sequence (seed, 2, p), which no other run's seed reaches)."""
+  return np.stack([triggers.patch_pattern(image_shape, "noise", 0, (seed, 2, p))
                    for p in range(count)])
 
 

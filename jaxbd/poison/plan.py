@@ -123,7 +123,8 @@ def make_plan(labels: np.ndarray, num_classes: int, *, rate: float, target: int,
     pool = np.flatnonzero(labels != target)
   else:
     pool = np.arange(n)
-  count, cover_count = int(rate * n), int(cover_rate * n)
+  # int(rate * N), rounded first so that float error (0.57 * 100 = 56.99...) does not drop a row
+  count, cover_count = int(round(rate * n, 6)), int(round(cover_rate * n, 6))
   if count + cover_count > len(pool):
     raise ConfigError(f"poison.rate {rate} asks for {count + cover_count} poisoned/cover images "
                       f"but only {len(pool)} are eligible ({label_mode})")

@@ -76,7 +76,8 @@ def square_position(image_shape: tuple[int, int, int], size: int, row: int, col:
   return row, col
 
 
-def patch_pattern(shape: tuple[int, int, int], kind: str, value: int, seed: int) -> np.ndarray:
+def patch_pattern(shape: tuple[int, int, int], kind: str, value: int,
+                  seed: int | tuple[int, ...]) -> np.ndarray:
   """A trigger pattern f32[h, w, c] in [0, 1].
 
   Args:
@@ -84,7 +85,7 @@ def patch_pattern(shape: tuple[int, int, int], kind: str, value: int, seed: int)
     kind: "solid" (every pixel `value`), "checkerboard" (`value` where (i + j) is even, else
       255 - value) or "noise" (uniform uint8 noise from `seed`).
     value: uint8 intensity for solid/checkerboard.
-    seed: seed of the noise pattern.
+    seed: seed (or seed sequence) of the noise pattern.
   """
   h, w, c = shape
   if kind == "solid":
@@ -121,6 +122,8 @@ def badnets_validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_range(config, "poison.badnets.size", 1)
   config_lib.check_range(config, "poison.badnets.value", 0, 255)
   config_lib.check_range(config, "poison.badnets.margin", 0)
+  config_lib.check_range(config, "poison.badnets.row", -1)
+  config_lib.check_range(config, "poison.badnets.col", -1)
   config_lib.check_choice(c.corner, "poison.badnets.corner", CORNERS)
   config_lib.check_choice(c.pattern, "poison.badnets.pattern", PATTERNS)
 

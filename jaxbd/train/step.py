@@ -100,6 +100,15 @@ def batch_accuracy(logits: jax.Array, labels) -> jax.Array:
   return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
+def plus_aux(loss: jax.Array, out: Forward, metrics: dict) -> jax.Array:
+  """`loss` plus the auxiliary losses of the forward pass `out`, if the model sowed any (e.g.
+  V-MoE's router losses); they are recorded in `metrics` as `aux_loss`."""
+  if out.aux_loss is None:
+    return loss
+  metrics["aux_loss"] = out.aux_loss
+  return loss + out.aux_loss
+
+
 def classification_loss(model: nn.Module) -> LossFn:
   """Mean softmax cross-entropy of `model` in train mode (BatchNorm statistics updated).
 
@@ -112,10 +121,7 @@ def classification_loss(model: nn.Module) -> LossFn:
     out = forward(model, params, model_state, images, key)
     loss = optax.softmax_cross_entropy_with_integer_labels(out.logits, labels).mean()
     metrics = {"loss": loss, "train_acc": batch_accuracy(out.logits, labels)}
-    if out.aux_loss is not None:
-      metrics["aux_loss"] = out.aux_loss
-      loss = loss + out.aux_loss
-    return loss, (out.model_state, metrics)
+    return plus_aux(loss, out, metrics), (out.model_state, metrics)
 
   return loss_fn
 
