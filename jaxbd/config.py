@@ -66,7 +66,7 @@ def defaults() -> ConfigDict:
     c.poison[name] = spec.default_config()
 
   c.attack = ConfigDict()
-  c.attack.name = "none"  # a training-time attack of jaxbd.attacks (pcb), or "none"
+  c.attack.name = "none"  # a training-time attack of jaxbd.attacks (batch, pcb), or "none"
   for name, spec in attacks.ATTACKS.items():
     c.attack[name] = spec.default_config()
 
@@ -198,7 +198,8 @@ def call_file(spec: str, function: str = "get_config"):
   except JaxbdError:
     raise
   except Exception as e:  # A user's config file can raise anything; report it in one line.
-    raise ConfigError(f"config file {spec!r}: {type(e).__name__}: {e}") from None
+    message = " ".join(str(e).split())  # one line, whatever the exception printed
+    raise ConfigError(f"config file {spec!r}: {type(e).__name__}: {message}") from None
 
 
 def load_file(spec: str) -> ConfigDict:

@@ -13,12 +13,18 @@ from typing import IO, Iterator
 
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
-  """Opens a temporary file beside `path`, renamed to `path` only when the block succeeds."""
+  """Opens a temporary file beside `path`, renamed to `path` only when the block succeeds.
+
+  The file gets the permissions of a plain `open` (0666 less the umask), not mkstemp's 0600.
+  """
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
   try:
     with os.fdopen(fd, mode) as f:
       yield f
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

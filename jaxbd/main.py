@@ -102,6 +102,8 @@ def parse_absl(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except JaxbdError as e:
     die(str(e))
+  except OSError as e:  # a file system failure mid-run (disk full, permissions): one line too
+    die(f"{e.filename or 'file system'}: {e.strerror or e}")
   except flags.Error as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     die(lines[-1] if lines else type(e).__name__)
@@ -113,6 +115,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     preflight(argv[1:])
   except JaxbdError as e:
     die(str(e))
+  except OSError as e:  # a file system failure mid-run (disk full, permissions): one line too
+    die(f"{e.filename or 'file system'}: {e.strerror or e}")
   rest = parse_absl(argv)
   if not _WORKDIR.value:
     die("--workdir is required")
@@ -155,6 +159,8 @@ def main(argv: list[str]) -> None:
     experiments.run(_CONFIG.value, _WORKDIR.value)
   except JaxbdError as e:
     die(str(e))
+  except OSError as e:  # a file system failure mid-run (disk full, permissions): one line too
+    die(f"{e.filename or 'file system'}: {e.strerror or e}")
 
 
 def run() -> None:

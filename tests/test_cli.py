@@ -164,6 +164,9 @@ def test_missing_config_file_and_workdir(tmp_path):
                         "config argument 'bogus' is unknown")
   assert_one_line_error(jaxbd(*QUICK), "--workdir is required")
   assert not (tmp_path / "w").exists()
+  afile = tmp_path / "afile"
+  afile.write_text("not a folder")
+  assert_one_line_error(jaxbd(*QUICK, workdir=afile), f"--workdir {afile} is not a writable folder")
 
 
 def test_corrupt_checkpoint_and_changed_config_are_refused(tmp_path):

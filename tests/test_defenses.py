@@ -185,7 +185,7 @@ def pcb_config(**kw):
   c.attack.name = "pcb"
   c.poison.rate = 0.0
   c.data.crop_padding, c.data.flip = 0, False
-  c.train.update(dict(batch_size=20, momentum=0.0, weight_decay=0.0, schedule="constant",
+  c.train.update(dict(batch_size=20, momentum=0.9, weight_decay=5e-4, schedule="constant",
                       lr=0.1))
   c.model.cnn.width, c.model.cnn.stages = 4, 2
   for k, v in kw.items():
@@ -199,9 +199,13 @@ def test_pcb_config_checks():
   c.poison.rate = 0.1
   with pytest.raises(ConfigError, match="set poison.rate=0"):
     config_lib.validate(c)
+  with pytest.raises(ConfigError, match="poisons no row of a batch of 20"):
+    config_lib.validate(pcb_config(batch_rate=0.01))
 
 
 def test_pcb_poisons_a_fraction_of_every_second_batch_inside_the_mask():
+  """With momentum and weight decay (the paper's victim optimizer) a poisoned step leaves the
+  parameters outside the mask and their momentum exactly as the clean step before left them."""
   c = pcb_config(param_fraction=0.3)
   model = models.create(c, 5, (0.5,) * 3, (0.25,) * 3)
   rng = np.random.default_rng(0)
@@ -214,9 +218,8 @@ def test_pcb_poisons_a_fraction_of_every_second_batch_inside_the_mask():
   mask_key = jax.random.key(7)
   step = jax.jit(attacks.ATTACKS["pcb"].build(c, model, trigger, setup, mesh, 5, mask_key))
 
-  x, y = attacks.pcb.poisoned_batch(setup.arrays, jnp.arange(20), jax.random.key(0),
-                                    trigger=trigger, batch_rate=0.1, label_mode="all2one",
-                                    target=0, num_classes=5, crop_padding=0, flip=False)
+  x, y = attacks.batch.batch_fn(c, trigger, 5, poisoned=2, cover=0)(
+      setup.arrays, jnp.arange(20), jax.random.key(0))
   np.testing.assert_array_equal(np.asarray(y)[:2], 0)  # round(0.1 * 20) rows relabeled
   np.testing.assert_array_equal(np.asarray(y)[2:], labels[2:20])
   np.testing.assert_array_equal(np.asarray(x)[:2, -3:, -3:], 1.0)  # and triggered
@@ -234,6 +237,13 @@ def test_pcb_poisons_a_fraction_of_every_second_batch_inside_the_mask():
     p0, p1, p2, m = map(np.asarray, (p0, p1, p2, m))
     assert np.any(p1[~m] != p0[~m])  # the clean step updates every parameter
     np.testing.assert_array_equal(p2[~m], p1[~m])  # the poisoned step only the masked ones
+  traces = [[x for x in jax.tree.leaves(s["opt_state"]) if x.ndim] for s in (state1, state2)]
+  assert len(traces[0]) == len(jax.tree.leaves(mask))  # one momentum trace per parameter
+  for t1, t2, m in zip(*traces, jax.tree.leaves(mask)):
+    t1, t2, m = map(np.asarray, (t1, t2, m))
+    np.testing.assert_array_equal(t2[~m], t1[~m])
+  assert any(np.any(np.asarray(t2)[np.asarray(m)] != np.asarray(t1)[np.asarray(m)])
+             for t1, t2, m in zip(*traces, jax.tree.leaves(mask)))
   assert any(np.any(np.asarray(a)[np.asarray(m)] != np.asarray(b)[np.asarray(m)]) for a, b, m in
              zip(jax.tree.leaves(state2["params"]), jax.tree.leaves(state1["params"]),
                  jax.tree.leaves(mask)))

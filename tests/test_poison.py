@@ -99,18 +99,37 @@ def test_poisoned_label_is_the_same_on_host_and_traced_labels(mode):
 
 
 @pytest.mark.parametrize("mode", ["all2one", "all2all"])
-def test_pcb_batches_relabel_their_triggered_rows_with_poisoned_label(mode):
+def test_in_loop_batches_relabel_their_triggered_rows_with_poisoned_label(mode):
+  """attack.batch and PCB: the first rows of a batch are triggered and relabeled; with cover
+  rows (WaNet's cross ratio) the next ones get the cover transform and keep their labels."""
   rng = np.random.default_rng(0)
   images = rng.integers(0, 200, (20, 8, 8, 3), dtype=np.uint8)
   labels = rng.integers(0, 5, 20).astype(np.int32)
   arrays = data.train_arrays(images, labels, np.zeros(20, np.int8))
   trigger = poison.make_trigger(badnets_config(size=2), (8, 8, 3))
-  batch = functools.partial(attacks.pcb.poisoned_batch, trigger=trigger, batch_rate=0.25,
+  batch = functools.partial(attacks.batch.poisoned_batch, trigger=trigger, poisoned=5, cover=0,
                             label_mode=mode, target=3, num_classes=5, crop_padding=0, flip=False)
-  _, y = jax.jit(batch)(arrays, jnp.arange(20), jax.random.key(0))
-  y = np.asarray(y)  # round(0.25 * 20) = 5 rows relabeled
+  x, y = jax.jit(batch)(arrays, jnp.arange(20), jax.random.key(0))
+  y = np.asarray(y)
   np.testing.assert_array_equal(y[:5], poison.poisoned_label(labels[:5], mode, 3, 5))
   np.testing.assert_array_equal(y[5:], labels[5:])
+  np.testing.assert_array_equal(np.asarray(x)[:5, -2:, -2:], 1.0)
+
+  c = config_lib.defaults()
+  c.poison.name = "wanet"
+  wanet = poison.make_trigger(c, (8, 8, 3))
+  batch = functools.partial(attacks.batch.poisoned_batch, trigger=wanet, poisoned=3, cover=6,
+                            label_mode=mode, target=3, num_classes=5, crop_padding=0, flip=False)
+  x, y = jax.jit(batch)(arrays, jnp.arange(20), jax.random.key(0))
+  x, y, clean = np.asarray(x), np.asarray(y), images / 255.0
+  np.testing.assert_allclose(x[:3], np.asarray(wanet(jnp.asarray(clean[:3], jnp.float32))),
+                             atol=1e-6)  # the exact warp
+  np.testing.assert_array_equal(y[:3], poison.poisoned_label(labels[:3], mode, 3, 5))
+  np.testing.assert_array_equal(y[3:], labels[3:])  # cover rows keep their labels
+  warped = np.asarray(wanet(jnp.asarray(clean[3:9], jnp.float32)))
+  assert np.all(np.abs(x[3:9] - clean[3:9]).max((1, 2, 3)) > 0.01)  # noise-warped: changed,
+  assert np.all(np.abs(x[3:9] - warped).max((1, 2, 3)) > 1e-3)  # but not the exact warp
+  np.testing.assert_allclose(x[9:], clean[9:], atol=1e-6)
 
 
 def test_plan_save_load_roundtrip(tmp_path):

@@ -166,3 +166,22 @@ def test_fit_prints_about_ten_epoch_lines_where_the_bar_is_off(capsys):
   assert [l.split(":")[0] for l in lines] == [f"t epoch {e}/25" for e in [*range(2, 25, 2), 25]]
   assert lines[0].startswith("t epoch 2/25: loss=") and " acc=" not in lines[0]
   assert " acc=0.2500" in lines[-1] and lines[-1].endswith(" s)")
+
+
+def test_metrics_log_truncation_drops_later_epochs_and_a_cut_last_line(tmp_path):
+  """A rerun drops its phase's records after the restored epoch (all of them without a
+  checkpoint) and the half-written line a kill can leave; other phases' records stay."""
+  import json
+  from jaxbd.train import MetricsLog
+  log = MetricsLog(str(tmp_path))
+  for phase, epoch in [("clean", 1), ("clean", 2), ("backdoored", 1), ("backdoored", 2)]:
+    log.write(phase=phase, epoch=epoch, loss=1.0)
+  path = tmp_path / "metrics.jsonl"
+  with open(path, "a") as f:
+    f.write('{"phase": "backdoored", "epo')
+  log.truncate("backdoored", 1)
+  kept = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [(r["phase"], r["epoch"]) for r in kept] == [("clean", 1), ("clean", 2),
+                                                      ("backdoored", 1)]
+  log.truncate("clean", 0)
+  assert [r["phase"] for r in map(json.loads, path.read_text().splitlines())] == ["backdoored"]

@@ -4,14 +4,18 @@
 clean supervised phase `setup` into the attacked train step; `config.attack.name` selects one
 ("none": plain training on the poison plan's data). Sections: `config.attack.<name>`.
 
+`batch`: a share of every batch poisoned inside the training loop, as BackdoorBench trains WaNet.
+`pcb`: the parameter-controlled backdoor of Pick your Poison.
+
 `quantization`: behavior backdoors conditioned on quantization (QB, Qu-ANTI-zation and its
 indiscriminate variant), losses for `jaxbd.train.make_train_step`, used by the `quant_backdoor`
 experiment.
 """
 
 from jaxbd import config as config_lib
-from jaxbd.attacks import pcb
+from jaxbd.attacks import batch, pcb
 
 ATTACKS = {
+    "batch": config_lib.Component(batch.default_config, batch.validate, batch.build),
     "pcb": config_lib.Component(pcb.default_config, pcb.validate, pcb.build),
 }

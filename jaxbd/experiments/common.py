@@ -25,7 +25,7 @@ from flax import traverse_util
 
 from jaxbd import config as config_lib
 from jaxbd import data as data_lib
-from jaxbd import attacks, defenses, metrics, models, poison
+from jaxbd import attacks, defenses, fileio, metrics, models, poison
 from jaxbd import train as train_lib
 from jaxbd.errors import CheckpointError, ConfigError
 from jaxbd.experiments import results
@@ -167,11 +167,19 @@ def poison_plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset, tr
 
 
 def create_workdir(run: Run) -> None:
-  """Creates the workdir with `config.json` and `poison_plan.npz` (process 0 writes)."""
-  os.makedirs(run.workdir, exist_ok=True)
-  results.write_json(os.path.join(run.workdir, "config.json"), run.config.to_dict())
-  if results.is_writer():
-    run.plan.save(os.path.join(run.workdir, "poison_plan.npz"))
+  """Creates the workdir with `config.json` and `poison_plan.npz` (process 0 writes).
+
+  Raises:
+    ConfigError: the workdir cannot be created or written (e.g. it is a file).
+  """
+  try:
+    os.makedirs(run.workdir, exist_ok=True)
+    results.write_json(os.path.join(run.workdir, "config.json"), run.config.to_dict())
+    if results.is_writer():
+      run.plan.save(os.path.join(run.workdir, "poison_plan.npz"))
+  except OSError as e:
+    raise ConfigError(f"--workdir {run.workdir} is not a writable folder: "
+                      f"{e.strerror or e}") from e
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str,
@@ -234,8 +242,9 @@ def train_classifier(run: Run, phase: str, *, poisoned: bool,
       poison_fn=poison.poison_fn(run.trigger) if poison_now else None)
   step = setup.step
   if poison_now and c.attack.name != "none":
+    # fold_in(key, 0 or 1) would repeat split(key)'s init and train keys
     step = attacks.ATTACKS[c.attack.name].build(c, run.model, run.trigger, setup, run.mesh,
-                                                ds.num_classes, jax.random.fold_in(key, 1))
+                                                ds.num_classes, jax.random.fold_in(key, 2))
   state, summary = train_lib.fit(
       phase, setup.state, step, setup.arrays, epochs=tc.epochs, batch_size=tc.batch_size,
       key=train_key, workdir=run.workdir,
@@ -308,7 +317,8 @@ def run_defenses(run: Run, variables: dict, reference: dict[str, float],
     return {}
   trusted = run.trusted(c.defense.clean_fraction)
   if results.is_writer():
-    np.save(os.path.join(run.workdir, "trusted_indices.npy"), trusted.indices)
+    with fileio.atomic_file(os.path.join(run.workdir, "trusted_indices.npy"), "wb") as f:
+      np.save(f, trusted.indices)
   ctx = run.defense_context(workdir=run.workdir, evaluate=run.evaluate)
   out = {}
   for name in names:

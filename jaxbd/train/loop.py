@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import tqdm
 
+from jaxbd import fileio
 from jaxbd.data.pipeline import epoch_indices
 from jaxbd.errors import CheckpointError
 from jaxbd.train.checkpoint import Checkpointer
@@ -45,20 +46,21 @@ class MetricsLog:
       f.write(json.dumps(record) + "\n")
 
   def truncate(self, phase: str, epoch: int) -> None:
-    """Drops records of `phase` after `epoch` (left by a run killed after its last checkpoint)."""
+    """Drops records of `phase` after `epoch` (left by a run killed after its last checkpoint, or
+    before its first when `epoch` is 0) and a last line cut short by a kill mid-write."""
     if self.path is None or not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      lines = [l for l in f if l.strip()]
     keep = []
-    for line in lines:
-      rec = json.loads(line)
-      if not (rec.get("phase") == phase and rec.get("epoch", 0) > epoch):
-        keep.append(line)
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(self.path) as f:
+      for line in f:
+        try:
+          rec = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if not (rec.get("phase") == phase and rec.get("epoch", 0) > epoch):
+          keep.append(line)
+    with fileio.atomic_file(self.path) as f:
       f.writelines(keep)
-    os.replace(tmp, self.path)
 
 
 def _host(metrics: dict) -> dict:
@@ -115,7 +117,7 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
                             f"asks for {epochs}; use a new --workdir")
     state = ckpt.restore(latest, state)
     start = latest
-    log.truncate(phase, latest)
+  log.truncate(phase, start)
   steps = -(-arrays.size // batch_size)
   population = key.ndim > 0  # one key per model of a stacked population: per-model epochs
   keys = (jax.vmap(jax.random.split) if population else jax.random.split)(key)

@@ -1,0 +1,103 @@
+"""In-loop poisoning: a fixed share of every training batch, as BackdoorBench trains WaNet.
+
+BackdoorBench's WaNet does not poison a fixed set of training images. In every step it warps the
+first `int(B * batch_rate)` images of the shuffled batch (any class, the target's included) and
+relabels them (all-to-one: to the target; all-to-all: y -> y + 1), and gives the next
+`int(int(B * batch_rate) * cross_ratio)` images the noise-mode warp with their labels kept; as
+the batches are reshuffled every epoch, the warped images change from epoch to epoch. This
+attack does the same for any trigger: the cover rows get the trigger's cover transform
+(`trigger.cover_ratio` of them per poisoned row: WaNet's cross ratio, the adaptive attacks'
+conservatism; none for the other triggers). It replaces the poison plan (`poison.rate` must be
+0); the poisoned share is `attack.batch.batch_rate`, and no row is poisoned for good, so results
+record the attack's settings instead of poisoned indices.
+
+BackdoorBench's WaNet also has its own augmentation (random crop with padding 5 w.p. 0.8,
+rotation up to 10 degrees w.p. 0.5, flip); the run's crop and flip apply here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxbd import config as config_lib
+from jaxbd import data as data_lib
+from jaxbd import poison
+from jaxbd import train as train_lib
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `attack.batch` section."""
+  return ml_collections.ConfigDict(dict(
+      batch_rate=0.1,  # share of every batch that is triggered and relabeled (BackdoorBench pratio)
+  ))
+
+
+def check_in_loop(config: ml_collections.ConfigDict, name: str, rows: int) -> None:
+  """Checks what an attack that poisons rows inside the training loop (`batch`, `pcb`) needs:
+  `rows` >= 1 poisoned rows per poisoned batch, a trigger, no poison plan, relabeled rows.
+
+  Raises:
+    ConfigError: naming `attack.<name>.batch_rate` or the poison setting at fault.
+  """
+  rate = config.attack[name].batch_rate
+  config_lib.require(rows >= 1, f"attack.{name}.batch_rate {rate} poisons no row of a batch of "
+                     f"{config.train.batch_size}")
+  config_lib.require(config.poison.name != "none",
+                     f"attack.name={name!r} needs a trigger: set poison.name (e.g. badnets)")
+  config_lib.require(config.poison.rate == 0,
+                     f"attack.name={name!r} poisons rows of its batches "
+                     f"(attack.{name}.batch_rate); set poison.rate=0")
+  config_lib.require(config.poison.label_mode != "clean_label",
+                     f"attack.name={name!r} relabels its rows; poison.label_mode must be all2one "
+                     "or all2all")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `attack.batch` against the trigger and batch size (ConfigError otherwise)."""
+  config_lib.check_range(config, "attack.batch.batch_rate", 0, 1, low_open=True)
+  check_in_loop(config, "batch", int(config.train.batch_size * config.attack.batch.batch_rate))
+
+
+def poisoned_batch(arrays: data_lib.TrainArrays, idx: jax.Array, key: jax.Array, *, trigger,
+                   poisoned: int, cover: int, label_mode: str, target: int, num_classes: int,
+                   crop_padding: int, flip: bool) -> tuple[jax.Array, jax.Array]:
+  """The batch of the int32[B] training rows `idx` with its first `poisoned` rows triggered and
+  relabeled and the next `cover` rows given the trigger's cover transform (labels kept).
+
+  Returns:
+    images f32[B, H, W, C] in [0, 1], labels int32[B].
+  """
+  rows = jnp.arange(idx.shape[0])
+  is_poisoned, is_cover = rows < poisoned, (rows >= poisoned) & (rows < poisoned + cover)
+  labels = arrays.labels[idx]
+  wanted = poison.poisoned_label(labels, label_mode, target, num_classes)
+  kind = jnp.where(is_poisoned, jnp.int8(poison.POISONED),
+                   jnp.where(is_cover, jnp.int8(poison.COVER), arrays.kind[idx]))
+  batch = data_lib.TrainArrays(arrays.images[idx], jnp.where(is_poisoned, wanted, labels), kind)
+  return data_lib.gather_batch(batch, rows, key, poison_fn=poison.poison_fn(trigger),
+                               crop_padding=crop_padding, flip=flip)
+
+
+def batch_fn(config: ml_collections.ConfigDict, trigger, num_classes: int, poisoned: int,
+             cover: int):
+  """`poisoned_batch` with the run's trigger, label mode, target and augmentation."""
+  p = config.poison
+  return functools.partial(poisoned_batch, trigger=trigger, poisoned=poisoned, cover=cover,
+                           label_mode=p.label_mode, target=p.target, num_classes=num_classes,
+                           crop_padding=config.data.crop_padding, flip=config.data.flip)
+
+
+def build(config: ml_collections.ConfigDict, model, trigger, setup: train_lib.Setup,
+          mesh: jax.sharding.Mesh, num_classes: int, key: jax.Array):
+  """The train step that poisons every batch (the arguments of `jaxbd.attacks.ATTACKS`)."""
+  del key  # nothing fixed to draw: the batches' shuffles pick the rows
+  poisoned = int(config.train.batch_size * config.attack.batch.batch_rate)
+  cover = int(poisoned * getattr(trigger, "cover_ratio", 0.0))
+  return train_lib.make_train_step(
+      train_lib.classification_loss(model), setup.tx,
+      batch_fn(config, trigger, num_classes, poisoned, cover),
+      batch_sharding=train_lib.batch_sharding(mesh))
