@@ -87,7 +87,7 @@ def build(config: ml_collections.ConfigDict, model, trigger, setup: train_lib.Se
     setup: the clean supervised phase (`jaxbd.train.supervised_setup`) to attack (its optimizer).
     mesh: device mesh.
     num_classes: K.
-    key: the fixed key of the parameter mask (see `mask_key`).
+    key: the fixed key of the parameter mask (apart from the run's init and train keys).
 
   Returns:
     `step(state, arrays, perm, i, key, context) -> (state, metrics)` for `jaxbd.train.fit`.
