@@ -27,6 +27,7 @@ from conftest import load_config
 
 def bp_config(model="pmoe_patch", **kw):
   c = config_lib.defaults()
+  c.experiment = "badpatches"  # which sets up router-guided and optimized triggers
   c.model.name = model
   c.model.pmoe_patch.width = 8
   c.poison.name = "badpatches"

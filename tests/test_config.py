@@ -50,6 +50,24 @@ def test_out_of_range_values_are_refused(path, value, message):
   assert "\n" not in str(err.value)
 
 
+def test_settings_that_other_sections_cannot_honour_are_refused():
+  """Experts that do not split over the expert axis; router-guided BadPatches outside its
+  experiment or on a model without patch routing."""
+  c = config_lib.defaults()
+  c.model.name, c.model.vmoe.experts, c.mesh.expert = "vmoe", 3, 2
+  with pytest.raises(ConfigError, match=r"'mesh.expert' \(2\) must divide model.vmoe.experts"):
+    config_lib.validate(c)
+  c = config_lib.defaults()
+  c.poison.name, c.poison.badpatches.position = "badpatches", "router"
+  with pytest.raises(ConfigError, match="position='router' is set up by experiment='badpatches'"):
+    config_lib.validate(c)
+  c.experiment, c.poison.badpatches.pattern = "badpatches", "optimized"
+  with pytest.raises(ConfigError, match="needs a patch-routed model"):
+    config_lib.validate(c)
+  c.model.name = "pmoe_patch"
+  config_lib.validate(c)
+
+
 def test_unknown_key_is_refused_with_a_hint():
   config = config_lib.defaults()
   config.poison.unlock()

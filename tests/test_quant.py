@@ -294,3 +294,20 @@ def test_saved_export_round_trips_and_bad_files_raise(tmp_path, initialized):
     quant.load_export(str(tmp_path / "bad.npz"))
   with pytest.raises(CheckpointError, match="unreadable"):
     quant.load_export(str(tmp_path / "missing.npz"))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_fake_quant_in_half_precision_keeps_the_integer_sums_exact(dtype, initialized):
+  """The code products accumulate in float32: in float16 a conv's integer sums would overflow
+  (27 * 128 * 127 > 65504) and in bfloat16 round; the half-precision fake-quant logits stay
+  finite and within the final cast's rounding of the float32 ones."""
+  model, v = MODELS["cnn"], initialized["cnn"]
+  images = _images(8)
+  model_q = model.clone(quant=quant.QuantConfig())
+  stats = quant.calibrate(model_q, v, images, 8)["quant_stats"]
+  x = images / 255.0
+  full = model_q.apply({**v, "quant_stats": stats}, x)
+  half = model_q.clone(dtype=dtype).apply({**v, "quant_stats": stats}, x)
+  assert bool(jnp.all(jnp.isfinite(half)))
+  np.testing.assert_allclose(np.asarray(half, np.float32), full, rtol=0.05,
+                             atol=0.05 * float(jnp.abs(full).max()))

@@ -21,6 +21,7 @@ MODELS = {
 }
 
 _CELLS = {"pmoe": pmoe.pmoe_cell, "pmoe_patch": pmoe.pmoe_patch_cell, "vmoe": vmoe.cell}
+ROUTED = tuple(_CELLS)  # models whose layers route image patches to experts
 
 
 def create(config, num_classes: int, mean, std):

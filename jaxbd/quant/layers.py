@@ -152,11 +152,14 @@ def quantized_product(module: nn.Module, x: jax.Array, kernel: jax.Array,
     return op(x.astype(dtype), kernel.astype(dtype))
   if q.mode == "fake":
     # The product of exact integer-valued codes, rescaled once: the integer path's arithmetic.
+    # Codes of up to 8 bits are exact in bfloat16 and float16, but their sums are not (a 3x3x3
+    # conv reaches 27 * 128 * 127, past float16's range): the product accumulates in float32.
     cx, x_scale = fake_input(module, x, q)
     ck, k_scale = quantizer.weight_codes(kernel, q, stacked)
     if _exporting(module):
       _export_kernel(module, kernel, q, stacked)
-    return (op(cx.astype(dtype), ck.astype(dtype)) * (x_scale * k_scale)).astype(dtype)
+    acc = op(cx.astype(dtype), ck.astype(dtype), preferred_element_type=jnp.float32)
+    return (acc * (x_scale * k_scale)).astype(dtype)
   cx, x_scale = integer_input(module, x, q)
   zero_point = module.get_variable(SCALES, "kernel_zero_point")
   k_scale = module.get_variable(SCALES, "kernel_scale")
