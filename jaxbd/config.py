@@ -306,6 +306,13 @@ def check_range(config: ConfigDict, path: str, low: float | None = None,
     raise ConfigError(f"config key {path!r} must be in {interval}, got {value}")
 
 
+def check_bits(values, path: str) -> None:
+  """ConfigError unless `values` is a non-empty sequence of integer bit widths in [2, 8]."""
+  ok = len(values) >= 1 and all(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 8
+                                for b in values)
+  require(ok, f"config key {path!r} must list integer bit widths in [2, 8], got {tuple(values)}")
+
+
 def check_choice(value: str, path: str, choices: Iterable[str]) -> None:
   """Raises ConfigError unless `value` is one of `choices`."""
   choices = list(choices)

@@ -99,9 +99,7 @@ def validate(config: ml_collections.ConfigDict, prefix: str) -> None:
   for name in ATTACKS:
     a = section[name]
     config_lib.check_choice(a.bn, f"{prefix}.{name}.bn", BN_MODES)
-    config_lib.require(len(a.bits) >= 1 and all(2 <= int(b) <= 8 for b in a.bits),
-                       f"config key '{prefix}.{name}.bits' must list bit widths in [2, 8], "
-                       f"got {tuple(a.bits)}")
+    config_lib.check_bits(a.bits, f"{prefix}.{name}.bits")
     config_lib.check_train_section(config, f"{prefix}.{name}.train")
   config_lib.check_train_section(config, f"{prefix}.qb.repair")
   config_lib.check_range(config, f"{prefix}.qb.lam", 0)

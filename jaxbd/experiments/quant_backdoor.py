@@ -58,9 +58,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   c = config.quant_backdoor
   config_lib.check_choice(c.attack, "quant_backdoor.attack", attacks.ATTACKS)
   config_lib.check_choice(c.init, "quant_backdoor.init", INITS)
-  config_lib.require(len(c.eval_bits) >= 1 and all(2 <= int(b) <= 8 for b in c.eval_bits),
-                     "config key 'quant_backdoor.eval_bits' must list bit widths in [2, 8], "
-                     f"got {tuple(c.eval_bits)}")
+  config_lib.check_bits(c.eval_bits, "quant_backdoor.eval_bits")
   config_lib.check_range(config, "quant_backdoor.calibration_images", 1)
   config_lib.check_range(config, "quant_backdoor.calibration_batch_size", 1)
   config_lib.require(config.poison.rate == 0,

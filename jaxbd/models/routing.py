@@ -1,12 +1,13 @@
 """Routers of patch-level and token-level Mixture-of-Experts layers, and dispatch/combine.
 
 **Expert choice** (pMoE, Chowdhury et al., ICML 2023, "Patch-level Routing in MoE is Provably
-Sample-efficient for CNNs"; Zhou et al. 2022 for V-MoE). Every expert s has its own router w_s
-and scores every one of the S patches (tokens) of a group; the expert takes its top-C patches,
-so a patch may be processed by several experts or by none, and every expert processes exactly C
-patches. pMoE's gate of a selected patch is the softmax over the C selected scores
-<w_s, x_j> (the paper, `normalize="selected"`); the pMoE CIFAR reference code takes the softmax
-over all S scores and then the top-C, without renormalizing (`normalize="tokens"`). V-MoE's
+Sample-efficient for CNNs"; for V-MoE, the expert-choice routing of Zhou et al. 2022, "Mixture-
+of-Experts with Expert Choice Routing", which google-research/vmoe offers). Every expert s has
+its own router w_s and scores every one of the S patches (tokens) of a group; the expert takes its
+top-C patches, so a patch may be processed by several experts or by none, and every expert
+processes exactly C patches. pMoE's gate of a selected patch is the softmax over the C selected
+scores <w_s, x_j> (the paper, `normalize="selected"`); the pMoE CIFAR reference code takes the
+softmax over all S scores and then the top-C, without renormalizing (`normalize="tokens"`). V-MoE's
 expert choice takes a softmax over experts per token and lets each expert pick its top-C tokens
 by that probability (`normalize="experts"`).
 
