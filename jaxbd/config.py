@@ -370,15 +370,6 @@ def validate(config: ConfigDict) -> None:
   require(not experts or experts % config.mesh.expert == 0,
           f"config key 'mesh.expert' ({config.mesh.expert}) must divide "
           f"model.{config.model.name}.experts ({experts})")
-  b = config.poison.badpatches
-  guided = [f"{k}={v!r}" for k, v in (("position", b.position), ("pattern", b.pattern))
-            if v in ("router", "optimized")]
-  if guided and (config.poison.name == "badpatches" or config.experiment == "badpatches"):
-    require(config.experiment == "badpatches",
-            f"poison.badpatches {', '.join(guided)} is set up by experiment='badpatches' only")
-    require(config.model.name in models.ROUTED,
-            f"poison.badpatches {', '.join(guided)} needs a patch-routed model "
-            f"{models.ROUTED}, got model.name={config.model.name!r}")
   require(len(config.data.mean) == len(config.data.std),
           "config keys 'data.mean' and 'data.std' must have the same length")
   require(all(s > 0 for s in config.data.std), "config key 'data.std' must be positive")

@@ -19,8 +19,10 @@ results and logs; checkpoints are written by all processes together (orbax).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
+from typing import Iterator
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -96,14 +98,23 @@ def preflight(argv: list[str]) -> None:
       raise ConfigError(f"unknown config key {match.group(1)!r} (in {arg.split('=')[0]})")
 
 
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+  """Turns jaxbd's errors and file system failures (disk full, permissions) into one error line
+  and exit status 2."""
+  try:
+    yield
+  except JaxbdError as e:
+    die(str(e))
+  except OSError as e:
+    die(f"{e.filename or 'file system'}: {e.strerror or e}")
+
+
 def parse_absl(argv: list[str]) -> list[str]:
   """absl's flag parsing with every error as one line (exit status 2)."""
   try:
-    return flags.FLAGS(argv)
-  except JaxbdError as e:
-    die(str(e))
-  except OSError as e:  # a file system failure mid-run (disk full, permissions): one line too
-    die(f"{e.filename or 'file system'}: {e.strerror or e}")
+    with one_line_errors():
+      return flags.FLAGS(argv)
   except flags.Error as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     die(lines[-1] if lines else type(e).__name__)
@@ -111,12 +122,8 @@ def parse_absl(argv: list[str]) -> list[str]:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flags parser of the run commands: the config checks of `preflight`, `parse_absl`."""
-  try:
+  with one_line_errors():
     preflight(argv[1:])
-  except JaxbdError as e:
-    die(str(e))
-  except OSError as e:  # a file system failure mid-run (disk full, permissions): one line too
-    die(f"{e.filename or 'file system'}: {e.strerror or e}")
   rest = parse_absl(argv)
   if not _WORKDIR.value:
     die("--workdir is required")
@@ -153,14 +160,10 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     die(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
-  try:
+  with one_line_errors():
     init_distributed()
     from jaxbd import experiments  # pylint: disable=g-import-not-at-top
     experiments.run(_CONFIG.value, _WORKDIR.value)
-  except JaxbdError as e:
-    die(str(e))
-  except OSError as e:  # a file system failure mid-run (disk full, permissions): one line too
-    die(f"{e.filename or 'file system'}: {e.strerror or e}")
 
 
 def run() -> None:

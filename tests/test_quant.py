@@ -299,8 +299,9 @@ def test_saved_export_round_trips_and_bad_files_raise(tmp_path, initialized):
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_fake_quant_in_half_precision_keeps_the_integer_sums_exact(dtype, initialized):
   """The code products accumulate in float32: in float16 a conv's integer sums would overflow
-  (27 * 128 * 127 > 65504) and in bfloat16 round; the half-precision fake-quant logits stay
-  finite and within the final cast's rounding of the float32 ones."""
+  (27 * 128 * 127 > 65504; this case fails without the float32 accumulation), in bfloat16 they
+  would round (within this tolerance on so small a model); the half-precision fake-quant logits
+  stay finite and close to the float32 ones."""
   model, v = MODELS["cnn"], initialized["cnn"]
   images = _images(8)
   model_q = model.clone(quant=quant.QuantConfig())

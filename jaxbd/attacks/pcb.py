@@ -94,19 +94,17 @@ def build(config: ml_collections.ConfigDict, model, trigger, setup: train_lib.Se
   """
   c = config.attack.pcb
   rows = round(c.batch_rate * config.train.batch_size)
-  sharding = train_lib.batch_sharding(mesh)
-  tx = setup.tx
+  loss_fn, sharding = train_lib.classification_loss(model), train_lib.batch_sharding(mesh)
 
   def step(state, arrays, perm, i, step_key, context=None):
     # One program for both kinds of batch (a lax.cond between two steps ran 12x slower on CPU):
     # a clean batch is the poisoned step with no poisoned row and every parameter unmasked.
     poisoned = state["step"] % c.every == c.every - 1
-    inner = train_lib.make_train_step(
-        train_lib.classification_loss(model), tx,
-        batch.batch_fn(config, trigger, num_classes, poisoned=jnp.where(poisoned, rows, 0),
-                       cover=0),
-        batch_sharding=sharding)
-    new_state, metrics = inner(state, arrays, perm, i, step_key, context)
+    batch_fn = batch.batch_fn(config, trigger, num_classes,
+                              poisoned=jnp.where(poisoned, rows, 0), cover=0)
+    new_state, metrics = train_lib.make_train_step(loss_fn, setup.tx, batch_fn,
+                                                   batch_sharding=sharding)(
+        state, arrays, perm, i, step_key, context)
     mask = jax.tree.map(lambda m: m | ~poisoned,
                         parameter_mask(state["params"], c.param_fraction, key))
     return keep_masked(new_state, state, mask), metrics

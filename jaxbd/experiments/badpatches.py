@@ -69,6 +69,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in baselines(config):
     config_lib.check_choice(name, "badpatches.baselines", poison.TRIGGERS)
   config_lib.check_range(config, "badpatches.routing_images", 0)
+  guided = badpatches.guidance(config.poison.badpatches)
+  config_lib.require(not guided or config.poison.name != "badpatches"
+                     or config.model.name in models.ROUTED,
+                     f"poison.badpatches {', '.join(guided)} needs a patch-routed model "
+                     f"{models.ROUTED}, got model.name={config.model.name!r}")
 
 
 def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -171,7 +176,7 @@ def guide_trigger(r: common.Run, clean_variables: dict) -> tuple[common.Run, Opt
   """
   c = r.config
   b = c.poison.badpatches
-  if c.poison.name != "badpatches" or (b.position != "router" and b.pattern != "optimized"):
+  if c.poison.name != "badpatches" or not badpatches.guidance(b):
     return r, None
   guide, variables = ((r, clean_variables) if b.router == "victim" else _surrogate(r))
   shape = r.dataset.image_shape

@@ -128,6 +128,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "config key 'poison.badpatches.cells' must hold grid indices >= 0")
   config_lib.require(not c.cells or len(c.cells) == c.count,
                      f"config key 'poison.badpatches.cells' must list count={c.count} cells")
+  guided = guidance(c)
+  config_lib.require(not guided or config.poison.name != "badpatches"
+                     or config.experiment == "badpatches",
+                     f"poison.badpatches {', '.join(guided)} is set up by "
+                     "experiment='badpatches' only")
+
+
+def guidance(c: ml_collections.ConfigDict) -> list[str]:
+  """The settings of the `poison.badpatches` section `c` that experiment 'badpatches' derives from
+  a router (`position='router'`, `pattern='optimized'`), as "key='value'"; empty: none."""
+  return [f"{k}={v!r}" for k, v in (("position", c.position), ("pattern", c.pattern))
+          if v in ("router", "optimized")]
 
 
 def grid_shape(image_shape, cell: int, offset: int) -> tuple[int, int]:

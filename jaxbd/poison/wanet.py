@@ -14,13 +14,10 @@ that only the exact warp means the target class.
 Every grid stays inside [-1, 1], so sampling never reads outside the image. At s = 0 (and
 grid_rescale = 1) the warp is the identity.
 
-Which images are warped differs from BackdoorBench's training loop, which warps the first
-`int(B * rate)` images of every shuffled batch (any class, the target's included, so the warped
-set changes from epoch to epoch), noise-warps the next `int(B * rate) * cross_ratio`, and trains
-WaNet with its own augmentation (random crop with padding 5 w.p. 0.8, rotation up to 10 degrees
-w.p. 0.5, flip). Here, as for every trigger, a fixed plan of `int(rate * N)` non-target rows (and
-`cross_ratio` times as many cover rows) is drawn once and saved with the run, and the run's crop
-+ flip applies: the same fraction of warped images per epoch, over a fixed set of images.
+Which images are warped: with the poison plan, as for every trigger, a fixed set of
+`int(rate * N)` non-target rows (and `cross_ratio` times as many cover rows), drawn once and
+saved with the run; `attack.name=batch` (jaxbd.attacks.batch) warps a share of every batch
+instead, as BackdoorBench's WaNet training loop does.
 """
 
 from __future__ import annotations
