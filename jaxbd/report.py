@@ -16,7 +16,6 @@ from __future__ import annotations
 from absl import app, flags
 
 from jaxbd import main as cli
-from jaxbd.errors import JaxbdError
 
 _INPUTS = flags.DEFINE_list("inputs", [], "results.json files or directories holding them.")
 _STORE = flags.DEFINE_string("store", None, "A sweep's results.sqlite.")
@@ -30,10 +29,8 @@ def main(argv: list[str]) -> None:
   if not _OUT.value:
     cli.die("--out is required")
   from jaxbd.experiments import report  # pylint: disable=g-import-not-at-top
-  try:
+  with cli.one_line_errors():
     path = report.write_report(_INPUTS.value, _STORE.value, _OUT.value)
-  except JaxbdError as e:
-    cli.die(str(e))
   print(f"report: {path}")
 
 

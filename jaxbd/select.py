@@ -22,7 +22,7 @@ from absl import app, flags, logging
 
 from jaxbd import main as cli
 from jaxbd import sweep
-from jaxbd.errors import ConfigError, JaxbdError
+from jaxbd.errors import ConfigError
 
 _DEFENSE = flags.DEFINE_string("defense", None, "The defense to tune (ft, d3, pt, fine_pruning).")
 _HELDOUT = flags.DEFINE_integer("heldout", 2000, "Held-out training images.")
@@ -36,15 +36,13 @@ def main(argv: list[str]) -> None:
     cli.die(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
   from jaxbd.experiments import selection  # pylint: disable=g-import-not-at-top
-  try:
+  with cli.one_line_errors():
     if not _DEFENSE.value or not sweep.grid_value():
       raise ConfigError("--defense and --grid are required")
     config = cli.config_value()
     doc = selection.select(config, cli.workdir_value(), _DEFENSE.value,
                            sweep.parse_grid(sweep.grid_value(), config),
                            heldout=_HELDOUT.value, max_acc_drop=_MAX_ACC_DROP.value)
-  except JaxbdError as e:
-    cli.die(str(e))
   print(selection.table(doc))
   print(f"selection: {os.path.join(cli.workdir_value(), 'selection.json')}")
   if doc["chosen"] is None:

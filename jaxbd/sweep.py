@@ -245,7 +245,7 @@ def main(argv: list[str]) -> None:
   """`python -m jaxbd.sweep`: the flags of `python -m jaxbd.main` plus --grid."""
   if len(argv) > 1:
     cli.die(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
+  with cli.one_line_errors():
     cli.init_distributed()
     base = cli.config_value()
     if _GRID.value:
@@ -255,8 +255,6 @@ def main(argv: list[str]) -> None:
     if not cells:
       raise ConfigError("the sweep has no cells")
     counts = run_sweep(base, cells, cli.workdir_value(), _VMAP_SEEDS.value)
-  except JaxbdError as e:
-    cli.die(str(e))
   print(f"sweep: {counts['done']} run, {counts['skipped']} already done, "
         f"{counts['failed']} failed; store: {os.path.join(cli.workdir_value(), 'results.sqlite')}")
   if counts["failed"]:

@@ -227,9 +227,32 @@ def test_export_holds_int8_codes_and_runs_integer_convolutions(initialized):
   assert exported["quant_scales"]["conv1"]["kernel_scale"].shape == (8,)  # per channel
   assert "quant_stats" not in exported
   hlo = jax.jit(quant.integer_model(model_q).apply).lower(exported, images / 255.0).as_text()
-  assert "convolution" in hlo and "xi8>" in hlo and "xi32>" in hlo
+  # Both convs are int8 x int8 -> int32 matmuls of image patches (the head stays float); no
+  # convolution remains.
+  dots = [l.split(" : ")[-1] for l in hlo.splitlines() if "dot_general" in l]
+  assert dots == ["(tensor<8x8x8x27xi8>, tensor<27x4xi8>) -> tensor<8x8x8x4xi32>",
+                  "(tensor<8x4x4x36xi8>, tensor<36x8xi8>) -> tensor<8x4x4x8xi32>",
+                  "(tensor<8x8xf32>, tensor<8x10xf32>) -> tensor<8x10xf32>"], dots
+  assert "convolution" not in hlo
   with pytest.raises(ValueError, match="not calibrated"):
     quant.export(model_q, {**v, "quant_stats": quant.deploy.fresh_stats(model_q, SHAPE)}, SHAPE)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int16])
+@pytest.mark.parametrize("window,stride,padding", [
+    ((3, 3), 1, "SAME"), ((3, 3), 2, "SAME"), ((1, 1), 2, "VALID"), ((4, 4), 4, "VALID"),
+    ((7, 7), 2, ((3, 3), (3, 3))), ((3, 2), 1, ((0, 2), (1, 0)))])
+def test_integer_convolution_by_patches_is_the_convolution(dtype, window, stride, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(-128, 128, (3, 11, 12, 5)), dtype)
+  kernel = jnp.asarray(rng.integers(-127, 128, (*window, 5, 6)), dtype)
+  conv = quant.layers.QuantConv(features=6, kernel_size=window, strides=stride, padding=padding)
+  out = conv.apply({"params": {"kernel": kernel, "bias": jnp.zeros(6)}}, x)
+  ref = jax.lax.conv_general_dilated(
+      x.astype(jnp.float32), kernel.astype(jnp.float32), (stride, stride),
+      padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_array_equal(out, ref)
 
 
 @pytest.mark.parametrize("name", ["cnn", "pmoe_patch"])

@@ -152,3 +152,11 @@ def test_missing_and_corrupt_inputs_are_one_line_and_write_nothing(tmp_path):
   with pytest.raises(DataError, match="no 'config' section"):
     report.write_report([str(bad)], None, str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
+  (bad / "results.json").write_text(json.dumps(
+      {"config": {"experiment": "standard"}, "attack": {"name": "none"}, "defenses": {},
+       "metrics": {"backdoored": {"acc": 0.9}}}))
+  (tmp_path / "file").write_text("")
+  result = run_cli(f"--inputs={bad}", f"--out={tmp_path / 'file' / 'out'}")
+  assert result.returncode == 2
+  line, = result.stderr.strip().splitlines()
+  assert line.startswith(f"jaxbd: error: {tmp_path / 'file'}"), line

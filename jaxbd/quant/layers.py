@@ -12,7 +12,8 @@ With `quant.mode == "fake"` the layer fake-quantizes its input (per tensor, rang
 observer) and its kernel (per output channel by default), with a straight-through gradient to the
 shared float parameters. With `quant.mode == "integer"` the kernel in `params` holds int8 codes,
 the input is turned into integer codes, and the product accumulates in int32
-(`preferred_element_type=jnp.int32`) before one float rescale by input_scale * kernel_scale.
+(`preferred_element_type=jnp.int32`) before one float rescale by input_scale * kernel_scale;
+integer convolutions run as image patches times the kernel (an integer matmul on every backend).
 
 Variable collections:
 - `quant_stats/<layer>/{input_min, input_max, count}`: the EMA observer of the layer's input
@@ -222,10 +223,45 @@ class QuantConv(_QuantLinear):
     if x.ndim != 4:
       raise ValueError(f"x.ndim must be 4 (NHWC), but it is {x.ndim}")
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
-    op = functools.partial(jax.lax.conv_general_dilated, window_strides=strides,
-                           padding=flax_linear.canonicalize_padding(self.padding, 2),
-                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    op = functools.partial(_conv_op, strides=strides,
+                           padding=flax_linear.canonicalize_padding(self.padding, 2))
     return self._forward(x, (*self.kernel_size, x.shape[-1], self.features), op)
+
+
+def image_patches(x: jax.Array, window: Sequence[int], strides: Sequence[int],
+                  padding: Any) -> jax.Array:
+  """The zero-padded windows of a convolution, by slicing (any dtype, exact).
+
+  Args:
+    x: [B, H, W, C].
+    window: (kh, kw).
+    strides: (sh, sw).
+    padding: "SAME", "VALID" or ((top, bottom), (left, right)).
+
+  Returns:
+    [B, H', W', kh * kw * C], ordered as the rows of an HWIO kernel reshaped to [kh * kw * C, O].
+  """
+  (kh, kw), (sh, sw) = window, strides
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+  return jnp.concatenate([x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+                          for i in range(kh) for j in range(kw)], axis=-1)
+
+
+def _conv_op(lhs: jax.Array, rhs: jax.Array, *, strides: Sequence[int], padding: Any,
+             preferred_element_type: Any = None) -> jax.Array:
+  """NHWC x HWIO convolution. Integer operands run as image patches times the reshaped kernel,
+  an integer matmul, which every backend compiles (XLA's GPU convolutions take int8 only, in
+  cuDNN's layouts, and no int16); float operands run as `lax.conv_general_dilated`."""
+  if jnp.issubdtype(lhs.dtype, jnp.integer):
+    patches = image_patches(lhs, rhs.shape[:2], strides, padding)
+    return _dense_op(patches, rhs.reshape(-1, rhs.shape[-1]),
+                     preferred_element_type=preferred_element_type)
+  return jax.lax.conv_general_dilated(lhs, rhs, strides, padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      preferred_element_type=preferred_element_type)
 
 
 def _dense_op(lhs: jax.Array, rhs: jax.Array, **kwargs) -> jax.Array:
