@@ -36,6 +36,8 @@ def test_masks_switch_off_the_lowest_channels_of_each_expert():
   np.testing.assert_array_equal(masks["moe"]["mask"], [[1, 0, 1, 0, 1], [0, 1, 1, 0, 1]])
   assert float(jnp.sum(fine_pruning.prune_masks(acts, 0.0)["moe"]["mask"])) == 10
   assert float(jnp.sum(fine_pruning.prune_masks(acts, 1.0)["moe"]["mask"])) == 0
+  wide = {"a": np.arange(100.0)}  # 0.57 * 100 is 56.99... in float: still 57 channels
+  assert float(jnp.sum(fine_pruning.prune_masks(wide, 0.57)["a"])) == 43
 
 
 @pytest.mark.parametrize("name", list(LAYERS))

@@ -34,6 +34,7 @@ from jaxbd import train as train_lib
 from jaxbd.data.pipeline import to_unit
 from jaxbd.defenses import base, fine_tuning
 from jaxbd.errors import ConfigError
+from jaxbd.poison import plan as plan_lib
 
 ACTIVATIONS = "prune_activations"
 
@@ -102,7 +103,7 @@ def mean_activations(model, variables: dict, images: np.ndarray, batch_size: int
 
 
 def prune_masks(activations: dict, rate: float) -> dict:
-  """Masks switching off the `int(rate * C)` lowest-activation channels along the last axis.
+  """Masks switching off the rate * C (rounded down) lowest-activation channels of the last axis.
 
   Args:
     activations: `mean_activations` output (f32[..., C] leaves).
@@ -114,7 +115,7 @@ def prune_masks(activations: dict, rate: float) -> dict:
 
   def mask(a):
     a = np.asarray(a)
-    count = int(rate * a.shape[-1])
+    count = plan_lib.fraction_count(rate, a.shape[-1])
     order = np.argsort(a, axis=-1, kind="stable")
     out = np.ones(a.shape, np.float32)
     np.put_along_axis(out, order[..., :count], 0.0, axis=-1)

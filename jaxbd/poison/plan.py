@@ -71,6 +71,11 @@ def load_plan(path: str) -> PoisonPlan:
     raise DataError(f"poison plan {path}: unreadable ({e})") from None
 
 
+def fraction_count(rate: float, n: int) -> int:
+  """int(rate * n), rounded first so that float error (0.57 * 100 = 56.99...) does not drop one."""
+  return int(round(rate * n, 6))
+
+
 def poisoned_label(labels, label_mode: str, target: int, num_classes: int):
   """The label each example gets when poisoned.
 
@@ -123,8 +128,7 @@ def make_plan(labels: np.ndarray, num_classes: int, *, rate: float, target: int,
     pool = np.flatnonzero(labels != target)
   else:
     pool = np.arange(n)
-  # int(rate * N), rounded first so that float error (0.57 * 100 = 56.99...) does not drop a row
-  count, cover_count = int(round(rate * n, 6)), int(round(cover_rate * n, 6))
+  count, cover_count = fraction_count(rate, n), fraction_count(cover_rate, n)
   if count + cover_count > len(pool):
     raise ConfigError(f"poison.rate {rate} asks for {count + cover_count} poisoned/cover images "
                       f"but only {len(pool)} are eligible ({label_mode})")
