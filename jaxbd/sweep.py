@@ -50,6 +50,7 @@ from absl import app, flags
 import ml_collections
 
 from jaxbd import config as config_lib
+from jaxbd import fileio
 from jaxbd import main as cli
 from jaxbd.errors import ConfigError, JaxbdError
 
@@ -147,7 +148,7 @@ def record(connection: sqlite3.Connection, *, digest: str, cell: dict, config, w
            doc: dict | None, error: str | None, seconds: float) -> None:
   """Inserts or replaces the row of one cell and commits it."""
   doc = doc or {}
-  as_json = lambda key: json.dumps(doc[key]) if key in doc else None
+  as_json = lambda key: fileio.dumps(doc[key]) if key in doc else None
   connection.execute(
       "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
       (digest, json.dumps(cell), config.experiment, config.seed,

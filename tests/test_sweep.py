@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from jaxbd import config as config_lib
@@ -133,3 +134,26 @@ def test_seed_groups_join_only_cells_that_differ_in_seed():
   clean = [(0, {}, config_lib.apply_cell(base, {"poison.name": "none", "seed": s}), str(s))
            for s in (0, 1)]
   assert len(sweep.seed_groups(clean, vmap_seeds=True)) == 2  # no attack: no population
+
+
+def test_store_rows_and_results_files_are_strict_json(tmp_path):
+  """A NaN (a diverged loss, an undefined rate) is stored as null: SQLite's json_extract and other
+  strict readers refuse the NaN token, and one such row would break a query over the sweep."""
+  from jaxbd.experiments import results  # pylint: disable=g-import-not-at-top
+  from jaxbd.train import loop  # pylint: disable=g-import-not-at-top
+  doc = {"metrics": {"backdoored": {"acc": np.float32(0.5), "asr": float("nan"),
+                                    "per_class": np.array([np.inf, 0.25])}}}
+  with sweep.store(str(tmp_path / "s.sqlite")) as connection:
+    sweep.record(connection, digest="d", cell={"seed": 0}, config=config_lib.load_file(
+        str(REPO / "configs" / "quickstart.py")), workdir="w", doc=doc, error=None, seconds=1.0)
+    assert connection.execute(
+        "SELECT json_extract(metrics, '$.backdoored.acc'), json_extract(metrics, "
+        "'$.backdoored.asr'), json_extract(metrics, '$.backdoored.per_class') FROM runs"
+    ).fetchall() == [(0.5, None, "[null,0.25]")]
+  results.write_json(str(tmp_path / "r.json"), doc)
+  strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+  assert strict((tmp_path / "r.json").read_text())["metrics"]["backdoored"]["asr"] is None
+  log = loop.MetricsLog(str(tmp_path))
+  log.write(phase="train", epoch=1, loss=np.float32("nan"), acc=0.5)
+  assert strict((tmp_path / "metrics.jsonl").read_text()) == {"phase": "train", "epoch": 1,
+                                                              "loss": None, "acc": 0.5}

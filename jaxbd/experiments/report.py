@@ -109,13 +109,18 @@ def read_store(path: str) -> list[dict]:
   return decoded
 
 
+def percent(value: float | None) -> str:
+  """A rate as a percentage with 2 decimals; "nan" for a value stored as null."""
+  return "nan" if value is None else f"{100 * value:.2f}"
+
+
 def cell(m: dict | None, der: bool = False) -> str:
   """"ACC / ASR" in percent, with " (DER)" for defenses; empty when missing."""
   if not m:
     return ""
-  text = f"{100 * m['acc']:.2f} / {100 * m['asr']:.2f}" if "asr" in m else f"{100 * m['acc']:.2f}"
+  text = f"{percent(m['acc'])} / {percent(m['asr'])}" if "asr" in m else percent(m["acc"])
   if der and "der" in m:
-    text += f" ({100 * m['der']:.2f})"
+    text += f" ({percent(m['der'])})"
   return text
 
 

@@ -2,32 +2,21 @@
 
 `results.json` follows DESIGN.md's schema:
 `{"config", "dataset", "model", "attack", "metrics", "defenses", "routing", "timing", "versions"}`
-with every rate a fraction in [0, 1]. Files are written to a temporary name and renamed, so a
-reader never sees a half-written file; in multi-host runs only process 0 writes them.
+with every rate a fraction in [0, 1], in strict JSON (a NaN is written as null). Files are written
+to a temporary name and renamed, so a reader never sees a half-written file; in multi-host runs
+only process 0 writes them.
 """
 
 from __future__ import annotations
 
-import json
 import platform
 from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np
 
+from jaxbd import fileio
 from jaxbd.fileio import atomic_file
-
-
-def _jsonable(obj: Any) -> Any:
-  if isinstance(obj, dict):
-    return {str(k): _jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_jsonable(v) for v in obj]
-  if isinstance(obj, (np.floating, np.integer, np.bool_)):
-    return obj.item()
-  if isinstance(obj, (np.ndarray, jax.Array)):
-    return np.asarray(obj).tolist()
-  return obj
 
 
 def is_writer() -> bool:
@@ -43,8 +32,7 @@ def write_json(path: str, obj: Any) -> None:
   if not is_writer():
     return
   with atomic_file(path) as f:
-    json.dump(_jsonable(obj), f, indent=1, allow_nan=True)
-    f.write("\n")
+    f.write(fileio.dumps(obj, indent=1) + "\n")
 
 
 def write_npz(path: str, **arrays: Any) -> None:

@@ -16,7 +16,6 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
-import numpy as np
 import tqdm
 
 from jaxbd import fileio
@@ -40,10 +39,8 @@ class MetricsLog:
     """Appends one record to the metrics file."""
     if self.path is None:
       return
-    record = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v)
-              for k, v in record.items()}
     with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+      f.write(fileio.dumps(record) + "\n")
 
   def truncate(self, phase: str, epoch: int) -> None:
     """Drops records of `phase` after `epoch` (left by a run killed after its last checkpoint, or
