@@ -11,8 +11,11 @@ conservatism; none for the other triggers). It replaces the poison plan (`poison
 0); the poisoned share is `attack.batch.batch_rate`, and no row is poisoned for good, so results
 record the attack's settings instead of poisoned indices.
 
-BackdoorBench's WaNet also has its own augmentation (random crop with padding 5 w.p. 0.8,
-rotation up to 10 degrees w.p. 0.5, flip); the run's crop and flip apply here.
+BackdoorBench's WaNet also replaces the dataset's crop and flip by its own augmentation of the
+whole (poisoned) batch tensor, after normalization: torchvision's RandomCrop (padding 5) w.p. 0.8,
+RandomRotation (up to 10 degrees, nearest) w.p. 0.5 and RandomHorizontalFlip, each drawn once per
+batch (one offset, angle and flip for all its images) and padding with 0 in normalized space (the
+dataset mean). Here the run's per-image crop and flip apply instead.
 """
 
 from __future__ import annotations
