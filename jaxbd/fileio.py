@@ -45,7 +45,7 @@ def jsonable(obj: Any) -> Any:
     return {str(k): jsonable(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
     return [jsonable(v) for v in obj]
-  if isinstance(obj, (np.generic, np.ndarray)) or hasattr(obj, "__array__"):
+  if hasattr(obj, "__array__"):  # numpy and jax scalars and arrays
     return jsonable(np.asarray(obj).tolist())
   if isinstance(obj, float) and not math.isfinite(obj):
     return None

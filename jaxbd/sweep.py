@@ -151,9 +151,9 @@ def record(connection: sqlite3.Connection, *, digest: str, cell: dict, config, w
   as_json = lambda key: fileio.dumps(doc[key]) if key in doc else None
   connection.execute(
       "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-      (digest, json.dumps(cell), config.experiment, config.seed,
+      (digest, fileio.dumps(cell), config.experiment, config.seed,
        "failed" if error else "done", workdir, as_json("metrics"), as_json("defenses"),
-       as_json("attack"), as_json("timing"), as_json("versions"), json.dumps(config.to_dict()),
+       as_json("attack"), as_json("timing"), as_json("versions"), fileio.dumps(config.to_dict()),
        error, seconds, datetime.datetime.now(datetime.timezone.utc).isoformat()))
   connection.commit()
 

@@ -249,9 +249,10 @@ def test_pcb_poisons_a_fraction_of_every_second_batch_inside_the_mask():
   plain = lambda rows: jax.jit(train_lib.make_train_step(
       train_lib.classification_loss(model), setup.tx,
       attacks.batch.batch_fn(c, trigger, 5, poisoned=rows, cover=0)))
-  clean1, _ = plain(0)(state0, setup.arrays, perm, 0, jax.random.key(1))
+  clean_step = plain(0)
+  clean1, _ = clean_step(state0, setup.arrays, perm, 0, jax.random.key(1))
   poisoned2, _ = plain(2)(state1, setup.arrays, perm, 1, jax.random.key(1))
-  unpoisoned2, _ = plain(0)(state1, setup.arrays, perm, 1, jax.random.key(1))
+  unpoisoned2, _ = clean_step(state1, setup.arrays, perm, 1, jax.random.key(1))
   moved = []
   for got, want, other, m in zip(*(jax.tree.leaves(s["params"]) for s in (state2, poisoned2,
                                                                           unpoisoned2)),

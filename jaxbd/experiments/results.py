@@ -16,7 +16,6 @@ import jax
 import numpy as np
 
 from jaxbd import fileio
-from jaxbd.fileio import atomic_file
 
 
 def is_writer() -> bool:
@@ -31,7 +30,7 @@ def write_json(path: str, obj: Any) -> None:
   """
   if not is_writer():
     return
-  with atomic_file(path) as f:
+  with fileio.atomic_file(path) as f:
     f.write(fileio.dumps(obj, indent=1) + "\n")
 
 
@@ -39,7 +38,7 @@ def write_npz(path: str, **arrays: Any) -> None:
   """Writes arrays as .npz atomically (only process 0 of a multi-host run)."""
   if not is_writer():
     return
-  with atomic_file(path, "wb") as f:
+  with fileio.atomic_file(path, "wb") as f:
     np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
