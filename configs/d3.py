@@ -11,8 +11,8 @@ batch 128, crop + flip; 10% all-to-one, target 0) and attacks: BadNets (3x3 whit
 Blended (alpha 0.2; seeded noise, or --config.poison.blended.image=FILE for BackdoorBench's image),
 WaNet (k 4, s 0.5, cross ratio 2; poisoned inside the training loop as BackdoorBench does it,
 `attack.name=batch`: the first 10% of every shuffled batch warped and relabeled, the next 20%
-noise-warped; with the run's per-image crop and flip, not BackdoorBench's per-batch WaNet
-augmentation, see jaxbd/attacks/batch.py), SIG (delta 40, f 6, clean-label: every target-class image at 10%). Defenses with
+noise-warped; BackdoorBench's WaNet augmentation of the whole batch in place of the per-image crop
+and flip, `attack.batch.augment=backdoorbench`, see jaxbd/attacks/batch.py), SIG (delta 40, f 6, clean-label: every target-class image at 10%). Defenses with
 their reference defaults on 5% clean training data (2,500 images): FT (20 epochs), D3 (100
 epochs, batch 256, lmd 0.5, eps 0.1, random warm-up), PT (2,000 steps).
 Expected (the paper, ACC/ASR): BadNets 91.32/95.03 -> FT 89.96/1.48, D3 90.77/0.74; Blended
@@ -73,6 +73,7 @@ def get_config(arg=None):
   if a.attack == "wanet":  # BackdoorBench's WaNet poisons a share of every batch
     config.attack.name = "batch"
     config.attack.batch.batch_rate = config.poison.rate
+    config.attack.batch.augment = "backdoorbench"
     config.poison.rate = 0.0
   config.standard.train_clean = False  # the table has no clean-model column
   config.defense.names = a.defenses.replace("+", ",")

@@ -213,5 +213,5 @@ def test_in_loop_attack_trains_a_backdoor_end_to_end(tmp_path):
                             "attack.batch.batch_rate": 0.1, "train.epochs": 8})
   doc = experiments.run(c, str(tmp_path))
   assert doc["attack"]["num_poisoned"] == 0
-  assert doc["attack"]["training_attack"] == {"name": "batch", "batch_rate": 0.1}
+  assert doc["attack"]["training_attack"] == {"name": "batch", "batch_rate": 0.1, "augment": "run"}
   assert doc["metrics"]["backdoored"]["asr"] > 0.5 and doc["metrics"]["backdoored"]["acc"] > 0.8

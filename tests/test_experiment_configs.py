@@ -16,6 +16,7 @@ def test_d3_table_configs(attack, cpu):
   assert c.poison.name == attack and c.poison.target == 0
   if attack == "wanet":  # in the training loop, as BackdoorBench
     assert c.attack.name == "batch" and c.attack.batch.batch_rate == 0.1 and c.poison.rate == 0
+    assert c.attack.batch.augment == "backdoorbench"
   else:
     assert c.attack.name == "none" and c.poison.rate == 0.1
   assert c.poison.label_mode == ("clean_label" if attack == "sig" else "all2one")

@@ -132,6 +132,38 @@ def test_in_loop_batches_relabel_their_triggered_rows_with_poisoned_label(mode):
   np.testing.assert_allclose(x[9:], clean[9:], atol=1e-6)
 
 
+def test_backdoorbench_augmentation_moves_every_row_of_a_batch_alike():
+  """attack.batch.augment=backdoorbench: after poisoning, one crop, rotation and flip for the
+  whole batch, padded with the model's mean; the run's augmentation crops each row on its own."""
+  z = np.arange(8 * 8 * 3).reshape(8, 8, 3).astype(np.uint8) + 10
+  arrays = data.train_arrays(np.stack([z] * 12), np.ones(12, np.int32))
+  c = badnets_config(size=2)
+  c.attack.name, c.poison.rate, c.attack.batch.batch_rate = "batch", 0.0, 0.25
+  c.attack.batch.augment = "backdoorbench"
+  config_lib.validate(c)
+  trigger = poison.make_trigger(c, (8, 8, 3))
+  mean = (0.25, 0.5, 0.75)
+  alike = jax.jit(attacks.batch.batch_fn(c, trigger, 5, poisoned=3, cover=0, batch_fill=mean))
+  c.data.crop_padding, c.data.flip = 2, True
+  apart = jax.jit(attacks.batch.batch_fn(c, trigger, 5, poisoned=3, cover=0))
+  outside = triggered = 0
+  for key in jax.random.split(jax.random.key(0), 8):
+    x, y = (np.asarray(a) for a in alike(arrays, jnp.arange(12), key))
+    np.testing.assert_array_equal(y, [0] * 3 + [1] * 9)  # all-to-one: the first rows relabeled
+    assert all(np.array_equal(row, x[0]) for row in x[:3])  # the triggered rows alike,
+    assert all(np.array_equal(row, x[3]) for row in x[3:])  # the clean rows alike
+    triggered += not np.array_equal(x[0], x[3])  # unless the crop moved the patch out of view
+    filled = np.all(x == mean, axis=-1)
+    outside += filled.any()
+    assert np.all(filled[0] == filled[3])  # the same pixels come from outside every row
+    x = np.asarray(apart(arrays, jnp.arange(12), key)[0])
+    assert len({x[i].tobytes() for i in range(3, 12)}) > 1  # per row: clean rows differ
+  assert outside and triggered  # some batch reaches outside the images; some shows the patch
+  c.attack.batch.augment = "dataset"
+  with pytest.raises(ConfigError, match="'attack.batch.augment' must be one of"):
+    config_lib.validate(c)
+
+
 def test_plan_save_load_roundtrip(tmp_path):
   labels = np.repeat(np.arange(5), 20)
   plan = poison.make_plan(labels, 5, rate=0.2, target=1, seed=3, cover_rate=0.1)

@@ -15,12 +15,15 @@ BackdoorBench's WaNet also replaces the dataset's crop and flip by its own augme
 whole (poisoned) batch tensor, after normalization: torchvision's RandomCrop (padding 5) w.p. 0.8,
 RandomRotation (up to 10 degrees, nearest) w.p. 0.5 and RandomHorizontalFlip, each drawn once per
 batch (one offset, angle and flip for all its images) and padding with 0 in normalized space (the
-dataset mean). Here the run's per-image crop and flip apply instead.
+dataset mean). `attack.batch.augment="backdoorbench"` does the same (`data.batch_augment`, filled
+with the model's mean) in place of the run's per-image crop and flip (`data.crop_padding`,
+`data.flip`, which the defenses keep); "run" keeps the run's.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
   """The `attack.batch` section."""
   return ml_collections.ConfigDict(dict(
       batch_rate=0.1,  # share of every batch that is triggered and relabeled (BackdoorBench pratio)
+      augment="run",  # run: the run's per-image crop and flip; backdoorbench: data.batch_augment
   ))
 
 
@@ -62,14 +66,19 @@ def check_in_loop(config: ml_collections.ConfigDict, name: str, rows: int) -> No
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks `attack.batch` against the trigger and batch size (ConfigError otherwise)."""
   config_lib.check_range(config, "attack.batch.batch_rate", 0, 1, low_open=True)
+  config_lib.check_choice(config.attack.batch.augment, "attack.batch.augment",
+                          ("run", "backdoorbench"))
   check_in_loop(config, "batch", int(config.train.batch_size * config.attack.batch.batch_rate))
 
 
 def poisoned_batch(arrays: data_lib.TrainArrays, idx: jax.Array, key: jax.Array, *, trigger,
                    poisoned: int, cover: int, label_mode: str, target: int, num_classes: int,
-                   crop_padding: int, flip: bool) -> tuple[jax.Array, jax.Array]:
+                   crop_padding: int, flip: bool,
+                   batch_fill: Optional[Sequence[float]] = None) -> tuple[jax.Array, jax.Array]:
   """The batch of the int32[B] training rows `idx` with its first `poisoned` rows triggered and
-  relabeled and the next `cover` rows given the trigger's cover transform (labels kept).
+  relabeled and the next `cover` rows given the trigger's cover transform (labels kept), then
+  augmented: per image (`crop_padding`, `flip`), or with `batch_fill` (per-channel) the whole
+  batch at once by `data.batch_augment`.
 
   Returns:
     images f32[B, H, W, C] in [0, 1], labels int32[B].
@@ -81,17 +90,22 @@ def poisoned_batch(arrays: data_lib.TrainArrays, idx: jax.Array, key: jax.Array,
   kind = jnp.where(is_poisoned, jnp.int8(poison.POISONED),
                    jnp.where(is_cover, jnp.int8(poison.COVER), arrays.kind[idx]))
   batch = data_lib.TrainArrays(arrays.images[idx], jnp.where(is_poisoned, wanted, labels), kind)
-  return data_lib.gather_batch(batch, rows, key, poison_fn=poison.poison_fn(trigger),
-                               crop_padding=crop_padding, flip=flip)
+  if batch_fill is None:
+    return data_lib.gather_batch(batch, rows, key, poison_fn=poison.poison_fn(trigger),
+                                 crop_padding=crop_padding, flip=flip)
+  k_batch, k_augment = jax.random.split(key)
+  images, labels = data_lib.gather_batch(batch, rows, k_batch, poison_fn=poison.poison_fn(trigger))
+  return data_lib.batch_augment(images, k_augment, batch_fill), labels
 
 
 def batch_fn(config: ml_collections.ConfigDict, trigger, num_classes: int, poisoned: int,
-             cover: int):
+             cover: int, batch_fill: Optional[Sequence[float]] = None):
   """`poisoned_batch` with the run's trigger, label mode, target and augmentation."""
   p = config.poison
   return functools.partial(poisoned_batch, trigger=trigger, poisoned=poisoned, cover=cover,
                            label_mode=p.label_mode, target=p.target, num_classes=num_classes,
-                           crop_padding=config.data.crop_padding, flip=config.data.flip)
+                           crop_padding=config.data.crop_padding, flip=config.data.flip,
+                           batch_fill=batch_fill)
 
 
 def build(config: ml_collections.ConfigDict, model, trigger, setup: train_lib.Setup,
@@ -100,7 +114,8 @@ def build(config: ml_collections.ConfigDict, model, trigger, setup: train_lib.Se
   del key  # nothing fixed to draw: the batches' shuffles pick the rows
   poisoned = int(config.train.batch_size * config.attack.batch.batch_rate)
   cover = int(poisoned * getattr(trigger, "cover_ratio", 0.0))
+  fill = tuple(model.mean) if config.attack.batch.augment == "backdoorbench" else None
   return train_lib.make_train_step(
       train_lib.classification_loss(model), setup.tx,
-      batch_fn(config, trigger, num_classes, poisoned, cover),
+      batch_fn(config, trigger, num_classes, poisoned, cover, fill),
       batch_sharding=train_lib.batch_sharding(mesh))

@@ -5,7 +5,8 @@ by index, converts to f32 in [0, 1], lets a poisoning function transform the pla
 applies a random crop with zero padding and a horizontal flip. Every random choice comes from the
 step's PRNG key, so a batch is a pure function of (arrays, indices, key) and is identical on any
 number of devices. Normalization (mean/std) belongs to the model, so attacks and defenses work in
-[0, 1] pixel space.
+[0, 1] pixel space. `batch_augment` is BackdoorBench's WaNet augmentation instead: one crop,
+rotation and flip drawn for the whole batch.
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ def to_unit(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32) / 255.0
 
 
+def pad(images: jax.Array, padding: int, fill=0.0) -> jax.Array:
+  """Pads each side of f32[B, H, W, C] by `padding` pixels of `fill` (a scalar or one value per
+  channel) -> f32[B, H + 2 padding, W + 2 padding, C]."""
+  b, h, w, c = images.shape
+  canvas = jnp.broadcast_to(jnp.asarray(fill, images.dtype),
+                            (b, h + 2 * padding, w + 2 * padding, c))
+  return jax.lax.dynamic_update_slice(canvas, images, (0, padding, padding, 0))
+
+
 def random_crop(images: jax.Array, key: jax.Array, padding: int) -> jax.Array:
   """Zero-pads each side by `padding` and crops back to H x W at a random offset per image.
 
@@ -77,10 +87,9 @@ def random_crop(images: jax.Array, key: jax.Array, padding: int) -> jax.Array:
   if padding == 0:
     return images
   b, h, w, c = images.shape
-  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   offsets = jax.random.randint(key, (b, 2), 0, 2 * padding + 1)
   crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))
-  return jax.vmap(crop)(padded, offsets)
+  return jax.vmap(crop)(pad(images, padding), offsets)
 
 
 def random_flip(images: jax.Array, key: jax.Array) -> jax.Array:
@@ -94,6 +103,54 @@ def augment(images: jax.Array, key: jax.Array, crop_padding: int, flip: bool) ->
   k_crop, k_flip = jax.random.split(key)
   images = random_crop(images, k_crop, crop_padding)
   return random_flip(images, k_flip) if flip else images
+
+
+def rotate(images: jax.Array, degrees: jax.Array, fill=0.0) -> jax.Array:
+  """Rotates every image counter-clockwise by `degrees` about its center, nearest neighbour.
+
+  torchvision's `rotate(img, degrees)` on a tensor (no expand): output pixel (i, j) takes the
+  input pixel nearest to R(-degrees) applied to its offset from the center ((H - 1) / 2,
+  (W - 1) / 2), rounded half to even as `grid_sample`; pixels from outside the image get `fill`.
+
+  Args:
+    images: f32[B, H, W, C].
+    degrees: a scalar angle, the same for the whole batch (90: `np.rot90`).
+    fill: scalar or per-channel value of the pixels that come from outside the image.
+  """
+  _, h, w, _ = images.shape
+  theta = jnp.deg2rad(jnp.asarray(degrees, jnp.float32))
+  cos, sin = jnp.cos(theta), jnp.sin(theta)
+  y = jnp.arange(h, dtype=jnp.float32)[:, None] - (h - 1) / 2
+  x = jnp.arange(w, dtype=jnp.float32)[None, :] - (w - 1) / 2
+  src_x = jnp.round(cos * x - sin * y + (w - 1) / 2).astype(jnp.int32)
+  src_y = jnp.round(sin * x + cos * y + (h - 1) / 2).astype(jnp.int32)
+  inside = (src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)
+  gathered = images[:, jnp.clip(src_y, 0, h - 1), jnp.clip(src_x, 0, w - 1)]
+  return jnp.where(inside[None, :, :, None], gathered, jnp.asarray(fill, images.dtype))
+
+
+def batch_augment(images: jax.Array, key: jax.Array, fill, *, padding: int = 5,
+                  degrees: float = 10.0) -> jax.Array:
+  """BackdoorBench's WaNet augmentation of a whole batch: one draw for all its images.
+
+  In order: w.p. 0.8 a crop at one random offset of the batch padded by `padding` pixels of
+  `fill`; w.p. 0.5 a rotation by one angle uniform in [-degrees, degrees] (`rotate`, `fill`
+  outside); a left-right flip w.p. 0.5. BackdoorBench applies it to normalized images with fill 0,
+  which is `fill` = the dataset mean here, in [0, 1] pixel space.
+
+  Args:
+    images: f32[B, H, W, C].
+    key: PRNG key.
+    fill: per-channel value of the pixels that come from outside the image.
+  """
+  k_crop, k_offset, k_rotate, k_angle, k_flip = jax.random.split(key, 5)
+  offset = jnp.where(jax.random.bernoulli(k_crop, 0.8),
+                     jax.random.randint(k_offset, (2,), 0, 2 * padding + 1), padding)
+  images = jax.lax.dynamic_slice(pad(images, padding, fill), (0, offset[0], offset[1], 0),
+                                 images.shape)
+  angle = jax.random.uniform(k_angle, (), minval=-degrees, maxval=degrees)
+  images = jnp.where(jax.random.bernoulli(k_rotate, 0.5), rotate(images, angle, fill), images)
+  return jnp.where(jax.random.bernoulli(k_flip, 0.5), images[:, :, ::-1], images)
 
 
 def gather_batch(arrays: TrainArrays, idx: jax.Array, key: jax.Array, *,
