@@ -3,7 +3,7 @@ r"""The D3 table: PreAct-ResNet18 on CIFAR-10, 10% poisoning, 5% clean data; no 
   python -m jaxbd.main --config=configs/d3.py:attack=badnets --workdir=DIR
   python -m jaxbd.main --config=configs/d3.py:attack=sig,source=npz:/data/cifar10.npz --workdir=DIR
   python -m jaxbd.main --config=configs/d3.py:attack=wanet,cpu --workdir=DIR   # CPU scale
-  python -m jaxbd.report --inputs=DIR1,DIR2,... --out=REPORT_DIR   # tables and plots
+  python -m jaxbd.report --inputs=DIR1,DIR2,... --reference=configs/d3_paper.json --out=REPORT_DIR
 
 Reproduces Wei, Liu & Zha (ICCV 2025), Table 1's CIFAR-10 rows with BackdoorBench's victim
 (configs/cifar10.py: PreAct-ResNet18, SGD 0.01 momentum 0.9 wd 5e-4, cosine per epoch, 100 epochs,
@@ -17,7 +17,8 @@ their reference defaults on 5% clean training data (2,500 images): FT (20 epochs
 epochs, batch 256, lmd 0.5, eps 0.1, random warm-up), PT (2,000 steps).
 Expected (the paper, ACC/ASR): BadNets 91.32/95.03 -> FT 89.96/1.48, D3 90.77/0.74; Blended
 93.47/99.92 -> 92.78/96.11, 92.29/0.22; WaNet 91.25/89.73 -> 93.48/17.10, 93.31/0.04; SIG
-84.48/98.27 -> 90.80/2.37, 89.99/0.00. No full-scale (GPU) run has been made yet.
+84.48/98.27 -> 90.80/2.37, 89.99/0.00 (configs/d3_paper.json, the report's `--reference`). No
+full-scale (GPU) run has been made yet.
 
 `cpu`: the 16-wide CNN on a 45,000-image subset for 3 epochs (configs/cifar10.py:cpu_defense;
 ACC ~0.60), so that 5% is 2,250 trusted images as in the paper (2,500), with defenses scaled to

@@ -2,11 +2,14 @@ r"""`python -m jaxbd.report`: markdown tables and figures from results files and
 
   python -m jaxbd.report --inputs=/runs/d3_badnets,/runs/sweeps/rates/cells \
       --store=/runs/sweeps/rates/results.sqlite --out=/runs/report
+  python -m jaxbd.report --inputs=/runs --reference=configs/d3_paper.json --out=/runs/report
 
 `--inputs` takes results.json files or directories (searched recursively for results.json),
 comma-separated; `--store` a sweep's `results.sqlite` (`python -m jaxbd.sweep`). Writes
 `OUT/report.md` with the per-run tables and plots, the defense table and ACC/ASR trade-off across
-runs, and the store's cells and ASR against poisoning rate (mean +- std over seeds); see
+runs (with `--reference`, a JSON file of published numbers such as configs/d3_paper.json, each
+attack's published row under its measured one), and the store's cells and ASR against poisoning
+rate (mean +- std over seeds); see
 `jaxbd.experiments.report`. A missing or corrupt input is one line `jaxbd: error: ...` with exit
 status 2, and nothing is written.
 """
@@ -20,6 +23,8 @@ from jaxbd import main as cli
 _INPUTS = flags.DEFINE_list("inputs", [], "results.json files or directories holding them.")
 _STORE = flags.DEFINE_string("store", None, "A sweep's results.sqlite.")
 _OUT = flags.DEFINE_string("out", None, "Report directory (report.md and the figures).")
+_REFERENCE = flags.DEFINE_string("reference", None,
+                                 "Published numbers for the defense table (a JSON file).")
 
 
 def main(argv: list[str]) -> None:
@@ -30,7 +35,7 @@ def main(argv: list[str]) -> None:
     cli.die("--out is required")
   from jaxbd.experiments import report  # pylint: disable=g-import-not-at-top
   with cli.one_line_errors():
-    path = report.write_report(_INPUTS.value, _STORE.value, _OUT.value)
+    path = report.write_report(_INPUTS.value, _STORE.value, _OUT.value, _REFERENCE.value)
   print(f"report: {path}")
 
 

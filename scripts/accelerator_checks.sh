@@ -12,7 +12,7 @@
 #   d3:ATTACK  configs/d3.py:attack=ATTACK at full scale (PreAct-ResNet18, all of CIFAR-10, the
 #              reference's 100 victim epochs unless D3_EPOCHS=N; compute dtype float32 unless
 #              D3_DTYPE=bfloat16) -> OUT/d3_ATTACK.json (the run's results.json) and
-#              OUT/d3_ATTACK.md (its table)
+#              OUT/d3_ATTACK.md (its table, the paper's row of configs/d3_paper.json under it)
 # Environment: LIMIT_S (default 900) bounds every stage; WORKDIR (default OUT/runs) holds the
 # runs' checkpoints; QUICK=1 runs every stage at CPU size (small shapes, configs/d3.py:cpu), to
 # check this script without an accelerator. A stage that fails or outlives its limit is reported
@@ -63,8 +63,8 @@ stage_command() {
 collect_d3() {
   local attack=$1
   cp "$workdir/d3_$attack/results.json" "$out/d3_$attack.json" &&
-    python -m jaxbd.report --inputs="$workdir/d3_$attack" --out="$workdir/d3_${attack}_report" \
-      >/dev/null && cp "$workdir/d3_${attack}_report/report.md" "$out/d3_$attack.md"
+    python -m jaxbd.report --inputs="$workdir/d3_$attack" --reference=configs/d3_paper.json \
+      --out="$workdir/d3_${attack}_report" >/dev/null && cp "$workdir/d3_${attack}_report/report.md" "$out/d3_$attack.md"
 }
 
 for stage in "${stages[@]}"; do  # every stage is known before any runs

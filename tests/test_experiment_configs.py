@@ -4,6 +4,7 @@ import pytest
 
 from conftest import load_config
 from jaxbd import config as config_lib
+from jaxbd import metrics
 from jaxbd.errors import ConfigError
 from jaxbd.experiments import report
 
@@ -87,3 +88,28 @@ def test_defense_table_from_results():
   assert table.splitlines()[0] == "| attack | no defense | d3 |"
   assert "| badnets | 91.32 / 95.03 | 90.77 / 0.74 (96.87) |" in table
   assert "| badnets (pcb) | 90.00 / 80.00 |  |" in table
+  reference = {"source": "paper", "table": {"badnets": {"backdoored": {"acc": 0.9, "asr": 0.95},
+                                                      "d3": {"acc": 0.89, "asr": 0.01}}}}
+  lines = report.defense_table([doc, pcb], reference).splitlines()
+  assert lines[2:5] == ["| badnets | 91.32 / 95.03 | 90.77 / 0.74 (96.87) |",
+                        "| badnets (paper) | 90.00 / 95.00 | 89.00 / 1.00 |",
+                        "| badnets (pcb) | 90.00 / 80.00 |  |"]  # no published row for PCB
+
+
+def test_d3_paper_reference_names_the_table_s_runs_and_its_der_follows_from_its_rates():
+  """configs/d3_paper.json: one row per attack of configs/d3.py, named as the report names the
+  runs (WaNet trains in the loop: "wanet (batch)"), and every DER is SPEC's formula of the row."""
+  ref = report.read_reference("configs/d3_paper.json")
+  names = []
+  for attack in ("badnets", "blended", "wanet", "sig"):
+    c = load_config(f"configs/d3.py:attack={attack}")
+    training = {"training_attack": {"name": c.attack.name}} if c.attack.name != "none" else {}
+    names.append(report.attack_name({"attack": {"name": c.poison.name, **training}}))
+  assert sorted(ref["table"]) == sorted(names)
+  for row in ref["table"].values():
+    for model in row.values():
+      if "der" in model:
+        bd = row["backdoored"]
+        want = metrics.defense_effectiveness_rating(bd["acc"], bd["asr"], model["acc"],
+                                                    model["asr"])
+        assert model["der"] == pytest.approx(want, abs=1e-4)  # the paper rounds to 0.01 points

@@ -160,3 +160,29 @@ def test_missing_and_corrupt_inputs_are_one_line_and_write_nothing(tmp_path):
   assert result.returncode == 2
   line, = result.stderr.strip().splitlines()
   assert line.startswith(f"jaxbd: error: {tmp_path / 'file'}"), line
+
+
+def test_reference_numbers_sit_under_the_measured_ones_and_a_bad_reference_is_one_line(tmp_path):
+  """--reference=configs/d3_paper.json: the defense table gets the paper's row under the measured
+  one; a reference that is not one is one line, exit status 2, and no report."""
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "results.json").write_text(json.dumps(
+      {"config": {"experiment": "standard"}, "attack": {"name": "badnets"},
+       "metrics": {"backdoored": {"acc": 0.9, "asr": 0.97}},
+       "defenses": {"d3": {"acc": 0.89, "asr": 0.02, "der": 0.97}}}))
+  result = run_cli(f"--inputs={run}", f"--out={tmp_path / 'out'}",
+                   "--reference=configs/d3_paper.json")
+  assert result.returncode == 0, result.stderr
+  text = (tmp_path / "out" / "report.md").read_text()
+  rows = table_with(text, "attack", "no defense", "d3")
+  assert [r["attack"] for r in rows] == ["badnets", "badnets (paper)"]
+  assert rows[1]["no defense"] == "91.32 / 95.03" and rows[1]["d3"] == "90.77 / 0.74 (96.87)"
+  assert "paper: Wei, Liu & Zha (ICCV 2025)" in text
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"source": "x", "table": {"badnets": {"d3": {"acc": 90.77}}}}))
+  result = run_cli(f"--inputs={run}", f"--out={tmp_path / 'out2'}", f"--reference={bad}")
+  assert result.returncode == 2
+  line, = result.stderr.strip().splitlines()
+  assert line.startswith(f"jaxbd: error: {bad} is not a reference")
+  assert not (tmp_path / "out2").exists()

@@ -9,8 +9,9 @@ library behind `python -m jaxbd.report`) writes `out/report.md` with
   rate sweep, quantized precisions) and its plots (`jaxbd.experiments.plots.from_results`:
   routing heatmaps, ROC curves, rate and prune sweeps) under `out/runs/<name>/`;
 - across runs: `defense_table` (the D3 paper's layout: ACC / ASR (DER) in percent per attack and
-  defense) and `tradeoff.png` (ACC against ASR, an arrow from each attacked model to each
-  defended one);
+  defense; with a reference file, `read_reference`, each attack's published numbers in a row of
+  their own under the measured one) and `tradeoff.png` (ACC against ASR, an arrow from each
+  attacked model to each defended one);
 - from the store: a table of its finished cells (the config fields that vary, then the metrics)
   and, when cells vary `poison.rate`, ASR and ACC against the rate, mean +- sample std over the
   cells that differ only in `seed`, one line per attack (`asr_vs_rate.png` and a table).
@@ -61,17 +62,22 @@ def find_results(paths: Iterable[str]) -> list[str]:
   return list(dict.fromkeys(found))
 
 
+def read_json(path: str, what: str) -> Any:
+  """The JSON value in file `path`; DataError "<path> is not a readable <what> (why)" otherwise."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise DataError(f"{path} is not a readable {what} ({str(e).splitlines()[0]})") from None
+
+
 def read_results(path: str) -> dict:
   """One results document, checked for DESIGN.md's sections.
 
   Raises:
     DataError: the file is unreadable, not JSON, or not a results document.
   """
-  try:
-    with open(path) as f:
-      doc = json.load(f)
-  except (OSError, UnicodeDecodeError, ValueError) as e:
-    raise DataError(f"{path} is not a readable results.json ({str(e).splitlines()[0]})") from None
+  doc = read_json(path, "results.json")
   missing = [k for k in SECTIONS if not isinstance(doc, dict) or not isinstance(doc.get(k), dict)]
   if missing:
     raise DataError(f"{path} is not a results.json: no {missing[0]!r} section")
@@ -109,6 +115,27 @@ def read_store(path: str) -> list[dict]:
   return decoded
 
 
+def read_reference(path: str) -> dict:
+  """Published numbers to hold a defense table against: a JSON file `{"source": text, "table":
+  {attack: {"backdoored" | defense: {"acc": a, "asr": b[, "der": c]}}}}`, rates as fractions,
+  attacks named as the table names them (`attack_name`, e.g. "wanet (batch)").
+
+  Raises:
+    DataError: the file is unreadable, not JSON, or not laid out so.
+  """
+  ref = read_json(path, "reference")
+  ok = (isinstance(ref, dict) and isinstance(ref.get("source"), str)
+        and isinstance(ref.get("table"), dict) and ref["table"]
+        and all(isinstance(row, dict) and all(
+            isinstance(m, dict) and {"acc", "asr"} <= set(m) <= {"acc", "asr", "der"}
+            and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in m.values())
+            for m in row.values()) for row in ref["table"].values()))
+  if not ok:
+    raise DataError(f"{path} is not a reference: want {{\"source\": text, \"table\": {{attack: "
+                    "{model: {\"acc\", \"asr\"[, \"der\"]: rates in [0, 1]}}}}")
+  return ref
+
+
 def percent(value: float | None) -> str:
   """A rate as a percentage with 2 decimals; "nan" for a value stored as null."""
   return "nan" if value is None else f"{100 * value:.2f}"
@@ -133,12 +160,21 @@ def attack_name(doc: dict) -> str:
   return name
 
 
-def defense_table(docs: Sequence[dict]) -> str:
-  """One row per run: attack, the backdoored model and each defense (ACC / ASR (DER), %)."""
+def defense_table(docs: Sequence[dict], reference: dict | None = None) -> str:
+  """One row per run: attack, the backdoored model and each defense (ACC / ASR (DER), %); with a
+  `read_reference` document, a row "<attack> (paper)" of its numbers under each attack it has."""
   docs = [d for d in docs if "backdoored" in d["metrics"]]
   defenses = list(dict.fromkeys(name for doc in docs for name in doc.get("defenses", {})))
-  rows = [[attack_name(doc), cell(doc["metrics"]["backdoored"]),
-           *(cell(doc["defenses"].get(d), der=True) for d in defenses)] for doc in docs]
+  published = reference["table"] if reference else {}
+  rows = []
+  for doc in docs:
+    name = attack_name(doc)
+    for label, models in ((name, {"backdoored": doc["metrics"]["backdoored"],
+                                  **doc.get("defenses", {})}),
+                          (f"{name} (paper)", published.get(name))):
+      if models:
+        rows.append([label, cell(models.get("backdoored")),
+                     *(cell(models.get(d), der=True) for d in defenses)])
   return markdown_table(["attack", "no defense", *defenses], rows)
 
 
@@ -279,13 +315,15 @@ def _figure(path: str, out: str, alt: str) -> str:
   return f"![{alt}]({os.path.relpath(path, out)})"
 
 
-def write_report(inputs: Sequence[str], store: str | None, out: str) -> str:
+def write_report(inputs: Sequence[str], store: str | None, out: str,
+                 reference: str | None = None) -> str:
   """Writes `out/report.md` and its figures; returns the report's path.
 
   Args:
     inputs: results.json files or directories holding them (searched recursively).
     store: a sweep's `results.sqlite`, or None.
     out: the report directory (created).
+    reference: a file of published numbers for the defense table (`read_reference`), or None.
 
   Raises:
     ConfigError: neither inputs nor a store.
@@ -295,6 +333,7 @@ def write_report(inputs: Sequence[str], store: str | None, out: str) -> str:
     raise ConfigError("nothing to report: give --inputs, --store or both")
   docs = load(inputs)
   rows = read_store(store) if store else []
+  published = read_reference(reference) if reference else None
   os.makedirs(out, exist_ok=True)
   lines = ["# jaxbd report", ""]
   lines += [f"- results: `{p}`" for p in docs] + ([f"- sweep store: `{store}`"] if store else [])
@@ -321,7 +360,8 @@ def write_report(inputs: Sequence[str], store: str | None, out: str) -> str:
   if runs:
     lines += ["", "## Defenses across runs", ""]
     if any(doc.get("defenses") for doc in docs.values()):
-      lines += ["ACC / ASR (DER) in %:", "", defense_table(list(docs.values())), ""]
+      lines += ["ACC / ASR (DER) in %" + (f"; paper: {published['source']}" if published else "")
+                + ":", "", defense_table(list(docs.values()), published), ""]
     lines += [_figure(plots.defense_tradeoff(runs, os.path.join(out, "tradeoff.png")), out,
                       "defense trade-off")]
   if store:
