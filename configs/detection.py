@@ -54,7 +54,7 @@ def get_config(arg=None):
     config.defense.clean_fraction = 0.05  # 250 images: 1% of the 5,000-image subset is 50
     config.defense.pt.update(dict(steps=200, lr=0.01, batch_size=50, checkpoint_every=0))
     d.num_clean, d.num_backdoored = 3, 3
-    d.nc.epochs = 20  # 5 (patience) at cost 0 before the schedule starts
+    d.nc.epochs = 20  # 5 (patience) at cost 0 before the schedule starts; no early stop (25)
     d.vmap = False  # on CPU the loop is 2-3x faster than vmap (scripts/bench_population.py)
   if a.clean:
     d.num_clean = a.clean

@@ -76,6 +76,10 @@ def test_detection_config():
   c.detection.cti.repair = "retrain"
   with pytest.raises(ConfigError, match="'detection.cti.repair' must be one of"):
     config_lib.validate(c)
+  c.detection.cti.repair, c.detection.scorers = "pt", "nc"
+  c.detection.nc.early_stop_patience = 0
+  with pytest.raises(ConfigError, match="'detection.nc.early_stop_patience' must be in"):
+    config_lib.validate(c)
 
 
 def test_defense_table_from_results():

@@ -249,19 +249,21 @@ def test_cti_trigger_inversion_follows_the_pytorch_loop():
 
 def torch_neural_cleanse(net, image, start, config, num_classes, steps):
   """NC for every class over batches of `image`, with the reference's cost schedule (0 until the
-  attack has succeeded for `patience` epochs): the L1 norm of the mask kept at the epoch with the
-  smallest mean mask L1 among those at the threshold (else the last mask's), whether one was
-  kept, and the epochs at which the cost was started, raised and lowered."""
+  attack has succeeded for `patience` epochs) and early stop: the L1 norm of the mask kept at the
+  epoch with the smallest mean mask L1 among those at the threshold (else the last mask's),
+  whether one was kept, the epochs each class ran, and what happened on the way (the cost
+  started, raised, lowered; a class stopped early)."""
   squash = lambda raw: torch.tanh(raw) / 2 + 0.5
   x = torch_unit(image[None], torch.float64).repeat(config.batch_size, 1, 1, 1)
-  norms, found, moves = [], [], set()
+  norms, found, epochs, moves = [], [], [], set()
   for t in range(num_classes):
     raw = [torch.tensor(np.asarray(start[k][t]), dtype=torch.float64).permute(2, 0, 1)
            .requires_grad_() for k in ("mask", "pattern")]
     opt = torch.optim.Adam(raw, lr=config.lr, betas=(0.5, 0.9))
     cost, set_count, up, down = 0.0, 0, 0, 0
     best_reg, best = math.inf, math.inf
-    for _ in range(config.epochs):
+    least_reg, stale, raised, lowered = math.inf, 0, False, False
+    for epoch in range(config.epochs):
       hits, regs = [], []
       for _ in range(steps):
         mask, pattern = squash(raw[0]), squash(raw[1])
@@ -277,32 +279,44 @@ def torch_neural_cleanse(net, image, start, config, num_classes, steps):
       norm, success = squash(raw[0]).abs().sum().item(), np.mean(hits) >= config.threshold
       if success and np.mean(regs) < best_reg:
         best_reg, best = np.mean(regs), norm
+      if math.isfinite(best_reg):
+        stale = stale + 1 if best_reg >= config.early_stop_threshold * least_reg else 0
+      least_reg = min(best_reg, least_reg)
+      if config.early_stop and raised and lowered and stale >= config.early_stop_patience:
+        moves.add("stop")
+        break
       if cost == 0 and success:
         set_count += 1
         if set_count >= config.patience:
-          cost, up, down = config.init_cost, 0, 0
+          cost, up, down, raised, lowered = config.init_cost, 0, 0, False, False
           moves.add("start")
       else:
         set_count = 0
       up, down = (up + 1, 0) if success else (0, down + 1)
       if up >= config.patience:
-        up, cost = 0, cost * config.cost_up
+        up, cost, raised = 0, cost * config.cost_up, True
         moves.add("up" if cost else "up at 0")
       elif down >= config.patience:
-        down, cost = 0, cost / config.cost_down
+        down, cost, lowered = 0, cost / config.cost_down, True
         moves.add("down" if cost else "down at 0")
     norms.append(best if math.isfinite(best) else norm)
     found.append(math.isfinite(best))
-  return np.array(norms), found, moves
+    epochs.append(epoch + 1)
+  return np.array(norms), found, epochs, moves
 
 
-def test_neural_cleanse_follows_the_pytorch_loop():
-  """Three classes, 16 epochs of 2 steps; the settings make every class reach the threshold
-  with the cost started from 0, raised and lowered on the way."""
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_neural_cleanse_follows_the_pytorch_loop(early_stop):
+  """Three classes of 2 steps per epoch; the settings make every class reach the threshold with
+  the cost started from 0, raised and lowered on the way: 16 epochs, or with the early stop
+  (patience 2) up to 30, which the classes leave after 14, 11 and 10."""
   variables, net = eval_pair(0)
   image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
   config = detection.nc_config()
-  config.update(epochs=16, batch_size=4, lr=0.3, init_cost=3e-4, patience=1, cost_down=1.5)
+  config.update(epochs=16, batch_size=4, lr=0.3, init_cost=3e-4, patience=1, cost_down=1.5,
+                early_stop=early_stop)
+  if early_stop:
+    config.update(epochs=30, lr=0.1, early_stop_patience=2)
   ctx = defenses.Context(jax_model(WIDTH), train_lib.make_mesh(1, 1), config_lib.defaults().data,
                          3, progress=False)
   key = jax.random.key(0)
@@ -310,10 +324,11 @@ def test_neural_cleanse_follows_the_pytorch_loop():
                                  defenses.Trusted(np.stack([image] * 8), np.zeros(8, np.int32),
                                                   np.arange(8)), config, key)
   start = detection.nc_start(jax.random.split(key)[0], 3, image.shape)  # as neural_cleanse does
-  norms, found, moves = torch_neural_cleanse(net, image, start, config, 3, steps=2)
+  norms, found, epochs, moves = torch_neural_cleanse(net, image, start, config, 3, steps=2)
   error = np.abs(np.array(got["norms"]) - norms).max() / norms.min()
-  print(f"NC: norms {norms.round(2).tolist()}, found {found}, cost moves {sorted(moves)}, "
-        f"relative error {error:.2e}")
+  print(f"NC: norms {norms.round(2).tolist()}, found {found}, epochs {epochs}, moves "
+        f"{sorted(moves)}, relative error {error:.2e}")
   assert {"start", "up", "down"} <= moves
-  assert got["found"] == found
+  assert got["found"] == found and got["epochs"] == epochs
+  assert len(set(epochs)) == 3 and max(epochs) < 30 if early_stop else epochs == [16] * 3
   assert error <= 1e-4, (got["norms"], norms)

@@ -26,8 +26,11 @@ epoch's batches is the smallest so far; the class's norm is the L1 of that kept 
 that never succeeds keeps its last mask's, as the reference does; `found` says which). The
 model's suspicion is the anomaly index of the smallest norm, `(median - min) / (1.4826 * MAD)`
 (0 when the minimum is not below the median; MAD is floored at 1e-12, so a minimum below a
-median that most norms share scores about 1e12); NC flags a model above 2. NC's early stopping
-is not implemented: every class runs `epochs` epochs.
+median that most norms share scores about 1e12); NC flags a model above 2. The reference's early
+stop (`early_stop`): once a mask is kept, a class stops after `early_stop_patience` (25) epochs in
+a row whose kept mean L1 is not below `early_stop_threshold` (1.0) times the smallest so far,
+provided its cost has been both raised and lowered since it was started; its state is frozen
+from then on, and the run ends when every class has stopped or after `epochs` epochs.
 
 Both optimize all K candidates at once with `jax.vmap` over classes inside one jitted program.
 """
@@ -75,6 +78,9 @@ def nc_config() -> ml_collections.ConfigDict:
       cost_up=2.0,
       cost_down=2.0**1.5,
       reset_cost_to_zero=True,  # start at cost 0 until the attack succeeds (the reference's)
+      early_stop=True,  # stop a class whose kept mask stopped shrinking (the reference's)
+      early_stop_patience=25,  # epochs without a smaller kept mask (the reference: 5 patience)
+      early_stop_threshold=1.0,  # "smaller": below this times the smallest so far
   ))
 
 
@@ -90,9 +96,9 @@ def validate_cti(config: ml_collections.ConfigDict, path: str) -> None:
 
 def validate_nc(config: ml_collections.ConfigDict, path: str) -> None:
   """Checks the Neural Cleanse section at config path `path` (ConfigError on a bad value)."""
-  for key in ("epochs", "batch_size", "patience"):
+  for key in ("epochs", "batch_size", "patience", "early_stop_patience"):
     config_lib.check_range(config, f"{path}.{key}", 1)
-  for key in ("lr", "init_cost"):
+  for key in ("lr", "init_cost", "early_stop_threshold"):
     config_lib.check_range(config, f"{path}.{key}", 0, low_open=True)
   config_lib.check_range(config, f"{path}.threshold", 0, 1)
   for key in ("cost_up", "cost_down"):
@@ -216,12 +222,16 @@ def _nc_epoch(model, variables, images, state, num_classes: int, c: tuple, key: 
       Adam state, `cost` f32[K], the counters `up`, `down` int32[K] (epochs in a row at / below
       the threshold) and `set` int32[K] (successful epochs in a row while the cost is 0),
       `best_reg` f32[K] (the kept epoch's mean mask L1), `best_norm` f32[K] (the kept mask's
-      L1) and `last_norm` f32[K].
+      L1), `last_norm` f32[K]; for the early stop `raised`, `lowered` bool[K] (the cost moved
+      since it was started), `stale` int32[K] (epochs without a smaller kept L1), `least_reg`
+      f32[K] (the smallest kept L1 so far), `stopped` bool[K], `epochs` int32[K] (epochs run).
     num_classes: K.
-    c: (steps, batch, lr, threshold, patience, cost_up, cost_down, init_cost).
+    c: (steps, batch, lr, threshold, patience, cost_up, cost_down, init_cost, early_stop_patience
+      (0: never stop), early_stop_threshold).
     key: the epoch's batch key.
   """
-  steps, batch, lr, threshold, patience, cost_up, cost_down, init_cost = c
+  (steps, batch, lr, threshold, patience, cost_up, cost_down, init_cost, stop_patience,
+   stop_threshold) = c
   tx = optax.adam(lr, b1=0.5, b2=0.9)
   targets = jnp.arange(num_classes)
 
@@ -248,8 +258,14 @@ def _nc_epoch(model, variables, images, state, num_classes: int, c: tuple, key: 
   norm = jnp.sum(jnp.abs(_squash(raw["mask"])), axis=(1, 2, 3))
   success = acc >= threshold
   better = success & (reg < state["best_reg"])
-  # The reference's order: the cost leaves 0 after `patience` successes at 0, resetting the
-  # counters; then the counters count this epoch and may move the cost.
+  best_reg = jnp.where(better, reg, state["best_reg"])
+  # The reference's order: the kept mask, then the early stop, then the cost leaves 0 after
+  # `patience` successes at 0, resetting the counters and flags; then the counters count this
+  # epoch and may move the cost.
+  stale = jnp.where(jnp.isfinite(best_reg),
+                    jnp.where(best_reg >= stop_threshold * state["least_reg"],
+                              state["stale"] + 1, 0), state["stale"])
+  stop = (stop_patience > 0) & state["raised"] & state["lowered"] & (stale >= stop_patience)
   at_zero = (state["cost"] == 0) & success
   set_count = jnp.where(at_zero, state["set"] + 1, 0)
   start = at_zero & (set_count >= patience)
@@ -258,10 +274,18 @@ def _nc_epoch(model, variables, images, state, num_classes: int, c: tuple, key: 
   down = jnp.where(success, 0, jnp.where(start, 0, state["down"]) + 1)
   cost = jnp.where(up >= patience, cost * cost_up, jnp.where(down >= patience, cost / cost_down,
                                                              cost))
-  return {"raw": raw, "opt_state": opt_state, "cost": cost, "set": set_count,
-          "up": jnp.where(up >= patience, 0, up), "down": jnp.where(down >= patience, 0, down),
-          "best_reg": jnp.where(better, reg, state["best_reg"]),
-          "best_norm": jnp.where(better, norm, state["best_norm"]), "last_norm": norm}
+  new = {"raw": raw, "opt_state": opt_state, "cost": cost, "set": set_count,
+         "up": jnp.where(up >= patience, 0, up), "down": jnp.where(down >= patience, 0, down),
+         "best_reg": best_reg, "best_norm": jnp.where(better, norm, state["best_norm"]),
+         "last_norm": norm, "raised": ~start & state["raised"] | (up >= patience),
+         "lowered": ~start & state["lowered"] | (down >= patience), "stale": stale,
+         "least_reg": jnp.minimum(best_reg, state["least_reg"]), "stopped": stop,
+         "epochs": state["epochs"] + 1}
+  # A class that stopped at an earlier epoch keeps its state (the optimizer's shared step count
+  # aside), as the reference leaves its loop.
+  frozen = lambda old, now: now if jnp.ndim(now) == 0 else jnp.where(
+      state["stopped"].reshape((-1,) + (1,) * (jnp.ndim(now) - 1)), old, now)
+  return jax.tree.map(frozen, state, new)
 
 
 def anomaly_index(norms: np.ndarray) -> float:
@@ -285,27 +309,34 @@ def nc_start(key: jax.Array, num_classes: int, shape: tuple) -> dict:
 def neural_cleanse(ctx: base.Context, variables: dict, trusted: base.Trusted,
                    config: ml_collections.ConfigDict, key: jax.Array) -> dict:
   """NC: `{"suspicion": anomaly index, "score": same, "target": argmin norm, "norms": f[K] the
-  kept masks' L1 norms, "found": bool[K] which classes reached the threshold}`."""
+  kept masks' L1 norms, "found": bool[K] which classes reached the threshold, "epochs": int[K]
+  the epochs each class ran before its early stop}`."""
   k = ctx.num_classes
   k_init, k_loop = jax.random.split(key)
   raw = nc_start(k_init, k, trusted.images.shape[1:])
   tx = optax.adam(config.lr, b1=0.5, b2=0.9)
-  zeros = jnp.zeros((k,), jnp.int32)
+  zeros, no = jnp.zeros((k,), jnp.int32), jnp.zeros((k,), bool)
+  inf = jnp.full((k,), jnp.inf)
   state = {"raw": raw, "opt_state": tx.init(raw),
            "cost": jnp.full((k,), 0.0 if config.reset_cost_to_zero else config.init_cost),
-           "up": zeros, "down": zeros, "set": zeros, "best_reg": jnp.full((k,), jnp.inf),
-           "best_norm": jnp.full((k,), jnp.inf), "last_norm": jnp.full((k,), jnp.inf)}
+           "up": zeros, "down": zeros, "set": zeros, "best_reg": inf, "best_norm": inf,
+           "last_norm": inf, "raised": no, "lowered": no, "stale": zeros, "least_reg": inf,
+           "stopped": no, "epochs": zeros}
   steps = max(1, -(-len(trusted.labels) // config.batch_size))
   c = (steps, config.batch_size, config.lr, config.threshold, config.patience, config.cost_up,
-       config.cost_down, config.init_cost)
+       config.cost_down, config.init_cost,
+       config.early_stop_patience if config.early_stop else 0, config.early_stop_threshold)
   images = jnp.asarray(trusted.images)
   for epoch in range(config.epochs):
     state = _nc_epoch(ctx.model, variables, images, state, k, c, jax.random.fold_in(k_loop, epoch))
+    if config.early_stop and bool(state["stopped"].all()):
+      break
   best, last = np.asarray(state["best_norm"]), np.asarray(state["last_norm"])
   norms = np.where(np.isfinite(best), best, last)  # a class never reaching the threshold
   index = anomaly_index(norms)
   return {"suspicion": index, "score": index, "target": int(np.argmin(norms)),
-          "norms": norms.tolist(), "found": np.isfinite(best).tolist()}
+          "norms": norms.tolist(), "found": np.isfinite(best).tolist(),
+          "epochs": np.asarray(state["epochs"]).tolist()}
 
 
 SCORERS = ("cti", "nc")
