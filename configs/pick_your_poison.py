@@ -11,8 +11,8 @@ ResNet (here PreAct-ResNet18), SGD lr 0.1 momentum 0.9 wd 5e-4, cosine, batch 12
 100 epochs (the epoch count is ours), target 0. Attacks (`attack=`): badnets (3x3 patch),
 adaptive_blend and adaptive_patch (4 pieces kept w.p. 0.5 in training, conservatism 0.5), wanet
 (k 4, s 0.5, noise mode), tsb (one of 4 noise marks per training image), sig (clean-label), pcb
-(BadNets trigger on 10% of every second batch, poisoned updates masked to 10% of the parameters;
-no poisoned rows in the data). Poison rate 10% unless `rate=` (the paper varies it).
+(BadNets trigger on 10% of every second batch, poisoned gradients masked to 10% of the
+parameters as the reference code does; no poisoned rows in the data). Poison rate 10% unless `rate=` (the paper varies it).
 Defenses: PT with the paper's defaults (2,000 steps, lr 1e-4, Nesterov, l_slol 0.05,
 l_param 20,000) and FT, both on 1% of the training set (500 images), drawn from rows the attack
 did not touch; the claim holds when every defended model has ASR near the clean model's and ACC
@@ -71,7 +71,8 @@ The 16-wide PreAct-ResNet18 (0.7M parameters, 5 epochs, solid square: held-out 0
 worse: PT at lr 1e-4 keeps 0.764-0.765 / 0.941 for l_param 20,000 / 2,000 / 200, and at lr 0.01
 gives 0.697 / 0.906, 0.674 / 0.777, 0.669 / 0.688.
 The CPU table over every attack is in the README: PT keeps ACC and every backdoor the victim
-learned; this CNN does not learn PCB (its masked poisoned steps destabilize training at lr 0.05).
+learned; this CNN does not learn PCB (its masked poisoned steps destabilize training at lr 0.05,
+whether the gradients or the updates are masked).
 Arguments: attack=..., cpu, source=..., rate=R, epochs=N, defenses=pt+ft ('+'-separated).
 """
 

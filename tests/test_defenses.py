@@ -203,10 +203,10 @@ def test_pcb_config_checks():
     config_lib.validate(pcb_config(batch_rate=0.01))
 
 
-def test_pcb_poisons_a_fraction_of_every_second_batch_inside_the_mask():
-  """With momentum and weight decay (the paper's victim optimizer) a poisoned step leaves the
-  parameters outside the mask and their momentum exactly as the clean step before left them."""
-  c = pcb_config(param_fraction=0.3)
+def pcb_steps(mask_mode: str):
+  """A 4-wide CNN, its setup, the PCB step with a 0.3 mask (`mask_mode`), the mask, the trigger
+  and a clean step (batch 1 of the epoch) then a poisoned one (batch 0): states 0, 1, 2."""
+  c = pcb_config(param_fraction=0.3, mask=mask_mode)
   model = models.create(c, 5, (0.5,) * 3, (0.25,) * 3)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 200, (40, 8, 8, 3), dtype=np.uint8)
@@ -217,7 +217,23 @@ def test_pcb_poisons_a_fraction_of_every_second_batch_inside_the_mask():
                                      data_config=c.data, mesh=mesh, key=jax.random.key(0))
   mask_key = jax.random.key(7)
   step = jax.jit(attacks.ATTACKS["pcb"].build(c, model, trigger, setup, mesh, 5, mask_key))
+  perm = jnp.arange(40, dtype=jnp.int32).reshape(2, 20)
+  mask = attacks.pcb.parameter_mask(setup.state["params"], 0.3, mask_key)
+  states = [setup.state]
+  for i in (1, 0):  # batch 1 is clean, batch 0 (every second from the first) poisoned
+    states.append(step(states[-1], setup.arrays, perm, i, jax.random.key(1))[0])
+  plain = lambda rows: jax.jit(train_lib.make_train_step(
+      train_lib.classification_loss(model), setup.tx,
+      attacks.batch.batch_fn(c, trigger, 5, poisoned=rows, cover=0)))
+  return c, setup, perm, mask, trigger, states, plain
 
+
+def test_pcb_poisons_a_fraction_of_every_second_batch_inside_the_mask():
+  """mask=update, with momentum and weight decay (the paper's victim optimizer): a poisoned step
+  leaves the parameters outside the mask and their momentum exactly as the clean step before
+  left them; inside the mask it is the plain step on the batch with 2 poisoned rows."""
+  c, setup, perm, mask, trigger, (state0, state1, state2), plain = pcb_steps("update")
+  labels = np.asarray(setup.arrays.labels)
   x, y = attacks.batch.batch_fn(c, trigger, 5, poisoned=2, cover=0)(
       setup.arrays, jnp.arange(20), jax.random.key(0))
   np.testing.assert_array_equal(np.asarray(y)[:2], 0)  # round(0.1 * 20) rows relabeled
@@ -225,13 +241,8 @@ def test_pcb_poisons_a_fraction_of_every_second_batch_inside_the_mask():
   np.testing.assert_array_equal(np.asarray(x)[:2, -3:, -3:], 1.0)  # and triggered
   assert np.all(np.asarray(x)[2:, -3:, -3:] < 1.0)
 
-  perm = jnp.arange(40, dtype=jnp.int32).reshape(2, 20)
-  mask = attacks.pcb.parameter_mask(setup.state["params"], 0.3, mask_key)
   fraction = np.mean(np.concatenate([np.asarray(m).ravel() for m in jax.tree.leaves(mask)]))
   assert 0.25 < fraction < 0.35
-  state0 = setup.state
-  state1, _ = step(state0, setup.arrays, perm, 0, jax.random.key(1))  # step 0: clean
-  state2, _ = step(state1, setup.arrays, perm, 1, jax.random.key(1))  # step 1: poisoned
   for p0, p1, p2, m in zip(*(jax.tree.leaves(s["params"]) for s in (state0, state1, state2)),
                            jax.tree.leaves(mask)):
     p0, p1, p2, m = map(np.asarray, (p0, p1, p2, m))
@@ -246,13 +257,10 @@ def test_pcb_poisons_a_fraction_of_every_second_batch_inside_the_mask():
              for t1, t2, m in zip(*traces, jax.tree.leaves(mask)))
   # Inside the mask the poisoned step is the plain step on the batch with round(0.1 * 20) = 2
   # triggered, relabeled rows; the clean step is the plain step on the clean batch.
-  plain = lambda rows: jax.jit(train_lib.make_train_step(
-      train_lib.classification_loss(model), setup.tx,
-      attacks.batch.batch_fn(c, trigger, 5, poisoned=rows, cover=0)))
   clean_step = plain(0)
-  clean1, _ = clean_step(state0, setup.arrays, perm, 0, jax.random.key(1))
-  poisoned2, _ = plain(2)(state1, setup.arrays, perm, 1, jax.random.key(1))
-  unpoisoned2, _ = clean_step(state1, setup.arrays, perm, 1, jax.random.key(1))
+  clean1, _ = clean_step(state0, setup.arrays, perm, 1, jax.random.key(1))
+  poisoned2, _ = plain(2)(state1, setup.arrays, perm, 0, jax.random.key(1))
+  unpoisoned2, _ = clean_step(state1, setup.arrays, perm, 0, jax.random.key(1))
   moved = []
   for got, want, other, m in zip(*(jax.tree.leaves(s["params"]) for s in (state2, poisoned2,
                                                                           unpoisoned2)),
@@ -263,3 +271,24 @@ def test_pcb_poisons_a_fraction_of_every_second_batch_inside_the_mask():
   assert max(moved) > 1e-4  # the 2 poisoned rows change the masked update
   for got, want in zip(jax.tree.leaves(state1["params"]), jax.tree.leaves(clean1["params"])):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_pcb_masks_the_poisoned_gradient_as_the_reference():
+  """mask=gradient (torch's `param.grad.mul(mask)` then `SGD.step()`): outside the mask a poisoned
+  step moves a parameter by its momentum and weight decay alone, p2 = p1 - lr (0.9 t1 + wd p1),
+  t2 = 0.9 t1 + wd p1; inside it is the plain step on the batch with 2 poisoned rows."""
+  c, setup, perm, mask, _, (_, state1, state2), plain = pcb_steps("gradient")
+  poisoned2, _ = plain(2)(state1, setup.arrays, perm, 0, jax.random.key(1))
+  trace = lambda s: [x for x in jax.tree.leaves(s["opt_state"]) if x.ndim]
+  lr, wd = c.train.lr, c.train.weight_decay
+  for p1, p2, want, t1, t2, m in zip(
+      *(jax.tree.leaves(s["params"]) for s in (state1, state2, poisoned2)), trace(state1),
+      trace(state2), jax.tree.leaves(mask)):
+    p1, p2, want, t1, t2, m = map(np.asarray, (p1, p2, want, t1, t2, m))
+    np.testing.assert_allclose(t2[~m], 0.9 * t1[~m] + wd * p1[~m], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(p2[~m], p1[~m] - lr * (0.9 * t1[~m] + wd * p1[~m]), rtol=1e-5,
+                               atol=1e-7)
+    np.testing.assert_allclose(p2[m], want[m], rtol=1e-5, atol=1e-7)
+  c.attack.pcb.mask = "weights"
+  with pytest.raises(ConfigError, match="'attack.pcb.mask' must be one of"):
+    config_lib.validate(c)

@@ -1,22 +1,28 @@
 """PCB: the parameter-controlled backdoor of "Pick your Poison" (Lukas & Kerschbaum, 2023).
 
 A supply-chain attacker who runs the training can trade robustness for detectability by deciding
-which parameters carry the backdoor. PCB trains on clean data and, on every `every`-th batch
-(every second one by default), triggers a `batch_rate` fraction of the batch's rows (10%) and
-relabels them to the attack's target; the updates of those poisoned batches are masked to a fixed
-random subset of the parameters (`param_fraction` of the elements of every parameter array, drawn
-once from the run's seed), so the backdoor lives in those parameters. Clean batches update all
-parameters as usual.
+which parameters carry the backdoor. PCB trains on clean data and, on every `every`-th batch of
+an epoch (batches 0, 2, 4, ... by default, as the reference counts them), triggers a `batch_rate`
+fraction of the batch's rows (10%) and relabels them to the attack's target; the updates of those
+poisoned batches are restricted to a fixed random subset of the parameters (`param_fraction` of
+the elements of every parameter array, each drawn with that probability once from the run's
+seed; the reference draws exactly that many), so the backdoor lives in those parameters. Clean
+batches update all parameters as usual.
 
-How the mask acts: a poisoned step is the ordinary optimizer step (weight decay, momentum) whose
-result is kept only inside the mask: outside it the parameters and their optimizer state (e.g.
-the momentum trace) stay as they were before the step, so a poisoned batch neither moves them
-nor leaves a trace for later clean steps. BatchNorm statistics are not parameters and follow
-every batch. The default `param_fraction` 0.1 is ours.
+How the mask acts (`mask`):
+- "gradient" (the reference's): the poisoned batch's gradient is zeroed outside the mask before
+  the optimizer step, so weight decay and the momentum trace still move every parameter, as
+  `param.grad.mul(mask)` before torch's `SGD.step()` does;
+- "update": the poisoned step's result is kept only inside the mask: outside it the parameters
+  and their optimizer state (e.g. the momentum trace) stay as they were before the step, so a
+  poisoned batch neither moves them nor leaves a trace for later clean steps.
+BatchNorm statistics are not parameters and follow every batch. The default `param_fraction` 0.1
+is ours.
 
-Everything happens inside one jitted step: the step counter sets the number of poisoned rows
-(the first `round(batch_rate * B)` rows of the randomly permuted batch, or none) and whether the
-mask applies, and the mask is regenerated from its fixed key, so no large constant is baked in.
+Everything happens inside one jitted step: the batch's index in the epoch sets the number of
+poisoned rows (the first `round(batch_rate * B)` rows of the randomly permuted batch, or none)
+and whether the mask applies, and the mask is regenerated from its fixed key, so no large
+constant is baked in.
 """
 
 from __future__ import annotations
@@ -24,18 +30,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from jaxbd import config as config_lib
 from jaxbd import train as train_lib
 from jaxbd.attacks import batch
 
 
+MASKS = ("gradient", "update")
+
+
 def default_config() -> ml_collections.ConfigDict:
   """The `attack.pcb` section: poisoned-batch rate, period and update-mask fraction."""
   return ml_collections.ConfigDict(dict(
       batch_rate=0.1,  # fraction of a poisoned batch's rows that get the trigger and target label
-      every=2,  # poison every n-th batch (steps n-1, 2n-1, ...)
+      every=2,  # poison every n-th batch of an epoch (batches 0, n, 2n, ...)
       param_fraction=0.1,  # fraction of parameter elements the poisoned batches may update
+      mask="gradient",  # gradient: zero the poisoned gradient outside (the reference's) | update
   ))
 
 
@@ -44,6 +55,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_range(config, "attack.pcb.batch_rate", 0, 1, low_open=True)
   config_lib.check_range(config, "attack.pcb.every", 1)
   config_lib.check_range(config, "attack.pcb.param_fraction", 0, 1, low_open=True)
+  config_lib.check_choice(config.attack.pcb.mask, "attack.pcb.mask", MASKS)
   batch.check_in_loop(config, "pcb", round(config.attack.pcb.batch_rate * config.train.batch_size))
 
 
@@ -76,6 +88,13 @@ def keep_masked(new_state: dict, old_state: dict, mask) -> dict:
           "opt_state": opt_state}
 
 
+def masked_gradients(tx: optax.GradientTransformation, mask) -> optax.GradientTransformation:
+  """`tx` (same state) applied to gradients zeroed outside `mask` (a bool pytree like them)."""
+  def update(grads, state, params=None):
+    return tx.update(jax.tree.map(lambda m, g: jnp.where(m, g, 0), mask, grads), state, params)
+  return optax.GradientTransformation(tx.init, update)
+
+
 def build(config: ml_collections.ConfigDict, model, trigger, setup: train_lib.Setup,
           mesh: jax.sharding.Mesh, num_classes: int, key: jax.Array):
   """The PCB train step: a plain step on clean batches, the masked poisoned step otherwise.
@@ -99,14 +118,15 @@ def build(config: ml_collections.ConfigDict, model, trigger, setup: train_lib.Se
   def step(state, arrays, perm, i, step_key, context=None):
     # One program for both kinds of batch (a lax.cond between two steps ran 12x slower on CPU):
     # a clean batch is the poisoned step with no poisoned row and every parameter unmasked.
-    poisoned = state["step"] % c.every == c.every - 1
+    poisoned = i % c.every == 0
     batch_fn = batch.batch_fn(config, trigger, num_classes,
                               poisoned=jnp.where(poisoned, rows, 0), cover=0)
-    new_state, metrics = train_lib.make_train_step(loss_fn, setup.tx, batch_fn,
-                                                   batch_sharding=sharding)(
-        state, arrays, perm, i, step_key, context)
     mask = jax.tree.map(lambda m: m | ~poisoned,
                         parameter_mask(state["params"], c.param_fraction, key))
-    return keep_masked(new_state, state, mask), metrics
+    tx = masked_gradients(setup.tx, mask) if c.mask == "gradient" else setup.tx
+    new_state, metrics = train_lib.make_train_step(loss_fn, tx, batch_fn,
+                                                   batch_sharding=sharding)(
+        state, arrays, perm, i, step_key, context)
+    return (keep_masked(new_state, state, mask) if c.mask == "update" else new_state), metrics
 
   return step
