@@ -12,7 +12,8 @@ ResNet (here PreAct-ResNet18), SGD lr 0.1 momentum 0.9 wd 5e-4, cosine, batch 12
 adaptive_blend and adaptive_patch (4 pieces kept w.p. 0.5 in training, conservatism 0.5), wanet
 (k 4, s 0.5, noise mode), tsb (one of 4 noise marks per training image), sig (clean-label), pcb
 (BadNets trigger on 10% of every second batch, poisoned gradients masked to 10% of the
-parameters as the reference code does; no poisoned rows in the data). Poison rate 10% unless `rate=` (the paper varies it).
+parameters as the reference code does; no poisoned rows in the data). Poison rate 10% unless
+`rate=` (the paper varies it).
 Defenses: PT with the paper's defaults (2,000 steps, lr 1e-4, Nesterov, l_slol 0.05,
 l_param 20,000) and FT, both on 1% of the training set (500 images), drawn from rows the attack
 did not touch; the claim holds when every defended model has ASR near the clean model's and ACC

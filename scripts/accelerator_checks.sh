@@ -64,7 +64,8 @@ collect_d3() {
   local attack=$1
   cp "$workdir/d3_$attack/results.json" "$out/d3_$attack.json" &&
     python -m jaxbd.report --inputs="$workdir/d3_$attack" --reference=configs/d3_paper.json \
-      --out="$workdir/d3_${attack}_report" >/dev/null && cp "$workdir/d3_${attack}_report/report.md" "$out/d3_$attack.md"
+      --out="$workdir/d3_${attack}_report" >/dev/null &&
+    cp "$workdir/d3_${attack}_report/report.md" "$out/d3_$attack.md"
 }
 
 for stage in "${stages[@]}"; do  # every stage is known before any runs

@@ -35,6 +35,9 @@ from jaxbd import poison
 from jaxbd import train as train_lib
 
 
+AUGMENTS = ("run", "backdoorbench")
+
+
 def default_config() -> ml_collections.ConfigDict:
   """The `attack.batch` section."""
   return ml_collections.ConfigDict(dict(
@@ -66,8 +69,7 @@ def check_in_loop(config: ml_collections.ConfigDict, name: str, rows: int) -> No
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks `attack.batch` against the trigger and batch size (ConfigError otherwise)."""
   config_lib.check_range(config, "attack.batch.batch_rate", 0, 1, low_open=True)
-  config_lib.check_choice(config.attack.batch.augment, "attack.batch.augment",
-                          ("run", "backdoorbench"))
+  config_lib.check_choice(config.attack.batch.augment, "attack.batch.augment", AUGMENTS)
   check_in_loop(config, "batch", int(config.train.batch_size * config.attack.batch.batch_rate))
 
 

@@ -223,8 +223,8 @@ def _nc_epoch(model, variables, images, state, num_classes: int, c: tuple, key: 
       the threshold) and `set` int32[K] (successful epochs in a row while the cost is 0),
       `best_reg` f32[K] (the kept epoch's mean mask L1), `best_norm` f32[K] (the kept mask's
       L1), `last_norm` f32[K]; for the early stop `raised`, `lowered` bool[K] (the cost moved
-      since it was started), `stale` int32[K] (epochs without a smaller kept L1), `least_reg`
-      f32[K] (the smallest kept L1 so far), `stopped` bool[K], `epochs` int32[K] (epochs run).
+      since it was started), `stale` int32[K] (epochs without a smaller kept L1), `stopped`
+      bool[K], `epochs` int32[K] (epochs run).
     num_classes: K.
     c: (steps, batch, lr, threshold, patience, cost_up, cost_down, init_cost, early_stop_patience
       (0: never stop), early_stop_threshold).
@@ -259,11 +259,12 @@ def _nc_epoch(model, variables, images, state, num_classes: int, c: tuple, key: 
   success = acc >= threshold
   better = success & (reg < state["best_reg"])
   best_reg = jnp.where(better, reg, state["best_reg"])
-  # The reference's order: the kept mask, then the early stop, then the cost leaves 0 after
-  # `patience` successes at 0, resetting the counters and flags; then the counters count this
-  # epoch and may move the cost.
+  # The reference's order: the kept mask, then the early stop (its smallest kept L1 so far is
+  # the previous epoch's `best_reg`, which never grows), then the cost leaves 0 after `patience`
+  # successes at 0, resetting the counters and flags; then the counters count this epoch and may
+  # move the cost.
   stale = jnp.where(jnp.isfinite(best_reg),
-                    jnp.where(best_reg >= stop_threshold * state["least_reg"],
+                    jnp.where(best_reg >= stop_threshold * state["best_reg"],
                               state["stale"] + 1, 0), state["stale"])
   stop = (stop_patience > 0) & state["raised"] & state["lowered"] & (stale >= stop_patience)
   at_zero = (state["cost"] == 0) & success
@@ -279,8 +280,7 @@ def _nc_epoch(model, variables, images, state, num_classes: int, c: tuple, key: 
          "best_reg": best_reg, "best_norm": jnp.where(better, norm, state["best_norm"]),
          "last_norm": norm, "raised": ~start & state["raised"] | (up >= patience),
          "lowered": ~start & state["lowered"] | (down >= patience), "stale": stale,
-         "least_reg": jnp.minimum(best_reg, state["least_reg"]), "stopped": stop,
-         "epochs": state["epochs"] + 1}
+         "stopped": stop, "epochs": state["epochs"] + 1}
   # A class that stopped at an earlier epoch keeps its state (the optimizer's shared step count
   # aside), as the reference leaves its loop.
   frozen = lambda old, now: now if jnp.ndim(now) == 0 else jnp.where(
@@ -320,7 +320,7 @@ def neural_cleanse(ctx: base.Context, variables: dict, trusted: base.Trusted,
   state = {"raw": raw, "opt_state": tx.init(raw),
            "cost": jnp.full((k,), 0.0 if config.reset_cost_to_zero else config.init_cost),
            "up": zeros, "down": zeros, "set": zeros, "best_reg": inf, "best_norm": inf,
-           "last_norm": inf, "raised": no, "lowered": no, "stale": zeros, "least_reg": inf,
+           "last_norm": inf, "raised": no, "lowered": no, "stale": zeros,
            "stopped": no, "epochs": zeros}
   steps = max(1, -(-len(trusted.labels) // config.batch_size))
   c = (steps, config.batch_size, config.lr, config.threshold, config.patience, config.cost_up,

@@ -124,12 +124,12 @@ def read_reference(path: str) -> dict:
     DataError: the file is unreadable, not JSON, or not laid out so.
   """
   ref = read_json(path, "reference")
-  ok = (isinstance(ref, dict) and isinstance(ref.get("source"), str)
-        and isinstance(ref.get("table"), dict) and ref["table"]
-        and all(isinstance(row, dict) and all(
-            isinstance(m, dict) and {"acc", "asr"} <= set(m) <= {"acc", "asr", "der"}
-            and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in m.values())
-            for m in row.values()) for row in ref["table"].values()))
+  rates = lambda m: (isinstance(m, dict) and {"acc", "asr"} <= set(m) <= {"acc", "asr", "der"}
+                     and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in m.values()))
+  table = ref.get("table") if isinstance(ref, dict) else None
+  ok = (isinstance(ref, dict) and isinstance(ref.get("source"), str) and isinstance(table, dict)
+        and table and all(isinstance(row, dict) and all(map(rates, row.values()))
+                          for row in table.values()))
   if not ok:
     raise DataError(f"{path} is not a reference: want {{\"source\": text, \"table\": {{attack: "
                     "{model: {\"acc\", \"asr\"[, \"der\"]: rates in [0, 1]}}}}")
