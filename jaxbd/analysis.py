@@ -25,14 +25,15 @@ from sklearn.linear_model import LogisticRegression
 
 from jaxbd import metrics, models
 from jaxbd.data.pipeline import to_unit
-from jaxbd.train.evaluate import padded_batches, test_targets
+from jaxbd.train.evaluate import batch_key, padded_batches, test_targets
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _features(model, variables: dict, images: jax.Array, transform: Optional[Any]) -> jax.Array:
+def _features(model, variables: dict, images: jax.Array, transform: Optional[Any],
+              start: int) -> jax.Array:
   x = to_unit(images)
   if transform is not None:
-    x = transform(x)
+    x = transform(x, batch_key(start))
   return models.features(model, variables, x)[1]
 
 
@@ -40,11 +41,12 @@ def penultimate_features(model, variables: dict, images: np.ndarray,
                          transform: Optional[Any] = None, batch_size: int = 500) -> np.ndarray:
   """Eval-mode penultimate features f32[M, D] of uint8[M, H, W, C] images.
 
-  `transform` (e.g. a trigger, `x f32[B, H, W, C] in [0, 1] -> x`) is applied to the images first;
-  it is a jit argument, so another trigger of the same type does not recompile.
+  `transform` (e.g. a trigger, `(x f32[B, H, W, C] in [0, 1], key) -> x`) is applied to the
+  images first, with the keys `jaxbd.train.Predictor` gives it; it is a jit argument, so another
+  trigger of the same type does not recompile.
   """
-  out = [np.asarray(_features(model, variables, chunk, transform))[:valid]
-         for chunk, valid in padded_batches(images, batch_size)]
+  out = [np.asarray(_features(model, variables, chunk, transform, b * batch_size))[:valid]
+         for b, (chunk, valid) in enumerate(padded_batches(images, batch_size))]
   return np.concatenate(out)
 
 

@@ -8,6 +8,7 @@ import os
 import re
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -16,6 +17,7 @@ import pytest
 
 from jaxbd import config as config_lib
 from jaxbd import data, experiments, metrics, poison
+from jaxbd import train as train_lib
 from jaxbd.errors import ConfigError
 from jaxbd.experiments import badpatches as experiment
 from jaxbd.experiments import common, plots, results
@@ -91,6 +93,29 @@ def test_random_positions_differ_per_image_and_are_reproducible():
   assert len({tuple(np.flatnonzero(c)) for c in cells}) > 40
   np.testing.assert_array_equal(masks, changed(t, batch=64, key=jax.random.key(1)))
   np.testing.assert_array_equal(changed(t, 8), changed(t, 8))  # evaluation: the trigger's key
+
+
+class CellProbe(nn.Module):
+  """Logits f32[B, 64]: the mean pixel of each 4x4 cell of a 32x32 image (the brightest cell
+  wins)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    return x.mean(-1).reshape(-1, 8, 4, 8, 4).mean((2, 4)).reshape(-1, 64)
+
+
+def test_evaluation_draws_random_positions_per_batch():
+  """The Predictor gives each batch its own key: row r of one batch and row r of the next get
+  independent cells, and a second evaluation repeats every draw."""
+  t = poison.make_trigger(bp_config(position="random", pattern="solid"), (32, 32, 3))
+  predict = train_lib.Predictor(CellProbe(), batch_size=100)
+  black = np.zeros((300, 32, 32, 3), np.uint8)
+  cells = predict({}, black, t)
+  assert len(np.unique(cells)) > 50  # one random cell per image among 64
+  by_batch = cells.reshape(3, 100)
+  assert np.mean(by_batch[0] == by_batch[1]) < 0.2  # ~1/64 by chance; 1.0 with one shared key
+  np.testing.assert_array_equal(cells, predict({}, black, t))
 
 
 def test_coverage_of_victim_positions_under_partial_knowledge():

@@ -216,12 +216,12 @@ def pcb_steps(mask_mode: str):
   setup = train_lib.supervised_setup(model, images, labels, train_config=c.train,
                                      data_config=c.data, mesh=mesh, key=jax.random.key(0))
   mask_key = jax.random.key(7)
-  step = jax.jit(attacks.ATTACKS["pcb"].build(c, model, trigger, setup, mesh, 5, mask_key))
+  step, mask = attacks.ATTACKS["pcb"].build(c, model, trigger, setup, mesh, 5, mask_key)
+  step = jax.jit(step)
   perm = jnp.arange(40, dtype=jnp.int32).reshape(2, 20)
-  mask = attacks.pcb.parameter_mask(setup.state["params"], 0.3, mask_key)
   states = [setup.state]
   for i in (1, 0):  # batch 1 is clean, batch 0 (every second from the first) poisoned
-    states.append(step(states[-1], setup.arrays, perm, i, jax.random.key(1))[0])
+    states.append(step(states[-1], setup.arrays, perm, i, jax.random.key(1), mask)[0])
   plain = lambda rows: jax.jit(train_lib.make_train_step(
       train_lib.classification_loss(model), setup.tx,
       attacks.batch.batch_fn(c, trigger, 5, poisoned=rows, cover=0)))
@@ -241,8 +241,13 @@ def test_pcb_poisons_a_fraction_of_every_second_batch_inside_the_mask():
   np.testing.assert_array_equal(np.asarray(x)[:2, -3:, -3:], 1.0)  # and triggered
   assert np.all(np.asarray(x)[2:, -3:, -3:] < 1.0)
 
-  fraction = np.mean(np.concatenate([np.asarray(m).ravel() for m in jax.tree.leaves(mask)]))
-  assert 0.25 < fraction < 0.35
+  for m, p in zip(jax.tree.leaves(mask), jax.tree.leaves(state0["params"])):
+    assert m.shape == p.shape and np.sum(m) == round(0.3 * p.size)  # exactly, as the reference
+  again = attacks.pcb.parameter_mask(state0["params"], 0.3, jax.random.key(7))
+  for m, m2 in zip(jax.tree.leaves(mask), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(m, m2)  # drawn from the fixed key
+  largest = max((np.asarray(m).ravel() for m in jax.tree.leaves(mask)), key=len)
+  assert 0.2 < largest[:len(largest) // 2].mean() < 0.4  # spread over the array, not a prefix
   for p0, p1, p2, m in zip(*(jax.tree.leaves(s["params"]) for s in (state0, state1, state2)),
                            jax.tree.leaves(mask)):
     p0, p1, p2, m = map(np.asarray, (p0, p1, p2, m))

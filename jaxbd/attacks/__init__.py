@@ -1,7 +1,8 @@
 """Training-time attacks: attacks that change how the victim is trained, not only its data.
 
-`ATTACKS[name].build(config, model, trigger, setup, mesh, num_classes, key) -> step` turns the
-clean supervised phase `setup` into the attacked train step; `config.attack.name` selects one
+`ATTACKS[name].build(config, model, trigger, setup, mesh, num_classes, key) -> (step, context)`
+turns the clean supervised phase `setup` into the attacked train step and the pytree that
+`jaxbd.train.fit` passes to its every call (None: nothing); `config.attack.name` selects one
 ("none": plain training on the poison plan's data). Sections: `config.attack.<name>`.
 
 `batch`: a share of every batch poisoned inside the training loop, as BackdoorBench trains WaNet.

@@ -112,7 +112,8 @@ def batch_fn(config: ml_collections.ConfigDict, trigger, num_classes: int, poiso
 
 def build(config: ml_collections.ConfigDict, model, trigger, setup: train_lib.Setup,
           mesh: jax.sharding.Mesh, num_classes: int, key: jax.Array):
-  """The train step that poisons every batch (the arguments of `jaxbd.attacks.ATTACKS`)."""
+  """The train step that poisons every batch, and its context (None): the arguments and results
+  of `jaxbd.attacks.ATTACKS`."""
   del key  # nothing fixed to draw: the batches' shuffles pick the rows
   poisoned = int(config.train.batch_size * config.attack.batch.batch_rate)
   cover = int(poisoned * getattr(trigger, "cover_ratio", 0.0))
@@ -120,4 +121,4 @@ def build(config: ml_collections.ConfigDict, model, trigger, setup: train_lib.Se
   return train_lib.make_train_step(
       train_lib.classification_loss(model), setup.tx,
       batch_fn(config, trigger, num_classes, poisoned, cover, fill),
-      batch_sharding=train_lib.batch_sharding(mesh))
+      batch_sharding=train_lib.batch_sharding(mesh)), None

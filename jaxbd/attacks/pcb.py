@@ -5,9 +5,9 @@ which parameters carry the backdoor. PCB trains on clean data and, on every `eve
 an epoch (batches 0, 2, 4, ... by default, as the reference counts them), triggers a `batch_rate`
 fraction of the batch's rows (10%) and relabels them to the attack's target; the updates of those
 poisoned batches are restricted to a fixed random subset of the parameters (`param_fraction` of
-the elements of every parameter array, each drawn with that probability once from the run's
-seed; the reference draws exactly that many), so the backdoor lives in those parameters. Clean
-batches update all parameters as usual.
+the elements of every parameter array, `round(param_fraction * size)` of them drawn at random
+once from the run's seed, as the reference draws them), so the backdoor lives in those
+parameters. Clean batches update all parameters as usual.
 
 How the mask acts (`mask`):
 - "gradient" (the reference's): the poisoned batch's gradient is zeroed outside the mask before
@@ -21,8 +21,8 @@ is ours.
 
 Everything happens inside one jitted step: the batch's index in the epoch sets the number of
 poisoned rows (the first `round(batch_rate * B)` rows of the randomly permuted batch, or none)
-and whether the mask applies, and the mask is regenerated from its fixed key, so no large
-constant is baked in.
+and whether the mask applies; the mask is drawn once and reaches the step as its context (an
+argument, not a constant baked into the program).
 """
 
 from __future__ import annotations
@@ -60,11 +60,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def parameter_mask(params, fraction: float, key: jax.Array):
-  """A pytree of bool arrays like `params`: each element True with probability `fraction`."""
+  """A pytree of bool arrays like `params`: in each array, `round(fraction * size)` elements True,
+  drawn uniformly at random."""
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten([jax.random.bernoulli(k, fraction, x.shape)
-                            for k, x in zip(keys, leaves)])
+
+  def leaf_mask(k, x):
+    chosen = jax.random.permutation(k, x.size)[:round(fraction * x.size)]
+    return jnp.zeros(x.size, bool).at[chosen].set(True).reshape(x.shape)
+
+  return treedef.unflatten([leaf_mask(k, x) for k, x in zip(keys, leaves)])
 
 
 def keep_masked(new_state: dict, old_state: dict, mask) -> dict:
@@ -109,24 +114,25 @@ def build(config: ml_collections.ConfigDict, model, trigger, setup: train_lib.Se
     key: the fixed key of the parameter mask (apart from the run's init and train keys).
 
   Returns:
-    `step(state, arrays, perm, i, key, context) -> (state, metrics)` for `jaxbd.train.fit`.
+    (`step(state, arrays, perm, i, key, context) -> (state, metrics)` for `jaxbd.train.fit`,
+    its context: the parameter mask, a bool pytree like the parameters, on the mesh).
   """
   c = config.attack.pcb
   rows = round(c.batch_rate * config.train.batch_size)
   loss_fn, sharding = train_lib.classification_loss(model), train_lib.batch_sharding(mesh)
 
-  def step(state, arrays, perm, i, step_key, context=None):
+  def step(state, arrays, perm, i, step_key, mask):
     # One program for both kinds of batch (a lax.cond between two steps ran 12x slower on CPU):
     # a clean batch is the poisoned step with no poisoned row and every parameter unmasked.
     poisoned = i % c.every == 0
     batch_fn = batch.batch_fn(config, trigger, num_classes,
                               poisoned=jnp.where(poisoned, rows, 0), cover=0)
-    mask = jax.tree.map(lambda m: m | ~poisoned,
-                        parameter_mask(state["params"], c.param_fraction, key))
+    mask = jax.tree.map(lambda m: m | ~poisoned, mask)
     tx = masked_gradients(setup.tx, mask) if c.mask == "gradient" else setup.tx
     new_state, metrics = train_lib.make_train_step(loss_fn, tx, batch_fn,
                                                    batch_sharding=sharding)(
-        state, arrays, perm, i, step_key, context)
+        state, arrays, perm, i, step_key)
     return (keep_masked(new_state, state, mask) if c.mask == "update" else new_state), metrics
 
-  return step
+  return step, train_lib.put_replicated(
+      parameter_mask(setup.state["params"], c.param_fraction, key), mesh)

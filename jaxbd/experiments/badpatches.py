@@ -80,22 +80,25 @@ def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(config.to_dict())
 
 
-def trigger_pixels(trigger, batch: int, image_shape) -> jax.Array:
-  """f32[B, H, W, 1]: the pixels `trigger` changes in a batch of `batch` images (evaluation)."""
+def trigger_pixels(trigger, batch: int, image_shape, key: jax.Array) -> jax.Array:
+  """f32[B, H, W, 1]: the pixels `trigger` (with PRNG `key`) changes in a batch of `batch`
+  images."""
   changed = 0.0
   for level in (0.3, 0.7):
     x = jnp.full((batch, *image_shape), level, jnp.float32)
-    changed = changed + jnp.any(jnp.abs(trigger(x) - x) > 1e-6, axis=-1, keepdims=True)
+    changed = changed + jnp.any(jnp.abs(trigger(x, key) - x) > 1e-6, axis=-1, keepdims=True)
   return (changed > 0).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cell", "fields"))
-def _routing_batch(model, variables, images: jax.Array, trigger, cell: int, fields: tuple):
+def _routing_batch(model, variables, images: jax.Array, trigger, cell: int, fields: tuple,
+                   start: int):
   x = to_unit(images)
   covered = None
   if trigger is not None:
-    covered = badpatches.coverage(trigger_pixels(trigger, x.shape[0], x.shape[1:]), cell)
-    x = trigger(x)
+    key = train_lib.batch_key(start)
+    covered = badpatches.coverage(trigger_pixels(trigger, x.shape[0], x.shape[1:], key), cell)
+    x = trigger(x, key)
   layers = routing.collect(model, variables, x)
   return {layer: {f: out[f] for f in fields} for layer, out in layers.items()}, covered
 
@@ -110,7 +113,8 @@ def collect_routing(model, variables, images: np.ndarray, batch_size: int, trigg
     variables: its variables.
     images: uint8[N, H, W, C].
     batch_size: images per jitted batch.
-    trigger: applied to the images when given (as at evaluation: without a key).
+    trigger: applied to the images when given, as `jaxbd.train.Predictor` applies it (each
+      batch with the key `jaxbd.train.batch_key` of its first row).
     cell: the model's routing cell side (for the trigger's coverage).
     fields: which of `jaxbd.models.routing.collect`'s arrays to copy to the host.
 
@@ -119,9 +123,9 @@ def collect_routing(model, variables, images: np.ndarray, batch_size: int, trigg
     bool[N, S] routing positions the trigger covers, or None without a trigger).
   """
   parts, covers = [], []
-  for chunk, valid in train_lib.padded_batches(images, batch_size):
+  for b, (chunk, valid) in enumerate(train_lib.padded_batches(images, batch_size)):
     layers, covered = jax.device_get(_routing_batch(model, variables, chunk, trigger, cell,
-                                                    tuple(fields)))
+                                                    tuple(fields), b * batch_size))
     parts.append(jax.tree.map(lambda a, v=valid: a[:v], layers))
     if covered is not None:
       covers.append(covered[:valid])

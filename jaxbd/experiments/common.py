@@ -240,14 +240,14 @@ def train_classifier(run: Run, phase: str, *, poisoned: bool,
       data_config=c.data, mesh=run.mesh, key=init_key,
       kind=run.plan.kind if poison_now else None,
       poison_fn=poison.poison_fn(run.trigger) if poison_now else None)
-  step = setup.step
+  step, context = setup.step, None
   if poison_now and c.attack.name != "none":
     # fold_in(key, 0 or 1) would repeat split(key)'s init and train keys
-    step = attacks.ATTACKS[c.attack.name].build(c, run.model, run.trigger, setup, run.mesh,
-                                                ds.num_classes, jax.random.fold_in(key, 2))
+    step, context = attacks.ATTACKS[c.attack.name].build(
+        c, run.model, run.trigger, setup, run.mesh, ds.num_classes, jax.random.fold_in(key, 2))
   state, summary = train_lib.fit(
       phase, setup.state, step, setup.arrays, epochs=tc.epochs, batch_size=tc.batch_size,
-      key=train_key, workdir=run.workdir,
+      key=train_key, workdir=run.workdir, context=context,
       eval_fn=lambda s: run.evaluate(train_lib.variables(s)), eval_every=tc.eval_every,
       checkpoint_every=tc.checkpoint_every, log_every=c.log.every_steps,
       progress=c.log.progress)

@@ -53,7 +53,8 @@ class PatchTrigger(triggers.NoCover):
       pixels outside every trigger area.
     pattern: f32[H, W, C] in [0, 1]: the cell pattern repeated in every cell's trigger area.
     cells: int32[k] the triggered cells (fixed and router-guided positions).
-    key: PRNG key of random positions when the caller gives none (evaluation).
+    key: PRNG key of random positions when the caller gives none (evaluation passes one per
+      batch: `jaxbd.train.batch_key`).
     num_cells: N, cells of the grid.
     random: draw k cells per image instead of using `cells`.
   """

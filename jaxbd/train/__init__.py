@@ -1,7 +1,8 @@
 """Training: train state and jitted steps, meshes and shardings, checkpoints, the loop, eval."""
 
 from jaxbd.train.checkpoint import Checkpointer
-from jaxbd.train.evaluate import Predictor, backdoor_metrics, padded_batches, test_targets
+from jaxbd.train.evaluate import (Predictor, backdoor_metrics, batch_key, padded_batches,
+                                  test_targets)
 from jaxbd.train.loop import MetricsLog, fit
 from jaxbd.train.mesh import (Throttle, batch_sharding, check_batch, make_mesh, put_replicated,
                               put_state, replicated, state_sharding)

@@ -1,8 +1,10 @@
 """Batched, jitted evaluation on device: predictions, ACC, ASR and RA of a model.
 
 `Predictor` jits `argmax(model(transform(images)))` once per model and input shape, pads the last
-batch, and splits batches over the mesh's devices. `backdoor_metrics` evaluates a model on the
-clean test set and on the triggered non-target test set (BackdoorBench's `bd_test`).
+batch, and splits batches over the mesh's devices; a random transform (BadPatches' random
+positions) draws each batch from its own key, `batch_key(start)`. `backdoor_metrics` evaluates a
+model on the clean test set and on the triggered non-target test set (BackdoorBench's
+`bd_test`).
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ class Predictor:
     self.batch_size = batch_size
     self._mesh = None if batch_sharding is None else batch_sharding.mesh
 
-    def predict(variables, images, transform):
+    def predict(variables, images, transform, start):
       x = to_unit(images)
       if transform is not None:
-        x = transform(x)
+        x = transform(x, batch_key(start))
       if batch_sharding is not None:
         x = jax.lax.with_sharding_constraint(x, batch_sharding)
       return jnp.argmax(model.apply(variables, x, train=False), axis=-1)
@@ -48,14 +50,21 @@ class Predictor:
   def __call__(self, variables, images: np.ndarray, transform: Optional[Any] = None) -> np.ndarray:
     """Predictions int[M] for uint8[M, H, W, C] images, optionally transformed (e.g. a trigger).
 
-    `transform` is a callable pytree such as a trigger (`transform(x f32[B, H, W, C]) -> x`),
-    passed to jit as an argument, so a new trigger of the same type does not recompile.
+    `transform` is a callable pytree such as a trigger (`transform(x f32[B, H, W, C], key) -> x`,
+    the key `batch_key` of the batch's first row), passed to jit as an argument, so a new
+    trigger of the same type does not recompile.
     """
     throttle = mesh_lib.Throttle()
-    out = [throttle(self._predict(variables, self._place(chunk), transform))
-           for chunk, _ in padded_batches(images, self.batch_size)]
+    out = [throttle(self._predict(variables, self._place(chunk), transform, b * self.batch_size))
+           for b, (chunk, _) in enumerate(padded_batches(images, self.batch_size))]
     return (np.concatenate([np.asarray(o) for o in out])[:len(images)] if out else
             np.zeros(0, np.int32))
+
+
+def batch_key(start) -> jax.Array:
+  """The PRNG key of a random transform on the evaluation batch whose first row is `start` (an
+  int, traced or not): batches draw independently of each other, and the same in every run."""
+  return jax.random.fold_in(jax.random.key(0), start)
 
 
 def padded_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
