@@ -13,8 +13,9 @@ WaNet (k 4, s 0.5, cross ratio 2; poisoned inside the training loop as BackdoorB
 `attack.name=batch`: the first 10% of every shuffled batch warped and relabeled, the next 20%
 noise-warped; BackdoorBench's WaNet augmentation of the whole batch in place of the per-image crop
 and flip, `attack.batch.augment=backdoorbench`, see jaxbd/attacks/batch.py), SIG (delta 40, f 6,
-clean-label: every target-class image at 10%). Defenses with their reference defaults on 5% clean training data (2,500 images): FT (20 epochs), D3 (100
-epochs, batch 256, lmd 0.5, eps 0.1, random warm-up), PT (2,000 steps).
+clean-label: every target-class image at 10%). Defenses with their reference defaults on 5% clean
+training data (2,500 images): FT (20 epochs), D3 (100 epochs, batch 256, lmd 0.5, eps 0.1, random
+warm-up), PT (2,000 steps).
 Expected (the paper, ACC/ASR): BadNets 91.32/95.03 -> FT 89.96/1.48, D3 90.77/0.74; Blended
 93.47/99.92 -> 92.78/96.11, 92.29/0.22; WaNet 91.25/89.73 -> 93.48/17.10, 93.31/0.04; SIG
 84.48/98.27 -> 90.80/2.37, 89.99/0.00 (configs/d3_paper.json, the report's `--reference`). No

@@ -45,8 +45,8 @@ def penultimate_features(model, variables: dict, images: np.ndarray,
   images first, with the keys `jaxbd.train.Predictor` gives it; it is a jit argument, so another
   trigger of the same type does not recompile.
   """
-  out = [np.asarray(_features(model, variables, chunk, transform, b * batch_size))[:valid]
-         for b, (chunk, valid) in enumerate(padded_batches(images, batch_size))]
+  out = [np.asarray(_features(model, variables, chunk, transform, start))[:valid]
+         for start, chunk, valid in padded_batches(images, batch_size)]
   return np.concatenate(out)
 
 

@@ -93,7 +93,7 @@ def mean_activations(model, variables: dict, images: np.ndarray, batch_size: int
     (`{module: ... {"mask": means}}`); empty when the model has no fine-pruning layer.
   """
   sums = None
-  for chunk, valid in train_lib.padded_batches(images, batch_size):
+  for _, chunk, valid in train_lib.padded_batches(images, batch_size):
     batch = _activation_sums(model, variables, chunk, valid)
     sums = batch if sums is None else jax.tree.map(jnp.add, sums, batch)
   if not sums:

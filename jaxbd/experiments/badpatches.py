@@ -123,9 +123,9 @@ def collect_routing(model, variables, images: np.ndarray, batch_size: int, trigg
     bool[N, S] routing positions the trigger covers, or None without a trigger).
   """
   parts, covers = [], []
-  for b, (chunk, valid) in enumerate(train_lib.padded_batches(images, batch_size)):
+  for start, chunk, valid in train_lib.padded_batches(images, batch_size):
     layers, covered = jax.device_get(_routing_batch(model, variables, chunk, trigger, cell,
-                                                    tuple(fields), b * batch_size))
+                                                    tuple(fields), start))
     parts.append(jax.tree.map(lambda a, v=valid: a[:v], layers))
     if covered is not None:
       covers.append(covered[:valid])

@@ -78,7 +78,7 @@ def calibrate(model, variables: dict, images: np.ndarray, batch_size: int,
     return base
   stats = fresh_stats(model, images.shape[1:])
   throttle = Throttle()
-  for chunk, _ in padded_batches(images, batch_size):
+  for _, chunk, _ in padded_batches(images, batch_size):
     stats = throttle(_observe(model, batch_sharding, base, stats, chunk))
   return {**base, STATS: stats}
 

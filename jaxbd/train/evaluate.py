@@ -55,8 +55,8 @@ class Predictor:
     trigger of the same type does not recompile.
     """
     throttle = mesh_lib.Throttle()
-    out = [throttle(self._predict(variables, self._place(chunk), transform, b * self.batch_size))
-           for b, (chunk, _) in enumerate(padded_batches(images, self.batch_size))]
+    out = [throttle(self._predict(variables, self._place(chunk), transform, start))
+           for start, chunk, _ in padded_batches(images, self.batch_size)]
     return (np.concatenate([np.asarray(o) for o in out])[:len(images)] if out else
             np.zeros(0, np.int32))
 
@@ -67,19 +67,20 @@ def batch_key(start) -> jax.Array:
   return jax.random.fold_in(jax.random.key(0), start)
 
 
-def padded_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+def padded_batches(images: np.ndarray,
+                   batch_size: int) -> Iterator[tuple[int, np.ndarray, int]]:
   """Splits images into whole batches, so that a jitted function compiles one shape.
 
   Yields:
-    (chunk [batch_size, ...] whose last batch is padded by repeating its last image, the number
-    of real rows in it).
+    (the batch's first row, chunk [batch_size, ...] whose last batch is padded by repeating its
+    last image, the number of real rows in it).
   """
   for start in range(0, len(images), batch_size):
     chunk = np.asarray(images[start:start + batch_size])
     valid = len(chunk)
     if valid < batch_size:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - valid, 0)])
-    yield chunk, valid
+    yield start, chunk, valid
 
 
 def test_targets(y_test: np.ndarray, label_mode: str, target: int, num_classes: int):
