@@ -395,11 +395,16 @@ class Component:
     validate: given the whole config, raises ConfigError for a bad value in the component's
       section.
     build: constructs the component; its signature is the registry's (see each registry).
+    check_model: None, or `(config, model, variables, image_shape, num_classes) -> None`, which
+      raises ConfigError for a setting that does not fit the model (e.g. a layer it lacks);
+      `variables` holds shapes only (`jax.ShapeDtypeStruct`). Experiments run it before they
+      write anything, so a misnamed layer fails at once, not after the victim has trained.
   """
 
   default_config: Callable[[], ConfigDict | None]
   validate: Callable[[ConfigDict], None]
   build: Callable[..., Any]
+  check_model: Callable[..., None] | None = None
 
 
 def no_checks(_: ConfigDict) -> None:

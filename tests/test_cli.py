@@ -137,6 +137,13 @@ def bad_npz(tmp_path):
     (["--config.data.source=npz:/nonexistent/data.npz"], "file not found"),
     (["--config.data.source=imagenet"], "data.source 'imagenet' is not one of"),
     (["--config.poison.target=12"], "poison.target 12 is not a class"),
+    # settings that only the model or the poison plan can refute, refused before training
+    (["--config.defense.names=d3", "--config.defense.d3.layers=conv9"],
+     "defense.d3.layers: module 'conv9' has no kernel"),
+    (["--config.defense.names=ft", "--config.defense.clean_fraction=0.95"],
+     "defense.clean_fraction 0.95 asks for 1365 trusted images; 1294 clean"),
+    (["--config.attack.name=pcb", "--config.poison.rate=0", "--config.attack.pcb.open_modules=hed"],
+     "attack.pcb.open_modules: no top-level module ['hed']"),
 ])
 def test_bad_config_exits_with_one_line(tmp_path, extra, message):
   workdir = tmp_path / "w"

@@ -203,6 +203,23 @@ def test_pcb_config_checks():
     config_lib.validate(pcb_config(batch_rate=0.01))
 
 
+def test_pcb_open_modules_lift_the_mask_of_the_named_modules():
+  c = pcb_config(param_fraction=0.3, open_modules="head")
+  model = models.create(c, 5, (0.5,) * 3, (0.25,) * 3)
+  params = train_lib.init_variables(model, jax.random.key(0), (8, 8, 3))["params"]
+  mask = attacks.pcb.open_modules(attacks.pcb.parameter_mask(params, 0.3, jax.random.key(7)),
+                                  params, c.attack.pcb.open_modules)
+  assert "head" in mask and len(mask) > 1
+  for name, module in mask.items():
+    for m in jax.tree.leaves(module):
+      assert np.sum(m) == (m.size if name == "head" else int(0.3 * m.size)), name
+  shapes = jax.eval_shape(lambda: params)
+  attacks.pcb.check_model(c, model, {"params": shapes}, (8, 8, 3), 5)
+  c.attack.pcb.open_modules = "head,hed"
+  with pytest.raises(ConfigError, match=r"no top-level module \['hed'\]"):
+    attacks.pcb.check_model(c, model, {"params": shapes}, (8, 8, 3), 5)
+
+
 def pcb_steps(mask_mode: str):
   """A 4-wide CNN, its setup, the PCB step with a 0.3 mask (`mask_mode`), the mask, the trigger
   and a clean step (batch 1 of the epoch) then a poisoned one (batch 0): states 0, 1, 2."""
@@ -236,13 +253,13 @@ def test_pcb_poisons_a_fraction_of_every_second_batch_inside_the_mask():
   labels = np.asarray(setup.arrays.labels)
   x, y = attacks.batch.batch_fn(c, trigger, 5, poisoned=2, cover=0)(
       setup.arrays, jnp.arange(20), jax.random.key(0))
-  np.testing.assert_array_equal(np.asarray(y)[:2], 0)  # round(0.1 * 20) rows relabeled
+  np.testing.assert_array_equal(np.asarray(y)[:2], 0)  # int(0.1 * 20) rows relabeled
   np.testing.assert_array_equal(np.asarray(y)[2:], labels[2:20])
   np.testing.assert_array_equal(np.asarray(x)[:2, -3:, -3:], 1.0)  # and triggered
   assert np.all(np.asarray(x)[2:, -3:, -3:] < 1.0)
 
   for m, p in zip(jax.tree.leaves(mask), jax.tree.leaves(state0["params"])):
-    assert m.shape == p.shape and np.sum(m) == round(0.3 * p.size)  # exactly, as the reference
+    assert m.shape == p.shape and np.sum(m) == int(0.3 * p.size)  # exactly, as the reference
   again = attacks.pcb.parameter_mask(state0["params"], 0.3, jax.random.key(7))
   for m, m2 in zip(jax.tree.leaves(mask), jax.tree.leaves(again)):
     np.testing.assert_array_equal(m, m2)  # drawn from the fixed key
@@ -260,7 +277,7 @@ def test_pcb_poisons_a_fraction_of_every_second_batch_inside_the_mask():
     np.testing.assert_array_equal(t2[~m], t1[~m])
   assert any(np.any(np.asarray(t2)[np.asarray(m)] != np.asarray(t1)[np.asarray(m)])
              for t1, t2, m in zip(*traces, jax.tree.leaves(mask)))
-  # Inside the mask the poisoned step is the plain step on the batch with round(0.1 * 20) = 2
+  # Inside the mask the poisoned step is the plain step on the batch with int(0.1 * 20) = 2
   # triggered, relabeled rows; the clean step is the plain step on the clean batch.
   clean_step = plain(0)
   clean1, _ = clean_step(state0, setup.arrays, perm, 1, jax.random.key(1))

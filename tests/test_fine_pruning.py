@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxbd import config as config_lib
-from jaxbd import defenses
+from jaxbd import defenses, models
 from jaxbd import train as train_lib
 from jaxbd.defenses import fine_pruning
 from jaxbd.errors import ConfigError
@@ -94,6 +94,13 @@ def test_bad_prune_rate_and_a_model_without_a_pruning_layer_are_refused():
   with pytest.raises(ConfigError, match="NoPruningLayer has no fine-pruning layer"):
     fine_pruning.fine_prune(ctx, variables, trusted, config_lib.defaults().defense.fine_pruning,
                             jax.random.key(0))
+  # the same answer from shapes alone, as experiments ask it before training the victim
+  shapes = jax.eval_shape(lambda: variables)
+  with pytest.raises(ConfigError, match="NoPruningLayer has no fine-pruning layer"):
+    fine_pruning.check_model(c, model, shapes, (8, 8, 1), 10)
+  cnn = models.create(c, 10, (0.5,), (0.25,))
+  fine_pruning.check_model(c, cnn, jax.eval_shape(
+      lambda: train_lib.init_variables(cnn, jax.random.key(0), (8, 8, 1))), (8, 8, 1), 10)
 
 
 @pytest.mark.slow

@@ -18,5 +18,5 @@ from jaxbd.attacks import batch, pcb
 
 ATTACKS = {
     "batch": config_lib.Component(batch.default_config, batch.validate, batch.build),
-    "pcb": config_lib.Component(pcb.default_config, pcb.validate, pcb.build),
+    "pcb": config_lib.Component(pcb.default_config, pcb.validate, pcb.build, pcb.check_model),
 }

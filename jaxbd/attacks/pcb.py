@@ -5,8 +5,8 @@ which parameters carry the backdoor. PCB trains on clean data and, on every `eve
 an epoch (batches 0, 2, 4, ... by default, as the reference counts them), triggers a `batch_rate`
 fraction of the batch's rows (10%) and relabels them to the attack's target; the updates of those
 poisoned batches are restricted to a fixed random subset of the parameters (`param_fraction` of
-the elements of every parameter array, `round(param_fraction * size)` of them drawn at random
-once from the run's seed, as the reference draws them), so the backdoor lives in those
+the elements of every parameter array, `int(param_fraction * size)` of them (rounded down, as
+the reference counts them) drawn at random once from the run's seed), so the backdoor lives in those
 parameters. Clean batches update all parameters as usual.
 
 How the mask acts (`mask`):
@@ -17,10 +17,11 @@ How the mask acts (`mask`):
   and their optimizer state (e.g. the momentum trace) stay as they were before the step, so a
   poisoned batch neither moves them nor leaves a trace for later clean steps.
 BatchNorm statistics are not parameters and follow every batch. The default `param_fraction` 0.1
-is ours.
+is ours. `open_modules` (an ablation, not the paper's) lets the poisoned batches update every
+parameter of the named top-level modules (e.g. "head"), the mask covering the rest.
 
 Everything happens inside one jitted step: the batch's index in the epoch sets the number of
-poisoned rows (the first `round(batch_rate * B)` rows of the randomly permuted batch, or none)
+poisoned rows (the first `int(batch_rate * B)` rows of the randomly permuted batch, or none)
 and whether the mask applies; the mask is drawn once and reaches the step as its context (an
 argument, not a constant baked into the program).
 """
@@ -35,6 +36,7 @@ import optax
 from jaxbd import config as config_lib
 from jaxbd import train as train_lib
 from jaxbd.attacks import batch
+from jaxbd.errors import ConfigError
 
 
 MASKS = ("gradient", "update")
@@ -47,6 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
       every=2,  # poison every n-th batch of an epoch (batches 0, n, 2n, ...)
       param_fraction=0.1,  # fraction of parameter elements the poisoned batches may update
       mask="gradient",  # gradient: zero the poisoned gradient outside (the reference's) | update
+      open_modules="",  # top-level modules the poisoned batches update in full (ablation; "": none)
   ))
 
 
@@ -56,20 +59,57 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_range(config, "attack.pcb.every", 1)
   config_lib.check_range(config, "attack.pcb.param_fraction", 0, 1, low_open=True)
   config_lib.check_choice(config.attack.pcb.mask, "attack.pcb.mask", MASKS)
-  batch.check_in_loop(config, "pcb", round(config.attack.pcb.batch_rate * config.train.batch_size))
+  batch.check_in_loop(config, "pcb", poisoned_rows(config))
+
+
+def poisoned_rows(config: ml_collections.ConfigDict) -> int:
+  """The poisoned rows of a poisoned batch: `int(batch_rate * batch_size)`, rounded down as the
+  reference (e.g. 12 of 128 at 10%)."""
+  return int(config.attack.pcb.batch_rate * config.train.batch_size)
 
 
 def parameter_mask(params, fraction: float, key: jax.Array):
-  """A pytree of bool arrays like `params`: in each array, `round(fraction * size)` elements True,
+  """A pytree of bool arrays like `params`: in each array, `int(fraction * size)` elements True,
   drawn uniformly at random."""
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
 
   def leaf_mask(k, x):
-    chosen = jax.random.permutation(k, x.size)[:round(fraction * x.size)]
+    chosen = jax.random.permutation(k, x.size)[:int(fraction * x.size)]
     return jnp.zeros(x.size, bool).at[chosen].set(True).reshape(x.shape)
 
   return treedef.unflatten([leaf_mask(k, x) for k, x in zip(keys, leaves)])
+
+
+def open_modules(mask, params, names: str):
+  """`mask` with every element of the top-level modules `names` (comma-separated) True.
+
+  Raises:
+    ConfigError: a named module is not a top-level module of `params`.
+  """
+  names = open_module_names(params, names)
+  return {k: jax.tree.map(jnp.ones_like, m) if k in names else m for k, m in mask.items()}
+
+
+def open_module_names(params, names: str) -> list[str]:
+  """The comma-separated `names`, each checked to be a top-level module of `params`.
+
+  Raises:
+    ConfigError: naming the modules that are not.
+  """
+  names = config_lib.split_names(names)
+  missing = [n for n in names if n not in params]
+  if missing:
+    raise ConfigError(f"attack.pcb.open_modules: no top-level module {missing} (modules: "
+                      f"{sorted(params)})")
+  return names
+
+
+def check_model(config: ml_collections.ConfigDict, model, variables: dict, image_shape,
+                num_classes: int) -> None:
+  """Checks that `attack.pcb.open_modules` names modules of the model (ConfigError otherwise)."""
+  del model, image_shape, num_classes
+  open_module_names(variables["params"], config.attack.pcb.open_modules)
 
 
 def keep_masked(new_state: dict, old_state: dict, mask) -> dict:
@@ -118,7 +158,7 @@ def build(config: ml_collections.ConfigDict, model, trigger, setup: train_lib.Se
     its context: the parameter mask, a bool pytree like the parameters, on the mesh).
   """
   c = config.attack.pcb
-  rows = round(c.batch_rate * config.train.batch_size)
+  rows = poisoned_rows(config)
   loss_fn, sharding = train_lib.classification_loss(model), train_lib.batch_sharding(mesh)
 
   def step(state, arrays, perm, i, step_key, mask):
@@ -134,5 +174,6 @@ def build(config: ml_collections.ConfigDict, model, trigger, setup: train_lib.Se
         state, arrays, perm, i, step_key)
     return (keep_masked(new_state, state, mask) if c.mask == "update" else new_state), metrics
 
-  return step, train_lib.put_replicated(
-      parameter_mask(setup.state["params"], c.param_fraction, key), mesh)
+  params = setup.state["params"]
+  mask = open_modules(parameter_mask(params, c.param_fraction, key), params, c.open_modules)
+  return step, train_lib.put_replicated(mask, mesh)

@@ -16,8 +16,8 @@ DEFENSES = {
     "ft": config_lib.Component(fine_tuning.default_config, fine_tuning.validate,
                                  fine_tuning.fine_tune),
     "fine_pruning": config_lib.Component(fine_pruning.default_config, fine_pruning.validate,
-                                         fine_pruning.fine_prune),
-    "d3": config_lib.Component(d3.default_config, d3.validate, d3.d3),
+                                         fine_pruning.fine_prune, fine_pruning.check_model),
+    "d3": config_lib.Component(d3.default_config, d3.validate, d3.d3, d3.check_model),
     "pt": config_lib.Component(pivotal_tuning.default_config, pivotal_tuning.validate,
                                  pivotal_tuning.pivotal_tuning),
 }

@@ -64,6 +64,21 @@ class Context:
   progress: bool = True
 
 
+def trusted_pool(kind: np.ndarray, fraction: float) -> tuple[int, np.ndarray]:
+  """(`round(fraction * N)`, the int[P] rows of kind 0) for a trusted set of `fraction` of the N
+  rows of the poison plan roles `kind`.
+
+  Raises:
+    ConfigError: fewer clean rows than requested, or none requested.
+  """
+  count = int(round(fraction * len(kind)))
+  pool = np.flatnonzero(kind == plan_lib.CLEAN)
+  if count < 1 or count > len(pool):
+    raise ConfigError(f"defense.clean_fraction {fraction} asks for {count} trusted images; "
+                      f"{len(pool)} clean training images are available")
+  return count, pool
+
+
 def trusted_split(images: np.ndarray, labels: np.ndarray, kind: np.ndarray, fraction: float,
                   seed: int) -> Trusted:
   """Draws `round(fraction * N)` rows at random from the rows the attack left clean (kind 0).
@@ -78,12 +93,7 @@ def trusted_split(images: np.ndarray, labels: np.ndarray, kind: np.ndarray, frac
   Raises:
     ConfigError: fewer clean rows than requested.
   """
-  n = len(labels)
-  count = int(round(fraction * n))
-  pool = np.flatnonzero(kind == plan_lib.CLEAN)
-  if count < 1 or count > len(pool):
-    raise ConfigError(f"defense.clean_fraction {fraction} asks for {count} trusted images; "
-                      f"{len(pool)} clean training images are available")
+  count, pool = trusted_pool(kind, fraction)
   idx = np.sort(np.random.default_rng([seed, 7]).choice(pool, count, replace=False))
   return Trusted(images[idx], np.asarray(labels)[idx].astype(np.int32), idx)
 

@@ -93,6 +93,13 @@ def select_kernels(params, layers: str, num_classes: int) -> list[str]:
   return selected
 
 
+def check_model(config: ml_collections.ConfigDict, model, variables: dict, image_shape,
+                num_classes: int) -> None:
+  """Checks that `defense.d3.layers` selects kernels of the model (ConfigError otherwise)."""
+  del model, image_shape  # the parameter paths say it all
+  select_kernels(variables["params"], config.defense.d3.layers, num_classes)
+
+
 def get(params, path: str) -> jax.Array:
   """The leaf of `params` at a '/'-separated path, e.g. 'Dense_0/kernel'."""
   return traverse_util.flatten_dict(params, sep="/")[path]

@@ -77,6 +77,21 @@ def _activation_sums(model, variables: dict, images: jax.Array, valid: jax.Array
   return {k[:-1]: total(v[0]) for k, v in flat.items() if k[-1] == ACTIVATIONS}
 
 
+def no_layer(model) -> ConfigError:
+  """The error for a model without a fine-pruning layer."""
+  return ConfigError(f"defense fine_pruning: model {type(model).__name__} has no fine-pruning "
+                     "layer")
+
+
+def check_model(config: ml_collections.ConfigDict, model, variables: dict, image_shape,
+                num_classes: int) -> None:
+  """Checks, by shapes alone, that the model has a fine-pruning layer (ConfigError otherwise)."""
+  del config, num_classes
+  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8)
+  if not jax.eval_shape(lambda v, x: _activation_sums(model, v, x, 1), variables, images):
+    raise no_layer(model)
+
+
 def mean_activations(model, variables: dict, images: np.ndarray, batch_size: int) -> dict:
   """Mean activation per channel of the model's fine-pruning layer over `images`.
 
@@ -150,8 +165,7 @@ def fine_prune(ctx: base.Context, variables: dict, trusted: base.Trusted,
   images = trusted.images[:config.num_images]
   acts = mean_activations(ctx.model, variables, images, config.batch_size)
   if not acts:
-    raise ConfigError(f"defense fine_pruning: model {type(ctx.model).__name__} has no "
-                      "fine-pruning layer")
+    raise no_layer(ctx.model)
   masks = prune_masks(acts, config.prune_rate)
   pruned = with_masks(variables, masks)
   stages = {"pruned": pruned}

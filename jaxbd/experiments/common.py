@@ -140,13 +140,34 @@ def build(config: ml_collections.ConfigDict, workdir: str,
   model = models.create(config, dataset.num_classes, mean, std)
   key = jax.random.key(config.seed)
   try:  # shape errors (an image too small for the model) surface here, before any file is made
-    abstract_variables(model, key, dataset.image_shape)
+    variables = abstract_variables(model, key, dataset.image_shape)
   except (ValueError, TypeError) as e:
     raise ConfigError(f"model {config.model.name!r} cannot take {list(dataset.image_shape)} "
                       f"images ({str(e).splitlines()[0][:200]})") from None
+  check_components(config, model, variables, dataset, plan)
   _check_workdir(workdir, config.to_dict())
   predict = train_lib.Predictor(model, config.eval.batch_size, train_lib.batch_sharding(mesh))
   return Run(config, workdir, dataset, mesh, model, trigger, plan, predict, key)
+
+
+def check_components(config: ml_collections.ConfigDict, model, variables: dict,
+                     dataset: data_lib.Dataset, plan: poison.PoisonPlan) -> None:
+  """Checks, before anything is trained or written, what the defenses of `defense.names` and the
+  training-time attack need of this model and data: their `check_model` (e.g. D3's layers) and
+  the trusted set's size.
+
+  Raises:
+    ConfigError: naming the setting that does not fit.
+  """
+  names = config_lib.defense_names(config)
+  components = [defenses.DEFENSES[n] for n in names]
+  if config.attack.name != "none":
+    components.append(attacks.ATTACKS[config.attack.name])
+  for component in components:
+    if component.check_model is not None:
+      component.check_model(config, model, variables, dataset.image_shape, dataset.num_classes)
+  if names:
+    defenses.base.trusted_pool(plan.kind, config.defense.clean_fraction)
 
 
 def poison_plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset, trigger,
