@@ -106,3 +106,16 @@ def test_detection_experiment_on_a_small_population(tmp_path, capsys):
   assert doc["timing"]["vmap"] is True
   assert (tmp_path / "roc.png").stat().st_size > 1000
   assert json.loads((tmp_path / "results.json").read_text())["detection"] == doc["detection"]
+
+
+def test_a_repair_that_does_not_fit_the_model_is_refused_before_training(tmp_path):
+  """CTI's repair by D3 with a layer the CNN lacks: one ConfigError before any member trains or
+  any file is written."""
+  c = load_config("configs/detection.py:clean=1,backdoored=1")
+  c.data.source, c.data.train_limit, c.data.test_limit = "digits", 0, 0
+  c.model.name = "cnn"
+  c.detection.cti.repair, c.defense.d3.layers = "d3", "conv9"
+  workdir = tmp_path / "w"
+  with pytest.raises(ConfigError, match="defense.d3.layers: module 'conv9' has no kernel"):
+    experiments.run(c, str(workdir))
+  assert not workdir.exists()

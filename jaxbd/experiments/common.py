@@ -117,13 +117,16 @@ def _check_workdir(workdir: str, config_dict: dict) -> None:
 
 
 def build(config: ml_collections.ConfigDict, workdir: str,
-          dataset: Optional[data_lib.Dataset] = None) -> Run:
+          dataset: Optional[data_lib.Dataset] = None,
+          defense_names: Optional[list[str]] = None) -> Run:
   """Validates the config and builds data, mesh, trigger, plan and model; writes nothing.
 
   Args:
     config: the experiment config.
     workdir: the run directory.
     dataset: `config.data` already loaded (default: load it).
+    defense_names: the defenses the experiment will run, checked against the model
+      (`check_components`; default: `defense.names`).
 
   Raises:
     JaxbdError: any bad input (config, data, workdir).
@@ -144,22 +147,24 @@ def build(config: ml_collections.ConfigDict, workdir: str,
   except (ValueError, TypeError) as e:
     raise ConfigError(f"model {config.model.name!r} cannot take {list(dataset.image_shape)} "
                       f"images ({str(e).splitlines()[0][:200]})") from None
-  check_components(config, model, variables, dataset, plan)
+  if defense_names is None:
+    defense_names = config_lib.defense_names(config)
+  check_components(config, model, variables, dataset, plan, defense_names)
   _check_workdir(workdir, config.to_dict())
   predict = train_lib.Predictor(model, config.eval.batch_size, train_lib.batch_sharding(mesh))
   return Run(config, workdir, dataset, mesh, model, trigger, plan, predict, key)
 
 
 def check_components(config: ml_collections.ConfigDict, model, variables: dict,
-                     dataset: data_lib.Dataset, plan: poison.PoisonPlan) -> None:
-  """Checks, before anything is trained or written, what the defenses of `defense.names` and the
+                     dataset: data_lib.Dataset, plan: poison.PoisonPlan,
+                     names: list[str]) -> None:
+  """Checks, before anything is trained or written, what the defenses `names` and the
   training-time attack need of this model and data: their `check_model` (e.g. D3's layers) and
   the trusted set's size.
 
   Raises:
     ConfigError: naming the setting that does not fit.
   """
-  names = config_lib.defense_names(config)
   components = [defenses.DEFENSES[n] for n in names]
   if config.attack.name != "none":
     components.append(attacks.ATTACKS[config.attack.name])
@@ -204,9 +209,10 @@ def create_workdir(run: Run) -> None:
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str,
-            dataset: Optional[data_lib.Dataset] = None) -> Run:
+            dataset: Optional[data_lib.Dataset] = None,
+            defense_names: Optional[list[str]] = None) -> Run:
   """`build`, then `create_workdir`: bad input never leaves files behind."""
-  run = build(config, workdir, dataset)
+  run = build(config, workdir, dataset, defense_names)
   create_workdir(run)
   return run
 

@@ -112,8 +112,10 @@ def progress_line(row: dict, count: int, seconds: float) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the experiment and returns the results document (also written to the workdir)."""
-  r = common.prepare(config, workdir)
-  c, ds, d = r.config, r.dataset, config.detection
+  d = config.detection
+  cti = "cti" in config_lib.split_names(d.scorers)
+  r = common.prepare(config, workdir, defense_names=[d.cti.repair] if cti else [])
+  c, ds = r.config, r.dataset
   members = build_members(r)
   t0 = time.perf_counter()
   variables = {}
