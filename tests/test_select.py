@@ -83,6 +83,8 @@ def test_select_scores_every_setting_on_heldout_images_and_applies_the_rule(tmp_
     (["--defense=nc", "--grid=defense.ft.lr=0.1"], "--defense must be one of"),
     (["--defense=ft", "--grid=defense.ft.lr=-1"], "defense.ft.lr"),
     (["--defense=ft"], "--defense and --grid are required"),
+    (["--defense=d3", "--grid=defense.d3.layers=head,conv9"],
+     "defense.d3.layers: module 'conv9' has no kernel"),
 ])
 def test_bad_selections_are_one_line_before_any_file(tmp_path, args, message):
   proc = select_cli(tmp_path / "run", *args)
