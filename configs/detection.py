@@ -29,8 +29,10 @@ backdoor (see configs/pick_your_poison.py), so a trigger that finds it fools bot
 for a clean suspect the inversion still finds a perturbation that fools it and not its repaired
 copy (trained at lr 0.01). With D3 as the repair (`--config.detection.cti.repair=d3`, the D3
 settings of configs/d3.py:cpu; README) CTI reaches AUC 0.67 on the same six members (0.94-0.95
-backdoored, 0.84-0.96 clean; 0.89 in the run of 2026-11-29). Six models are few: the default
-population on an accelerator is the detection result.
+backdoored, 0.84-0.96 clean; 0.89 in the run of 2026-11-29). Six models are few: with 5 clean +
+5 backdoored (`cpu,clean=5,backdoored=5`, D3 repair, 40 minutes, 2026-12-05) the AUC is 0.36
+(suspicion 0.92-0.99 clean, 0.85-0.98 backdoored), so CTI does not detect at this scale; the
+default population on an accelerator is the detection result.
 
 Arguments: cpu, source=..., clean=N, backdoored=N, attacks=badnets+blended ('+'-separated).
 """
