@@ -142,9 +142,11 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
   configs = defense_cells(config, name, cells)
   full = load_full(config.data)
   held = heldout_split(full, config.data.train_limit, heldout)
-  run = common.build(config, workdir, data_lib.subset(full, config.data.train_limit), [name])
+  # The defense is checked per cell (the base config's own section is never run) before the
+  # suspect trains, e.g. a D3 layer the model lacks.
+  run = common.build(config, workdir, data_lib.subset(full, config.data.train_limit), [])
   shapes = common.abstract_variables(run.model, run.key, run.dataset.image_shape)
-  for cell_config in configs:  # e.g. a D3 layer the model lacks, before the suspect trains
+  for cell_config in configs:
     common.check_components(cell_config, run.model, shapes, run.dataset, run.plan, [name])
   common.create_workdir(run)
   variables, _ = common.train_classifier(run, "backdoored", poisoned=True)
