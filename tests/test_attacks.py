@@ -151,6 +151,34 @@ def test_tsb_puts_exactly_one_mark_on_training_images_and_all_at_test():
   assert trigger.cover_ratio == 0.0
 
 
+@pytest.mark.parametrize("name", ["adaptive_blend", "tsb"])
+def test_a_poisoned_row_keeps_its_pieces_across_steps_with_a_row_key(name):
+  """Data poisoning with a plan: a row's pieces are drawn once (the references build the poisoned
+  set before training), whatever the step's key and the row's place in the batch; in-loop
+  poisoning (no row key) draws them anew at every step."""
+  trigger = poison.make_trigger(trigger_config(name), (32, 32, 3))
+  n = 64
+  x = np.asarray(images(n))
+  arrays = data.TrainArrays(jnp.asarray(np.round(x * 255), jnp.uint8), jnp.zeros(n, jnp.int32),
+                            jnp.full(n, poison.POISONED, jnp.int8))
+  ref = np.asarray(arrays.images) / 255.0
+
+  def pieces_at(step_key, order, row_key=None):
+    fn = poison.poison_fn(trigger, row_key)
+    out, _ = data.gather_batch(arrays, jnp.asarray(order), jax.random.key(step_key),
+                               poison_fn=fn)
+    kept = np.empty((n, trigger.num_pieces), bool)
+    kept[order] = piece_state(trigger, np.asarray(out), ref[order])
+    return kept
+
+  order = np.random.default_rng(0).permutation(n)
+  fixed = pieces_at(1, np.arange(n), jax.random.key(7))
+  np.testing.assert_array_equal(pieces_at(2, order, jax.random.key(7)), fixed)
+  assert len({tuple(k) for k in fixed}) > 3  # drawn per row, not one subset for all rows
+  assert not np.array_equal(pieces_at(1, np.arange(n), jax.random.key(8)), fixed)
+  assert not np.array_equal(pieces_at(1, np.arange(n)), pieces_at(2, np.arange(n)))
+
+
 def test_piece_patterns_are_independent_across_pieces_and_run_seeds():
   """Piece p's noise comes from the seed sequence (seed, 2, p): it differs from every other
   piece, from another run's pieces (seeds 1000 apart, as a detection population's members) and

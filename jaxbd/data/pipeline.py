@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# poison_fn(images f32[B, H, W, C] in [0, 1], kind int8[B], key) -> images: transforms the rows
-# whose kind is not 0 (1: poisoned, 2: the attack's cover transform). See jaxbd.poison.
-PoisonFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# poison_fn(images f32[B, H, W, C] in [0, 1], kind int8[B], rows int32[B], key) -> images:
+# transforms the rows whose kind is not 0 (1: poisoned, 2: the attack's cover transform); `rows`
+# are their indices in the training set. See jaxbd.poison.poison_fn.
+PoisonFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 @flax.struct.dataclass
@@ -172,7 +173,7 @@ def gather_batch(arrays: TrainArrays, idx: jax.Array, key: jax.Array, *,
   k_poison, k_aug = jax.random.split(key)
   images = to_unit(arrays.images[idx])
   if poison_fn is not None:
-    images = poison_fn(images, arrays.kind[idx], k_poison)
+    images = poison_fn(images, arrays.kind[idx], idx, k_poison)
   images = augment(images, k_aug, crop_padding, flip)
   return images, arrays.labels[idx]
 

@@ -140,6 +140,12 @@ def build(config: ml_collections.ConfigDict, workdir: str,
   trigger = (poison.make_trigger(config, dataset.image_shape)
              if config.poison.name != "none" else None)
   plan = poison_plan(config, dataset, trigger)
+  n = len(dataset.y_train)
+  config_lib.require(config.train.batch_size <= n, f"config key 'train.batch_size' "
+                     f"({config.train.batch_size}) exceeds the {n} training images")
+  config_lib.require(trigger is None or config.poison.rate == 0 or len(plan.indices) > 0,
+                     f"poison.rate {config.poison.rate} poisons no image of the {n} training "
+                     "images")
   model = models.create(config, dataset.num_classes, mean, std)
   key = jax.random.key(config.seed)
   try:  # shape errors (an image too small for the model) surface here, before any file is made
@@ -266,10 +272,10 @@ def train_classifier(run: Run, phase: str, *, poisoned: bool,
       run.model, ds.x_train, run.plan.labels if poisoned else ds.y_train, train_config=tc,
       data_config=c.data, mesh=run.mesh, key=init_key,
       kind=run.plan.kind if poison_now else None,
-      poison_fn=poison.poison_fn(run.trigger) if poison_now else None)
+      poison_fn=poison.poison_fn(run.trigger, poison.row_key(key)) if poison_now else None)
   step, context = setup.step, None
   if poison_now and c.attack.name != "none":
-    # fold_in(key, 0 or 1) would repeat split(key)'s init and train keys
+    # fold_in(key, 0 or 1) would repeat split(key)'s init and train keys; 3 is poison.row_key's
     step, context = attacks.ATTACKS[c.attack.name].build(
         c, run.model, run.trigger, setup, run.mesh, ds.num_classes, jax.random.fold_in(key, 2))
   state, summary = train_lib.fit(

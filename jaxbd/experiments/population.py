@@ -44,12 +44,14 @@ class Population:
     labels: int32[M, N] each member's (relabeled) training labels.
     kind: int8[M, N] each member's poisoning roles.
     triggers: the members' triggers stacked on a leading axis.
+    row_keys: M keys of the members' per-row trigger draws (`jaxbd.poison.poison_fn`).
   """
 
   images: jax.Array
   labels: jax.Array
   kind: jax.Array
   triggers: object
+  row_keys: jax.Array
 
   @property
   def size(self) -> int:
@@ -57,9 +59,11 @@ class Population:
     return self.images.shape[0]
 
   def member(self, j: int) -> "Population":
-    """Member j's data (labels int32[N], kind int8[N], its trigger), sharing the images."""
+    """Member j's data (labels int32[N], kind int8[N], its trigger and row key), sharing the
+    images."""
     pick = lambda tree: jax.tree.map(lambda x: x[j], tree)
-    return self.replace(labels=self.labels[j], kind=self.kind[j], triggers=pick(self.triggers))
+    return self.replace(labels=self.labels[j], kind=self.kind[j], triggers=pick(self.triggers),
+                        row_keys=self.row_keys[j])
 
 
 def population_step(model, tx, data_config, vmapped: bool):
@@ -69,8 +73,9 @@ def population_step(model, tx, data_config, vmapped: bool):
   `jaxbd.train.fit` makes them from a stack of keys); the metrics are means over members.
   """
 
-  def member(state, images, labels, kind, trigger, perm, i, key):
-    batch_fn = functools.partial(data_lib.gather_batch, poison_fn=poison.poison_fn(trigger),
+  def member(state, images, labels, kind, trigger, row_key, perm, i, key):
+    batch_fn = functools.partial(data_lib.gather_batch,
+                                 poison_fn=poison.poison_fn(trigger, row_key),
                                  crop_padding=data_config.crop_padding, flip=data_config.flip)
     step = train_lib.make_train_step(train_lib.classification_loss(model), tx, batch_fn)
     return step(state, data_lib.TrainArrays(images, labels, kind), perm, i, key)
@@ -78,10 +83,11 @@ def population_step(model, tx, data_config, vmapped: bool):
   def step(state, arrays: Population, perm, i, key, context=None):
     del context
     if not vmapped:
-      return member(state, arrays.images, arrays.labels, arrays.kind, arrays.triggers, perm, i,
-                    key)
-    state, m = jax.vmap(member, in_axes=(0, None, 0, 0, 0, 0, None, 0))(
-        state, arrays.images, arrays.labels, arrays.kind, arrays.triggers, perm, i, key)
+      return member(state, arrays.images, arrays.labels, arrays.kind, arrays.triggers,
+                    arrays.row_keys, perm, i, key)
+    state, m = jax.vmap(member, in_axes=(0, None, 0, 0, 0, 0, 0, None, 0))(
+        state, arrays.images, arrays.labels, arrays.kind, arrays.triggers, arrays.row_keys, perm,
+        i, key)
     return state, jax.tree.map(jnp.mean, m)
 
   return step
@@ -119,7 +125,8 @@ def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, t
   population = Population(jnp.asarray(images),
                           jnp.asarray(np.stack([m["labels"] for m in members])),
                           jnp.asarray(np.stack([m["kind"] for m in members])),
-                          stack([m["trigger"] for m in members]))
+                          stack([m["trigger"] for m in members]),
+                          jnp.stack([poison.row_key(m["key"]) for m in members]))
   step = population_step(model, tx, data_config, vmapped)
   fit = functools.partial(train_lib.fit, epochs=tc.epochs, batch_size=tc.batch_size,
                           workdir=workdir, log_every=log_config.every_steps,

@@ -13,7 +13,7 @@ images that get its `cover` transform and keep their label) says how many per po
 from jaxbd import config as config_lib
 from jaxbd.poison import badpatches, pieces, sig, triggers, wanet
 from jaxbd.poison.plan import (CLEAN, COVER, POISONED, PoisonPlan, load_plan, make_plan,
-                               poison_fn, poisoned_label)
+                               poison_fn, poisoned_label, row_key)
 
 
 def _component(name, default_config, validate, build):

@@ -10,7 +10,8 @@ victim's. Options (`poison.badpatches`):
 - size: the trigger's side inside a cell (default: the whole cell), at the cell's top-left.
 - count: number of triggered cells k.
 - position: `fixed` (the `cells` given, default the last k cells in row-major order: bottom right),
-  `random` (k distinct cells drawn per image, in training and at test time), or `router` (the
+  `random` (k distinct cells per image: drawn once per poisoned training row, anew for every
+  test image), or `router` (the
   k cells the victim's or a surrogate's routers select most often on clean images; see
   `rank_cells`).
 - pattern: `solid`, `checkerboard` or seeded `noise` (as BadNets' patterns), or `optimized`:

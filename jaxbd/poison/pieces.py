@@ -21,7 +21,9 @@ samples (Pick-your-Poison: 0.5, i.e. as many cover as payload samples); the pois
 `conservatism / (1 - conservatism)` cover rows per poisoned row. The reference code masks a fixed
 number of pieces per image; following Pick-your-Poison each piece is kept independently, so
 a fraction (1 - keep_prob)^P of the poisoned rows (6% at P = 4, keep_prob 0.5) carries no piece
-at all and is relabeled all the same.
+at all and is relabeled all the same. With a poison plan a row's pieces are drawn once for the
+whole run (`jaxbd.poison.poison_fn` with a row key), as the references build their poisoned
+training sets before training; an in-loop attack (`attack.name=batch`) draws them at every step.
 No image ships with jaxbd: patterns are seeded noise unless a file is given.
 """
 

@@ -17,6 +17,7 @@ The number of poisoned rows is `int(rate * N)` for N training images.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -141,18 +142,42 @@ def make_plan(labels: np.ndarray, num_classes: int, *, rate: float, target: int,
                     new_labels)
 
 
-def poison_fn(trigger):
+def row_key(phase_key: jax.Array) -> jax.Array:
+  """The `row_key` of `poison_fn` for a training phase whose PRNG key is `phase_key` (its init and
+  train keys are `split(phase_key)`, an in-loop attack's `fold_in(phase_key, 2)`)."""
+  return jax.random.fold_in(phase_key, 3)
+
+
+def poison_fn(trigger, row_key: Optional[jax.Array] = None):
   """The batch transform of a trigger: poisoned rows get `trigger`, cover rows `trigger.cover`.
 
+  A trigger's random choices in training (Adaptive-Blend's and Adaptive-Patch's kept pieces,
+  TSB's mark, random BadPatches cells, WaNet's noise mode) are drawn
+  - with `row_key`, once per training row, from `fold_in(row_key, row)`: a row looks the same in
+    every epoch, as in the references' poisoned training sets, which are built once before
+    training (data poisoning with a plan);
+  - without, anew at every step from the step's key (attacks that poison whichever rows a batch
+    holds, in the loop).
+
   Returns:
-    fn(images f32[B, H, W, C], kind int8[B], key) -> images.
+    fn(images f32[B, H, W, C], kind int8[B], rows int32[B], key) -> images.
   """
 
-  def fn(images: jax.Array, kind: jax.Array, key: jax.Array) -> jax.Array:
-    k_poison, k_cover = jax.random.split(key)
+  def per_row(transform, images, keys):
+    return jax.vmap(lambda x, k: transform(x[None], k)[0])(images, keys)
+
+  def fn(images: jax.Array, kind: jax.Array, rows: jax.Array, key: jax.Array) -> jax.Array:
+    triggered = lambda x, k: trigger(x, k, train=True)
+    if row_key is None:
+      k_poison, k_cover = jax.random.split(key)
+      poisoned, covered = triggered(images, k_poison), trigger.cover(images, k_cover)
+    else:
+      keys = jax.vmap(lambda r: jax.random.split(jax.random.fold_in(row_key, r)))(rows)
+      poisoned = per_row(triggered, images, keys[:, 0])
+      covered = per_row(trigger.cover, images, keys[:, 1])
     kind = kind[:, None, None, None]
-    images = jnp.where(kind == POISONED, trigger(images, k_poison, train=True), images)
-    return jnp.where(kind == COVER, trigger.cover(images, k_cover), images)
+    images = jnp.where(kind == POISONED, poisoned, images)
+    return jnp.where(kind == COVER, covered, images)
 
   return fn
 

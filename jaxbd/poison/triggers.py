@@ -5,7 +5,8 @@ with `__call__(images, key, train) -> images` on f32[B, H, W, C] batches in [0, 
 `cover(images, key) -> images`, the transform some attacks apply to extra training rows whose
 labels they keep (WaNet's noise mode, Adaptive attacks' regularization samples; identity here).
 `train` lets an attack differ between training and test time (e.g. Adaptive-Patch keeps random
-pieces in training, all of them at test).
+pieces in training, all of them at test). A trigger draws its random choices from `key`;
+`jaxbd.poison.poison_fn` decides whether a training row keeps them for the whole run.
 
 `MaskTrigger` is the common form `x * (1 - mask) + mask * pattern`: BadNets (binary mask), Blended
 (mask = alpha), grid-aligned patches. Builders check that the trigger fits the image and raise
