@@ -101,6 +101,10 @@ def test_detection_experiment_on_a_small_population(tmp_path, capsys):
     pos, neg = suspicion[backdoored][:, None], suspicion[~backdoored][None, :]
     expected = np.mean((pos > neg) + 0.5 * (pos == neg))
     assert doc["detection"][name]["auc"] == pytest.approx(expected)
+  for m in members:  # NC's score: the smallest mask norm (the reference's), low = suspicious
+    nc = m["nc"]
+    assert nc["score"] == nc["min_norm"] == min(nc["norms"]) == -nc["suspicion"]
+    assert nc["anomaly_index"] == pytest.approx(detection.anomaly_index(nc["norms"]))
   # 10% of the 1,437 digits, half of them held out to measure CTI's s_t.
   assert [(m["cti"]["fit_size"], m["cti"]["scored_size"]) for m in members] == [(72, 72)] * 3
   assert doc["timing"]["vmap"] is True

@@ -24,9 +24,11 @@ attack success has been >= 99% for `patience` epochs; from then on it is multipl
 kept when its attack success (mean over the epoch's batches) is >= 99% and its mean L1 over the
 epoch's batches is the smallest so far; the class's norm is the L1 of that kept mask (a class
 that never succeeds keeps its last mask's, as the reference does; `found` says which). The
-model's suspicion is the anomaly index of the smallest norm, `(median - min) / (1.4826 * MAD)`
-(0 when the minimum is not below the median; MAD is floored at 1e-12, so a minimum below a
-median that most norms share scores about 1e12); NC flags a model above 2. The reference's early
+model's score is the smallest norm (the reference's and SPEC's; `score="min_norm"`, suspicion
+= -min); `score="anomaly_index"` makes the suspicion NC's own outlier test instead, the anomaly
+index of the smallest norm, `(median - min) / (1.4826 * MAD)` (0 when the minimum is not below
+the median; MAD is floored at 1e-12, so a minimum below a median that most norms share scores
+about 1e12), which flags a model above 2. Both are reported. The reference's early
 stop (`early_stop`): once a mask is kept, a class stops after `early_stop_patience` (25) epochs in
 a row whose kept mean L1 is not below `early_stop_threshold` (1.0) times the smallest so far,
 provided its cost has been both raised and lowered since it was started; its state is frozen
@@ -81,6 +83,7 @@ def nc_config() -> ml_collections.ConfigDict:
       early_stop=True,  # stop a class whose kept mask stopped shrinking (the reference's)
       early_stop_patience=25,  # epochs without a smaller kept mask (the reference: 5 patience)
       early_stop_threshold=1.0,  # "smaller": below this times the smallest so far
+      score="min_norm",  # suspicion: min_norm (-min_t norm_t, the reference's) | anomaly_index
   ))
 
 
@@ -103,6 +106,7 @@ def validate_nc(config: ml_collections.ConfigDict, path: str) -> None:
   config_lib.check_range(config, f"{path}.threshold", 0, 1)
   for key in ("cost_up", "cost_down"):
     config_lib.check_range(config, f"{path}.{key}", 1, low_open=True)
+  config_lib.check_choice(config[f"{path}.score"], f"{path}.score", NC_SCORES)
 
 
 def _logits(model, variables, x: jax.Array) -> jax.Array:
@@ -308,9 +312,10 @@ def nc_start(key: jax.Array, num_classes: int, shape: tuple) -> dict:
 
 def neural_cleanse(ctx: base.Context, variables: dict, trusted: base.Trusted,
                    config: ml_collections.ConfigDict, key: jax.Array) -> dict:
-  """NC: `{"suspicion": anomaly index, "score": same, "target": argmin norm, "norms": f[K] the
-  kept masks' L1 norms, "found": bool[K] which classes reached the threshold, "epochs": int[K]
-  the epochs each class ran before its early stop}`."""
+  """NC: `{"suspicion": -min_norm or anomaly_index (`config.score`), "score": min_norm (the
+  reference's: low = suspicious), "min_norm", "anomaly_index", "target": argmin norm, "norms":
+  f[K] the kept masks' L1 norms, "found": bool[K] which classes reached the threshold, "epochs":
+  int[K] the epochs each class ran before its early stop}`."""
   k = ctx.num_classes
   k_init, k_loop = jax.random.split(key)
   raw = nc_start(k_init, k, trusted.images.shape[1:])
@@ -333,10 +338,12 @@ def neural_cleanse(ctx: base.Context, variables: dict, trusted: base.Trusted,
       break
   best, last = np.asarray(state["best_norm"]), np.asarray(state["last_norm"])
   norms = np.where(np.isfinite(best), best, last)  # a class never reaching the threshold
-  index = anomaly_index(norms)
-  return {"suspicion": index, "score": index, "target": int(np.argmin(norms)),
+  minimum, index = float(norms.min()), anomaly_index(norms)
+  return {"suspicion": index if config.score == "anomaly_index" else -minimum, "score": minimum,
+          "min_norm": minimum, "anomaly_index": index, "target": int(np.argmin(norms)),
           "norms": norms.tolist(), "found": np.isfinite(best).tolist(),
           "epochs": np.asarray(state["epochs"]).tolist()}
 
 
 SCORERS = ("cti", "nc")
+NC_SCORES = ("min_norm", "anomaly_index")
