@@ -14,8 +14,8 @@ WaNet (k 4, s 0.5, cross ratio 2; poisoned inside the training loop as BackdoorB
 noise-warped; BackdoorBench's WaNet augmentation of the whole batch in place of the per-image crop
 and flip, `attack.batch.augment=backdoorbench`, see jaxbd/attacks/batch.py), SIG (delta 40, f 6,
 clean-label: every target-class image at 10%). Defenses with their reference defaults on 5% clean
-training data (2,500 images): FT (20 epochs), D3 (100 epochs, batch 256, lmd 0.5, eps 0.1, random
-warm-up), PT (2,000 steps).
+training data (2,500 images): FT (BackdoorBench's: 100 epochs, batch 256, lr 0.01, cosine), D3
+(100 epochs, batch 256, lmd 0.5, eps 0.1, random warm-up), PT (2,000 steps).
 Expected (the paper, ACC/ASR): BadNets 91.32/95.03 -> FT 89.96/1.48, D3 90.77/0.74; Blended
 93.47/99.92 -> 92.78/96.11, 92.29/0.22; WaNet 91.25/89.73 -> 93.48/17.10, 93.31/0.04; SIG
 84.48/98.27 -> 90.80/2.37, 89.99/0.00 (configs/d3_paper.json, the report's `--reference`). No
@@ -23,7 +23,7 @@ full-scale (GPU) run has been made yet.
 
 `cpu`: the 16-wide CNN on a 45,000-image subset for 3 epochs (configs/cifar10.py:cpu_defense;
 ACC ~0.60), so that 5% is 2,250 trusted images as in the paper (2,500), with defenses scaled to
-a minute: FT 10 epochs; D3 40 epochs at batch 64, lr 0.1, lmd 30, eps 0.1 (random warm-up, the
+a minute: FT 10 epochs at batch 128; D3 40 epochs at batch 64, lr 0.1, lmd 30, eps 0.1 (random warm-up, the
 reference's loss, projection and schedule). D3's lr, lmd and epochs were chosen on 5,000
 held-out training images outside the subset (never test data) with the attack's trigger, by
 the paper's rule (lowest ASR with ACC >= original - 3%), first on BadNets:

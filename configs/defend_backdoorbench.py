@@ -37,5 +37,4 @@ def get_config(arg=None):
   config.poison.target = a.target
   config.poison.badnets.size = 3
   config.defense.clean_fraction = 0.05
-  config.defense.ft.batch_size = 128
   return config

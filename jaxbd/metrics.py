@@ -79,8 +79,10 @@ def behavior_attack_success_rate(pred_fp: np.ndarray, pred_q: np.ndarray, labels
 
 def defense_effectiveness_rating(acc_bd: float, asr_bd: float, acc_def: float,
                                  asr_def: float) -> float:
-  """DER = [max(0, ASR_bd - ASR_def) - max(0, ACC_bd - ACC_def) + 1] / 2, in [0, 1]."""
-  return (max(0.0, asr_bd - asr_def) - max(0.0, acc_bd - acc_def) + 1.0) / 2.0
+  """DER = [max(0, ASR_bd - ASR_def) - max(0, ACC_bd - ACC_def) + 1] / 2, in [0, 1]; NaN when
+  an input is NaN (e.g. an ASR over no non-target images), which Python's `max` would drop."""
+  gain, loss = float(np.maximum(0.0, asr_bd - asr_def)), float(np.maximum(0.0, acc_bd - acc_def))
+  return (gain - loss + 1.0) / 2.0
 
 
 def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -49,6 +49,13 @@ def test_der_on_hand_computed_cases(acc_bd, asr_bd, acc_def, asr_def, der):
   assert got == pytest.approx(der, abs=5e-5)
 
 
+def test_der_is_nan_when_an_asr_is():
+  nan = metrics.attack_success_rate(np.array([0, 0]), np.array([0, 0]), np.array([0, 0]))
+  assert np.isnan(nan)  # every test image is of the target class
+  assert np.isnan(metrics.defense_effectiveness_rating(0.9, nan, 0.85, 0.0))
+  assert np.isnan(metrics.defense_effectiveness_rating(0.9, 0.9, 0.85, nan))
+
+
 def test_roc_auc_on_hand_computed_cases():
   positive = np.array([1, 1, 0, 0], bool)
   assert metrics.roc_auc([0.9, 0.8, 0.2, 0.1], positive) == 1.0

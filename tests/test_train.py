@@ -1,6 +1,7 @@
 """The training engine: sharded steps equal single-device steps; torch-style optimizers; a
 throttled dispatch loop that does not deadlock on fake CPU devices."""
 
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +63,17 @@ def test_four_device_data_parallel_step_equals_one_device():
                                        sharded["params"], small_setup(
                                            train_lib.make_mesh(4, 1))[0]["params"]))
   assert max(moved) > 1e-3  # the parameters did train
+
+
+def test_fit_stops_at_max_steps_inside_the_last_epoch(tmp_path):
+  """3 steps per epoch; max_steps 5 trains 3 + 2 and logs the cut epoch's last step."""
+  state, step, arrays = small_setup(train_lib.make_mesh(1, 1))
+  state, summary = train_lib.fit("t", state, step, arrays, epochs=2, batch_size=32,
+                                 key=jax.random.key(1), progress=False, max_steps=5,
+                                 workdir=str(tmp_path), log_every=1, checkpoint_every=0)
+  assert int(state["step"]) == summary["steps"] == 5
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4, 5]
 
 
 def test_mesh_must_match_devices():

@@ -46,7 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
   section = base.train_section(epochs=0, batch_size=128, lr=1e-4, momentum=0.9, nesterov=True,
                                weight_decay=0.0, schedule="constant", eval_every=0,
                                checkpoint_every=100)
-  section.steps = 2000  # optimizer steps; epochs = ceil(steps / steps per epoch)
+  section.steps = 2000  # optimizer steps: epochs over the trusted set, the last one cut short
   section.slol = 0.05  # weight of SLOL
   section.param = 20000.0  # weight of the parameter penalty
   section.use_labels = True  # False: distill from the pivot instead of cross-entropy on labels
@@ -150,5 +150,6 @@ def pivotal_tuning(ctx: base.Context, variables: dict, trusted: base.Trusted,
   section.epochs = -(-config.steps // steps_per_epoch)
   repaired, report = fine_tuning.fine_tune(
       ctx, variables, trusted, section, key, phase="pt",
-      loss_fn=pt_loss(ctx.model, config, ctx.num_classes), context=variables)
+      loss_fn=pt_loss(ctx.model, config, ctx.num_classes), context=variables,
+      max_steps=config.steps)
   return repaired, {**report, "use_labels": config.use_labels}

@@ -73,9 +73,9 @@ def epoch_line(phase: str, epoch: int, epochs: int, metrics: dict, seconds: floa
 def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int, batch_size: int,
         key: jax.Array, workdir: Optional[str] = None, context: Any = None,
         eval_fn: Optional[Callable[[dict], dict]] = None, eval_every: int = 1,
-        checkpoint_every: int = 1, log_every: int = 50,
-        progress: bool = True) -> tuple[dict, dict]:
-  """Trains `state` for `epochs` epochs over `arrays`.
+        checkpoint_every: int = 1, log_every: int = 50, progress: bool = True,
+        max_steps: Optional[int] = None) -> tuple[dict, dict]:
+  """Trains `state` for `epochs` epochs over `arrays` (the last one cut at `max_steps`).
 
   Args:
     phase: name of this training phase (checkpoint folder, metrics records).
@@ -97,6 +97,8 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
     log_every: steps between train-metric records.
     progress: on stderr, a progress bar (on a terminal) and a line (`epoch_line`) after every
       evaluation, the last epoch and every `epochs // 10`-th.
+    max_steps: stop after this many steps in all (None: whole epochs), for defenses that count
+      steps (Pivotal Tuning); `epochs` must cover them.
 
   Returns:
     (final state, summary) where summary has epochs, steps, seconds, images_per_second and the
@@ -123,21 +125,23 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
                                               batch_size)
   jit_step = jax.jit(step_fn, donate_argnums=(0,))
   jit_perm = jax.jit(jax.vmap(epoch_perm, (0, None)) if population else epoch_perm)
-  summary = {"epochs": epochs, "steps": epochs * steps, "resumed_from_epoch": start}
+  total = epochs * steps if max_steps is None else min(max_steps, epochs * steps)
+  summary = {"epochs": epochs, "steps": total, "resumed_from_epoch": start}
   last_eval: dict = {}
   t0, trained_steps = time.perf_counter(), 0
   throttle = Throttle()
   for epoch in range(start, epochs):
     perm = jit_perm(perm_key, epoch)
-    bar = tqdm.tqdm(total=steps, desc=f"{phase} {epoch + 1}/{epochs}", leave=False,
+    epoch_steps = min(steps, total - epoch * steps)
+    bar = tqdm.tqdm(total=epoch_steps, desc=f"{phase} {epoch + 1}/{epochs}", leave=False,
                     disable=None if progress else True,  # None: only on a terminal
                     file=sys.stderr, dynamic_ncols=True)
-    for i in range(steps):
+    for i in range(epoch_steps):
       state, metrics = jit_step(state, arrays, perm, i, step_key, context)
       throttle(metrics)  # not the state: the next step consumes (donates) it
       trained_steps += 1
       bar.update(1)
-      if (i + 1) % log_every == 0 or i + 1 == steps:
+      if (i + 1) % log_every == 0 or i + 1 == epoch_steps:
         m = _host(metrics)
         bar.set_postfix({k: f"{v:.3f}" for k, v in m.items()})
         log.write(phase=phase, epoch=epoch + 1, step=epoch * steps + i + 1, **m)
@@ -146,7 +150,7 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
     evaluated = {}
     if eval_fn is not None and (last or (eval_every and (epoch + 1) % eval_every == 0)):
       last_eval = evaluated = eval_fn(state)
-      log.write(phase=phase, epoch=epoch + 1, step=(epoch + 1) * steps, **last_eval)
+      log.write(phase=phase, epoch=epoch + 1, step=epoch * steps + epoch_steps, **last_eval)
     if progress and (evaluated or last or (epoch + 1) % max(1, epochs // 10) == 0):
       # about ten lines per phase, also where the bar is off (output to a file)
       print(epoch_line(phase, epoch + 1, epochs, {**m, **evaluated}, time.perf_counter() - t0),
