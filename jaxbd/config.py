@@ -139,6 +139,8 @@ def check_train_section(config: ConfigDict, path: str) -> None:
   check_range(config, f"{path}.warmup_epochs", 0, section.epochs)
   check_range(config, f"{path}.eval_every", 0)
   check_range(config, f"{path}.checkpoint_every", 0)
+  require(all(e >= 1 for e in section.step_epochs),
+          f"config key '{path}.step_epochs' must hold epochs >= 1, got {section.step_epochs}")
 
 
 def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
@@ -188,6 +190,8 @@ def call_file(spec: str, function: str = "get_config"):
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} not found")
+  if not path.endswith(".py"):
+    raise ConfigError(f"config file {path!r} is not a Python file (FILE.py[:ARG])")
   module_spec = importlib.util.spec_from_file_location("jaxbd_user_config", path)
   module = importlib.util.module_from_spec(module_spec)
   try:
@@ -203,8 +207,16 @@ def call_file(spec: str, function: str = "get_config"):
 
 
 def load_file(spec: str) -> ConfigDict:
-  """The config of `FILE.py[:ARG]`: its `get_config(ARG)` (config files may build on others)."""
-  return call_file(spec)
+  """The config of `FILE.py[:ARG]`: its `get_config(ARG)` (config files may build on others).
+
+  Raises:
+    ConfigError: as `call_file`, or get_config returned something else than a ConfigDict.
+  """
+  config = call_file(spec)
+  if not isinstance(config, ConfigDict):
+    raise ConfigError(f"get_config() of config file {spec!r} returned "
+                      f"{type(config).__name__!r}, not an ml_collections ConfigDict")
+  return config
 
 
 def load_beside(config_file: str, name: str, arg: str = "") -> ConfigDict:
@@ -277,10 +289,24 @@ def check_keys(config: ConfigDict, schema: ConfigDict) -> None:
     if isinstance(ref, int) and not isinstance(ref, bool) and isinstance(value, float):
       if not value.is_integer():
         raise ConfigError(f"config key {path!r} must be an integer, got {value!r}")
+    if isinstance(ref, (list, tuple)):
+      _check_numbers(path, value, integers=bool(ref) and all(isinstance(r, int) for r in ref))
   missing = sorted(set(known) - set(given))
   if missing:
     raise ConfigError(f"config is missing key {missing[0]!r}; start config files from "
                       "jaxbd.config.defaults()")
+
+
+def _check_numbers(path: str, value: Any, integers: bool) -> None:
+  """ConfigError unless `value` is a list of finite numbers (of integers if `integers`); every
+  list-valued config key holds numbers."""
+  items = value if isinstance(value, (list, tuple)) else [value]
+  ok = isinstance(value, (list, tuple)) and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+      and (not integers or float(v).is_integer()) for v in items)
+  if not ok:
+    kind = "integers" if integers else "finite numbers"
+    raise ConfigError(f"config key {path!r} must be a list of {kind}, got {value!r}")
 
 
 def require(ok: bool, message: str) -> None:
@@ -300,8 +326,9 @@ def check_range(config: ConfigDict, path: str, low: float | None = None,
   below = low is not None and (value <= low if low_open else value < low)
   above = high is not None and value > high
   if below or above:
-    lo = "-inf" if low is None else f"{low:g}"
-    hi = "inf" if high is None else f"{high:g}"
+    bound = lambda v: str(int(v)) if float(v).is_integer() else f"{v:g}"
+    lo = "-inf" if low is None else bound(low)
+    hi = "inf" if high is None else bound(high)
     interval = f"{'(' if low_open else '['}{lo}, {hi}]"
     raise ConfigError(f"config key {path!r} must be in {interval}, got {value}")
 
@@ -350,8 +377,11 @@ def validate(config: ConfigDict) -> None:
   check_choice(config.poison.label_mode, "poison.label_mode",
                ("all2one", "all2all", "clean_label"))
   check_choice(config.attack.name, "attack.name", ["none", *attacks.ATTACKS])
-  for name in defense_names(config):
+  names = defense_names(config)
+  for name in names:
     check_choice(name, "defense.names", defenses.DEFENSES)
+  twice = sorted({n for n in names if names.count(n) > 1})
+  require(not twice, f"config key 'defense.names' names {twice[0] if twice else ''!r} twice")
 
   check_range(config, "seed", 0, 2**31 - 1)
   check_range(config, "data.train_limit", 0)
@@ -373,6 +403,8 @@ def validate(config: ConfigDict) -> None:
   require(len(config.data.mean) == len(config.data.std),
           "config keys 'data.mean' and 'data.std' must have the same length")
   require(all(s > 0 for s in config.data.std), "config key 'data.std' must be positive")
+  require(all(0 <= m <= 1 for m in config.data.mean),
+          "config key 'data.mean' must be in [0, 1] (images are scaled to [0, 1])")
 
   # Every model, trigger and defense section is checked, chosen or not (each check reads only its
   # own section): a bad value there is a mistake either way. Attacks and experiments are checked

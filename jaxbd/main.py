@@ -101,13 +101,17 @@ def preflight(argv: list[str]) -> None:
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
   """Turns jaxbd's errors and file system failures (disk full, permissions) into one error line
-  and exit status 2."""
+  and exit status 2, and Ctrl-C into one line and status 130."""
   try:
     yield
   except JaxbdError as e:
     die(str(e))
   except OSError as e:
     die(f"{e.filename or 'file system'}: {e.strerror or e}")
+  except KeyboardInterrupt:
+    print("jaxbd: interrupted; rerun the same command to resume from the last checkpoint",
+          file=sys.stderr)
+    sys.exit(130)
 
 
 def parse_absl(argv: list[str]) -> list[str]:
@@ -137,7 +141,8 @@ def init_distributed() -> None:
   processes. On CPUs the processes exchange data through gloo collectives.
 
   Raises:
-    ConfigError: an incomplete set of multi-host flags.
+    ConfigError: an incomplete or malformed set of multi-host flags, or a runtime that cannot be
+      joined (`--distributed` outside a cluster).
   """
   explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if not _DISTRIBUTED.value and all(v is None for v in explicit):
@@ -145,14 +150,21 @@ def init_distributed() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
-    return
-  if any(v is None for v in explicit):
+    args = ()
+  elif any(v is None for v in explicit):
     raise ConfigError("--coordinator_address, --num_processes and --process_id go together")
-  if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+  elif not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
     raise ConfigError(f"--process_id must be in [0, {_NUM_PROCESSES.value}), got "
                       f"{_PROCESS_ID.value}")
-  jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif not re.fullmatch(r"\S+:\d+", _COORDINATOR.value):
+    raise ConfigError(f"--coordinator_address must be HOST:PORT, got {_COORDINATOR.value!r}")
+  else:
+    args = explicit
+  try:
+    jax.distributed.initialize(*args)
+  except (ValueError, RuntimeError) as e:  # no cluster detected, coordinator unreachable
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f"cannot join the multi-process runtime: {first}") from None
 
 
 def main(argv: list[str]) -> None:

@@ -5,8 +5,9 @@ r"""Sweeps: a grid of config overrides, each cell a normal run, results in one S
 
 The grid is the cartesian product of `field=v1,v2,...` groups separated by `;` (values are parsed
 with the field's type); a config file may instead define `get_sweep(arg) -> list[dict]` (cells as
-`{"poison.rate": 0.01, "seed": 1}`), used when `--grid` is not given. Every cell is validated
-before the first one runs. Each cell runs in `WORKDIR/cells/<hash>` (its own checkpoints and
+`{"poison.rate": 0.01, "seed": 1}`), used when `--grid` is not given. Every cell's config is
+validated before the first one runs; its data and model are checked when it starts, and a cell
+that fails is recorded with its error while the sweep goes on. Each cell runs in `WORKDIR/cells/<hash>` (its own checkpoints and
 results.json) and its row goes into `WORKDIR/results.sqlite` when it finishes, keyed by the hash
 of its full config. Rerunning a killed sweep skips finished cells and resumes the interrupted one
 from its checkpoints.
@@ -46,13 +47,13 @@ import time
 import traceback
 from typing import Any, Iterator, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 import ml_collections
 
 from jaxbd import config as config_lib
 from jaxbd import fileio
 from jaxbd import main as cli
-from jaxbd.errors import ConfigError, JaxbdError
+from jaxbd.errors import ConfigError, DataError, JaxbdError
 
 _GRID = flags.DEFINE_string(
     "grid", None, "Cells as 'field=v1,v2;field2=w1,w2' (cartesian product); default: the config "
@@ -106,7 +107,8 @@ def parse_grid(grid: str, config: ml_collections.ConfigDict) -> list[dict[str, A
   """Cells of `"a.b=1,2;c=x,y"`: the cartesian product, values typed like the config's fields.
 
   Raises:
-    ConfigError: an unknown field, a malformed group or a value of the wrong type.
+    ConfigError: an unknown or repeated field, a malformed group, a value of the wrong type, or
+      no group at all.
   """
   flat = config_lib.flatten(config)
   axes = []
@@ -117,7 +119,11 @@ def parse_grid(grid: str, config: ml_collections.ConfigDict) -> list[dict[str, A
       raise ConfigError(f"sweep group {group!r} must look like field=v1,v2")
     if path not in flat:
       raise ConfigError(f"unknown config key {path!r} in --grid")
+    if any(axis[0][0] == path for axis in axes):
+      raise ConfigError(f"config key {path!r} appears twice in --grid; list its values once")
     axes.append([(path, _convert(path, v, flat[path])) for v in values.split(",")])
+  if not axes:
+    raise ConfigError(f"--grid {grid!r} names no config key")
   return [dict(combo) for combo in itertools.product(*axes)]
 
 
@@ -127,12 +133,27 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+COLUMNS = tuple(line.split()[0] for line in SCHEMA.splitlines()[2:-1])
+
+
 @contextlib.contextmanager
 def store(path: str) -> Iterator[sqlite3.Connection]:
-  """Opens (and creates) the results store; commits on exit."""
-  connection = sqlite3.connect(path, timeout=60)
+  """Opens (and creates) the results store; commits on exit.
+
+  Raises:
+    DataError: `path` is not a SQLite file, or its `runs` table is not a sweep store's.
+  """
   try:
-    connection.execute(SCHEMA)
+    connection = sqlite3.connect(path, timeout=60)
+  except sqlite3.Error as e:
+    raise DataError(f"cannot open the sweep store {path} ({e})") from None
+  try:
+    try:
+      connection.execute(SCHEMA)
+      connection.execute(f"SELECT {', '.join(COLUMNS)} FROM runs LIMIT 0")
+    except sqlite3.Error as e:
+      raise DataError(f"{path} is not a sweep store ({str(e).splitlines()[0]}); move it away or "
+                      "use a new --workdir") from None
     yield connection
     connection.commit()
   finally:
@@ -246,6 +267,7 @@ def main(argv: list[str]) -> None:
   """`python -m jaxbd.sweep`: the flags of `python -m jaxbd.main` plus --grid."""
   if len(argv) > 1:
     cli.die(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   with cli.one_line_errors():
     cli.init_distributed()
     base = cli.config_value()

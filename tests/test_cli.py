@@ -137,6 +137,13 @@ def bad_npz(tmp_path):
     (["--config.data.source=npz:/nonexistent/data.npz"], "file not found"),
     (["--config.data.source=imagenet"], "data.source 'imagenet' is not one of"),
     (["--config.poison.target=12"], "poison.target 12 is not a class"),
+    # list values from the command line: absl keeps what does not parse as a number as a string
+    (["--config.data.mean=nan", "--config.data.std=0.3"],
+     "'data.mean' must be a list of finite numbers, got ('nan',)"),
+    (["--config.train.step_epochs=a,b"], "'train.step_epochs' must be a list of integers"),
+    (["--config.data.mean=5", "--config.data.std=0.3"], "'data.mean' must be in [0, 1]"),
+    (["--coordinator_address=notahost", "--num_processes=1", "--process_id=0"],
+     "--coordinator_address must be HOST:PORT, got 'notahost'"),
     # settings that only the model or the poison plan can refute, refused before training
     (["--config.defense.names=d3", "--config.defense.d3.layers=conv9"],
      "defense.d3.layers: module 'conv9' has no kernel"),

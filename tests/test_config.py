@@ -30,12 +30,15 @@ def test_shared_field_names_exist():
     ("model.name", "vgg99", "'model.name' must be one of"),
     ("train.optimizer", "lbfgs", "'train.optimizer' must be one of"),
     ("defense.names", "nodefense", "'defense.names' must be one of"),
+    ("defense.names", "ft,d3,ft", "'defense.names' names 'ft' twice"),
     ("train.lr", float("nan"), "'train.lr' must be finite"),
     # Sections the run does not use (the defaults: a CNN, BadNets, no defense) are checked too.
     ("defense.d3.warm_up", "sideways", "'defense.d3.warm_up' must be one of"),
     ("defense.pt.slol", -1.0, "'defense.pt.slol' must be in [0, inf]"),
     ("poison.wanet.k", 1, "'poison.wanet.k' must be in [2, inf]"),
     ("model.vmoe.heads", 0, "'model.vmoe.heads' must be in [1, inf]"),
+    ("defense.ft.step_epochs", (0, 5), "'defense.ft.step_epochs' must hold epochs >= 1"),
+    ("badpatches.rates", (0.1, float("inf")), "'badpatches.rates' must be a list of finite"),
 ])
 def test_out_of_range_values_are_refused(path, value, message):
   config = config_lib.defaults()

@@ -172,6 +172,9 @@ def test_real_cifar10_encoded_npz():
     ("length_mismatch", "has 30 images but y_train has 29 labels"),
     ("missing_array", "missing array(s) ['y_test']"),
     ("float_labels", "must hold integer class indices"),
+    ("unseen_test_labels", "test labels [2] occur in no training image"),
+    ("encoded_float_offsets", "train_offsets must be integers"),
+    ("encoded_missing_array", "missing array(s) ['test_labels']"),
 ])
 def test_bad_npz_is_refused(tmp_path, arrays, case, message):
   x_tr, y_tr, x_te, y_te = arrays
@@ -194,6 +197,18 @@ def test_bad_npz_is_refused(tmp_path, arrays, case, message):
       del bad["y_test"]
     elif case == "float_labels":
       bad["y_train"] = y_tr.astype(np.float32)
+    elif case == "unseen_test_labels":
+      keep = y_tr != 2
+      bad["x_train"], bad["y_train"] = x_tr[keep], y_tr[keep]
+    elif case.startswith("encoded"):
+      bad = {"classes": good["classes"]}
+      for split, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
+        bad[f"{split}_bytes"], bad[f"{split}_offsets"] = encode(x)
+        bad[f"{split}_labels"] = y
+      if case == "encoded_float_offsets":
+        bad["train_offsets"] = bad["train_offsets"].astype(np.float64)
+      else:
+        del bad["test_labels"]
     np.savez(path, **bad)
   with pytest.raises(DataError) as err:
     data.load(data_config(f"npz:{path}"))

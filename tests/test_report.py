@@ -151,6 +151,11 @@ def test_missing_and_corrupt_inputs_are_one_line_and_write_nothing(tmp_path):
   (bad / "results.json").write_text('{"metrics": {}}')
   with pytest.raises(DataError, match="no 'config' section"):
     report.write_report([str(bad)], None, str(tmp_path / "out"))
+  (bad / "results.json").write_text(json.dumps(
+      {"config": {}, "attack": {}, "metrics": {"backdoored": {"acc": 0.9, "asr": None}},
+       "defenses": {"ft": {"acc": "high"}}}))
+  with pytest.raises(DataError, match="defenses.ft.acc is 'high', not a rate"):
+    report.write_report([str(bad)], None, str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
   (bad / "results.json").write_text(json.dumps(
       {"config": {"experiment": "standard"}, "attack": {"name": "none"}, "defenses": {},

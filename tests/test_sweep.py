@@ -13,7 +13,7 @@ import pytest
 
 from jaxbd import config as config_lib
 from jaxbd import sweep
-from jaxbd.errors import ConfigError
+from jaxbd.errors import ConfigError, DataError
 
 from conftest import REPO
 
@@ -29,6 +29,23 @@ def test_parse_grid_types_and_product():
     sweep.parse_grid("seed=x", config_lib.defaults())
   with pytest.raises(ConfigError, match="must look like field=v1,v2"):
     sweep.parse_grid("seed", config_lib.defaults())
+  with pytest.raises(ConfigError, match="'seed' appears twice in --grid"):
+    sweep.parse_grid("seed=0,1;seed=2", config_lib.defaults())
+  with pytest.raises(ConfigError, match="names no config key"):
+    sweep.parse_grid(";;", config_lib.defaults())
+
+
+@pytest.mark.parametrize("content", ["garbage", "table"])
+def test_a_file_that_is_not_a_sweep_store_is_refused(tmp_path, content):
+  path = tmp_path / "results.sqlite"
+  if content == "garbage":
+    path.write_bytes(b"not a database" * 100)
+  else:
+    with sqlite3.connect(path) as db:
+      db.execute("CREATE TABLE runs (x TEXT)")
+  with pytest.raises(DataError, match="is not a sweep store"):
+    with sweep.store(str(path)):
+      pass
 
 
 def test_config_files_can_declare_their_sweep():

@@ -89,7 +89,8 @@ def make_dataset(name: str, x_train, y_train, x_test, y_test, classes=None) -> D
     classes: class names; default: "0" .. str(max label).
 
   Raises:
-    DataError: wrong dtype or shape, mismatched lengths, or labels outside [0, K).
+    DataError: wrong dtype or shape, mismatched lengths, labels outside [0, K), or test labels
+      that no training image has.
   """
   x_train = _images(name, "train", x_train)
   x_test = _images(name, "test", x_test)
@@ -105,6 +106,10 @@ def make_dataset(name: str, x_train, y_train, x_test, y_test, classes=None) -> D
     if y.min() < 0 or y.max() >= len(classes):
       raise DataError(f"{name}: y_{split} has labels in [{y.min()}, {y.max()}] but the dataset "
                       f"has {len(classes)} classes (labels must be in [0, {len(classes) - 1}])")
+  unseen = np.setdiff1d(y_test, y_train)
+  if unseen.size:
+    raise DataError(f"{name}: test labels {unseen[:5].tolist()} occur in no training image; "
+                    "the splits' labels do not match")
   return Dataset(name, x_train, y_train, x_test, y_test, classes)
 
 

@@ -83,10 +83,13 @@ def _encoded_split(name: str, arrays, split: str, limit: int):
   labels = arrays[f"{split}_labels"]
   if offsets.ndim != 1 or len(offsets) != len(labels) + 1:
     raise DataError(f"{name}: {split}_offsets must have len({split}_labels) + 1 entries")
+  if not np.issubdtype(offsets.dtype, np.integer):
+    raise DataError(f"{name}: {split}_offsets must be integers, got {offsets.dtype}")
   if offsets[-1] > len(data) or np.any(np.diff(offsets) <= 0):
     raise DataError(f"{name}: {split}_offsets do not index {split}_bytes")
   idx = balanced_indices(labels, limit)
-  images = _stack(name, [_decode(name, data[offsets[i]:offsets[i + 1]].tobytes()) for i in idx])
+  images = _stack(name, [_decode(f"{name} {split} image {i}", data[offsets[i]:offsets[i + 1]]
+                                 .tobytes()) for i in idx])
   return images, labels[idx]
 
 
@@ -113,9 +116,10 @@ def _npz(path: str, train_limit: int, test_limit: int) -> Dataset:
       return make_dataset(name, x_tr, y_tr, x_te, y_te, classes)
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
     raise DataError(f"{name}: corrupt array in the .npz file ({e})") from None
-  missing = [k for k in plain if k not in keys]
+  layout = encoded if any(k.endswith(("_bytes", "_offsets")) for k in keys) else plain
+  missing = [k for k in layout if k not in keys]
   raise DataError(f"{name}: missing array(s) {missing} (found {sorted(keys)}); expected "
-                  "x_train, y_train, x_test, y_test")
+                  f"{', '.join(layout)}")
 
 
 def _folder_split(name: str, root: str, classes: list[str]):
@@ -127,7 +131,7 @@ def _folder_split(name: str, root: str, classes: list[str]):
     for fname in sorted(os.listdir(cdir)):
       if fname.lower().endswith(_IMAGE_SUFFIXES):
         with open(os.path.join(cdir, fname), "rb") as f:
-          images.append(_decode(f"{name}/{cls}/{fname}", f.read()))
+          images.append(_decode(f"{name}/{os.path.basename(root)}/{cls}/{fname}", f.read()))
         labels.append(label)
   if not images:
     raise DataError(f"{name}: no images under {root}/<class>/")

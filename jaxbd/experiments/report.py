@@ -39,6 +39,7 @@ from jaxbd.fileio import atomic_file
 
 SECTIONS = ("config", "attack", "metrics")  # what a results.json must have to be reported
 MODEL_KEYS = ("acc", "asr", "ra")
+RATES = (*MODEL_KEYS, "der")  # numbers or null wherever they appear in a results.json
 
 
 def find_results(paths: Iterable[str]) -> list[str]:
@@ -81,7 +82,23 @@ def read_results(path: str) -> dict:
   missing = [k for k in SECTIONS if not isinstance(doc, dict) or not isinstance(doc.get(k), dict)]
   if missing:
     raise DataError(f"{path} is not a results.json: no {missing[0]!r} section")
+  for section in ("metrics", "defenses"):
+    _check_rates(path, section, doc.get(section))
   return doc
+
+
+def _check_rates(path: str, where: str, tree: Any) -> None:
+  """DataError unless every ACC / ASR / RA / DER under `tree` is a number or null (NaN)."""
+  if isinstance(tree, list):
+    for i, item in enumerate(tree):
+      _check_rates(path, f"{where}[{i}]", item)
+  if not isinstance(tree, dict):
+    return
+  for key, value in tree.items():
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key in RATES and not (value is None or number):
+      raise DataError(f"{path} is not a results.json: {where}.{key} is {value!r}, not a rate")
+    _check_rates(path, f"{where}.{key}", value)
 
 
 def load(paths: Iterable[str]) -> dict[str, dict]:

@@ -65,6 +65,7 @@ class Checkpointer:
       return self._get().restore(epoch, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # Orbax raises many types for corrupt or mismatched checkpoints.
       first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      first = first.split("See full TensorStore details")[0].rstrip(" ;:.")
       raise CheckpointError(
           f"checkpoint {self.directory}/{epoch} is unreadable or belongs to a different model "
           f"({first[:200]}); delete it or use a new --workdir") from None
