@@ -199,7 +199,7 @@ def test_config_arguments_and_bad_values():
       ("quant_backdoor.attack", "pcb", "quant_backdoor.attack"),
       ("quant_backdoor.eval_bits", (8, 9), "eval_bits"),
       ("quant_backdoor.qb.bits", (1,), "qb.bits"),
-      ("quant_backdoor.quanti.bits", (8.7,), "quanti.bits' must list integer bit widths"),
+      ("quant_backdoor.quanti.bits", (8.7,), "quanti.bits' must be a list of integers"),
       ("quant_backdoor.qb.bn", "off", "qb.bn"),
       ("quant.rounding", "stochastic", "quant.rounding"),
       ("quant.momentum", 0.0, "quant.momentum"),
