@@ -23,10 +23,10 @@ full-scale (GPU) run has been made yet.
 
 `cpu`: the 16-wide CNN on a 45,000-image subset for 3 epochs (configs/cifar10.py:cpu_defense;
 ACC ~0.60), so that 5% is 2,250 trusted images as in the paper (2,500), with defenses scaled to
-a minute: FT 10 epochs at batch 128; D3 40 epochs at batch 64, lr 0.1, lmd 30, eps 0.1 (random warm-up, the
-reference's loss, projection and schedule). D3's lr, lmd and epochs were chosen on 5,000
-held-out training images outside the subset (never test data) with the attack's trigger, by
-the paper's rule (lowest ASR with ACC >= original - 3%), first on BadNets:
+a minute: FT 10 epochs at batch 128; D3 40 epochs at batch 64, lr 0.1, lmd 30, eps 0.1 (random
+warm-up, the reference's loss, projection and schedule). D3's lr, lmd and epochs were chosen on
+5,000 held-out training images outside the subset (never test data) with the attack's trigger,
+by the paper's rule (lowest ASR with ACC >= original - 3%), first on BadNets:
 
   python -m jaxbd.select --config=configs/d3.py:cpu,source=npz:FILE --workdir=DIR --defense=d3 \
       --heldout=5000 \

@@ -300,11 +300,9 @@ def check_keys(config: ConfigDict, schema: ConfigDict) -> None:
 def _check_numbers(path: str, value: Any, integers: bool) -> None:
   """ConfigError unless `value` is a list of finite numbers (of integers if `integers`); every
   list-valued config key holds numbers."""
-  items = value if isinstance(value, (list, tuple)) else [value]
-  ok = isinstance(value, (list, tuple)) and all(
-      isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-      and (not integers or float(v).is_integer()) for v in items)
-  if not ok:
+  number = lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      and (not integers or float(v).is_integer()))
+  if not (isinstance(value, (list, tuple)) and all(map(number, value))):
     kind = "integers" if integers else "finite numbers"
     raise ConfigError(f"config key {path!r} must be a list of {kind}, got {value!r}")
 
@@ -380,8 +378,8 @@ def validate(config: ConfigDict) -> None:
   names = defense_names(config)
   for name in names:
     check_choice(name, "defense.names", defenses.DEFENSES)
-  twice = sorted({n for n in names if names.count(n) > 1})
-  require(not twice, f"config key 'defense.names' names {twice[0] if twice else ''!r} twice")
+  for i, name in enumerate(names):
+    require(name not in names[:i], f"config key 'defense.names' names {name!r} twice")
 
   check_range(config, "seed", 0, 2**31 - 1)
   check_range(config, "data.train_limit", 0)

@@ -6,6 +6,13 @@ with status 2, without a traceback. Bugs raise ordinary exceptions and keep thei
 """
 
 
+def first_line(error: BaseException) -> str:
+  """The first non-empty line of an exception's message, or its type's name when it has none
+  (libraries' messages run over several lines; a jaxbd error is one)."""
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
 class JaxbdError(Exception):
   """An error caused by the user's input; its message is shown as one line."""
 

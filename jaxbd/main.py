@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxbd.config import load_file as load_config_file
-from jaxbd.errors import ConfigError, JaxbdError
+from jaxbd.errors import ConfigError, JaxbdError, first_line
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: configs/FILE.py[:ARG].",
@@ -163,8 +163,7 @@ def init_distributed() -> None:
   try:
     jax.distributed.initialize(*args)
   except (ValueError, RuntimeError) as e:  # no cluster detected, coordinator unreachable
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f"cannot join the multi-process runtime: {first}") from None
+    raise ConfigError(f"cannot join the multi-process runtime: {first_line(e)}") from None
 
 
 def main(argv: list[str]) -> None:

@@ -7,10 +7,10 @@ The grid is the cartesian product of `field=v1,v2,...` groups separated by `;` (
 with the field's type); a config file may instead define `get_sweep(arg) -> list[dict]` (cells as
 `{"poison.rate": 0.01, "seed": 1}`), used when `--grid` is not given. Every cell's config is
 validated before the first one runs; its data and model are checked when it starts, and a cell
-that fails is recorded with its error while the sweep goes on. Each cell runs in `WORKDIR/cells/<hash>` (its own checkpoints and
-results.json) and its row goes into `WORKDIR/results.sqlite` when it finishes, keyed by the hash
-of its full config. Rerunning a killed sweep skips finished cells and resumes the interrupted one
-from its checkpoints.
+that fails is recorded with its error while the sweep goes on. Each cell runs in
+`WORKDIR/cells/<hash>` (its own checkpoints and results.json) and its row goes into
+`WORKDIR/results.sqlite` when it finishes, keyed by the hash of its full config. Rerunning a
+killed sweep skips finished cells and resumes the interrupted one from its checkpoints.
 
 `--vmap_seeds` trains the cells that differ only in `seed` as one population: stacked train states
 under one `jax.vmap`-ed step (`jaxbd.experiments.population`; standard experiment with a
@@ -171,7 +171,7 @@ def record(connection: sqlite3.Connection, *, digest: str, cell: dict, config, w
   doc = doc or {}
   as_json = lambda key: fileio.dumps(doc[key]) if key in doc else None
   connection.execute(
-      "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+      f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(COLUMNS))})",
       (digest, fileio.dumps(cell), config.experiment, config.seed,
        "failed" if error else "done", workdir, as_json("metrics"), as_json("defenses"),
        as_json("attack"), as_json("timing"), as_json("versions"), fileio.dumps(config.to_dict()),

@@ -11,7 +11,8 @@ backdoor, fine-tuning removes it.
 The fine-pruning layer is the model's last convolution (see `jaxbd.models.common.prunable`):
 each pMoE expert's last conv (channels ranked within each expert), PreAct-ResNet18's last block
 output (after the residual sum: a pruned channel is gone from the conv and the shortcut alike,
-as BackdoorBench's fine-pruning drops it from layer4's output), the CNN's last stage, the V-MoE's last MoE layer's expert hidden units (per expert).
+as BackdoorBench's fine-pruning drops it from layer4's output), the CNN's last stage, the
+V-MoE's last MoE layer's expert hidden units (per expert).
 Channels are switched off with masks in the variables' `prune` collection, not by editing
 parameters, so fine-tuning cannot revive them. Defaults: activations over up to 10,000 clean
 images (the defender's trusted set; the BadPatches setting uses `defense.clean_fraction=0.2` of

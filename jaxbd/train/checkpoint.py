@@ -14,7 +14,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from jaxbd.errors import CheckpointError
+from jaxbd.errors import CheckpointError, first_line
 
 
 class Checkpointer:
@@ -64,8 +64,7 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
       return self._get().restore(epoch, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # Orbax raises many types for corrupt or mismatched checkpoints.
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      first = first.split("See full TensorStore details")[0].rstrip(" ;:.")
+      first = first_line(e).split("See full TensorStore details")[0].rstrip(" ;:.")
       raise CheckpointError(
           f"checkpoint {self.directory}/{epoch} is unreadable or belongs to a different model "
           f"({first[:200]}); delete it or use a new --workdir") from None
