@@ -16,24 +16,26 @@ s_t the other 1% (the reference measures them on test images). `cpu`: 3 clean + 
 CNNs on the 5,000-image subset of configs/cifar10.py:cpu (10 epochs), 5% trusted (250 images; 1%
 would be 50), PT repair 200 steps at lr 0.01, NC 20 epochs, members trained one after another (on
 CPU XLA's batched convolutions make the vmapped step 2-3x slower than a loop;
-scripts/bench_population.py). Measured (2 CPU devices, 33 minutes, about 5 per member, 2026-12-05):
-clean members ACC 0.50-0.52, backdoored ones ACC 0.48-0.50 with ASR 1.0 (BadNets, Blended, BadNets).
-Neural Cleanse separates them (with the reference's cost schedule, which starts at 0 until the
-attack succeeds for `patience` epochs, hence 20 epochs: minimum mask norm 42-63 clean, 7.1-10.2
-backdoored, anomaly index 0.72-0.96 vs 1.07-2.21, ROC AUC 1.0 by either score;
-`--config.detection.scorers=nc`, 9 minutes); CTI does not (suspicion 0.62-0.91 clean, 0.56-0.90
-backdoored: AUC 0.44, s_t on the 125 trusted images held out from its repair and inversion; 0.67 in
-a run of 2026-11-29: the two groups overlap, so each of the 9 clean-backdoored pairs that swaps
-order moves the AUC by 1/9; measured on the inversion's own 250 images it was 0.82-0.97 vs
-0.56-0.85, AUC 0.11). CTI assumes the repaired copy keeps the clean behaviour and loses the
-backdoor; here PT leaves the backdoor (see configs/pick_your_poison.py), so a trigger that finds it
-fools both copies, while for a clean suspect the inversion still finds a perturbation that fools it
-and not its repaired copy (trained at lr 0.01). With D3 as the repair
-(`--config.detection.cti.repair=d3`, the D3 settings of configs/d3.py:cpu; README) CTI reaches AUC
-0.67 on the same six members (0.94-0.95 backdoored, 0.84-0.96 clean; 0.89 in the run of 2026-11-29).
-Six models are few: with 5 clean + 5 backdoored (`cpu,clean=5,backdoored=5`, D3 repair, 40 minutes,
-2026-12-05) the AUC is 0.36 (suspicion 0.92-0.99 clean, 0.85-0.98 backdoored), so CTI does not
-detect at this scale; the default population on an accelerator is the detection result.
+scripts/bench_population.py). Measured on 5 clean + 5 backdoored members (`cpu,clean=5,
+backdoored=5`, 2 CPU devices, 2026-12-05: 6 minutes to train them all, then per member 50 s for
+NC, 135 s for CTI with its repair): clean members ACC 0.50-0.52, backdoored ones 0.48-0.50 at ASR
+1.0 (BadNets, Blended in turn). Neural Cleanse separates them (with the reference's cost
+schedule, which starts at 0 until the attack succeeds for `patience` epochs, hence 20 epochs:
+minimum mask norm 40-68 clean, 5.6-8.6 backdoored, every backdoored member's smallest mask on
+the true target 0; anomaly index 0.70-1.02 vs 1.31-2.06; ROC AUC 1.0 by either score;
+`--config.detection.scorers=nc`). CTI does not: AUC 0.60 (suspicion 0.64-0.95 clean, 0.62-0.94
+backdoored, s_t on the 125 trusted images held out from its repair and inversion, the best
+target rarely the true one). CTI assumes the repaired copy keeps the clean behaviour and loses
+the backdoor; here PT leaves the backdoor (see configs/pick_your_poison.py), so a trigger that
+finds it fools both copies, while for a clean suspect the inversion still finds a perturbation
+that fools it and not its repaired copy (trained at lr 0.01). D3 as the repair, which does
+remove this backdoor (`--config.detection.cti.repair=d3` with the D3 settings of the README's
+detection paragraph), does no better: AUC 0.28 (0.95-0.99 clean, 0.86-0.99 backdoored), since a
+perturbation that fools a clean suspect rarely fools a copy D3 moved that far either. Smaller
+populations (3 + 3, before CTI drew its batches as the reference's loader does) gave AUCs from
+0.44 to 0.89 for the same settings: the groups overlap, and one pair changing order moves the AUC
+by 1/9. So CTI does not detect at this scale; the default population on an accelerator is the
+detection result.
 
 Arguments: cpu, source=..., clean=N, backdoored=N, attacks=badnets+blended ('+'-separated).
 """

@@ -191,6 +191,15 @@ def test_corrupt_checkpoint_and_changed_config_are_refused(tmp_path):
       jaxbd(*QUICK, "--config.standard.train_clean=false", "--config.train.lr=0.02",
             workdir=workdir),
       "holds a run with a different config (first difference: train.lr)")
+  saved = (workdir / "config.json").read_text()
+  older = json.loads(saved)
+  del older["detection"]["nc"]["score"]  # as written before the key existed
+  (workdir / "config.json").write_text(json.dumps(older))
+  assert_one_line_error(
+      jaxbd(*QUICK, "--config.standard.train_clean=false", workdir=workdir),
+      "(first difference: detection.nc.score, a key its config.json lacks (written by an older "
+      "jaxbd)); use a new --workdir")
+  (workdir / "config.json").write_text(saved)
   ckpt = workdir / "checkpoints" / "backdoored" / "2"
   for root, _, files in os.walk(ckpt):
     for f in files:

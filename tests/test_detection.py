@@ -10,7 +10,7 @@ from conftest import load_config
 from test_defenses import tiny_ctx, tiny_model, tiny_trusted
 from jaxbd import defenses, experiments
 from jaxbd.defenses import base, detection
-from jaxbd.errors import ConfigError
+from jaxbd.errors import ConfigError, DataError
 
 
 def test_anomaly_index_of_the_smallest_norm():
@@ -41,6 +41,26 @@ def test_cti_holds_out_a_random_part_of_the_trusted_set_for_its_scores():
   assert again.indices.tolist() == scored.indices.tolist() != other.indices.tolist()
   with pytest.raises(ConfigError, match="empty part"):
     base.holdout(trusted, 0.01, jax.random.key(0))
+
+
+def test_cti_batches_leave_out_the_candidate_class_and_repeat_no_row_within_a_pass():
+  """For candidate t every batch row has a label other than t; the stream is passes over those
+  rows, each a permutation (no row twice before every row has come once), reshuffled per pass."""
+  labels = np.array([0, 1, 2, 1, 0, 2, 2, 1, 0, 1], np.int32)
+  steps, batch = 7, 4
+  batches = detection.class_batches(jax.random.key(0), labels, 3, steps, batch)
+  assert batches.shape == (steps, 3, batch) and batches.dtype == np.int32
+  for t in range(3):
+    pool = np.flatnonzero(labels != t)
+    stream = batches[:, t].reshape(-1)
+    assert (labels[stream] != t).all()
+    passes = [stream[i:i + len(pool)] for i in range(0, len(stream), len(pool))]
+    for p in passes[:-1]:
+      assert sorted(p.tolist()) == pool.tolist()
+    assert len(set(passes[-1].tolist())) == len(passes[-1])
+    assert len({tuple(p.tolist()) for p in passes[:-1]}) > 1  # reshuffled
+  with pytest.raises(DataError, match="needs trusted images of other classes"):
+    detection.class_batches(jax.random.key(0), np.zeros(5, np.int32), 2, 1, 4)
 
 
 def test_cti_calibrates_by_the_repair_it_is_given():

@@ -222,9 +222,10 @@ def test_cti_trigger_inversion_follows_the_pytorch_loop():
   pair = [symmetric_image(rng), symmetric_image(rng)]
   config = detection.cti_config()
   config.update(steps=10, batch_size=4, init=1e-9)
+  labels = np.repeat(np.arange(2, dtype=np.int32), 4)
+  batches = detection.class_batches(jax.random.key(1), labels, 2, config.steps, config.batch_size)
   got = detection.invert_additive(jax_model(WIDTH), suspect, repaired,
-                                  np.repeat(np.stack(pair), 4, axis=0),
-                                  np.repeat(np.arange(2, dtype=np.int32), 4), 2,
+                                  np.repeat(np.stack(pair), 4, axis=0), labels, batches,
                                   detection.inversion_constants(config), jax.random.key(0))
   ce = torch.nn.functional.cross_entropy
   want = []

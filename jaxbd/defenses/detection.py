@@ -4,7 +4,10 @@
 2305.09671): repair a copy of the suspect model f_P with Pivotal Tuning (f_R; the caller passes
 the repair, so another defense can stand in for it, `detection.cti.repair`), then for every
 candidate target t optimize an additive full-image trigger delta_t (init U(0, 0.01), Adam lr 0.01,
-betas (0.5, 0.9), 50 steps, batch 128, random flips) on trusted images of classes != t:
+betas (0.5, 0.9), 50 steps, batch 128) on trusted images of classes != t, as the reference's
+infinite loader gives them (each pass over those images a fresh shuffle, without replacement;
+here the passes run on into each other, so every batch is whole) and its batch-level
+`RandomHorizontalFlip` flips them (the whole batch or none of it):
 
     loss = CE(f_P(clip(x + delta, 0, 1)), t) + 0.5 * CE(f_R(clip(x + delta, 0, 1)), y).
 
@@ -17,7 +20,8 @@ inversion to measure s_t (0: measure on the images the trigger was fitted to).
 
 **Neural Cleanse (NC)**, Wang et al., S&P 2019 (the baseline): for every class t, find the
 smallest mask m (H x W) and pattern p with `x' = (1 - m) x + m p` classified as t:
-`CE(f(x'), t) + cost_t * |m|_1`, mask and pattern through tanh, Adam (lr 0.1, betas (0.5, 0.9)).
+`CE(f(x'), t) + cost_t * |m|_1`, mask and pattern through tanh, Adam (lr 0.1, betas (0.5, 0.9)),
+an epoch one shuffled pass over the trusted images (batch 32; all classes, the target's too).
 As in the reference (`reset_cost_to_zero`), the cost starts at 0 and is set to 1e-3 once the
 attack success has been >= 99% for `patience` epochs; from then on it is multiplied by 2 after
 `patience` epochs at >= 99% and divided by 2^1.5 after `patience` epochs below. An epoch's mask is
@@ -51,6 +55,7 @@ import optax
 from jaxbd import config as config_lib
 from jaxbd import data as data_lib
 from jaxbd.defenses import base
+from jaxbd.errors import DataError
 from jaxbd.poison.sig import AdditiveTrigger
 from jaxbd.train import step as step_lib
 
@@ -114,23 +119,35 @@ def _logits(model, variables, x: jax.Array) -> jax.Array:
   return model.apply(variables, x, train=False)
 
 
-def _class_batches(key, labels, num_classes: int, batch: int, exclude_own: bool):
-  """int32[K, B] indices per candidate class, sampled uniformly (without class t if asked)."""
-  def draw(k, t):
-    weight = (labels != t).astype(jnp.float32) if exclude_own else jnp.ones(labels.shape)
-    return jax.random.choice(k, labels.shape[0], (batch,), p=weight / weight.sum())
-  return jax.vmap(draw)(jax.random.split(key, num_classes), jnp.arange(num_classes))
+def class_batches(key: jax.Array, labels: np.ndarray, num_classes: int, steps: int,
+                  batch: int) -> np.ndarray:
+  """int32[steps, K, B]: for each candidate t, `steps` batches of the rows whose label is not t,
+  passes of fresh shuffles without replacement laid end to end.
+
+  Raises:
+    DataError: every trusted image has the same label (no image of another class for it).
+  """
+  labels = np.asarray(labels)
+  out = np.empty((num_classes, steps * batch), np.int32)
+  for t in range(num_classes):
+    pool = np.flatnonzero(labels != t)
+    if not len(pool):
+      raise DataError(f"trigger inversion for class {t} needs trusted images of other classes; "
+                      "every trusted image is of that class")
+    passes = jax.random.split(jax.random.fold_in(key, t), -(-out.shape[1] // len(pool)))
+    stream = jax.vmap(lambda k, pool=pool: jax.random.permutation(k, pool))(passes)
+    out[t] = np.asarray(stream).reshape(-1)[:out.shape[1]]
+  return out.reshape(num_classes, steps, batch).transpose(1, 0, 2)
 
 
 def inversion_constants(config: ml_collections.ConfigDict) -> tuple:
-  """The CTI section as `invert_additive`'s static `c`: (steps, batch_size, lr, init,
-  repair_weight)."""
-  return (config.steps, config.batch_size, config.lr, config.init, config.repair_weight)
+  """The CTI section as `invert_additive`'s static `c`: (lr, init, repair_weight)."""
+  return (config.lr, config.init, config.repair_weight)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def invert_additive(model, suspect, repaired, images, labels, num_classes: int,
-                    c: tuple, key: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def invert_additive(model, suspect, repaired, images, labels, batches: jax.Array, c: tuple,
+                    key: jax.Array) -> jax.Array:
   """CTI's trigger inversion for every candidate target at once.
 
   Args:
@@ -139,18 +156,23 @@ def invert_additive(model, suspect, repaired, images, labels, num_classes: int,
     repaired: variables of f_R.
     images: uint8[M, H, W, C] trusted images.
     labels: int32[M] their labels.
-    num_classes: K.
-    c: (steps, batch_size, lr, init, repair_weight).
+    batches: int32[steps, K, B] the rows of each step's batch per candidate (`class_batches`).
+    c: (lr, init, repair_weight).
     key: PRNG key.
 
   Returns:
     deltas f32[K, H, W, C].
   """
-  steps, batch, lr, init, repair_weight = c
+  lr, init, repair_weight = c
+  steps, num_classes = batches.shape[:2]
   tx = optax.adam(lr, b1=0.5, b2=0.9)
   k_init, k_loop = jax.random.split(key)
   deltas = jax.random.uniform(k_init, (num_classes, *images.shape[1:])) * init
   targets = jnp.arange(num_classes)
+
+  def flip_batch(idx, k):
+    x = data_lib.to_unit(images[idx])
+    return jnp.where(jax.random.bernoulli(k), x[:, :, ::-1], x)
 
   def loss(delta, t, x, y):
     x = jnp.clip(x + delta, 0.0, 1.0)
@@ -158,17 +180,16 @@ def invert_additive(model, suspect, repaired, images, labels, num_classes: int,
     attack = ce(_logits(model, suspect, x), jnp.full_like(y, t)).mean()
     return attack + repair_weight * ce(_logits(model, repaired, x), y).mean()
 
-  def step(carry, k):
+  def step(carry, xs):
     deltas, opt_state = carry
-    k_idx, k_flip = jax.random.split(k)
-    idx = _class_batches(k_idx, labels, num_classes, batch, exclude_own=True)
-    x = jax.vmap(lambda i, kf: data_lib.pipeline.random_flip(data_lib.to_unit(images[i]), kf))(
-        idx, jax.random.split(k_flip, num_classes))
+    idx, k = xs
+    x = jax.vmap(flip_batch)(idx, jax.random.split(k, num_classes))
     grads = jax.vmap(jax.grad(loss))(deltas, targets, x, labels[idx])
     updates, opt_state = tx.update(grads, opt_state, deltas)
     return (optax.apply_updates(deltas, updates), opt_state), None
 
-  (deltas, _), _ = jax.lax.scan(step, (deltas, tx.init(deltas)), jax.random.split(k_loop, steps))
+  (deltas, _), _ = jax.lax.scan(step, (deltas, tx.init(deltas)),
+                                (batches, jax.random.split(k_loop, steps)))
   return deltas
 
 
@@ -194,12 +215,13 @@ def calibrated_trigger_inversion(ctx: base.Context, variables: dict, trusted: ba
   "fit_size", "scored_size"}` (trusted images for repair and inversion / for s_t).
 
   `repair(variables, trusted, key) -> variables` makes f_R (the paper: Pivotal Tuning)."""
-  k_split, k_repair, k_invert = jax.random.split(key, 3)
+  k_split, k_repair, k_batches, k_invert = jax.random.split(key, 4)
   fit, scored = (base.holdout(trusted, config.score_fraction, k_split)
                  if config.score_fraction else (trusted, trusted))
   repaired = repair(variables, fit, k_repair)
+  batches = class_batches(k_batches, fit.labels, ctx.num_classes, config.steps, config.batch_size)
   deltas = invert_additive(ctx.model, variables, repaired, jnp.asarray(fit.images),
-                           jnp.asarray(fit.labels), ctx.num_classes, inversion_constants(config),
+                           jnp.asarray(fit.labels), batches, inversion_constants(config),
                            k_invert)
   images, labels = jnp.asarray(scored.images), jnp.asarray(scored.labels)
   scores = (np.asarray(trigger_success(ctx.model, variables, images, labels, deltas))
@@ -230,11 +252,12 @@ def _nc_epoch(model, variables, images, state, num_classes: int, c: tuple, key: 
       since it was started), `stale` int32[K] (epochs without a smaller kept L1), `stopped`
       bool[K], `epochs` int32[K] (epochs run).
     num_classes: K.
-    c: (steps, batch, lr, threshold, patience, cost_up, cost_down, init_cost, early_stop_patience
+    c: (batch, lr, threshold, patience, cost_up, cost_down, init_cost, early_stop_patience
       (0: never stop), early_stop_threshold).
-    key: the epoch's batch key.
+    key: the epoch's shuffle key: one pass over the images in batches without replacement, the
+      last batch completed from the start of the same shuffle (`epoch_indices`).
   """
-  (steps, batch, lr, threshold, patience, cost_up, cost_down, init_cost, stop_patience,
+  (batch, lr, threshold, patience, cost_up, cost_down, init_cost, stop_patience,
    stop_threshold) = c
   tx = optax.adam(lr, b1=0.5, b2=0.9)
   targets = jnp.arange(num_classes)
@@ -247,17 +270,17 @@ def _nc_epoch(model, variables, images, state, num_classes: int, c: tuple, key: 
     reg = jnp.sum(jnp.abs(mask))
     return ce.mean() + cost * reg, (step_lib.batch_accuracy(logits, t), reg)
 
-  def step(carry, k):
+  def step(carry, idx):
     raw, opt_state = carry
-    idx = jax.random.randint(k, (batch,), 0, images.shape[0])
     x = data_lib.to_unit(images[idx])
     grads, stats = jax.vmap(jax.grad(loss, has_aux=True), (0, 0, 0, None))(
         raw, targets, state["cost"], x)
     updates, opt_state = tx.update(grads, opt_state, raw)
     return (optax.apply_updates(raw, updates), opt_state), stats
 
-  (raw, opt_state), (accs, regs) = jax.lax.scan(step, (state["raw"], state["opt_state"]),
-                                                jax.random.split(key, steps))
+  (raw, opt_state), (accs, regs) = jax.lax.scan(
+      step, (state["raw"], state["opt_state"]),
+      data_lib.pipeline.epoch_indices(key, images.shape[0], batch))
   acc, reg = accs.mean(0), regs.mean(0)
   norm = jnp.sum(jnp.abs(_squash(raw["mask"])), axis=(1, 2, 3))
   success = acc >= threshold
@@ -327,8 +350,7 @@ def neural_cleanse(ctx: base.Context, variables: dict, trusted: base.Trusted,
            "up": zeros, "down": zeros, "set": zeros, "best_reg": inf, "best_norm": inf,
            "last_norm": inf, "raised": no, "lowered": no, "stale": zeros,
            "stopped": no, "epochs": zeros}
-  steps = max(1, -(-len(trusted.labels) // config.batch_size))
-  c = (steps, config.batch_size, config.lr, config.threshold, config.patience, config.cost_up,
+  c = (config.batch_size, config.lr, config.threshold, config.patience, config.cost_up,
        config.cost_down, config.init_cost,
        config.early_stop_patience if config.early_stop else 0, config.early_stop_threshold)
   images = jnp.asarray(trusted.images)

@@ -112,8 +112,11 @@ def _check_workdir(workdir: str, config_dict: dict) -> None:
     flat_old = config_lib.flatten(ml_collections.ConfigDict(saved))
     diff = sorted(k for k in set(flat_new) | set(flat_old)
                   if json.dumps(flat_new.get(k)) != json.dumps(flat_old.get(k)))
+    first = diff[0] if diff else "?"
+    if first in flat_new and first not in flat_old:
+      first += ", a key its config.json lacks (written by an older jaxbd)"
     raise CheckpointError(f"--workdir {workdir} holds a run with a different config (first "
-                          f"difference: {diff[0] if diff else '?'}); use a new --workdir")
+                          f"difference: {first}); use a new --workdir")
 
 
 def build(config: ml_collections.ConfigDict, workdir: str,
