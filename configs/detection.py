@@ -10,32 +10,31 @@ Neural Cleanse; the ROC AUC of each detector is printed and the ROC curves writt
 DIR/roc.png. Members with the same kind of trigger are trained together with jax.vmap over a
 leading model axis.
 
-Default: 8 clean + 8 backdoored PreAct-ResNet18s (width 64), 100 epochs each, on full CIFAR-10 (a
-GPU job); 2% trusted images, of which CTI's repair and inversion take the paper's 1% and its scores
-s_t the other 1% (the reference measures them on test images). `cpu`: 3 clean + 3 backdoored 16-wide
-CNNs on the 5,000-image subset of configs/cifar10.py:cpu (10 epochs), 5% trusted (250 images; 1%
-would be 50), PT repair 200 steps at lr 0.01, NC 20 epochs, members trained one after another (on
-CPU XLA's batched convolutions make the vmapped step 2-3x slower than a loop;
-scripts/bench_population.py). Measured on 5 clean + 5 backdoored members (`cpu,clean=5,
-backdoored=5`, 2 CPU devices, 2026-12-05: 6 minutes to train them all, then per member 50 s for
-NC, 135 s for CTI with its repair): clean members ACC 0.50-0.52, backdoored ones 0.48-0.50 at ASR
-1.0 (BadNets, Blended in turn). Neural Cleanse separates them (with the reference's cost
-schedule, which starts at 0 until the attack succeeds for `patience` epochs, hence 20 epochs:
-minimum mask norm 40-68 clean, 5.6-8.6 backdoored, every backdoored member's smallest mask on
-the true target 0; anomaly index 0.70-1.02 vs 1.31-2.06; ROC AUC 1.0 by either score;
-`--config.detection.scorers=nc`). CTI does not: AUC 0.60 (suspicion 0.64-0.95 clean, 0.62-0.94
-backdoored, s_t on the 125 trusted images held out from its repair and inversion, the best
-target rarely the true one). CTI assumes the repaired copy keeps the clean behaviour and loses
-the backdoor; here PT leaves the backdoor (see configs/pick_your_poison.py), so a trigger that
-finds it fools both copies, while for a clean suspect the inversion still finds a perturbation
-that fools it and not its repaired copy (trained at lr 0.01). D3 as the repair, which does
-remove this backdoor (`--config.detection.cti.repair=d3` with the D3 settings of the README's
-detection paragraph), does no better: AUC 0.28 (0.95-0.99 clean, 0.86-0.99 backdoored), since a
-perturbation that fools a clean suspect rarely fools a copy D3 moved that far either. Smaller
-populations (3 + 3, before CTI drew its batches as the reference's loader does) gave AUCs from
-0.44 to 0.89 for the same settings: the groups overlap, and one pair changing order moves the AUC
-by 1/9. So CTI does not detect at this scale; the default population on an accelerator is the
-detection result.
+Default: 8 clean + 8 backdoored ResNet-18s (the paper's post-activation CIFAR ResNet-18,
+`resnet18`), 100 epochs each, on full CIFAR-10 (a GPU job); 2% trusted images, of which CTI's repair
+and inversion take the paper's 1% and its scores s_t the other 1% (the reference measures them on
+test images). `cpu`: 3 clean + 3 backdoored 16-wide CNNs on the 5,000-image subset of
+configs/cifar10.py:cpu (10 epochs), 5% trusted (250 images; 1% would be 50), PT repair 200 steps at
+lr 0.01, NC 20 epochs, members trained one after another (on CPU XLA's batched convolutions make the
+vmapped step 2-3x slower than a loop; scripts/bench_population.py). Measured on 5 clean + 5
+backdoored members (`cpu,clean=5,backdoored=5`, 2 CPU devices, 2026-12-05: 6 minutes to train them
+all, then per member 50 s for NC, 135 s for CTI with its repair): clean members ACC 0.50-0.52,
+backdoored ones 0.48-0.50 at ASR 1.0 (BadNets, Blended in turn). Neural Cleanse separates them (with
+the reference's cost schedule, which starts at 0 until the attack succeeds for `patience` epochs,
+hence 20 epochs: minimum mask norm 40-68 clean, 5.6-8.6 backdoored, every backdoored member's
+smallest mask on the true target 0; anomaly index 0.70-1.02 vs 1.31-2.06; ROC AUC 1.0 by either
+score; `--config.detection.scorers=nc`). CTI does not: AUC 0.60 (suspicion 0.64-0.95 clean,
+0.62-0.94 backdoored, s_t on the 125 trusted images held out from its repair and inversion, its best
+target never the true target 0). CTI assumes the repaired copy keeps the clean behaviour and loses
+the backdoor; here PT leaves the backdoor (see configs/pick_your_poison.py), so a trigger that finds
+it fools both copies, while for a clean suspect the inversion still finds a perturbation that fools
+it and not its repaired copy (trained at lr 0.01). D3 as the repair, which does remove this backdoor
+(`--config.detection.cti.repair=d3` with the D3 settings of the README's detection paragraph), does
+no better: AUC 0.28 (0.95-0.99 clean, 0.86-0.99 backdoored), since a perturbation that fools a clean
+suspect rarely fools a copy D3 moved that far either. Smaller populations (3 + 3, before CTI drew
+its batches as the reference's loader does) gave AUCs from 0.44 to 0.89 for the same settings: the
+groups overlap, and one pair changing order moves the AUC by 1/9. So CTI does not detect at this
+scale; the default population on an accelerator is the detection result.
 
 Arguments: cpu, source=..., clean=N, backdoored=N, attacks=badnets+blended ('+'-separated).
 """
@@ -56,6 +55,8 @@ def get_config(arg=None):
   d = config.detection
   d.attacks = a.attacks.replace("+", ",")
   d.num_clean, d.num_backdoored = 8, 8
+  if not a.cpu:
+    config.model.name = "resnet18"
   if a.cpu:
     config.data.test_limit = 1000
     config.train.checkpoint_every = 0

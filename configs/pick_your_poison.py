@@ -7,8 +7,9 @@ r"""Pick-your-Poison's repair claim: every attack mitigated by Pivotal Tuning on
 
 Lukas & Kerschbaum (arXiv 2305.09671) claim that their defenses "mitigate all tested attacks with a
 maximum accuracy decline of 2% using only 1% of clean data on CIFAR-10". Victim (the paper's):
-ResNet (here PreAct-ResNet18), SGD lr 0.1 momentum 0.9 wd 5e-4, cosine, batch 128, crop + flip,
-100 epochs (the epoch count is ours), target 0. Attacks (`attack=`): badnets (3x3 patch),
+the post-activation CIFAR ResNet-18 of its code (`resnet18`: 11.2M parameters, non-negative
+penultimate features), SGD lr 0.1 momentum 0.9 wd 5e-4, cosine, batch 128, crop + flip, 100
+epochs (the epoch count is ours), target 0. Attacks (`attack=`): badnets (3x3 patch),
 adaptive_blend and adaptive_patch (4 pieces kept w.p. 0.5 in training, conservatism 0.5), wanet
 (k 4, s 0.5, noise mode), tsb (one of 4 noise marks per training image), sig (clean-label), pcb
 (BadNets trigger on 10% of every second batch, poisoned gradients masked to 10% of the
@@ -103,6 +104,7 @@ def get_config(arg=None):
   config.defense.names = a.defenses.replace("+", ",")
   config.defense.clean_fraction = 0.01
   if not a.cpu:
+    config.model.name = "resnet18"
     config.train.lr = 0.1
     config.train.schedule_unit = "step"
   return config

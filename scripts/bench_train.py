@@ -25,7 +25,8 @@ from jaxbd import benchmark
 from jaxbd import config as config_lib
 
 _MODEL = flags.DEFINE_string("model", "preact_resnet18", "Model name (see jaxbd.models).")
-_WIDTH = flags.DEFINE_integer("width", 64, "Width of cnn / preact_resnet18 (64: the paper's).")
+_WIDTH = flags.DEFINE_integer("width", 64,
+                              "Width of cnn / preact_resnet18 / resnet18 (64: the papers').")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["128", "512"], "Batch sizes to measure.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed train steps per batch size.")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 50000, "Training images.")
@@ -41,7 +42,7 @@ def main(argv):
   config = config_lib.defaults()
   config.model.name = _MODEL.value
   config.model.dtype = _DTYPE.value
-  if _MODEL.value in ("cnn", "preact_resnet18"):
+  if _MODEL.value in ("cnn", "preact_resnet18", "resnet18"):
     config.model[_MODEL.value].width = _WIDTH.value
   config.poison.name = "badnets"
   ds = benchmark.training_data(config.data, _SOURCE.value, _NUM_TRAIN.value)

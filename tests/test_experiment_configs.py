@@ -41,6 +41,7 @@ def test_pick_your_poison_configs(attack):
   c = load_config(f"configs/pick_your_poison.py:attack={attack}")
   config_lib.validate(c)
   assert c.defense.clean_fraction == 0.01 and "pt" in config_lib.defense_names(c)
+  assert c.model.name == "resnet18" and c.model.resnet18.width == 64  # the paper's victim
   pt = c.defense.pt
   assert (pt.steps, pt.lr, pt.nesterov, pt.slol, pt.param, pt.batch_size) == (
       2000, 1e-4, True, 0.05, 20000.0, 128)
@@ -59,8 +60,12 @@ def test_unknown_attack_argument_is_refused(name):
 
 
 def test_detection_config():
+  full = load_config("configs/detection.py")
+  config_lib.validate(full)
+  assert full.model.name == "resnet18" and full.detection.num_clean == 8
   c = load_config("configs/detection.py:cpu,clean=2,backdoored=3")
   config_lib.validate(c)
+  assert c.model.name == "cnn"
   assert c.experiment == "detection" and c.detection.num_clean == 2
   assert c.detection.num_backdoored == 3 and c.detection.attacks == "badnets,blended"
   c.detection.scorers = "cti,strip"

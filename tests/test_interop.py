@@ -20,10 +20,11 @@ from jaxbd.interop import backdoorbench, torch_models  # pylint: disable=g-impor
 MEAN, STD = models.common.CIFAR10_MEAN, models.common.CIFAR10_STD
 
 
-def torch_model(width=64, seed=0):
-  """A PyTorch PreAct-ResNet18 with random weights and non-trivial BatchNorm statistics."""
+def torch_model(width=64, seed=0, cls=None):
+  """A PyTorch PreAct-ResNet18 (or `cls`) with random weights and non-trivial BatchNorm
+  statistics."""
   torch.manual_seed(seed)
-  net = torch_models.PreActResNet18(10, width)
+  net = (cls or torch_models.PreActResNet18)(10, width)
   with torch.no_grad():
     for module in net.modules():
       if isinstance(module, torch.nn.BatchNorm2d):
@@ -42,10 +43,10 @@ def save_backdoorbench(path, net, poisoned, num_train):
               "bd_train": {"poison_indicator": indicator}, "bd_test": None}, path)
 
 
-def jax_model(width):
+def jax_model(width, name="preact_resnet18"):
   c = config_lib.defaults()
-  c.model.name = "preact_resnet18"
-  c.model.preact_resnet18.width = width
+  c.model.name = name
+  c.model[name].width = width
   return models.create(c, 10, MEAN, STD)
 
 
@@ -96,6 +97,32 @@ def test_backdoorbench_checkpoint_gives_the_same_logits_on_cifar10(tmp_path):
   assert np.abs(want).max() > 0.1  # a non-degenerate comparison
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
   np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_post_activation_resnet18_matches_its_pytorch_twin():
+  """jaxbd's `resnet18` (Pick-your-Poison's CIFAR ResNet-18) and the PyTorch twin: the same
+  11,173,962 parameters, the same logits on real test images, post-ReLU (non-negative) features,
+  and a state_dict that round-trips."""
+  images = cifar_images(32)
+  net = torch_model(cls=torch_models.ResNet18)
+  assert sum(p.numel() for p in net.parameters()) == 11_173_962
+  variables = backdoorbench.torch_to_flax(net.state_dict())
+  model = jax_model(64, "resnet18")
+  expected = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3),
+                                                                           np.float32)))
+  assert jax.tree.map(lambda x: x.shape, expected) == jax.tree.map(np.shape, variables)
+  logits, feats = models.features(model, variables, images.astype(np.float32) / 255.0)
+  want = torch_logits(net, images)
+  assert np.abs(want).max() > 0.1
+  np.testing.assert_allclose(np.asarray(logits), want, rtol=0, atol=1e-4)
+  feats = np.asarray(feats)
+  assert feats.shape == (32, 512) and feats.min() >= 0 and (feats > 0).mean() > 0.1
+  back = torch_models.ResNet18(10, 64)
+  state = backdoorbench.flax_to_torch(variables)
+  back.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
+  for k, v in net.state_dict().items():
+    if not k.endswith("num_batches_tracked"):
+      np.testing.assert_array_equal(v.numpy(), back.state_dict()[k].numpy(), err_msg=k)
 
 
 def test_export_and_reload_round_trips(tmp_path):

@@ -141,6 +141,7 @@ def test_quant_layers_match_flax_layers_in_float():
 SHAPE = (8, 8, 3)
 MODELS = {"cnn": cnn.CNN(10, width=4, stages=2),
           "preact_resnet": resnet.PreActResNet(10, (1, 1), width=4),
+          "resnet": resnet.PreActResNet(10, (1, 1), width=4, preact=False),
           "pmoe": pmoe.WRNMoE(10, widen=1, num_experts=2, capacity=2),  # 2x2 routing map
           "pmoe_patch": pmoe.ImagePatchMoE(10, patch=2, num_experts=3, capacity=4, width=4)}
 
@@ -197,7 +198,8 @@ SCHEMES = {
     "half_even_head2": quant.QuantConfig(rounding="half_even", quantize_head=True).with_bits(2),
 }
 CASES = [("cnn", scheme) for scheme in SCHEMES] + [
-    ("preact_resnet", "w8a8"), ("preact_resnet", "asymmetric6"), ("pmoe", "w8a8"),
+    ("preact_resnet", "w8a8"), ("preact_resnet", "asymmetric6"), ("resnet", "w8a8"),
+    ("pmoe", "w8a8"),
     ("pmoe_patch", "asymmetric6"), ("pmoe_patch", "batch_per_tensor4")]
 
 

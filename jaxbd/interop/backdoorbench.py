@@ -7,12 +7,13 @@ one with a top-level `poison_indices` array) into jaxbd variables for `jaxbd.mod
 running statistics included) plus the poisoned training indices; `save` writes jaxbd variables
 back in the same layout, so either side can evaluate and defend the other's models.
 
-Tensors are converted by name: PyTorch module paths `layer1.0.bn1` / `shortcut.0` are Flax
-`layer1_0/bn1` / `shortcut`; conv weights (O, I, kh, kw) <-> kernels (kh, kw, I, O); linear weights
-(O, I) <-> kernels (I, O); BatchNorm weight/bias/running_mean/running_var <-> params scale/bias and
-batch_stats mean/var. BackdoorBench models take inputs normalized by the dataset's mean/std, which
-jaxbd models apply themselves: set `data.mean`/`data.std` to BackdoorBench's values for the
-dataset (see `configs/defend_backdoorbench.py`).
+Tensors are converted by name: PyTorch module paths `layer1.0.bn1` / `shortcut.0` / `shortcut.1`
+are Flax `layer1_0/bn1` / `shortcut` / `shortcut_bn` (the last in the post-activation ResNet-18);
+conv weights (O, I, kh, kw) <-> kernels (kh, kw, I, O); linear weights (O, I) <-> kernels (I, O);
+BatchNorm weight/bias/running_mean/running_var <-> params scale/bias and batch_stats mean/var.
+BackdoorBench models take inputs normalized by the dataset's mean/std, which jaxbd models apply
+themselves: set `data.mean`/`data.std` to BackdoorBench's values for the dataset (see
+`configs/defend_backdoorbench.py`).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def torch_to_flax(state_dict: Mapping[str, Any]) -> dict:
     if leaf == "num_batches_tracked":
       continue
     path = re.sub(r"(layer\d+)\.(\d+)", r"\1_\2", ".".join(modules))
-    path = tuple(re.sub(r"shortcut\.0$", "shortcut", path).split("."))
+    path = re.sub(r"shortcut\.0$", "shortcut", path)
+    path = tuple(re.sub(r"shortcut\.1$", "shortcut_bn", path).split("."))
     if leaf in _BN_STATS:
       flat[("batch_stats", *path, _BN_STATS[leaf])] = array
     elif leaf == "weight" and array.ndim == 4:
@@ -85,7 +87,7 @@ def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   for (collection, *path, leaf), value in traverse_util.flatten_dict(dict(variables)).items():
     array = np.asarray(value)
     module = re.sub(r"(layer\d+)_(\d+)", r"\1.\2", ".".join(path))
-    module = re.sub(r"shortcut$", "shortcut.0", module)
+    module = re.sub(r"shortcut_bn$", "shortcut.1", re.sub(r"shortcut$", "shortcut.0", module))
     if collection == "batch_stats":
       name = {"mean": "running_mean", "var": "running_var"}[leaf]
       out[f"{module}.{name}"] = array

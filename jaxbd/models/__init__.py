@@ -13,7 +13,8 @@ from jaxbd.models.common import features
 
 MODELS = {
     "cnn": config_lib.Component(cnn.default_config, cnn.validate, cnn.build),
-    "preact_resnet18": config_lib.Component(resnet.default_config, resnet.validate, resnet.build),
+    "preact_resnet18": resnet.component("preact_resnet18", preact=True),
+    "resnet18": resnet.component("resnet18", preact=False),
     "pmoe": config_lib.Component(pmoe.pmoe_config, pmoe.pmoe_validate, pmoe.pmoe_build),
     "pmoe_patch": config_lib.Component(pmoe.pmoe_patch_config, pmoe.pmoe_patch_validate,
                                        pmoe.pmoe_patch_build),
