@@ -44,11 +44,13 @@ does not undo (D3, which moves the classifier far from it, does; README: other v
 16-wide PreAct-ResNet18 victim (`epochs=5 --config.model.name=preact_resnet18
 --config.model.preact_resnet18.width=16`: ACC 0.7565, ASR 0.996) keeps its backdoor too: PT 0.7490
 / 0.997, FT 0.7360 / 0.923 (test subset); at width 32 (ACC 0.7615, ASR 1.0) PT 0.7450 / 1.0, FT
-0.7155 / 0.991. The same grid (lr 1e-4, 1e-3, 1e-2 x l_slol 0.01, 0.05) on held-out images finds
-no eligible setting below ASR 0.999 for the CNN trained 20 epochs (`epochs=20`: 0.721 / 0.999),
-nor below 0.874 for it poisoned at 3% (`rate=0.03`: 0.622 / 0.915), nor below 0.724 for it
-poisoned at 1% and trained 10 epochs (`rate=0.01,epochs=10`: 0.690 / 0.794). On real MNIST
-(ACC 0.985 held-out) the paper's schedule at lr 1e-4, 1e-3, 1e-2 keeps held-out ASR 1.0 as well.
+0.7155 / 0.991; the post-activation ResNet-18 at width 16 (`--config.model.name=resnet18
+--config.model.resnet18.width=16`: 0.7550 / 1.0) PT 0.7515 / 1.0, FT 0.7270 / 1.0. The same grid (lr
+1e-4, 1e-3, 1e-2 x l_slol 0.01, 0.05) on held-out images finds no eligible setting below ASR 0.999
+for the CNN trained 20 epochs (`epochs=20`: 0.721 / 0.999), nor below 0.874 for it poisoned at 3%
+(`rate=0.03`: 0.622 / 0.915), nor below 0.724 for it poisoned at 1% and trained 10 epochs
+(`rate=0.01,epochs=10`: 0.690 / 0.794). On real MNIST (ACC 0.985 held-out) the paper's schedule at
+lr 1e-4, 1e-3, 1e-2 keeps held-out ASR 1.0 as well.
 SLOL with the diagonal removed (`defense.pt.slol_diagonal=zero`) at lr 1e-3 / 1e-2 does not help
 (held-out, suspect 0.615 / 1.0): l_slol 0.05: 0.537 / 1.0, 0.521 / 1.0; at l_slol 0.5 and 2 ACC
 falls below chance (0.02-0.03, on the trusted images too; ASR 1.0 except 0.70 at lr 1e-2, l_slol
