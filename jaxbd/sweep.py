@@ -53,7 +53,7 @@ import ml_collections
 from jaxbd import config as config_lib
 from jaxbd import fileio
 from jaxbd import main as cli
-from jaxbd.errors import ConfigError, DataError, JaxbdError
+from jaxbd.errors import ConfigError, DataError, JaxbdError, first_line
 
 _GRID = flags.DEFINE_string(
     "grid", None, "Cells as 'field=v1,v2;field2=w1,w2' (cartesian product); default: the config "
@@ -152,7 +152,7 @@ def store(path: str) -> Iterator[sqlite3.Connection]:
       connection.execute(SCHEMA)
       connection.execute(f"SELECT {', '.join(COLUMNS)} FROM runs LIMIT 0")
     except sqlite3.Error as e:
-      raise DataError(f"{path} is not a sweep store ({str(e).splitlines()[0]}); move it away or "
+      raise DataError(f"{path} is not a sweep store ({first_line(e)}); move it away or "
                       "use a new --workdir") from None
     yield connection
     connection.commit()

@@ -136,7 +136,7 @@ def tiny_model():
       c.model.vmoe.update(dict(hidden=16, depth=2, heads=2, mlp_dim=32, experts=4))
       config_lib.validate(c)
       stats = ((0.5,) * 3, (0.25,) * 3)
-      model = (models.resnet.PreActResNet(10, (1, 1), 4, *stats) if name == "resnet" else
+      model = (models.resnet.ResNet(10, (1, 1), 4, *stats) if name == "resnet" else
                models.create(c, 10, *stats))
       variables = jax.jit(lambda k: train.init_variables(model, k, (32, 32, 3)))(
           jax.random.key(0, impl="rbg"))

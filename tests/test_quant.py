@@ -140,8 +140,8 @@ def test_quant_layers_match_flax_layers_in_float():
 
 SHAPE = (8, 8, 3)
 MODELS = {"cnn": cnn.CNN(10, width=4, stages=2),
-          "preact_resnet": resnet.PreActResNet(10, (1, 1), width=4),
-          "resnet": resnet.PreActResNet(10, (1, 1), width=4, preact=False),
+          "preact_resnet": resnet.ResNet(10, (1, 1), width=4),
+          "resnet": resnet.ResNet(10, (1, 1), width=4, preact=False),
           "pmoe": pmoe.WRNMoE(10, widen=1, num_experts=2, capacity=2),  # 2x2 routing map
           "pmoe_patch": pmoe.ImagePatchMoE(10, patch=2, num_experts=3, capacity=4, width=4)}
 

@@ -3,7 +3,7 @@
 `PreActResNet18` has BackdoorBench's module names (conv1, layer1..4 of PreActBlocks with bn1,
 conv1, bn2, conv2 and an optional 1x1 `shortcut.0`, adaptive average pool, linear), so
 BackdoorBench checkpoints load into it and `jaxbd.interop.backdoorbench` maps it to and from
-`jaxbd.models.resnet.PreActResNet`. `ResNet18` is the post-activation CIFAR ResNet-18
+`jaxbd.models.resnet.ResNet`. `ResNet18` is the post-activation CIFAR ResNet-18
 (conv1-bn1-ReLU stem, BasicBlocks with a conv1x1-BN `shortcut.0` / `shortcut.1`), the twin of
 jaxbd's `resnet18`. Used by the interop tests and the PyTorch side of `scripts/compare_pytorch.py`;
 they take normalized NCHW inputs, as BackdoorBench models do.

@@ -84,7 +84,7 @@ class BasicBlock(Block):
     return nn.relu(out + x)
 
 
-class PreActResNet(nn.Module):
+class ResNet(nn.Module):
   """ResNet (He et al. 2016) for small images, pre-activation blocks unless `preact` is False.
 
   Attributes:
@@ -138,8 +138,8 @@ def component(name: str, preact: bool) -> config_lib.Component:
   def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.check_range(config, f"model.{name}.width", 1)
 
-  def build(config, num_classes: int, mean, std) -> PreActResNet:
-    return PreActResNet(num_classes, (2, 2, 2, 2), config.model[name].width, tuple(mean),
+  def build(config, num_classes: int, mean, std) -> ResNet:
+    return ResNet(num_classes, (2, 2, 2, 2), config.model[name].width, tuple(mean),
                         tuple(std), common.DTYPES[config.model.dtype], preact=preact)
 
   return config_lib.Component(default_config, validate, build)

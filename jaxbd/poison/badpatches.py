@@ -11,9 +11,8 @@ victim's. Options (`poison.badpatches`):
 - count: number of triggered cells k.
 - position: `fixed` (the `cells` given, default the last k cells in row-major order: bottom right),
   `random` (k distinct cells per image: drawn once per poisoned training row, anew for every
-  test image), or `router` (the
-  k cells the victim's or a surrogate's routers select most often on clean images; see
-  `rank_cells`).
+  test image), or `router` (the k cells the victim's or a surrogate's routers select most often
+  on clean images; see `rank_cells`).
 - pattern: `solid`, `checkerboard` or seeded `noise` (as BadNets' patterns), or `optimized`:
   seeded noise refined by gradient ascent on the router scores of the trigger's positions
   (`optimize_pattern`).
