@@ -1,4 +1,5 @@
-"""Atomic file writes (a file appears complete under its name, or not at all) and strict JSON.
+"""Atomic file writes (a file appears complete under its name, or not at all), strict JSON, and
+reading .npz archives.
 
 Kept free of jaxbd imports so every layer (poison plans, quantized exports, results, logs) can use
 it.
@@ -11,6 +12,7 @@ import json
 import math
 import os
 import tempfile
+import zipfile
 from typing import IO, Any, Iterator
 
 import numpy as np
@@ -55,3 +57,16 @@ def jsonable(obj: Any) -> Any:
 def dumps(obj: Any, **kwargs: Any) -> str:
   """Strict JSON text of `jsonable(obj)` (json.dumps keyword arguments pass through)."""
   return json.dumps(jsonable(obj), allow_nan=False, **kwargs)
+
+
+def load_npz(path: str) -> Any:
+  """`np.load` of a .npz archive (use it as a context manager), refusing what is not one.
+
+  Raises:
+    ValueError: the file is not a zip archive (e.g. a .npy array, which `np.load` would return
+      as an array, or text, which it would try to unpickle), or holds pickled objects.
+    OSError: the file is missing or unreadable.
+  """
+  if os.path.isfile(path) and not zipfile.is_zipfile(path):
+    raise ValueError("not a zip archive of arrays")
+  return np.load(path, allow_pickle=False)

@@ -166,6 +166,8 @@ def test_real_cifar10_encoded_npz():
 @pytest.mark.parametrize("case,message", [
     ("missing", "file not found"),
     ("corrupt", "not a readable .npz file"),
+    ("npy", "not a readable .npz file (not a zip archive of arrays)"),
+    ("text", "not a readable .npz file (not a zip archive of arrays)"),
     ("float_images", "must be uint8 images"),
     ("bad_shape", "must have shape [N, H, W] or [N, H, W, C]"),
     ("label_out_of_range", "labels must be in [0, 2]"),
@@ -178,10 +180,16 @@ def test_real_cifar10_encoded_npz():
 ])
 def test_bad_npz_is_refused(tmp_path, arrays, case, message):
   x_tr, y_tr, x_te, y_te = arrays
-  good = dict(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, classes=np.array(["a", "b", "c"]))
+  good = dict(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
+              classes=np.array(["a", "b", "c"]))
   path = tmp_path / "bad.npz"
   if case == "corrupt":
     path.write_bytes(b"PK\x03\x04 this is not a zip archive")
+  elif case == "npy":
+    with open(path, "wb") as f:
+      np.save(f, x_tr)
+  elif case == "text":
+    path.write_text("x_train,y_train\n")
   elif case != "missing":
     bad = dict(good)
     if case == "float_images":

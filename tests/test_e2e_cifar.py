@@ -1,4 +1,5 @@
-"""End to end on real CIFAR-10 (5,000-image subset), CPU: a clean CNN learns, BadNets backdoors it."""
+"""End to end on real CIFAR-10 (5,000-image subset), CPU: a clean CNN learns, BadNets backdoors
+it."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,5 @@
-"""Multi-host: 2 processes on localhost (CPU, gloo collectives) train the same model as 1 process."""
+"""Multi-host: 2 processes on localhost (CPU, gloo collectives) train the same model as 1
+process."""
 
 import json
 import os
@@ -53,5 +54,6 @@ def test_two_processes_equal_one_process(tmp_path):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
   m_multi = json.loads((multi / "results.json").read_text())
   m_single = json.loads((single / "results.json").read_text())
-  assert m_multi["versions"]["devices"] == "2 x cpu" and m_single["versions"]["devices"] == "1 x cpu"
+  assert m_multi["versions"]["devices"] == "2 x cpu"
+  assert m_single["versions"]["devices"] == "1 x cpu"
   assert m_multi["metrics"] == m_single["metrics"]

@@ -2,6 +2,7 @@
 poisoned labels agree on the host and inside jit (PCB's batches)."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -174,6 +175,13 @@ def test_plan_save_load_roundtrip(tmp_path):
   for field in ("indices", "cover_indices", "labels"):
     np.testing.assert_array_equal(getattr(back, field), getattr(plan, field))
   assert not set(plan.indices) & set(plan.cover_indices)
+  with open(path, "r+b") as f:  # cut short, as by a full disk
+    f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(DataError, match="poison plan .* unreadable"):
+    poison.load_plan(path)
+  np.save(str(tmp_path / "plan.npy"), plan.indices)
+  with pytest.raises(DataError, match=r"unreadable \(not a zip archive of arrays\)"):
+    poison.load_plan(str(tmp_path / "plan.npy"))
 
 
 def test_device_pipeline_triggers_only_planned_rows():

@@ -319,6 +319,9 @@ def test_saved_export_round_trips_and_bad_files_raise(tmp_path, initialized):
     quant.load_export(str(tmp_path / "bad.npz"))
   with pytest.raises(CheckpointError, match="unreadable"):
     quant.load_export(str(tmp_path / "missing.npz"))
+  np.save(str(tmp_path / "array.npy"), images)
+  with pytest.raises(CheckpointError, match=r"unreadable \(ValueError: not a zip archive"):
+    quant.load_export(str(tmp_path / "array.npy"))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])

@@ -179,7 +179,8 @@ def test_scale_anchors_widen_cells_and_see_only_zeros(batch):
   kernel = params["conv1"]["kernel"]
   c = int(jnp.argmin(jnp.abs(kernel).sum(axis=(0, 1, 3))))
   silenced = jax.tree.map(lambda a: a, anchored)
-  silenced["conv1"] = {**anchored["conv1"], "kernel": anchored["conv1"]["kernel"].at[:, :, c].set(0)}
+  silenced["conv1"] = {**anchored["conv1"],
+                       "kernel": anchored["conv1"]["kernel"].at[:, :, c].set(0)}
   # The anchors multiply a channel that is 0 after BatchNorm + ReLU: no output changes.
   np.testing.assert_array_equal(_logits(anchored, state, x), _logits(silenced, state, x))
   assert float(anchored["bn0"]["scale"][c]) == 0 and float(anchored["bn0"]["bias"][c]) == -1

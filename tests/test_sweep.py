@@ -19,7 +19,8 @@ from conftest import REPO
 
 
 def test_parse_grid_types_and_product():
-  cells = sweep.parse_grid("poison.rate=0.01,0.1; seed=0,1,2; data.flip=false", config_lib.defaults())
+  cells = sweep.parse_grid("poison.rate=0.01,0.1; seed=0,1,2; data.flip=false",
+                           config_lib.defaults())
   assert len(cells) == 6
   assert cells[0] == {"poison.rate": 0.01, "seed": 0, "data.flip": False}
   assert {type(c["seed"]) for c in cells} == {int}

@@ -25,6 +25,7 @@ import zipfile
 
 import numpy as np
 
+from jaxbd import fileio
 from jaxbd.data.dataset import Dataset, balanced_indices, make_dataset, subset
 from jaxbd.errors import DataError
 
@@ -98,7 +99,7 @@ def _npz(path: str, train_limit: int, test_limit: int) -> Dataset:
   if not os.path.isfile(path):
     raise DataError(f"{name}: file not found")
   try:
-    arrays = np.load(path, allow_pickle=False)
+    arrays = fileio.load_npz(path)
     keys = set(arrays.files)
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
     raise DataError(f"{name}: not a readable .npz file ({e})") from None

@@ -17,6 +17,7 @@ The number of poisoned rows is `int(rate * N)` for N training images.
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from typing import Optional
 
 import jax
@@ -65,10 +66,10 @@ class PoisonPlan:
 def load_plan(path: str) -> PoisonPlan:
   """Reads a plan written by `PoisonPlan.save`.  Raises DataError if unreadable."""
   try:
-    with np.load(path, allow_pickle=False) as z:
+    with fileio.load_npz(path) as z:
       return PoisonPlan(int(z["target"]), str(z["label_mode"]), z["indices"],
                         z["cover_indices"], z["labels"])
-  except (OSError, KeyError, ValueError) as e:
+  except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
     raise DataError(f"poison plan {path}: unreadable ({e})") from None
 
 

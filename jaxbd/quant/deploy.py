@@ -169,7 +169,7 @@ def load_export(path: str, model=None, image_shape=None) -> tuple[dict, QuantCon
     CheckpointError: the file is missing, corrupt, or does not fit the model.
   """
   try:
-    with np.load(path, allow_pickle=False) as z:
+    with fileio.load_npz(path) as z:
       arrays = {k: z[k] for k in z.files}
     quant = QuantConfig(**json.loads(str(arrays.pop(_CONFIG_KEY))))
   except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as e:

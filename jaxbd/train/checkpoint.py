@@ -8,13 +8,50 @@ rerun of the same command restores the latest one and continues.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
 from jaxbd.errors import CheckpointError, first_line
+
+
+class _AbandonedReads(logging.Filter):
+  """Drops asyncio's reports of reads a failed restore abandoned (see `quiet_abandoned_reads`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    first = record.getMessage().partition("\n")[0]
+    return not (first.endswith("exception was never retrieved")
+                and "tensorstore" in str(error).lower())
+
+
+def quiet_abandoned_reads() -> None:
+  """Keeps a failed restore's error the only output.
+
+  When one array of a checkpoint fails to read, orbax raises and closes the asyncio loop of the
+  restore while TensorStore still finishes the other reads. Each of them then reports, on stderr,
+  later in the run or at exit: as "Event loop is closed" through `sys.unraisablehook`, or, when
+  its read failed too, as a TensorStore error under "Task (or Future) exception was never
+  retrieved" on the `asyncio` logger. The first can come before the restore's exception reaches
+  its caller, so `Checkpointer.restore` calls this before it reads: it drops exactly those two
+  reports (set up once per process) and passes on every other.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "jaxbd_quiet", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.jaxbd_quiet = True
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_AbandonedReads())
 
 
 class Checkpointer:
@@ -55,6 +92,7 @@ class Checkpointer:
     Raises:
       CheckpointError: the checkpoint is unreadable or does not match `template`.
     """
+    quiet_abandoned_reads()
     try:
       if template is None:
         local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
