@@ -112,3 +112,7 @@ def test_batch_augment_draws_one_crop_rotation_and_flip_for_the_whole_batch():
                      for k in jax.random.split(jax.random.key(1), 10)])
   outside = filled[..., 0] == 7.0
   assert outside.any() and np.all(filled[outside] == [7.0, 8.0, 9.0])
+  unflipped = jax.jit(lambda k: pipeline.batch_augment(batch, k, 0.0, padding=3, flip=False))
+  kept = [k for key in jax.random.split(jax.random.key(2), 100)
+          for k, v in candidates.items() if np.array_equal(np.asarray(unflipped(key))[0], v)]
+  assert len(kept) > 30 and not any(f for *_, f in kept), kept  # without flip: never mirrored

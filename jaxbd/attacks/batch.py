@@ -13,11 +13,12 @@ record the attack's settings instead of poisoned indices.
 
 BackdoorBench's WaNet also replaces the dataset's crop and flip by its own augmentation of the
 whole (poisoned) batch tensor, after normalization: torchvision's RandomCrop (padding 5) w.p. 0.8,
-RandomRotation (up to 10 degrees, nearest) w.p. 0.5 and RandomHorizontalFlip, each drawn once per
-batch (one offset, angle and flip for all its images) and padding with 0 in normalized space (the
-dataset mean). `attack.batch.augment="backdoorbench"` does the same (`data.batch_augment`, filled
-with the model's mean) in place of the run's per-image crop and flip (`data.crop_padding`,
-`data.flip`, which the defenses keep); "run" keeps the run's.
+RandomRotation (up to 10 degrees, nearest) w.p. 0.5 and, on CIFAR-10 only, RandomHorizontalFlip,
+each drawn once per batch (one offset, angle and flip for all its images) and padding with 0 in
+normalized space (the dataset mean). `attack.batch.augment="backdoorbench"` does the same
+(`data.batch_augment`, filled with the model's mean, flipping where `data.flip` is set) in place
+of the run's per-image crop and flip (`data.crop_padding`, `data.flip`, which the defenses keep);
+"run" keeps the run's.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def poisoned_batch(arrays: data_lib.TrainArrays, idx: jax.Array, key: jax.Array,
   """The batch of the int32[B] training rows `idx` with its first `poisoned` rows triggered and
   relabeled and the next `cover` rows given the trigger's cover transform (labels kept), then
   augmented: per image (`crop_padding`, `flip`), or with `batch_fill` (per-channel) the whole
-  batch at once by `data.batch_augment`.
+  batch at once by `data.batch_augment` (which flips only with `flip`).
 
   Returns:
     images f32[B, H, W, C] in [0, 1], labels int32[B].
@@ -97,7 +98,7 @@ def poisoned_batch(arrays: data_lib.TrainArrays, idx: jax.Array, key: jax.Array,
                                  crop_padding=crop_padding, flip=flip)
   k_batch, k_augment = jax.random.split(key)
   images, labels = data_lib.gather_batch(batch, rows, k_batch, poison_fn=poison.poison_fn(trigger))
-  return data_lib.batch_augment(images, k_augment, batch_fill), labels
+  return data_lib.batch_augment(images, k_augment, batch_fill, flip=flip), labels
 
 
 def batch_fn(config: ml_collections.ConfigDict, trigger, num_classes: int, poisoned: int,

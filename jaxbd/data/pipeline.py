@@ -131,13 +131,14 @@ def rotate(images: jax.Array, degrees: jax.Array, fill=0.0) -> jax.Array:
 
 
 def batch_augment(images: jax.Array, key: jax.Array, fill, *, padding: int = 5,
-                  degrees: float = 10.0) -> jax.Array:
+                  degrees: float = 10.0, flip: bool = True) -> jax.Array:
   """BackdoorBench's WaNet augmentation of a whole batch: one draw for all its images.
 
   In order: w.p. 0.8 a crop at one random offset of the batch padded by `padding` pixels of
   `fill`; w.p. 0.5 a rotation by one angle uniform in [-degrees, degrees] (`rotate`, `fill`
-  outside); a left-right flip w.p. 0.5. BackdoorBench applies it to normalized images with fill 0,
-  which is `fill` = the dataset mean here, in [0, 1] pixel space.
+  outside); with `flip`, a left-right flip w.p. 0.5 (BackdoorBench flips CIFAR-10 only, not
+  digits or traffic signs). BackdoorBench applies it to normalized images with fill 0, which is
+  `fill` = the dataset mean here, in [0, 1] pixel space.
 
   Args:
     images: f32[B, H, W, C].
@@ -151,6 +152,8 @@ def batch_augment(images: jax.Array, key: jax.Array, fill, *, padding: int = 5,
                                  images.shape)
   angle = jax.random.uniform(k_angle, (), minval=-degrees, maxval=degrees)
   images = jnp.where(jax.random.bernoulli(k_rotate, 0.5), rotate(images, angle, fill), images)
+  if not flip:
+    return images
   return jnp.where(jax.random.bernoulli(k_flip, 0.5), images[:, :, ::-1], images)
 
 
