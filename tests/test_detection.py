@@ -143,3 +143,26 @@ def test_a_repair_that_does_not_fit_the_model_is_refused_before_training(tmp_pat
   with pytest.raises(ConfigError, match="defense.d3.layers: module 'conv9' has no kernel"):
     experiments.run(c, str(workdir))
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"poison.rate": 0.0}, "set poison.rate > 0"),
+    ({"attack.name": "pcb", "poison.rate": 0.0}, "attack.name must be 'none', got 'pcb'"),
+    # the trusted set comes from rows no member poisoned: 2 members at 10% leave about 81%
+    ({"defense.clean_fraction": 0.85}, "defense.clean_fraction 0.85 asks for"),
+])
+def test_a_population_that_cannot_be_scored_is_refused_before_training(tmp_path, overrides,
+                                                                        message):
+  """Backdoored members that would train clean (no poisoned rows, or a training-time attack the
+  population does not run) or a trusted set larger than the rows no member poisoned: one
+  ConfigError before any member trains or any file is written."""
+  c = load_config("configs/detection.py:clean=1,backdoored=2")
+  c.data.source, c.data.train_limit, c.data.test_limit = "digits", 0, 0
+  c.model.name = "cnn"
+  for path, value in overrides.items():
+    section, key = path.split(".")
+    c[section][key] = value
+  workdir = tmp_path / "w"
+  with pytest.raises(ConfigError, match=message):
+    experiments.run(c, str(workdir))
+  assert not workdir.exists()

@@ -32,6 +32,14 @@ def test_choose_takes_the_lowest_asr_among_settings_that_keep_accuracy(rows, cho
   assert selection.choose(0.50, rows, 0.03) == chosen
 
 
+def test_a_loss_of_exactly_the_allowed_points_is_kept_despite_float_rounding():
+  """On 2,000 held-out images 999 -> 939 correct is exactly 3 points, yet 0.4995 - 0.03 is
+  0.46950000000000003 > 0.4695 in floating point."""
+  assert 999 / 2000 - 0.03 > 939 / 2000
+  assert selection.choose(999 / 2000, [{"acc": 939 / 2000, "asr": 0.0}], 0.03) == 0
+  assert selection.choose(999 / 2000, [{"acc": 938 / 2000, "asr": 0.0}], 0.03) is None
+
+
 def test_heldout_images_are_balanced_training_images_outside_the_subset():
   c = config_lib.defaults()
   c.data.train_limit = 1000

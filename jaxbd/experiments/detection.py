@@ -13,7 +13,7 @@ trained together as one population (`jaxbd.experiments.population`): their train
 stacked on a leading model axis and one jitted step runs `jax.vmap` over it (`detection.vmap=True`,
 for accelerators); `vmap=False` trains them one after another with the same per-member step, which
 is faster on CPU (see `jaxbd.experiments.population`). The trusted set is drawn from the training
-rows no member poisoned.
+rows no member poisoned; its size is checked against them before any member trains.
 """
 
 from __future__ import annotations
@@ -57,6 +57,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.check_choice(name, "detection.attacks", poison.TRIGGERS)
   for name in config_lib.split_names(c.scorers):
     config_lib.check_choice(name, "detection.scorers", detection.SCORERS)
+  config_lib.require(config.attack.name == "none", "the detection experiment trains data-"
+                     f"poisoning attacks only; attack.name must be 'none', got "
+                     f"{config.attack.name!r}")
+  config_lib.require(config.poison.rate > 0, "the backdoored members of the detection "
+                     "experiment poison poison.rate of the training set; set poison.rate > 0")
   detection.validate_cti(config, "detection.cti")
   detection.validate_nc(config, "detection.nc")
   config_lib.check_choice(c.cti.repair, "detection.cti.repair", defenses.DEFENSES)
@@ -114,9 +119,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the experiment and returns the results document (also written to the workdir)."""
   d = config.detection
   cti = "cti" in config_lib.split_names(d.scorers)
-  r = common.prepare(config, workdir, defense_names=[d.cti.repair] if cti else [])
+  r = common.build(config, workdir, defense_names=[d.cti.repair] if cti else [])
   c, ds = r.config, r.dataset
   members = build_members(r)
+  kind_any = np.max(np.stack([m["kind"] for m in members]), 0)
+  defenses.base.trusted_pool(kind_any, c.defense.clean_fraction)  # before anything is trained
+  common.create_workdir(r)
   t0 = time.perf_counter()
   variables = {}
   for g, group in enumerate(groups(members)):
@@ -126,7 +134,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     variables.update((m["index"], train_lib.variables(s)) for m, s in zip(group, trained))
   train_seconds = time.perf_counter() - t0
 
-  kind_any = np.max(np.stack([m["kind"] for m in members]), 0)
   trusted = defenses.trusted_split(ds.x_train, ds.y_train, kind_any, c.defense.clean_fraction,
                                    c.seed)
   ctx = r.defense_context()

@@ -75,8 +75,9 @@ def heldout_split(full: data_lib.Dataset, train_limit: int, size: int) -> Heldou
 
 
 def keeps_accuracy(row: dict[str, float], reference_acc: float, max_acc_drop: float) -> bool:
-  """Whether a setting's held-out ACC is at most `max_acc_drop` below the suspect model's."""
-  return row["acc"] >= reference_acc - max_acc_drop
+  """Whether a setting's held-out ACC is at most `max_acc_drop` below the suspect model's (a loss
+  of exactly `max_acc_drop` is kept: the comparison allows 1e-9 of float rounding)."""
+  return row["acc"] >= reference_acc - max_acc_drop - 1e-9
 
 
 def choose(reference_acc: float, rows: Sequence[dict[str, float]],
