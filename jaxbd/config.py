@@ -62,6 +62,7 @@ def defaults() -> ConfigDict:
   c.poison.target = 0  # target class of all-to-one attacks
   c.poison.label_mode = "all2one"  # all2one | all2all (y -> (y + 1) % K) | clean_label
   c.poison.exclude_target = True  # all2one: draw poisoned images from non-target classes only
+  c.poison.adversarial = poison.adversarial.default_config()  # label-consistent PGD (clean-label)
   for name, spec in poison.TRIGGERS.items():
     c.poison[name] = spec.default_config()
 
@@ -411,6 +412,7 @@ def validate(config: ConfigDict) -> None:
     for component in registry.values():
       component.validate(config)
   quant.validate(config)
+  poison.adversarial.validate(config)
   if config.attack.name != "none":
     attacks.ATTACKS[config.attack.name].validate(config)
   experiments.EXPERIMENTS[config.experiment].validate(config)

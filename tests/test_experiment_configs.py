@@ -36,7 +36,7 @@ def test_d3_table_configs(attack, cpu):
 
 
 @pytest.mark.parametrize("attack", ["badnets", "adaptive_blend", "adaptive_patch", "wanet", "tsb",
-                                    "sig", "pcb"])
+                                    "sig", "clean_label", "pcb"])
 def test_pick_your_poison_configs(attack):
   c = load_config(f"configs/pick_your_poison.py:attack={attack}")
   config_lib.validate(c)
@@ -51,6 +51,9 @@ def test_pick_your_poison_configs(attack):
   assert cpu.nesterov and cpu.momentum == 0.9 and cpu.param == 20000.0 and cpu.use_labels
   if attack == "pcb":
     assert c.attack.name == "pcb" and c.poison.rate == 0 and c.attack.pcb.batch_rate == 0.1
+  if attack == "clean_label":  # label-consistent: PGD on target-class rows, the clean surrogate
+    assert (c.poison.name, c.poison.label_mode) == ("badnets", "clean_label")
+    assert c.poison.adversarial.eps == 8.0 and c.standard.train_clean
 
 
 @pytest.mark.parametrize("name", ["d3", "pick_your_poison"])

@@ -1,8 +1,10 @@
 """The standard experiment: train a clean and a poisoned model, defend, evaluate, write results.
 
 Phases: `clean` (optional, `standard.train_clean`) trains on the clean training set; `backdoored`
-trains on the poisoned set of `config.poison`; then each defense of `defense.names` runs on the
-backdoored model with the trusted clean data. Every model is evaluated on ACC and, with the
+trains on the poisoned set of `config.poison` (with `poison.adversarial.eps` > 0 its rows first
+get a PGD perturbation against the clean model, `jaxbd.poison.adversarial`, saved as
+`WORKDIR/adversarial_rows.npz`); then each defense of `defense.names` runs on the backdoored model
+with the trusted clean data. Every model is evaluated on ACC and, with the
 attack's trigger, ASR and RA (the clean model's ASR is the trigger's baseline); defenses also get
 DER. Writes `WORKDIR/results.json` and prints a table.
 
@@ -12,13 +14,17 @@ trained as one vmapped population (`python -m jaxbd.sweep --vmap_seeds`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import ml_collections
 import numpy as np
 
 from jaxbd import config as config_lib
+from jaxbd import fileio
+from jaxbd import metrics as metrics_lib
+from jaxbd import poison
 from jaxbd import train as train_lib
 from jaxbd.errors import ConfigError
 from jaxbd.experiments import common, population, report, results
@@ -34,13 +40,39 @@ def default_config() -> ml_collections.ConfigDict:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the experiment and returns the results document (also written to the workdir)."""
   r = common.prepare(config, workdir)
-  metrics, timing = {}, {}
+  metrics, timing, adversarial_rows = {}, {}, None
+  variables: Optional[dict] = None
   for phase in phases(config):
     poisoned = phase == "backdoored" and config.poison.name != "none"
+    if poisoned and poison.adversarial.enabled(config):
+      r, adversarial_rows = perturb_poisoned_rows(r, variables)  # the clean phase's model
     variables, summary = common.train_classifier(r, phase, poisoned=poisoned)
     metrics[phase] = summary["eval"]
     timing[phase] = common.timing_section(summary)
-  return finish(r, variables, metrics, timing)
+  return finish(r, variables, metrics, timing, adversarial_rows)
+
+
+def perturb_poisoned_rows(r: common.Run, surrogate: dict) -> tuple[common.Run, dict]:
+  """The run with the poisoned training rows replaced by their PGD perturbations against the
+  `surrogate` variables (`jaxbd.poison.adversarial`), and a summary for results.json: the
+  surrogate's accuracy on those rows before and after, and the largest change in grey levels.
+  The perturbed rows are saved with their indices in `WORKDIR/adversarial_rows.npz`."""
+  ds, rows = r.dataset, r.plan.indices
+  place = lambda x: train_lib.put_replicated(x, r.mesh)
+  original, labels = ds.x_train[rows], ds.y_train[rows]
+  perturbed = poison.adversarial.perturb(r.model, surrogate, original, labels,
+                                         r.config.poison.adversarial, r.config.eval.batch_size,
+                                         place)
+  if results.is_writer():
+    with fileio.atomic_file(os.path.join(r.workdir, "adversarial_rows.npz"), "wb") as f:
+      np.savez(f, indices=rows, images=perturbed)
+  x_train = ds.x_train.copy()
+  x_train[rows] = perturbed
+  summary = {"surrogate_acc_before": metrics_lib.accuracy(r.predict(surrogate, original), labels),
+             "surrogate_acc_after": metrics_lib.accuracy(r.predict(surrogate, perturbed), labels),
+             "max_change": int(np.abs(perturbed.astype(int) - original).max(initial=0)),
+             "rows": "adversarial_rows.npz"}
+  return dataclasses.replace(r, dataset=dataclasses.replace(ds, x_train=x_train)), summary
 
 
 def phases(config: ml_collections.ConfigDict) -> list[str]:
@@ -49,12 +81,17 @@ def phases(config: ml_collections.ConfigDict) -> list[str]:
   return (["clean"] if config.standard.train_clean else []) + ["backdoored"]
 
 
-def finish(r: common.Run, variables: dict, metrics: dict, timing: dict) -> dict:
-  """Defends the backdoored `variables`, writes `results.json` and prints the table."""
+def finish(r: common.Run, variables: dict, metrics: dict, timing: dict,
+           adversarial_rows: Optional[dict] = None) -> dict:
+  """Defends the backdoored `variables`, writes `results.json` and prints the table
+  (`adversarial_rows`: the summary of `perturb_poisoned_rows`, if the run perturbed its rows)."""
   defended = common.run_defenses(r, variables, metrics["backdoored"])
+  attack = attack_section(r.config, r.plan)
+  if adversarial_rows is not None:
+    attack["adversarial"] = {**r.config.poison.adversarial.to_dict(), **adversarial_rows}
   doc = results.document(
       r.config, dataset=r.dataset.name, model=r.config.model.name,
-      attack=attack_section(r.config, r.plan), metrics=metrics, defenses=defended, timing=timing)
+      attack=attack, metrics=metrics, defenses=defended, timing=timing)
   results.write_json(f"{r.workdir}/results.json", doc)
   print(report.models_table(metrics, defended))
   return doc
@@ -62,9 +99,9 @@ def finish(r: common.Run, variables: dict, metrics: dict, timing: dict) -> dict:
 
 def population_ready(config: ml_collections.ConfigDict) -> bool:
   """Whether runs of `config` can train as one population (`run_population`): the standard
-  experiment with a data-poisoning attack and no training-time attack."""
+  experiment with a data-poisoning attack, no training-time attack and no adversarial rows."""
   return (config.experiment == "standard" and config.poison.name != "none"
-          and config.attack.name == "none")
+          and config.attack.name == "none" and not poison.adversarial.enabled(config))
 
 
 def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],

@@ -7,11 +7,12 @@ Triggers: `badnets`, `blended` (triggers.py), `wanet` (wanet.py), `sig` (sig.py)
 `adaptive_blend`, `adaptive_patch`, `tsb` (pieces.py), `badpatches` (badpatches.py: aligned to the
 victim's routing grid). A trigger that wants cover rows (training
 images that get its `cover` transform and keep their label) says how many per poisoned row in its
-`cover_ratio` attribute; `plan_from_config` draws them.
+`cover_ratio` attribute; `plan_from_config` draws them. `adversarial` (label-consistent
+poisoning) perturbs the poisoned rows of a clean-label attack with PGD before the trigger.
 """
 
 from jaxbd import config as config_lib
-from jaxbd.poison import badpatches, pieces, sig, triggers, wanet
+from jaxbd.poison import adversarial, badpatches, pieces, sig, triggers, wanet
 from jaxbd.poison.plan import (CLEAN, COVER, POISONED, PoisonPlan, load_plan, make_plan,
                                poison_fn, poisoned_label, row_key)
 
