@@ -13,7 +13,7 @@ import pytest
 
 from jaxbd import config as config_lib
 from jaxbd import experiments, poison
-from jaxbd.errors import ConfigError
+from jaxbd.errors import CheckpointError, ConfigError
 from jaxbd.experiments import selection, standard
 
 from conftest import tiny_digits_config
@@ -94,6 +94,15 @@ def test_standard_experiment_perturbs_exactly_the_poisoned_rows(tmp_path):
   assert adv["surrogate_acc_after"] < adv["surrogate_acc_before"]
   assert json.loads((tmp_path / "results.json").read_text())["attack"] == doc["attack"]
   assert not standard.population_ready(c)
+  # A rerun resumes with the saved rows, and refuses rows of another plan.
+  (tmp_path / "results.json").unlink()
+  assert experiments.run(c, str(tmp_path))["attack"] == doc["attack"]
+  np.savez(tmp_path / "adversarial_rows.npz", indices=indices[::-1], images=images)
+  with pytest.raises(CheckpointError, match="holds other rows than this run's poison plan"):
+    experiments.run(c, str(tmp_path))
+  (tmp_path / "adversarial_rows.npz").write_text("cut short")
+  with pytest.raises(CheckpointError, match="adversarial_rows.npz is unreadable"):
+    experiments.run(c, str(tmp_path))
 
 
 @pytest.mark.parametrize("overrides,message", [

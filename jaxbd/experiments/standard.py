@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from typing import Optional, Sequence
 
 import ml_collections
@@ -26,7 +27,7 @@ from jaxbd import fileio
 from jaxbd import metrics as metrics_lib
 from jaxbd import poison
 from jaxbd import train as train_lib
-from jaxbd.errors import ConfigError
+from jaxbd.errors import CheckpointError, ConfigError, first_line
 from jaxbd.experiments import common, population, report, results
 
 
@@ -56,16 +57,24 @@ def perturb_poisoned_rows(r: common.Run, surrogate: dict) -> tuple[common.Run, d
   """The run with the poisoned training rows replaced by their PGD perturbations against the
   `surrogate` variables (`jaxbd.poison.adversarial`), and a summary for results.json: the
   surrogate's accuracy on those rows before and after, and the largest change in grey levels.
-  The perturbed rows are saved with their indices in `WORKDIR/adversarial_rows.npz`."""
+  The perturbed rows are saved with their indices in `WORKDIR/adversarial_rows.npz`, which a
+  rerun (resuming the backdoored phase) reads back instead of perturbing again.
+
+  Raises:
+    CheckpointError: the saved file is unreadable or holds other rows.
+  """
   ds, rows = r.dataset, r.plan.indices
-  place = lambda x: train_lib.put_replicated(x, r.mesh)
   original, labels = ds.x_train[rows], ds.y_train[rows]
-  perturbed = poison.adversarial.perturb(r.model, surrogate, original, labels,
-                                         r.config.poison.adversarial, r.config.eval.batch_size,
-                                         place)
-  if results.is_writer():
-    with fileio.atomic_file(os.path.join(r.workdir, "adversarial_rows.npz"), "wb") as f:
-      np.savez(f, indices=rows, images=perturbed)
+  path = os.path.join(r.workdir, "adversarial_rows.npz")
+  if os.path.exists(path):
+    perturbed = saved_rows(path, rows, original)
+  else:
+    perturbed = poison.adversarial.perturb(
+        r.model, surrogate, original, labels, r.config.poison.adversarial,
+        r.config.eval.batch_size, lambda x: train_lib.put_replicated(x, r.mesh))
+    if results.is_writer():
+      with fileio.atomic_file(path, "wb") as f:
+        np.savez(f, indices=rows, images=perturbed)
   x_train = ds.x_train.copy()
   x_train[rows] = perturbed
   summary = {"surrogate_acc_before": metrics_lib.accuracy(r.predict(surrogate, original), labels),
@@ -79,6 +88,22 @@ def phases(config: ml_collections.ConfigDict) -> list[str]:
   """The phases the experiment trains, in order: "clean" (if `standard.train_clean`), then
   "backdoored"."""
   return (["clean"] if config.standard.train_clean else []) + ["backdoored"]
+
+
+def saved_rows(path: str, rows: np.ndarray, original: np.ndarray) -> np.ndarray:
+  """The perturbed images of `adversarial_rows.npz` if it holds the int[P] `rows`, as uint8
+  images of `original`'s shape (CheckpointError otherwise)."""
+  try:
+    with fileio.load_npz(path) as z:
+      indices, images = z["indices"], z["images"]
+  except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise CheckpointError(f"{path} is unreadable ({first_line(e)}); delete it or use a new "
+                          "--workdir") from None
+  if not (np.array_equal(indices, rows) and images.shape == original.shape
+          and images.dtype == np.uint8):
+    raise CheckpointError(f"{path} holds other rows than this run's poison plan; delete it or "
+                          "use a new --workdir")
+  return images
 
 
 def finish(r: common.Run, variables: dict, metrics: dict, timing: dict,
