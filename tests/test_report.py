@@ -191,3 +191,14 @@ def test_reference_numbers_sit_under_the_measured_ones_and_a_bad_reference_is_on
   line, = result.stderr.strip().splitlines()
   assert line.startswith(f"jaxbd: error: {bad} is not a reference")
   assert not (tmp_path / "out2").exists()
+
+
+def test_attack_names_say_how_the_backdoor_was_planted():
+  """A table row names the trigger, then a training-time attack or label-consistent poisoning."""
+  assert report.attack_name({"attack": {"name": "sig"}}) == "sig"
+  assert report.attack_name(
+      {"attack": {"name": "badnets", "training_attack": {"name": "pcb"}}}) == "badnets (pcb)"
+  assert report.attack_name({"attack": {"name": "badnets", "adversarial": {"eps": 8.0}}}) == (
+      "badnets (clean-label PGD, eps 8)")
+  assert report.attack_name({"attack": {"names": ["badnets", "blended"]}}) == (
+      "badnets,blended")

@@ -169,11 +169,14 @@ def cell(m: dict | None, der: bool = False) -> str:
 
 
 def attack_name(doc: dict) -> str:
-  """The attack of a results document (with its training-time attack in parentheses)."""
+  """The attack of a results document (with its training-time attack, or label-consistent
+  poisoning, in parentheses)."""
   attack = doc["attack"]
   name = attack.get("name") or ",".join(attack.get("names", [])) or "?"
   if attack.get("training_attack"):
     name += f" ({attack['training_attack']['name']})"
+  if attack.get("adversarial"):
+    name += f" (clean-label PGD, eps {attack['adversarial']['eps']:g})"
   return name
 
 
