@@ -142,6 +142,8 @@ def test_bad_trigger_settings_are_one_line_errors():
     bp_config(position="corner")
   with pytest.raises(ConfigError, match="'poison.badpatches.cells' must list count=2 cells"):
     bp_config(cells=(1,), count=2)
+  with pytest.raises(ConfigError, match=r"'poison.badpatches.cells' lists a cell twice: \(5, 5\)"):
+    bp_config(cells=(5, 5), count=2)
 
 
 def test_poisoning_pipeline_triggers_only_the_planned_rows():
@@ -401,6 +403,12 @@ def test_bad_badpatches_config_is_refused_before_the_workdir_exists(tmp_path):
   c = digits_config("knowledge=full")
   c.poison.badpatches.count = 17
   with pytest.raises(ConfigError, match="count 17 is more than the 16 cells of a 4x4 grid"):
+    experiments.run(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  c = digits_config("knowledge=full")
+  c.poison.badpatches.update(dict(position="router", l=17))  # the 4x4 grid has 16 positions
+  with pytest.raises(ConfigError, match=r"'poison.badpatches.l' \(17\) exceeds the 16 routing "
+                     "positions of a 8x8 image in 2x2 cells"):
     experiments.run(c, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
   c = digits_config("knowledge=full")

@@ -88,6 +88,25 @@ def test_qb_loss_is_the_bi_target_loss_and_trains_both_passes(batch):
   assert not np.allclose(after, before)
 
 
+def test_the_attack_losses_draw_a_random_trigger_anew_at_every_step(batch):
+  """A trigger with random choices (here: the patch's row) gets the step's key and training mode,
+  as in data poisoning, so the quantized pass sees a new draw at every step."""
+  params, state, x, y = batch
+
+  def trigger(images, key=None, train=False):
+    assert key is not None and train
+    row = jax.random.randint(key, (), 0, images.shape[1])
+    return images.at[:, row].set(1.0)
+
+  qb = attacks.qb_loss(MODEL, Q, lam=0.5, bits=(8,), target=3, bn="frozen", trigger=trigger)
+  quanti = attacks.quanti_loss(MODEL, Q, c1=0.5, c2=0.25, bits=(8,), target=2, bn="frozen",
+                               trigger=trigger)
+  for loss_fn in (qb, quanti):
+    losses = {float(jax.jit(loss_fn)(params, state, x, y, jax.random.key(k))[0])
+              for k in range(6)}
+    assert len(losses) > 1, losses  # the frozen model gives one loss per trigger row
+
+
 @pytest.mark.parametrize("bn", ["frozen", "quant_frozen"])
 def test_batchnorm_modes(bn, batch):
   params, state, x, y = batch
@@ -207,7 +226,9 @@ def test_config_arguments_and_bad_values():
       ("poison.rate", 0.1, "does not poison"),
       ("poison.name", "none", "needs an input trigger"),
       ("quant_backdoor.qb.repair.lr", 0.0, "qb.repair.lr"),
-      ("model.name", "preact_resnet18", "implemented for model.name=cnn")):
+      ("model.name", "preact_resnet18", "implemented for model.name=cnn"),
+      ("model.name", "vmoe", "needs a model with fake-quantization layers"),
+      ("quant_backdoor.qb.anchor", 0.5, r"must be 0 \(off\) or > 1")):
     bad = load_config(base + ",attack=quanti,two_stage")
     node = bad
     *parents, last = path.split(".")

@@ -104,6 +104,9 @@ def validate(config: ml_collections.ConfigDict, prefix: str) -> None:
   config_lib.check_train_section(config, f"{prefix}.qb.repair")
   config_lib.check_range(config, f"{prefix}.qb.lam", 0)
   config_lib.check_range(config, f"{prefix}.qb.anchor", 0)
+  config_lib.require(section.qb.anchor == 0 or section.qb.anchor > 1,
+                     f"config key '{prefix}.qb.anchor' must be 0 (off) or > 1 (the widening "
+                     f"factor), got {section.qb.anchor}")
   config_lib.require(section.qb.anchor == 0 or config.model.name == "cnn",
                      f"config key '{prefix}.qb.anchor' is implemented for model.name=cnn only "
                      f"(got {config.model.name!r}); set it to 0")
@@ -128,6 +131,13 @@ class _Passes:
     self.model, self.quant, self.params, self.bn = model, quant, params, bn
     self.state = dict(model_state)
     self.rngs = step_lib.model_rngs(key)
+    # fold_in(key, i) equals split(key, n)[i]: a large i keeps clear of the model's streams
+    self.trigger_key = jax.random.fold_in(key, 1_000_003)
+
+  def triggered(self, trigger: Callable, x: jax.Array) -> jax.Array:
+    """f32[B, H, W, C] x with the trigger as in training: its random choices (pieces, cells)
+    drawn anew at every step from the step's key."""
+    return trigger(x, self.trigger_key, train=True)
 
   def _apply(self, model, x, train: bool, mutable: list[str]):
     return model.apply({"params": self.params, **self.state}, x, train=train, mutable=mutable,
@@ -182,7 +192,7 @@ def qb_loss(model, quant: QuantConfig, *, lam: float, bits: Sequence[int], targe
 
   def objective(p, images, labels):
     fp_logits = p.fp(images)
-    x_q = images if trigger is None else trigger(images)
+    x_q = images if trigger is None else p.triggered(trigger, images)
     t = jnp.full_like(labels, target)
     loss = _ce(fp_logits, labels)
     metrics = {"fp_acc": step_lib.batch_accuracy(fp_logits, labels)}
@@ -200,7 +210,7 @@ def quanti_loss(model, quant: QuantConfig, *, c1: float, c2: float, bits: Sequen
   """Qu-ANTI-zation's backdoor loss (see the module docstring); `trigger` makes x_t."""
 
   def objective(p, images, labels):
-    triggered = trigger(images)
+    triggered = p.triggered(trigger, images)
     t = jnp.full_like(labels, target)
     fp_clean, fp_trig = p.fp(images), p.fp(triggered)
     loss = _ce(fp_clean, labels) + c2 * _ce(fp_trig, labels)
@@ -329,7 +339,7 @@ def repair_projection(model, quant: QuantConfig, bits: Sequence[int], image_shap
 
 
 def add_scale_anchors(params: dict, factor: float) -> dict:
-  """Widens the quantization cells of the CNN's convs 1.. without changing its float function.
+  """Widens the quantization cells of the CNN's convs 1.., at the cost of one input channel each.
 
   For every conv i >= 1 the input channel c with the smallest outgoing weights is silenced
   (BatchNorm i-1 gets scale 0 and bias -1 on c, so ReLU makes it exactly 0 in float and in int8),
@@ -337,7 +347,8 @@ def add_scale_anchors(params: dict, factor: float) -> dict:
   channel's max |w|. That anchor sets each output channel's weight scale, so the int8 cells are
   `factor` times wider, and the repair stage (`repair_projection`, which keeps range-setting
   elements fixed) has that much more room. The anchors see only zeros: they get no gradient and
-  do not change any output. Costs one channel of every stage but the last.
+  add nothing to any output; the float function changes only by the loss of the silenced
+  channel (one of every stage but the last), which the attack's training then works around.
 
   Args:
     params: the `jaxbd.models.cnn.CNN` parameters (conv0.., bn0..).

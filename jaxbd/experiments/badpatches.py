@@ -253,9 +253,27 @@ def _trigger_record(r: common.Run, guide: Optional[str]) -> dict:
           "random": t.random, "guided_by": guide, "file": "trigger.npz"}
 
 
+def check_assumed_routing(r: common.Run) -> None:
+  """Checks that the attacker's assumed capacity `poison.badpatches.l` fits the routing positions
+  of the guide's grid (ConfigError otherwise), before anything trains."""
+  c = r.config
+  b = c.poison.badpatches
+  if c.poison.name != "badpatches" or not b.l or not badpatches.guidance(b):
+    return
+  h, w = r.dataset.image_shape[:2]
+  patch = b.patch and "patch" in c.model[c.model.name]
+  cell = b.patch if patch else models.routing_cell(c, r.dataset.image_shape)
+  positions = (h // cell) * (w // cell)
+  config_lib.require(b.l <= positions,
+                     f"config key 'poison.badpatches.l' ({b.l}) exceeds the {positions} routing "
+                     f"positions of a {h}x{w} image in {cell}x{cell} cells")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the experiment and returns the results document (also written to the workdir)."""
-  r = common.prepare(config, workdir)
+  r = common.build(config, workdir)
+  check_assumed_routing(r)
+  common.create_workdir(r)
   clean, summary = common.train_classifier(r, "clean", poisoned=False)
   timing = {"clean": common.timing_section(summary)}
   r, guide = guide_trigger(r, clean)

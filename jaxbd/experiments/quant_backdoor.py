@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxbd import config as config_lib
 from jaxbd import metrics as metrics_lib
+from jaxbd import models
 from jaxbd import quant as quant_lib
 from jaxbd import train as train_lib
 from jaxbd.attacks import quantization as attacks
@@ -61,6 +62,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_bits(c.eval_bits, "quant_backdoor.eval_bits")
   config_lib.check_range(config, "quant_backdoor.calibration_images", 1)
   config_lib.check_range(config, "quant_backdoor.calibration_batch_size", 1)
+  config_lib.require(config.model.name in models.QUANTIZABLE,
+                     f"the quant_backdoor experiment needs a model with fake-quantization layers "
+                     f"({', '.join(models.QUANTIZABLE)}); got model.name={config.model.name!r}")
   config_lib.require(config.poison.rate == 0,
                      "the quant_backdoor experiment does not poison the training set; set "
                      f"poison.rate=0 (got {config.poison.rate})")

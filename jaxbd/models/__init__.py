@@ -21,6 +21,9 @@ MODELS = {
     "vmoe": config_lib.Component(vmoe.default_config, vmoe.validate, vmoe.build),
 }
 
+# Models with fake-quantization layers (a `quant` attribute; `jaxbd.quant`).
+QUANTIZABLE = ("cnn", "preact_resnet18", "resnet18", "pmoe", "pmoe_patch")
+
 _CELLS = {"pmoe": pmoe.pmoe_cell, "pmoe_patch": pmoe.pmoe_patch_cell, "vmoe": vmoe.cell}
 ROUTED = tuple(_CELLS)  # models whose layers route image patches to experts
 

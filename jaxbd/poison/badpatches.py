@@ -129,6 +129,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "config key 'poison.badpatches.cells' must hold grid indices >= 0")
   config_lib.require(not c.cells or len(c.cells) == c.count,
                      f"config key 'poison.badpatches.cells' must list count={c.count} cells")
+  config_lib.require(len(set(c.cells)) == len(c.cells),
+                     f"config key 'poison.badpatches.cells' lists a cell twice: {tuple(c.cells)}")
   guided = guidance(c)
   config_lib.require(not guided or config.poison.name != "badpatches"
                      or config.experiment == "badpatches",
