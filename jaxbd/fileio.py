@@ -59,8 +59,13 @@ def dumps(obj: Any, **kwargs: Any) -> str:
   return json.dumps(jsonable(obj), allow_nan=False, **kwargs)
 
 
+# What reading a missing, cut or foreign .npz raises (a missing array: KeyError).
+NPZ_ERRORS = (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError)
+
+
 def load_npz(path: str) -> Any:
-  """`np.load` of a .npz archive (use it as a context manager), refusing what is not one.
+  """`np.load` of a .npz archive (use it as a context manager), refusing what is not one; catch
+  `NPZ_ERRORS` around it and the reads.
 
   Raises:
     ValueError: the file is not a zip archive (e.g. a .npy array, which `np.load` would return

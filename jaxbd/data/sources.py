@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import os
-import zipfile
 
 import numpy as np
 
@@ -101,7 +100,7 @@ def _npz(path: str, train_limit: int, test_limit: int) -> Dataset:
   try:
     arrays = fileio.load_npz(path)
     keys = set(arrays.files)
-  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+  except fileio.NPZ_ERRORS as e:
     raise DataError(f"{name}: not a readable .npz file ({e})") from None
   plain = ("x_train", "y_train", "x_test", "y_test")
   encoded = ("train_bytes", "train_offsets", "train_labels", "test_bytes", "test_offsets",
@@ -115,7 +114,7 @@ def _npz(path: str, train_limit: int, test_limit: int) -> Dataset:
       x_tr, y_tr = _encoded_split(name, arrays, "train", train_limit)
       x_te, y_te = _encoded_split(name, arrays, "test", test_limit)
       return make_dataset(name, x_tr, y_tr, x_te, y_te, classes)
-  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+  except fileio.NPZ_ERRORS as e:
     raise DataError(f"{name}: corrupt array in the .npz file ({e})") from None
   layout = encoded if any(k.endswith(("_bytes", "_offsets")) for k in keys) else plain
   missing = [k for k in layout if k not in keys]

@@ -156,15 +156,24 @@ def routing_statistics(r: common.Run, variables_by_model: dict) -> dict:
   return out
 
 
-def _surrogate(r: common.Run) -> tuple[common.Run, dict]:
-  """Trains the attacker's surrogate: the victim architecture with the assumed routing."""
-  c = _copy(r.config)
-  b = c.poison.badpatches
+def guide_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of the model whose router guides the trigger: the victim's, or with
+  `router=surrogate` the victim architecture with the attacker's assumed routing (`l`, `patch`)."""
+  b = config.poison.badpatches
+  if b.router == "victim":
+    return config
+  c = _copy(config)
   section = c.model[c.model.name]
   if b.l and "l" in section:
     section.l = b.l
   if b.patch and "patch" in section:
     section.patch = b.patch
+  return c
+
+
+def _surrogate(r: common.Run) -> tuple[common.Run, dict]:
+  """Trains the attacker's surrogate: the victim architecture with the assumed routing."""
+  c = guide_config(r.config)
   model = models.create(c, r.dataset.num_classes, r.model.mean, r.model.std)
   predict = train_lib.Predictor(model, c.eval.batch_size, train_lib.batch_sharding(r.mesh))
   surrogate = dataclasses.replace(r, config=c, model=model, predict=predict)
@@ -261,8 +270,7 @@ def check_assumed_routing(r: common.Run) -> None:
   if c.poison.name != "badpatches" or not b.l or not badpatches.guidance(b):
     return
   h, w = r.dataset.image_shape[:2]
-  patch = b.patch and "patch" in c.model[c.model.name]
-  cell = b.patch if patch else models.routing_cell(c, r.dataset.image_shape)
+  cell = models.routing_cell(guide_config(c), r.dataset.image_shape)
   positions = (h // cell) * (w // cell)
   config_lib.require(b.l <= positions,
                      f"config key 'poison.badpatches.l' ({b.l}) exceeds the {positions} routing "

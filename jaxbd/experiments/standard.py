@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import zipfile
 from typing import Optional, Sequence
 
 import ml_collections
@@ -96,7 +95,7 @@ def saved_rows(path: str, rows: np.ndarray, original: np.ndarray) -> np.ndarray:
   try:
     with fileio.load_npz(path) as z:
       indices, images = z["indices"], z["images"]
-  except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
+  except fileio.NPZ_ERRORS as e:
     raise CheckpointError(f"{path} is unreadable ({first_line(e)}); delete it or use a new "
                           "--workdir") from None
   if not (np.array_equal(indices, rows) and images.shape == original.shape

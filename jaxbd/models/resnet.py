@@ -139,7 +139,7 @@ def component(name: str, preact: bool) -> config_lib.Component:
     config_lib.check_range(config, f"model.{name}.width", 1)
 
   def build(config, num_classes: int, mean, std) -> ResNet:
-    return ResNet(num_classes, (2, 2, 2, 2), config.model[name].width, tuple(mean),
-                        tuple(std), common.DTYPES[config.model.dtype], preact=preact)
+    return ResNet(num_classes, (2, 2, 2, 2), config.model[name].width, tuple(mean), tuple(std),
+                  common.DTYPES[config.model.dtype], preact=preact)
 
   return config_lib.Component(default_config, validate, build)

@@ -111,10 +111,9 @@ def perturb(model, variables: Any, images: np.ndarray, labels: np.ndarray,
   run = jax.jit(lambda v, x, y: pgd(model, v, x, y, eps=config.eps / 255.0,
                                     step_size=config.step_size / 255.0, steps=config.steps))
   out = np.empty_like(images)
-  labels = np.asarray(labels, np.int32)
-  for start, chunk, valid in padded_batches(images, batch_size):
-    y = labels[start:start + valid]
-    y = np.concatenate([y, np.repeat(y[-1:], len(chunk) - valid)])
+  batches = zip(padded_batches(images, batch_size),
+                padded_batches(np.asarray(labels, np.int32), batch_size))
+  for (start, chunk, valid), (_, y, _) in batches:
     x = run(variables, place(to_unit(chunk)), place(y))
     out[start:start + valid] = to_levels(x[:valid], chunk[:valid], config.eps)
   return out

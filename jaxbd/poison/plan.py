@@ -17,7 +17,6 @@ The number of poisoned rows is `int(rate * N)` for N training images.
 from __future__ import annotations
 
 import dataclasses
-import zipfile
 from typing import Optional
 
 import jax
@@ -69,7 +68,7 @@ def load_plan(path: str) -> PoisonPlan:
     with fileio.load_npz(path) as z:
       return PoisonPlan(int(z["target"]), str(z["label_mode"]), z["indices"],
                         z["cover_indices"], z["labels"])
-  except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
+  except fileio.NPZ_ERRORS as e:
     raise DataError(f"poison plan {path}: unreadable ({e})") from None
 
 

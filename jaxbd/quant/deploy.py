@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import zipfile
 from typing import Any, Optional
 
 import flax
@@ -172,7 +171,7 @@ def load_export(path: str, model=None, image_shape=None) -> tuple[dict, QuantCon
     with fileio.load_npz(path) as z:
       arrays = {k: z[k] for k in z.files}
     quant = QuantConfig(**json.loads(str(arrays.pop(_CONFIG_KEY))))
-  except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as e:
+  except (*fileio.NPZ_ERRORS, TypeError) as e:
     raise CheckpointError(f"quantized export {path} is unreadable ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
   if model is not None:
