@@ -67,7 +67,7 @@ def defaults() -> ConfigDict:
     c.poison[name] = spec.default_config()
 
   c.attack = ConfigDict()
-  c.attack.name = "none"  # a training-time attack of jaxbd.attacks (batch, pcb), or "none"
+  c.attack.name = "none"  # a training-time attack of jaxbd.attacks (batch, pcb, latent) or "none"
   for name, spec in attacks.ATTACKS.items():
     c.attack[name] = spec.default_config()
 
@@ -312,6 +312,14 @@ def require(ok: bool, message: str) -> None:
   """Raises ConfigError(message) unless `ok`."""
   if not ok:
     raise ConfigError(message)
+
+
+def require_clean_model(config: ConfigDict, need: str, role: str) -> None:
+  """Raises ConfigError("<need> the standard experiment with standard.train_clean=True (the
+  clean model is <role>)") unless the run trains a clean model before the backdoored one."""
+  require(config.experiment == "standard" and config.standard.train_clean,
+          f"{need} the standard experiment with standard.train_clean=True (the clean model is "
+          f"{role})")
 
 
 def check_range(config: ConfigDict, path: str, low: float | None = None,

@@ -7,8 +7,8 @@ import pytest
 
 from jaxbd import config as config_lib
 from jaxbd import data, poison
-from jaxbd.errors import ConfigError
-from jaxbd.poison import wanet
+from jaxbd.errors import ConfigError, DataError
+from jaxbd.poison import refool, wanet
 
 
 def trigger_config(name, **kw):
@@ -87,6 +87,100 @@ def test_sig_clean_label_plan_triggers_only_target_images_and_keeps_labels():
   plan = poison.plan_from_config(c, labels, 10)
   assert len(plan.indices) == 40 and np.all(labels[plan.indices] == 3)
   np.testing.assert_array_equal(plan.labels, labels)
+
+
+# Refool ---------------------------------------------------------------------------------------
+
+
+def test_refool_blur_is_the_reflected_gaussian_convolution():
+  sigma, size = 1.7, 12
+  radius = 4  # ceil(2 sigma): the reference's kernel side 2 ceil(2 sigma) + 1 = 9
+  taps = np.arange(-radius, radius + 1)
+  kernel = np.exp(-taps ** 2 / (2 * sigma ** 2))
+  kernel /= kernel.sum()
+  v = np.random.default_rng(0).uniform(size=size)
+  padded = np.pad(v, radius, mode="reflect")  # mirrored without the edge pixel (OpenCV's 101)
+  expected = np.convolve(padded, kernel, mode="valid")
+  m = np.asarray(refool.blur_matrix(size, jnp.float32(sigma), 10))  # wider support: zero taps
+  np.testing.assert_allclose(m @ v, expected, atol=1e-6)
+  flat = refool.gaussian_blur(jnp.full((6, 9, 2), 0.3), jnp.float32(4.0), 10)
+  np.testing.assert_allclose(np.asarray(flat), 0.3, atol=1e-6)  # weights sum to 1 at borders
+
+
+def test_refool_ghost_overlays_the_two_offset_crops_resized_back():
+  torch = pytest.importorskip("torch")
+  r = np.random.default_rng(1).uniform(size=(16, 20, 3)).astype(np.float32)
+  dy, dx, a = 3, 5, 0.3
+
+  def zoom(crop):  # bilinear, half-pixel centers (OpenCV's and torch's align_corners=False)
+    t = torch.tensor(crop).permute(2, 0, 1)[None]
+    out = torch.nn.functional.interpolate(t, size=(16, 20), mode="bilinear", align_corners=False)
+    return out[0].permute(1, 2, 0).numpy()
+
+  expected = a * zoom(r[dy:, dx:]) + (1 - a) * zoom(r[:16 - dy, :20 - dx])
+  got = refool.ghost(jnp.asarray(r), jnp.asarray([dy, dx]), jnp.float32(a))
+  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
+
+
+def refool_trigger(pool_value, ghost_rate):
+  return refool.ReflectionTrigger(jnp.full((5, 32, 32, 3), pool_value, jnp.float32), ghost_rate)
+
+
+reflect = jax.jit(lambda trigger, x, key: trigger(x, key))  # one program per trigger's statics
+
+
+def test_refool_with_a_black_reflection_only_dims_each_image_by_its_transmission():
+  """Nothing to reflect: out = (alpha t)^(1 / 2.2) = alpha^(1 / 2.2) x, with alpha_t in
+  [0.55, 0.95] under the ghost model and alpha_2 in [0.8, 1] out of focus."""
+  x = np.asarray(images(64))
+  ghost_range, focus_range = (0.55 ** (1 / 2.2), 0.95 ** (1 / 2.2)), (0.8 ** (1 / 2.2), 1.0)
+  for rate, (low, high) in ((1.0, ghost_range), (0.0, focus_range)):
+    out = np.asarray(reflect(refool_trigger(0.0, rate), jnp.asarray(x), jax.random.key(0)))
+    ratio = out / x
+    np.testing.assert_allclose(ratio, ratio[:, :1, :1, :1] * np.ones_like(ratio), rtol=1e-4)
+    assert low - 1e-4 <= ratio.min() and ratio.max() <= high + 1e-4
+    assert ratio[:, 0, 0, 0].std() > 0.02  # drawn per image
+  mixed = np.asarray(reflect(refool_trigger(0.0, 0.49), jnp.asarray(x), jax.random.key(1)))
+  mixed = mixed[:, 0, 0, 0]
+  share = np.mean(mixed / x[:, 0, 0, 0] < 0.8 ** (1 / 2.2))  # only the ghost model goes below
+  assert 0.1 < share < 0.6
+
+
+def test_refool_reflections_brighten_and_are_drawn_per_image_and_key():
+  x = jnp.asarray(images(16))
+  trigger = refool_trigger(1.0, 1.0)  # a white ghost: ((1 - alpha) + alpha t)^(1 / 2.2) >= x
+  out = np.asarray(reflect(trigger, x, jax.random.key(0)))
+  assert np.all(out >= np.asarray(x) - 1e-6) and out.max() <= 1.0
+  assert float(np.mean(out - np.asarray(x))) > 0.05
+  built = poison.make_trigger(trigger_config("refool"), (32, 32, 3))
+  pool = np.asarray(built.reflections)
+  assert pool.shape == (200, 32, 32, 3) and pool.min() == 0.0 and pool.max() == 1.0
+  a, b = reflect(built, x, jax.random.key(3)), reflect(built, x, jax.random.key(4))
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(reflect(built, x, jax.random.key(3))))
+  assert float(jnp.abs(a - b).max()) > 0.05
+  assert float(jnp.abs(a - x).max((1, 2, 3)).min()) > 0.01  # every image gets a reflection
+
+
+def test_refool_pool_comes_from_a_data_source(tmp_path):
+  grey = (np.arange(6, dtype=np.uint8) * 40)[:, None, None, None] * np.ones((6, 8, 8, 1), np.uint8)
+  path = tmp_path / "reflections.npz"
+  np.savez(path, x_train=grey, y_train=np.arange(6) % 2, x_test=grey[:2], y_test=np.arange(2))
+  c = trigger_config("refool", images=f"npz:{path}", count=4)
+  pool = np.asarray(poison.make_trigger(c, (16, 16, 3)).reflections)
+  assert pool.shape == (4, 16, 16, 3)
+  values = pool[:, 0, 0, 0]
+  np.testing.assert_allclose(pool, values[:, None, None, None] * np.ones_like(pool), atol=1e-6)
+  assert set(np.round(values * 255).astype(int)) <= {0, 40, 80, 120, 160, 200}
+  assert len(set(values)) == 4
+  with pytest.raises(ConfigError, match="count 7 asks for more reflection images"):
+    poison.make_trigger(trigger_config("refool", images=f"npz:{path}", count=7), (16, 16, 3))
+  with pytest.raises(DataError, match="file not found"):
+    poison.make_trigger(trigger_config("refool", images=f"npz:{tmp_path}/none.npz"),
+                        (16, 16, 3))
+  with pytest.raises(ConfigError, match="min_offset <= max_offset"):
+    trigger_config("refool", min_offset=9)
+  with pytest.raises(ConfigError, match="max_offset 8 does not fit a 8x8 image"):
+    poison.make_trigger(trigger_config("refool"), (8, 8, 3))
 
 
 # Adaptive-Blend, Adaptive-Patch, TSB ----------------------------------------------------------

@@ -36,7 +36,7 @@ def test_d3_table_configs(attack, cpu):
 
 
 @pytest.mark.parametrize("attack", ["badnets", "adaptive_blend", "adaptive_patch", "wanet", "tsb",
-                                    "sig", "clean_label", "pcb"])
+                                    "sig", "refool", "clean_label", "latent", "pcb"])
 def test_pick_your_poison_configs(attack):
   c = load_config(f"configs/pick_your_poison.py:attack={attack}")
   config_lib.validate(c)
@@ -51,6 +51,11 @@ def test_pick_your_poison_configs(attack):
   assert cpu.nesterov and cpu.momentum == 0.9 and cpu.param == 20000.0 and cpu.use_labels
   if attack == "pcb":
     assert c.attack.name == "pcb" and c.poison.rate == 0 and c.attack.pcb.batch_rate == 0.1
+  if attack == "latent":  # attacker-run training: the fitted patch on 10% of every batch
+    assert c.attack.name == "latent" and c.poison.rate == 0 and c.standard.train_clean
+    assert c.poison.name == "badnets" and c.attack.latent.batch_rate == 0.1
+  if attack in ("sig", "refool"):  # clean-label attacks in their papers
+    assert c.poison.label_mode == "clean_label" and c.poison.name == attack
   if attack == "clean_label":  # label-consistent: PGD on target-class rows, the clean surrogate
     assert (c.poison.name, c.poison.label_mode) == ("badnets", "clean_label")
     assert c.poison.adversarial.eps == 8.0 and c.standard.train_clean
@@ -58,8 +63,8 @@ def test_pick_your_poison_configs(attack):
 
 @pytest.mark.parametrize("name", ["d3", "pick_your_poison"])
 def test_unknown_attack_argument_is_refused(name):
-  with pytest.raises(ConfigError, match=f"configs/{name}.py: attack must be one of .*'refool'"):
-    load_config(f"configs/{name}.py:attack=refool")
+  with pytest.raises(ConfigError, match=f"configs/{name}.py: attack must be one of .*'lira'"):
+    load_config(f"configs/{name}.py:attack=lira")
 
 
 def test_detection_config():

@@ -7,6 +7,8 @@ turns the clean supervised phase `setup` into the attacked train step and the py
 
 `batch`: a share of every batch poisoned inside the training loop, as BackdoorBench trains WaNet.
 `pcb`: the parameter-controlled backdoor of Pick your Poison.
+`latent`: the Latent Backdoor (a trigger fitted to the target's latent representation on the
+clean model, injected with a latent loss; the standard experiment fits it).
 
 `quantization`: behavior backdoors conditioned on quantization (QB, Qu-ANTI-zation and its
 indiscriminate variant), losses for `jaxbd.train.make_train_step`, used by the `quant_backdoor`
@@ -14,9 +16,10 @@ experiment.
 """
 
 from jaxbd import config as config_lib
-from jaxbd.attacks import batch, pcb
+from jaxbd.attacks import batch, latent, pcb
 
 ATTACKS = {
     "batch": config_lib.Component(batch.default_config, batch.validate, batch.build),
     "pcb": config_lib.Component(pcb.default_config, pcb.validate, pcb.build, pcb.check_model),
+    "latent": config_lib.Component(latent.default_config, latent.validate, latent.build),
 }

@@ -138,10 +138,10 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
   if config.experiment != "standard" or config.poison.name == "none":
     raise ConfigError("held-out selection needs the standard experiment with a data-poisoning "
                       "attack")
-  if poison.adversarial.enabled(config):
+  if poison.adversarial.enabled(config) or config.attack.name == "latent":
     raise ConfigError("held-out selection trains the backdoored model only; it does not take "
-                      "label-consistent poisoning (poison.adversarial.eps > 0), which needs the "
-                      "clean model first")
+                      "label-consistent poisoning (poison.adversarial.eps > 0) or the latent "
+                      "backdoor (attack.name=latent), which need the clean model first")
   if not 0 <= max_acc_drop <= 1:
     raise ConfigError(f"--max_acc_drop must be in [0, 1], got {max_acc_drop}")
   configs = defense_cells(config, name, cells)

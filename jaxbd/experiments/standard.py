@@ -3,7 +3,9 @@
 Phases: `clean` (optional, `standard.train_clean`) trains on the clean training set; `backdoored`
 trains on the poisoned set of `config.poison` (with `poison.adversarial.eps` > 0 its rows first
 get a PGD perturbation against the clean model, `jaxbd.poison.adversarial`, saved as
-`WORKDIR/adversarial_rows.npz`); then each defense of `defense.names` runs on the backdoored model
+`WORKDIR/adversarial_rows.npz`; with `attack.name=latent` the trigger is first fitted to the
+clean model's latent space, `jaxbd.attacks.latent`, saved as `WORKDIR/latent_trigger.npz`); then
+each defense of `defense.names` runs on the backdoored model
 with the trusted clean data. Every model is evaluated on ACC and, with the
 attack's trigger, ASR and RA (the clean model's ASR is the trigger's baseline); defenses also get
 DER. Writes `WORKDIR/results.json` and prints a table.
@@ -21,6 +23,7 @@ from typing import Optional, Sequence
 import ml_collections
 import numpy as np
 
+from jaxbd import attacks
 from jaxbd import config as config_lib
 from jaxbd import fileio
 from jaxbd import metrics as metrics_lib
@@ -40,16 +43,65 @@ def default_config() -> ml_collections.ConfigDict:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the experiment and returns the results document (also written to the workdir)."""
   r = common.prepare(config, workdir)
-  metrics, timing, adversarial_rows = {}, {}, None
+  metrics, timing, attack_extra = {}, {}, {}
   variables: Optional[dict] = None
   for phase in phases(config):
     poisoned = phase == "backdoored" and config.poison.name != "none"
     if poisoned and poison.adversarial.enabled(config):
-      r, adversarial_rows = perturb_poisoned_rows(r, variables)  # the clean phase's model
+      r, rows = perturb_poisoned_rows(r, variables)  # the clean phase's model
+      attack_extra["adversarial"] = {**config.poison.adversarial.to_dict(), **rows}
+    if poisoned and config.attack.name == "latent":
+      r, attack_extra["latent_trigger"] = fit_latent_trigger(r, variables)  # the teacher
+      metrics["clean"] = r.evaluate(variables)  # the clean model's ASR on the fitted trigger
     variables, summary = common.train_classifier(r, phase, poisoned=poisoned)
     metrics[phase] = summary["eval"]
     timing[phase] = common.timing_section(summary)
-  return finish(r, variables, metrics, timing, adversarial_rows)
+  return finish(r, variables, metrics, timing, attack_extra)
+
+
+def fit_latent_trigger(r: common.Run, teacher: dict) -> tuple[common.Run, dict]:
+  """The run with its trigger's pattern fitted to the target class's mean penultimate features
+  on the clean `teacher` variables (`jaxbd.attacks.latent`), and a summary for results.json: the
+  latent distance of the configured and of the fitted trigger. The fitted pattern is saved as
+  `WORKDIR/latent_trigger.npz`, which a rerun reads back instead of fitting again.
+
+  Raises:
+    CheckpointError: the saved file is unreadable or does not fit the trigger.
+  """
+  c, ds = r.config, r.dataset
+  put = lambda x: train_lib.put_replicated(x, r.mesh)
+  is_target = ds.y_train == c.poison.target
+  target = attacks.latent.mean_features(r.model, teacher, ds.x_train[is_target],
+                                        c.eval.batch_size, put)
+  others = ds.x_train[~is_target]
+  path = os.path.join(r.workdir, "latent_trigger.npz")
+  if os.path.exists(path):
+    fitted = r.trigger.replace(pattern=saved_pattern(path, np.asarray(r.trigger.pattern)))
+  else:
+    fitted = attacks.latent.fit_trigger(r.model, teacher, r.trigger, others, target,
+                                        c.attack.latent, common.phase_key(r, "latent"), put)
+    if results.is_writer():
+      with fileio.atomic_file(path, "wb") as f:
+        np.savez(f, pattern=np.asarray(fitted.pattern), mask=np.asarray(fitted.mask))
+  summary = attacks.latent.distances(r.model, teacher, {"before": r.trigger, "after": fitted},
+                                     put(others[:c.attack.latent.trigger_batch]), target)
+  return dataclasses.replace(r, trigger=fitted), {**summary, "file": "latent_trigger.npz"}
+
+
+def saved_pattern(path: str, like: np.ndarray) -> np.ndarray:
+  """The fitted pattern of `latent_trigger.npz`, f32 of `like`'s shape (CheckpointError
+  otherwise)."""
+  try:
+    with fileio.load_npz(path) as z:
+      pattern = z["pattern"]
+  except fileio.NPZ_ERRORS as e:
+    raise CheckpointError(f"{path} is unreadable ({first_line(e)}); delete it or use a new "
+                          "--workdir") from None
+  if pattern.shape != like.shape or pattern.dtype != like.dtype:
+    raise CheckpointError(f"{path} holds a {pattern.dtype}{list(pattern.shape)} pattern, this "
+                          f"run's trigger is {like.dtype}{list(like.shape)}; delete it or use a "
+                          "new --workdir")
+  return pattern
 
 
 def perturb_poisoned_rows(r: common.Run, surrogate: dict) -> tuple[common.Run, dict]:
@@ -106,13 +158,12 @@ def saved_rows(path: str, rows: np.ndarray, original: np.ndarray) -> np.ndarray:
 
 
 def finish(r: common.Run, variables: dict, metrics: dict, timing: dict,
-           adversarial_rows: Optional[dict] = None) -> dict:
+           attack_extra: Optional[dict] = None) -> dict:
   """Defends the backdoored `variables`, writes `results.json` and prints the table
-  (`adversarial_rows`: the summary of `perturb_poisoned_rows`, if the run perturbed its rows)."""
+  (`attack_extra`: entries for the attack section, e.g. the summaries of
+  `perturb_poisoned_rows` and `fit_latent_trigger`)."""
   defended = common.run_defenses(r, variables, metrics["backdoored"])
-  attack = attack_section(r.config, r.plan)
-  if adversarial_rows is not None:
-    attack["adversarial"] = {**r.config.poison.adversarial.to_dict(), **adversarial_rows}
+  attack = {**attack_section(r.config, r.plan), **(attack_extra or {})}
   doc = results.document(
       r.config, dataset=r.dataset.name, model=r.config.model.name,
       attack=attack, metrics=metrics, defenses=defended, timing=timing)

@@ -4,15 +4,16 @@
 images of shape (H, W, C); `make_trigger(config, image_shape)` does this for `config.poison.name`.
 
 Triggers: `badnets`, `blended` (triggers.py), `wanet` (wanet.py), `sig` (sig.py),
-`adaptive_blend`, `adaptive_patch`, `tsb` (pieces.py), `badpatches` (badpatches.py: aligned to the
-victim's routing grid). A trigger that wants cover rows (training
-images that get its `cover` transform and keep their label) says how many per poisoned row in its
-`cover_ratio` attribute; `plan_from_config` draws them. `adversarial` (label-consistent
-poisoning) perturbs the poisoned rows of a clean-label attack with PGD before the trigger.
+`adaptive_blend`, `adaptive_patch`, `tsb` (pieces.py), `refool` (refool.py: reflections),
+`badpatches` (badpatches.py: aligned to the victim's routing grid). A trigger that wants cover
+rows (training images that get its `cover` transform and keep their label) says how many per
+poisoned row in its `cover_ratio` attribute; `plan_from_config` draws them. `adversarial`
+(label-consistent poisoning) perturbs the poisoned rows of a clean-label attack with PGD before
+the trigger.
 """
 
 from jaxbd import config as config_lib
-from jaxbd.poison import adversarial, badpatches, pieces, sig, triggers, wanet
+from jaxbd.poison import adversarial, badpatches, pieces, refool, sig, triggers, wanet
 from jaxbd.poison.plan import (CLEAN, COVER, POISONED, PoisonPlan, load_plan, make_plan,
                                poison_fn, poisoned_label, row_key)
 
@@ -36,6 +37,7 @@ TRIGGERS = {
     "adaptive_patch": _component("adaptive_patch", pieces.adaptive_patch_config,
                                  pieces.adaptive_patch_validate, pieces.adaptive_patch),
     "tsb": _component("tsb", pieces.tsb_config, pieces.tsb_validate, pieces.tsb),
+    "refool": _component("refool", refool.default_config, refool.validate, refool.build),
     "badpatches": config_lib.Component(
         badpatches.default_config, badpatches.validate,
         lambda config, shape: badpatches.build(config.poison.badpatches, shape, config.seed,

@@ -58,9 +58,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.require(config.poison.label_mode == "clean_label",
                      f"{need} poison.label_mode=clean_label, got "
                      f"{config.poison.label_mode!r}")
-  config_lib.require(config.experiment == "standard" and config.standard.train_clean,
-                     f"{need} the standard experiment with standard.train_clean=True (the clean "
-                     "model is the surrogate)")
+  config_lib.require_clean_model(config, need, "the surrogate")
   config_lib.require(config.attack.name == "none",
                      f"{need} attack.name='none', got {config.attack.name!r}")
 

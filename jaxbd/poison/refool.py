@@ -1,0 +1,253 @@
+"""Refool: the reflection backdoor (Liu, Ma, Bailey & Lu, ECCV 2020).
+
+A poisoned image x gets a reflection layer made from a reflection image r, in linear light
+(gamma 2.2) as the reference code composes it, with one of two reflection models drawn per image:
+
+- ghost effect (probability `ghost_rate`): r convolved with a two-pulse kernel, i.e. r overlaid
+  on itself shifted by an offset (dy, dx) in [min_offset, max_offset] pixels with weights a and
+  1 - a, a = |b - U(0.15, 0.5)|, b a fair coin; the reference builds it on a canvas padded by
+  the offset, crops the overlap and resizes it back to the image size, as done here (bilinear,
+  half-pixel centers, edges clamped to the crop). Composite: `(1 - alpha_t) ghost + alpha_t x`,
+  alpha_t = 1 - U(0.05, 0.45).
+- out of focus: r blurred by a Gaussian with sigma ~ U(min_sigma, max_sigma) (kernel side
+  2 ceil(2 sigma) + 1, borders reflected without repeating the edge, as OpenCV's default), added
+  to x; where the sum overexposes (> 1) the blur is lowered per channel by (mean overexposed
+  value - 1) * U(1.08, 1.18) and clipped to [0, 1]; the composite is `v * blur + alpha_2 x`, with
+  alpha_2 = 1 - U(0, 0.2) and v a random crop of a broad Gaussian vignette (the reference's
+  560-pixel window of 3 sigmas).
+
+The result goes back to gamma 1/2.2 and is clipped to [0, 1]. Every image draws its reflection
+from the pool and its model's parameters from its key, in training and at test time alike.
+Refool is a clean-label attack in its paper (only target-class training images are triggered;
+`poison.label_mode=clean_label`); it works as a dirty-label one too. The paper draws reflection
+images from PASCAL VOC and keeps the most effective ones after a few rounds of training; here the
+pool is `count` random training images of the data source `images` (e.g. `npz:PATH` of a dataset
+other than the victim's), resized to the input size, as they come (no selection round), or, when
+`images` is empty, `count` seeded smooth random textures (no image ships with jaxbd).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxbd import config as config_lib
+from jaxbd.poison import triggers
+
+GAMMA = 2.2
+TRANSMISSION = (0.55, 0.95)  # ghost model: alpha_t = 1 - U(0.05, 0.45)
+GHOST_WEIGHT = (0.15, 0.5)  # a = |coin - U(0.15, 0.5)|
+OVEREXPOSURE = (1.08, 1.18)  # out of focus: factor on the overexposure that is taken off the blur
+TRANSMISSION_FOCUS = (0.8, 1.0)  # out of focus: alpha_2 = 1 - U(0, 0.2)
+VIGNETTE = 560  # side of the reference's Gaussian vignette window (pixels, 3 sigmas a side)
+
+
+def blur_matrix(size: int, sigma: jax.Array, radius: int) -> jax.Array:
+  """f32[size, size] M with (M v)_i the Gaussian blur of v (length `size`) at i.
+
+  The kernel has `ceil(2 sigma)` taps a side (the reference's kernel side 2 ceil(2 sigma) + 1), at
+  most `radius`, normalized to sum 1; the border is reflected without repeating the edge pixel.
+  """
+  taps = np.arange(-radius, radius + 1)
+  source = np.arange(size)[:, None] + taps[None, :]
+  period = 2 * (size - 1) if size > 1 else 1
+  source = np.abs(source) % period
+  source = np.where(source >= size, period - source, source)  # reflect 101
+  gather = np.eye(size, dtype=np.float32)[source]  # [size, 2 radius + 1, size]
+  weights = jnp.exp(-0.5 * (taps / sigma) ** 2) * (np.abs(taps) <= jnp.ceil(2.0 * sigma))
+  return jnp.einsum("t,itj->ij", weights / weights.sum(), gather)
+
+
+def separable(rows: jax.Array, image: jax.Array, cols: jax.Array) -> jax.Array:
+  """f32[H, W, C] image -> rows @ image @ cols^T per channel (rows f32[H, H], cols f32[W, W])."""
+  return jnp.einsum("ik,klc,jl->ijc", rows, image, cols)
+
+
+def gaussian_blur(image: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
+  """f32[H, W, C] image blurred by a Gaussian of std `sigma` (traced) along rows and columns."""
+  h, w, _ = image.shape
+  return separable(blur_matrix(h, sigma, radius), image, blur_matrix(w, sigma, radius))
+
+
+def zoom_matrix(size: int, start: jax.Array, length: jax.Array) -> jax.Array:
+  """f32[size, size] M with M v the crop v[start:start + length] resized back to `size` samples
+  (bilinear, half-pixel centers, edges clamped to the crop, as OpenCV's and torch's resize);
+  `start` and `length` may be traced."""
+  pos = jnp.maximum((jnp.arange(size) + 0.5) * length / size - 0.5, 0.0)
+  low = jnp.floor(pos)
+  frac = (pos - low)[:, None]
+  high = jnp.minimum(low + 1, length - 1)
+  pick = lambda i: jax.nn.one_hot((start + i).astype(jnp.int32), size)
+  return (1.0 - frac) * pick(low) + frac * pick(high)
+
+
+def ghost(image: jax.Array, offset: jax.Array, weight: jax.Array) -> jax.Array:
+  """The ghost-effect layer of f32[H, W, C] `image`: `weight * zoom(image[dy:, dx:]) + (1 -
+  weight) * zoom(image[:H - dy, :W - dx])`, each crop resized back to H x W (bilinear).
+
+  offset: int[2] (dy, dx), each in [1, H - 1] and [1, W - 1] (may be traced).
+  """
+  h, w, _ = image.shape
+
+  def zoom(dy, dx):
+    return separable(zoom_matrix(h, dy, h - offset[0]), image, zoom_matrix(w, dx, w - offset[1]))
+
+  return weight * zoom(offset[0], offset[1]) + (1.0 - weight) * zoom(0, 0)
+
+
+def vignette(shape: tuple[int, int], corner: jax.Array) -> jax.Array:
+  """f32[H, W, 1]: the crop at `corner` (int[2]) of a VIGNETTE-sided window whose value is
+  `sqrt(pdf(x) pdf(y))` of a standard normal over [-3.5, 3.5] (scaled to 1 at the center)."""
+  pixel = VIGNETTE / 7.0
+  centre = (VIGNETTE - 1) / 2.0
+  rows = (corner[0] + jnp.arange(shape[0]) - centre) / pixel
+  cols = (corner[1] + jnp.arange(shape[1]) - centre) / pixel
+  return jnp.exp(-0.25 * (rows[:, None] ** 2 + cols[None, :] ** 2))[..., None]
+
+
+@flax.struct.dataclass
+class ReflectionTrigger(triggers.NoCover):
+  """Adds a reflection of a random pool image to each image (module docstring).
+
+  Attributes:
+    reflections: f32[R, H, W, C] in [0, 1], the reflection pool.
+    ghost_rate: probability of the ghost-effect model (else out of focus).
+    offsets: (min, max) ghost offset in pixels.
+    sigmas: (min, max) blur sigma in pixels.
+  """
+
+  reflections: jax.Array
+  ghost_rate: float = flax.struct.field(pytree_node=False, default=0.49)
+  offsets: tuple[int, int] = flax.struct.field(pytree_node=False, default=(3, 8))
+  sigmas: tuple[float, float] = flax.struct.field(pytree_node=False, default=(1.0, 5.0))
+
+  def _ghost(self, t: jax.Array, r: jax.Array, key: jax.Array) -> jax.Array:
+    k_off, k_coin, k_weight, k_alpha = jax.random.split(key, 4)
+    offset = jax.random.randint(k_off, (2,), self.offsets[0], self.offsets[1] + 1)
+    weight = jnp.abs(jax.random.bernoulli(k_coin).astype(jnp.float32)
+                     - jax.random.uniform(k_weight, (), minval=GHOST_WEIGHT[0],
+                                          maxval=GHOST_WEIGHT[1]))
+    alpha = jax.random.uniform(k_alpha, (), minval=TRANSMISSION[0], maxval=TRANSMISSION[1])
+    return (1.0 - alpha) * ghost(r, offset, weight) + alpha * t
+
+  def _out_of_focus(self, t: jax.Array, r: jax.Array, key: jax.Array) -> jax.Array:
+    k_sigma, k_att, k_corner, k_alpha = jax.random.split(key, 4)
+    h, w, _ = t.shape
+    sigma = jax.random.uniform(k_sigma, (), minval=self.sigmas[0], maxval=self.sigmas[1])
+    blurred = gaussian_blur(r, sigma, math.ceil(2 * self.sigmas[1]))
+    total = blurred + t
+    over = total > 1.0
+    mean = jnp.maximum(1.0, (total * over).sum((0, 1)) / (over.sum((0, 1)) + 1e-6))  # [C]
+    factor = jax.random.uniform(k_att, (), minval=OVEREXPOSURE[0], maxval=OVEREXPOSURE[1])
+    blurred = jnp.clip(blurred - (mean - 1.0) * factor, 0.0, 1.0)
+    corner = jax.random.randint(k_corner, (2,), 0, jnp.asarray([VIGNETTE - h - 10,
+                                                                 VIGNETTE - w - 10]))
+    alpha = jax.random.uniform(k_alpha, (), minval=TRANSMISSION_FOCUS[0],
+                               maxval=TRANSMISSION_FOCUS[1])
+    return vignette((h, w), corner) * blurred + alpha * t
+
+  def reflect(self, image: jax.Array, key: jax.Array) -> jax.Array:
+    """f32[H, W, C] in [0, 1] -> the image with the reflection its key draws."""
+    k_pick, k_model, k_ghost, k_focus = jax.random.split(key, 4)
+    r = self.reflections[jax.random.randint(k_pick, (), 0, self.reflections.shape[0])]
+    t, r = image ** GAMMA, r ** GAMMA
+    out = jnp.where(jax.random.bernoulli(k_model, self.ghost_rate),
+                    self._ghost(t, r, k_ghost), self._out_of_focus(t, r, k_focus))
+    return jnp.clip(out, 0.0, 1.0) ** (1.0 / GAMMA)
+
+  def __call__(self, images: jax.Array, key: Optional[jax.Array] = None,
+               train: bool = False) -> jax.Array:
+    """images: f32[B, H, W, C] in [0, 1] -> each with its own random reflection (same in
+    training and at test)."""
+    del train
+    if key is None:
+      raise ValueError("Refool draws a reflection per image: pass a PRNG key")
+    return jax.vmap(self.reflect)(images, jax.random.split(key, images.shape[0]))
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The reference's reflection models; a pool of 200 reflection images."""
+  return ml_collections.ConfigDict(dict(
+      images="",  # data source of reflection images (npz:PATH, folder:PATH, tfds:NAME);
+                  # empty: seeded smooth random textures
+      count=200,  # reflection images in the pool
+      ghost_rate=0.49,  # probability of the ghost-effect model (else out of focus)
+      min_offset=3,  # ghost offset range in pixels
+      max_offset=8,
+      min_sigma=1.0,  # out-of-focus blur sigma range in pixels
+      max_sigma=5.0,
+  ))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `poison.refool` (ConfigError on a bad value)."""
+  c = config.poison.refool
+  config_lib.check_range(config, "poison.refool.count", 1)
+  config_lib.check_range(config, "poison.refool.ghost_rate", 0, 1)
+  config_lib.check_range(config, "poison.refool.min_offset", 1)
+  config_lib.check_range(config, "poison.refool.min_sigma", 0, low_open=True)
+  config_lib.require(c.min_offset <= c.max_offset and c.min_sigma <= c.max_sigma,
+                     "poison.refool needs min_offset <= max_offset and min_sigma <= max_sigma, "
+                     f"got offsets {c.min_offset}..{c.max_offset}, sigmas "
+                     f"{c.min_sigma}..{c.max_sigma}")
+
+
+def textures(count: int, image_shape: tuple[int, int, int], seed: int) -> np.ndarray:
+  """f32[count, H, W, C] seeded smooth random textures in [0, 1]: uniform noise at 2, 4, 8 and
+  16 cells a side, each upsampled (bilinear) to H x W and weighted by its cell size."""
+  h, w, c = image_shape
+  rng = np.random.default_rng((seed, 0x4ef001))
+  out = np.zeros((count, h, w, c), np.float32)
+  for cells in (2, 4, 8, 16):
+    noise = rng.uniform(0.0, 1.0, (count, cells, cells, c)).astype(np.float32)
+    out += np.asarray(jax.image.resize(noise, (count, h, w, c), "linear")) / cells
+  low, high = out.min((1, 2, 3), keepdims=True), out.max((1, 2, 3), keepdims=True)
+  return (out - low) / np.maximum(high - low, 1e-6)
+
+
+def pool_images(images: np.ndarray, image_shape: tuple[int, int, int]) -> np.ndarray:
+  """uint8[N, h, w, c] images -> f32[N, H, W, C] in [0, 1]: resized (bilinear, antialiased),
+  grey made RGB or RGB made grey (channel mean) as `image_shape` (H, W, C) asks."""
+  h, w, c = image_shape
+  x = np.asarray(images, np.float32) / 255.0
+  if x.shape[-1] != c:
+    x = np.repeat(x, c, -1) if x.shape[-1] == 1 else x.mean(-1, keepdims=True)
+  return np.clip(np.asarray(jax.image.resize(x, (len(x), h, w, c), "linear")), 0.0, 1.0)
+
+
+def reflection_pool(c: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
+                    seed: int) -> np.ndarray:
+  """f32[count, H, W, C]: `c.count` training images of the data source `c.images`, drawn at
+  random by `seed`, or seeded textures when it is empty.
+
+  Raises:
+    DataError: the source is unknown, missing or corrupt.
+    ConfigError: it has fewer than `c.count` training images.
+  """
+  if not c.images:
+    return textures(c.count, image_shape, seed)
+  from jaxbd.data import sources  # pylint: disable=g-import-not-at-top  (the data layer)
+  source = ml_collections.ConfigDict(dict(source=c.images, train_limit=0, test_limit=0,
+                                          tfds_data_dir="", download=False))
+  images = sources.load(source).x_train
+  config_lib.require(len(images) >= c.count, f"poison.refool.count {c.count} asks for more "
+                     f"reflection images than {c.images} has ({len(images)})")
+  pick = np.random.default_rng((seed, 0x4ef001)).choice(len(images), c.count, replace=False)
+  return pool_images(images[np.sort(pick)], image_shape)
+
+
+def build(c: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
+          seed: int) -> ReflectionTrigger:
+  """The Refool trigger of section `c` for images of `image_shape` (H, W, C)."""
+  h, w, _ = image_shape
+  config_lib.require(c.max_offset < min(h, w),
+                     f"poison.refool.max_offset {c.max_offset} does not fit a {h}x{w} image")
+  return ReflectionTrigger(jnp.asarray(reflection_pool(c, image_shape, seed)),
+                           float(c.ghost_rate), (int(c.min_offset), int(c.max_offset)),
+                           (float(c.min_sigma), float(c.max_sigma)))
