@@ -412,6 +412,6 @@ def test_bad_badpatches_config_is_refused_before_the_workdir_exists(tmp_path):
     experiments.run(c, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
   c = digits_config("knowledge=full")
-  c.badpatches.baselines = "refool"
+  c.badpatches.baselines = "lira"
   with pytest.raises(ConfigError, match="'badpatches.baselines' must be one of"):
     experiments.run(c, str(tmp_path / "run"))
