@@ -13,7 +13,8 @@ count is ours), target 0. Attacks (`attack=`): badnets (3x3 patch), adaptive_ble
 adaptive_patch (4 pieces kept w.p. 0.5 in training, conservatism 0.5), wanet (k 4, s 0.5, noise
 mode), tsb (one of 4 noise marks per training image), sig (clean-label), refool (clean-label as in
 its paper: reflections of 200 pool images, ghost or out of focus; the pool is seeded textures unless
---config.poison.refool.images=npz:FILE names other images, e.g. PASCAL VOC as in the paper;
+--config.poison.refool.images=npz:FILE names other images, e.g. PASCAL VOC as in the paper; the
+paper's selection of the most effective reflections with --config.poison.refool.select_rounds=N;
 `jaxbd.poison.refool`), clean_label (label-consistent: target-class rows perturbed by PGD, eps
 8/255, against the clean model, then given the BadNets patch, labels kept;
 `jaxbd.poison.adversarial`), latent (Latent Backdoor: the BadNets patch's pattern fitted to the

@@ -87,6 +87,6 @@ def test_settings_the_latent_backdoor_cannot_run_are_refused(tmp_path, overrides
 
 def test_heldout_selection_refuses_the_latent_backdoor(tmp_path):
   c = tiny_digits_config(**LATENT, **{"data.train_limit": 1000})
-  with pytest.raises(ConfigError, match="or the latent backdoor"):
+  with pytest.raises(ConfigError, match="the latent backdoor"):
     selection.select(c, str(tmp_path / "w"), "ft", [{"defense.ft.lr": 0.01}])
   assert not (tmp_path / "w").exists()

@@ -24,10 +24,10 @@ import numpy as np
 
 from jaxbd import config as config_lib
 from jaxbd import data as data_lib
-from jaxbd import defenses, poison
+from jaxbd import defenses
 from jaxbd.data.dataset import balanced_indices
 from jaxbd.errors import ConfigError
-from jaxbd.experiments import common, results
+from jaxbd.experiments import common, preparation, results
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +138,11 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
   if config.experiment != "standard" or config.poison.name == "none":
     raise ConfigError("held-out selection needs the standard experiment with a data-poisoning "
                       "attack")
-  if poison.adversarial.enabled(config) or config.attack.name == "latent":
+  if preparation.prepares_attack(config):
     raise ConfigError("held-out selection trains the backdoored model only; it does not take "
-                      "label-consistent poisoning (poison.adversarial.eps > 0) or the latent "
-                      "backdoor (attack.name=latent), which need the clean model first")
+                      "label-consistent poisoning (poison.adversarial.eps > 0), the latent "
+                      "backdoor (attack.name=latent) or Refool's reflection selection, which "
+                      "train models first")
   if not 0 <= max_acc_drop <= 1:
     raise ConfigError(f"--max_acc_drop must be in [0, 1], got {max_acc_drop}")
   configs = defense_cells(config, name, cells)

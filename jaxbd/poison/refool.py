@@ -22,8 +22,14 @@ Refool is a clean-label attack in its paper (only target-class training images a
 `poison.label_mode=clean_label`); it works as a dirty-label one too. The paper draws reflection
 images from PASCAL VOC and keeps the most effective ones after a few rounds of training; here the
 pool is `count` random training images of the data source `images` (e.g. `npz:PATH` of a dataset
-other than the victim's), resized to the input size, as they come (no selection round), or, when
-`images` is empty, `count` seeded smooth random textures (no image ships with jaxbd).
+other than the victim's), resized to the input size, or, when `images` is empty, `count` seeded
+smooth random textures (no image ships with jaxbd). With `select_rounds` > 0 the standard
+experiment runs the paper's selection (its Algorithm 1) over `candidates` such images, all of
+weight 1: each round poisons the training set with the `count` candidates of highest weight,
+trains the victim for `select_epochs`, scores each of them by how many of `select_images`
+non-target clean training images (never test images) it turns to the target, sets their
+weights to these scores and every other candidate's to the median of these scores; the `count`
+of highest weight after the last round are the pool (ties go to the earlier candidate).
 """
 
 from __future__ import annotations
@@ -182,6 +188,10 @@ def default_config() -> ml_collections.ConfigDict:
       max_offset=8,
       min_sigma=1.0,  # out-of-focus blur sigma range in pixels
       max_sigma=5.0,
+      select_rounds=0,  # rounds of Refool's reflection selection (0: the first `count` drawn)
+      candidates=1000,  # candidate reflections the selection ranks (> count)
+      select_epochs=1,  # epochs each selection round trains the victim
+      select_images=500,  # non-target clean training images each reflection is scored on
   ))
 
 
@@ -196,16 +206,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "poison.refool needs min_offset <= max_offset and min_sigma <= max_sigma, "
                      f"got offsets {c.min_offset}..{c.max_offset}, sigmas "
                      f"{c.min_sigma}..{c.max_sigma}")
+  config_lib.check_range(config, "poison.refool.select_rounds", 0)
+  config_lib.check_range(config, "poison.refool.select_epochs", 1)
+  config_lib.check_range(config, "poison.refool.select_images", 1)
+  if not selects(config):
+    return
+  need = "poison.refool.select_rounds > 0 (reflection selection) needs"
+  config_lib.require(c.candidates > c.count, f"{need} poison.refool.candidates > count, got "
+                     f"{c.candidates} candidates for {c.count}")
+  config_lib.require(config.experiment == "standard" and config.poison.rate > 0
+                     and config.attack.name == "none",
+                     f"{need} the standard experiment poisoning poison.rate > 0 of the training "
+                     "set with attack.name='none' (its rounds train on the poison plan)")
+
+
+def selects(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run selects its reflections (Refool with `select_rounds` > 0)."""
+  return config.poison.name == "refool" and config.poison.refool.select_rounds > 0
 
 
 def textures(count: int, image_shape: tuple[int, int, int], seed: int) -> np.ndarray:
   """f32[count, H, W, C] seeded smooth random textures in [0, 1]: uniform noise at 2, 4, 8 and
-  16 cells a side, each upsampled (bilinear) to H x W and weighted by its cell size."""
+  16 cells a side, each upsampled (bilinear) to H x W and weighted by its cell size. Texture i
+  depends only on (seed, i), so a larger pool extends a smaller one."""
   h, w, c = image_shape
-  rng = np.random.default_rng((seed, 0x4ef001))
   out = np.zeros((count, h, w, c), np.float32)
   for cells in (2, 4, 8, 16):
-    noise = rng.uniform(0.0, 1.0, (count, cells, cells, c)).astype(np.float32)
+    noise = np.stack([np.random.default_rng((seed, 0x4ef001, i, cells)).uniform(
+        0.0, 1.0, (cells, cells, c)) for i in range(count)]).astype(np.float32)
     out += np.asarray(jax.image.resize(noise, (count, h, w, c), "linear")) / cells
   low, high = out.min((1, 2, 3), keepdims=True), out.max((1, 2, 3), keepdims=True)
   return (out - low) / np.maximum(high - low, 1e-6)
@@ -222,24 +250,49 @@ def pool_images(images: np.ndarray, image_shape: tuple[int, int, int]) -> np.nda
 
 
 def reflection_pool(c: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
-                    seed: int) -> np.ndarray:
-  """f32[count, H, W, C]: `c.count` training images of the data source `c.images`, drawn at
-  random by `seed`, or seeded textures when it is empty.
+                    seed: int, size: int = 0) -> np.ndarray:
+  """f32[size, H, W, C] (size 0: `c.count`): training images of the data source `c.images` in
+  a random order drawn by `seed`, or seeded textures when it is empty; a larger pool extends a
+  smaller one (the trigger's default pool is the first `count` selection candidates).
 
   Raises:
     DataError: the source is unknown, missing or corrupt.
-    ConfigError: it has fewer than `c.count` training images.
+    ConfigError: it has fewer than `size` training images.
   """
+  size = size or c.count
   if not c.images:
-    return textures(c.count, image_shape, seed)
+    return textures(size, image_shape, seed)
   from jaxbd.data import sources  # pylint: disable=g-import-not-at-top  (the data layer)
   source = ml_collections.ConfigDict(dict(source=c.images, train_limit=0, test_limit=0,
                                           tfds_data_dir="", download=False))
   images = sources.load(source).x_train
-  config_lib.require(len(images) >= c.count, f"poison.refool.count {c.count} asks for more "
-                     f"reflection images than {c.images} has ({len(images)})")
-  pick = np.random.default_rng((seed, 0x4ef001)).choice(len(images), c.count, replace=False)
-  return pool_images(images[np.sort(pick)], image_shape)
+  config_lib.require(len(images) >= size, f"poison.refool asks for {size} reflection images, "
+                     f"more than {c.images} has ({len(images)})")
+  pick = np.random.default_rng((seed, 0x4ef001)).permutation(len(images))[:size]
+  return pool_images(images[pick], image_shape)
+
+
+def top_candidates(weights: np.ndarray, count: int) -> np.ndarray:
+  """int[count]: the candidates of highest weight (ties: the earlier one), in index order."""
+  return np.sort(np.argsort(-np.asarray(weights), kind="stable")[:count])
+
+
+def update_weights(weights: np.ndarray, chosen: np.ndarray, scores: np.ndarray) -> np.ndarray:
+  """Refool's update: each chosen candidate's weight becomes its score, every other candidate's
+  the median of those scores (so the next round swaps the weaker half of the chosen for untried
+  candidates).  weights: f[N]; chosen: int[M]; scores: f[M]."""
+  new = np.full(len(weights), np.median(scores), np.float64)
+  new[chosen] = scores
+  return new
+
+
+def effectiveness(predict, variables, trigger: ReflectionTrigger, images: np.ndarray,
+                  target: int) -> np.ndarray:
+  """int[R]: for each reflection of the trigger's pool, how many of uint8[M, H, W, C] `images`,
+  each given that reflection (its model drawn per image), `predict` assigns to `target`."""
+  pool = trigger.reflections
+  return np.asarray([int(np.sum(predict(variables, images, trigger.replace(
+      reflections=pool[j:j + 1])) == target)) for j in range(pool.shape[0])])
 
 
 def build(c: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
