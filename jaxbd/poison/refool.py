@@ -152,8 +152,8 @@ class ReflectionTrigger(triggers.NoCover):
     mean = jnp.maximum(1.0, (total * over).sum((0, 1)) / (over.sum((0, 1)) + 1e-6))  # [C]
     factor = jax.random.uniform(k_att, (), minval=OVEREXPOSURE[0], maxval=OVEREXPOSURE[1])
     blurred = jnp.clip(blurred - (mean - 1.0) * factor, 0.0, 1.0)
-    corner = jax.random.randint(k_corner, (2,), 0, jnp.asarray([VIGNETTE - h - 10,
-                                                                 VIGNETTE - w - 10]))
+    room = jnp.maximum(jnp.asarray([VIGNETTE - h - 10, VIGNETTE - w - 10]), 1)  # 0 from 550 px
+    corner = jax.random.randint(k_corner, (2,), 0, room)
     alpha = jax.random.uniform(k_alpha, (), minval=TRANSMISSION_FOCUS[0],
                                maxval=TRANSMISSION_FOCUS[1])
     return vignette((h, w), corner) * blurred + alpha * t
@@ -266,8 +266,9 @@ def reflection_pool(c: ml_collections.ConfigDict, image_shape: tuple[int, int, i
   source = ml_collections.ConfigDict(dict(source=c.images, train_limit=0, test_limit=0,
                                           tfds_data_dir="", download=False))
   images = sources.load(source).x_train
-  config_lib.require(len(images) >= size, f"poison.refool asks for {size} reflection images, "
-                     f"more than {c.images} has ({len(images)})")
+  key = "count" if size == c.count else "candidates"
+  config_lib.require(len(images) >= size, f"poison.refool.{key} {size} asks for more reflection "
+                     f"images than {c.images} has ({len(images)})")
   pick = np.random.default_rng((seed, 0x4ef001)).permutation(len(images))[:size]
   return pool_images(images[pick], image_shape)
 
