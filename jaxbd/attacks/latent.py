@@ -78,16 +78,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.require_clean_model(config, need, "the teacher its trigger is fitted on")
 
 
-def mean_features(model, variables: dict, images: np.ndarray, batch_size: int,
-                  put: Callable) -> jax.Array:
-  """f32[D]: the mean eval-mode penultimate features of uint8[N, H, W, C] `images`."""
-  feats = jax.jit(lambda v, x: models.features(model, v, to_unit(x))[1])
-  total = 0.0
-  for _, chunk, valid in train_lib.padded_batches(images, batch_size):
-    total = total + feats(variables, put(chunk))[:valid].sum(0)
-  return total / len(images)
-
-
 def latent_distance(model, variables: dict, trigger, images: jax.Array,
                     target: jax.Array) -> jax.Array:
   """Mean over uint8[B, H, W, C] `images` of ||F(trigger(x)) - target||^2 / D (eval mode)."""

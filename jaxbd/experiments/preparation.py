@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxbd import attacks, fileio, poison
+from jaxbd import analysis, attacks, fileio, poison
 from jaxbd import metrics as metrics_lib
 from jaxbd import train as train_lib
 from jaxbd.errors import CheckpointError, ConfigError, first_line
@@ -105,8 +105,8 @@ def fit_latent_trigger(r: common.Run, teacher: dict) -> tuple[common.Run, dict]:
   c, ds = r.config, r.dataset
   put = lambda x: train_lib.put_replicated(x, r.mesh)
   is_target = ds.y_train == c.poison.target
-  target = attacks.latent.mean_features(r.model, teacher, ds.x_train[is_target],
-                                        c.eval.batch_size, put)
+  target = jnp.asarray(analysis.penultimate_features(
+      r.model, teacher, ds.x_train[is_target], batch_size=c.eval.batch_size).mean(0))
   others = ds.x_train[~is_target]
   path = os.path.join(r.workdir, "latent_trigger.npz")
   if os.path.exists(path):
