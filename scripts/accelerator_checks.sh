@@ -6,21 +6,25 @@
 # OUT: folder for the results (created): one JSON file and one log per stage. DATA: CIFAR-10 as
 # an `npz:` source file (the encoded or the decoded layout, see jaxbd/data/sources.py). Stages run
 # in the order given (default: bench compare moe d3:badnets):
-#   bench      scripts/bench_train.py in bfloat16     -> OUT/train_bf16.json
-#   compare    scripts/compare_pytorch.py              -> OUT/compare_pytorch.json
-#   moe        scripts/bench_moe.py in bfloat16       -> OUT/moe_bf16.json
-#   d3:ATTACK  configs/d3.py:attack=ATTACK at full scale (PreAct-ResNet18, all of CIFAR-10, the
-#              reference's 100 victim epochs unless D3_EPOCHS=N; compute dtype float32 unless
-#              D3_DTYPE=bfloat16) -> OUT/d3_ATTACK.json (the run's results.json) and
-#              OUT/d3_ATTACK.md (its table, the paper's row of configs/d3_paper.json under it)
-# Environment: LIMIT_S (default 900) bounds every stage; WORKDIR (default OUT/runs) holds the
-# runs' checkpoints; QUICK=1 runs every stage at CPU size (small shapes, configs/d3.py:cpu), to
-# check this script without an accelerator. A stage that fails or outlives its limit is reported
+#   bench       scripts/bench_train.py in bfloat16     -> OUT/train_bf16.json
+#   compare     scripts/compare_pytorch.py              -> OUT/compare_pytorch.json
+#   moe         scripts/bench_moe.py in bfloat16       -> OUT/moe_bf16.json
+#   d3:ATTACK   configs/d3.py:attack=ATTACK at full scale (PreAct-ResNet18, all of CIFAR-10, the
+#               reference's 100 victim epochs) -> OUT/d3_ATTACK.json (the run's results.json) and
+#               OUT/d3_ATTACK.md (its table, the paper's row of configs/d3_paper.json under it)
+#   pyp:ATTACK  configs/pick_your_poison.py:attack=ATTACK at full scale (the paper's ResNet-18,
+#               all of CIFAR-10, 100 victim epochs; PT and FT on 1% clean data)
+#               -> OUT/pyp_ATTACK.json and OUT/pyp_ATTACK.md
+# Environment: LIMIT_S (default 900) bounds every stage; EPOCHS=N shortens the victims of the
+# d3 and pyp stages where the time does not allow the recipe; DTYPE=bfloat16 trains them in
+# bfloat16 (default float32); WORKDIR (default OUT/runs) holds the runs' checkpoints; QUICK=1 runs
+# every stage at CPU size (small shapes, the configs' `cpu` branch), to check this script without
+# an accelerator. A stage that fails or outlives its limit is reported
 # and the next one runs; the exit status is the number of failed stages.
 set -uo pipefail
 
 if [[ $# -lt 2 ]]; then
-  echo "usage: $0 OUT DATA [bench|compare|moe|d3:ATTACK ...]" >&2
+  echo "usage: $0 OUT DATA [bench|compare|moe|d3:ATTACK|pyp:ATTACK ...]" >&2
   exit 2
 fi
 out=$1
@@ -50,29 +54,40 @@ stage_command() {
       echo python scripts/bench_moe.py --models=pmoe,pmoe_patch,vmoe --dtype=bfloat16 \
           --out="$out/moe_bf16.json"
       quick_args="--widen=1 --steps=2 --batch_size=16 --num_train=64 --models=pmoe,vmoe" ;;
-    d3:*)
-      local attack=${stage#d3:} args="epochs=${D3_EPOCHS:-0}"
-      if [[ $quick == 1 ]]; then args="cpu,defenses=d3,epochs=1"; fi
-      echo python -m jaxbd.main "--config=configs/d3.py:attack=$attack,source=npz:$data,$args" \
-          --config.model.dtype="${D3_DTYPE:-float32}" --workdir="$workdir/d3_$attack" ;;
+    d3:* | pyp:*)
+      local experiment=${stage%%:*} attack=${stage#*:} args="epochs=${EPOCHS:-0}"
+      if [[ $quick == 1 ]]; then
+        args="cpu,epochs=1,defenses=d3"
+        [[ $experiment == pyp ]] && args="cpu,epochs=1,defenses=pt"
+      fi
+      echo python -m jaxbd.main \
+          "--config=configs/$(config_file "$experiment"):attack=$attack,source=npz:$data,$args" \
+          --config.model.dtype="${DTYPE:-float32}" --workdir="$workdir/${stage/:/_}" ;;
   esac
   if [[ $quick == 1 ]]; then echo "$quick_args"; fi
 }
 
-# Copies a finished D3 run's results.json and its table into OUT.
-collect_d3() {
-  local attack=$1
-  cp "$workdir/d3_$attack/results.json" "$out/d3_$attack.json" &&
-    python -m jaxbd.report --inputs="$workdir/d3_$attack" --reference=configs/d3_paper.json \
-      --out="$workdir/d3_${attack}_report" >/dev/null &&
-    cp "$workdir/d3_${attack}_report/report.md" "$out/d3_$attack.md"
+# The config of an experiment stage (d3 or pyp).
+config_file() {
+  [[ $1 == d3 ]] && echo d3.py || echo pick_your_poison.py
+}
+
+# Copies a finished experiment stage's results.json and its table into OUT; a D3 table has the
+# paper's row under it.
+collect() {
+  local name=${1/:/_} reference=()
+  [[ $1 == d3:* ]] && reference=(--reference=configs/d3_paper.json)
+  cp "$workdir/$name/results.json" "$out/$name.json" &&
+    python -m jaxbd.report --inputs="$workdir/$name" "${reference[@]}" \
+      --out="$workdir/${name}_report" >/dev/null &&
+    cp "$workdir/${name}_report/report.md" "$out/$name.md"
 }
 
 for stage in "${stages[@]}"; do  # every stage is known before any runs
   case $stage in
-    bench | compare | moe | d3:?*) ;;
+    bench | compare | moe | d3:?* | pyp:?*) ;;
     *)
-      echo "$0: error: unknown stage $stage (bench, compare, moe, d3:ATTACK)" >&2
+      echo "$0: error: unknown stage $stage (bench, compare, moe, d3:ATTACK, pyp:ATTACK)" >&2
       exit 2 ;;
   esac
 done
@@ -94,8 +109,8 @@ for stage in "${stages[@]}"; do
   # shellcheck disable=SC2086  # the command's words are split on purpose
   timeout "$limit" $command >"$log" 2>&1
   status=$?
-  if [[ $status == 0 && $stage == d3:* ]]; then
-    collect_d3 "${stage#d3:}" >>"$log" 2>&1
+  if [[ $status == 0 && $stage == *:* ]]; then
+    collect "$stage" >>"$log" 2>&1
     status=$?
   fi
   elapsed=$((SECONDS - start))

@@ -63,13 +63,16 @@ def test_accelerator_checks_run_a_stage_and_report_a_failed_one(tmp_path):
   data = tmp_path / "data.npz"
   data.write_bytes(b"not used by the bench stage")
   # Relative paths are taken from the caller's folder, although the stages run from the repo.
-  proc = checks(tmp_path, "out", "data.npz", "bench", "d3:badnets")
-  # bench succeeds; d3 fails on the unreadable data file, is reported, and counts in the status.
-  assert proc.returncode == 1, proc.stdout + proc.stderr
+  proc = checks(tmp_path, "out", "data.npz", "bench", "d3:badnets", "pyp:sig")
+  # bench succeeds; d3 and pyp fail on the unreadable data file, are reported, and count in the
+  # status.
+  assert proc.returncode == 2, proc.stdout + proc.stderr
   assert "bench: done in" in proc.stdout
-  assert "d3:badnets: FAILED (exit status" in proc.stdout
   assert json.loads((out / "train_bf16.json").read_text())["dtype"] == "bfloat16"
-  assert (out / "d3_badnets.log").is_file() and not (out / "d3_badnets.json").exists()
+  for stage, name in (("d3:badnets", "d3_badnets"), ("pyp:sig", "pyp_sig")):
+    assert f"{stage}: FAILED (exit status" in proc.stdout
+    assert "data.npz: not a readable .npz file" in (out / f"{name}.log").read_text()
+    assert not (out / f"{name}.json").exists()
 
 
 def test_accelerator_checks_refuse_bad_arguments(tmp_path):
