@@ -53,10 +53,18 @@ def test_standard_experiment_selects_saves_and_reuses_the_pool(tmp_path):
   doc = experiments.run(c, str(tmp_path))
   selection = doc["attack"]["refool_selection"]
   assert selection["rounds"] == 1 and selection["candidates"] == 8
-  assert 0.0 <= selection["round_success"][0] <= 1.0
   with np.load(tmp_path / "refool_selection.npz") as z:
-    chosen = z["chosen"]
-  assert len(chosen) == 4 and len(set(chosen)) == 4 and chosen.max() < 8
+    chosen, saved_success = z["chosen"], z["round_success"]
+  np.testing.assert_allclose(saved_success, selection["round_success"])
+  # The round's success is a mean over the 4 chosen reflections of counts out of 60 images.
+  hits = selection["round_success"][0] * 4 * 60
+  assert 0 <= hits <= 240 and abs(hits - round(hits)) < 1e-6, hits
+  # Round 0 scored candidates 0-3 and the untried 4-7 took the median of the scores, so the pool
+  # keeps the scored ones at or above the median (at least two) and fills up with the first
+  # untried ones.
+  assert len(chosen) == 4 and np.all(np.diff(chosen) > 0) and chosen.max() < 8, chosen
+  untried = chosen[chosen >= 4]
+  assert len(untried) <= 2 and np.array_equal(untried, 4 + np.arange(len(untried))), chosen
   rounds = [json.loads(line)["phase"] for line in open(tmp_path / "metrics.jsonl")]
   assert "refool_round_0" in rounds
   assert not standard.population_ready(c)
