@@ -3,6 +3,7 @@ throttled dispatch loop that does not deadlock on fake CPU devices; a corrupt ch
 with its error as the only output."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -75,6 +76,19 @@ def test_fit_stops_at_max_steps_inside_the_last_epoch(tmp_path):
   assert int(state["step"]) == summary["steps"] == 5
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4, 5]
+
+
+def test_a_second_phase_of_the_same_shapes_compiles_nothing(caplog):
+  """`fit` jits its step and its epoch permutation once per shape, not once per call, so the
+  phases of a run (clean, backdoored, each defense, a population's members) share them."""
+  state, step, arrays = small_setup(train_lib.make_mesh(1, 1))
+  state, _ = train_lib.fit("t", state, step, arrays, epochs=1, batch_size=32,
+                           key=jax.random.key(1), progress=False)
+  with caplog.at_level(logging.DEBUG, logger="jax"), jax.log_compiles():
+    train_lib.fit("u", state, step, arrays, epochs=2, batch_size=32, key=jax.random.key(2),
+                  progress=False)
+  compiled = [r.getMessage() for r in caplog.records if "ompil" in r.getMessage()]
+  assert not compiled, compiled
 
 
 def test_mesh_must_match_devices():

@@ -9,6 +9,7 @@ step queued behind the running one (`jaxbd.train.mesh.Throttle`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -23,6 +24,15 @@ from jaxbd.data.pipeline import epoch_indices
 from jaxbd.errors import CheckpointError
 from jaxbd.train.checkpoint import Checkpointer
 from jaxbd.train.mesh import Throttle
+
+
+@functools.partial(jax.jit, static_argnames=("size", "batch_size"))
+def epoch_permutation(key: jax.Array, epoch: int, *, size: int, batch_size: int) -> jax.Array:
+  """The rows of `epoch` as int32[steps, batch_size] (`epoch_indices` of `fold_in(key, epoch)`);
+  a stacked key [P] (a population) gives each model its own, int32[P, steps, batch_size].
+  Jitted once per shape for every phase, not once per `fit`."""
+  perm = lambda k: epoch_indices(jax.random.fold_in(k, epoch), size, batch_size)
+  return jax.vmap(perm)(key) if key.ndim else perm(key)
 
 
 class MetricsLog:
@@ -121,17 +131,14 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
   population = key.ndim > 0  # one key per model of a stacked population: per-model epochs
   keys = (jax.vmap(jax.random.split) if population else jax.random.split)(key)
   perm_key, step_key = keys[..., 0], keys[..., 1]
-  epoch_perm = lambda k, epoch: epoch_indices(jax.random.fold_in(k, epoch), arrays.size,
-                                              batch_size)
   jit_step = jax.jit(step_fn, donate_argnums=(0,))
-  jit_perm = jax.jit(jax.vmap(epoch_perm, (0, None)) if population else epoch_perm)
   total = epochs * steps if max_steps is None else min(max_steps, epochs * steps)
   summary = {"epochs": epochs, "steps": total, "resumed_from_epoch": start}
   last_eval: dict = {}
   t0, trained_steps = time.perf_counter(), 0
   throttle = Throttle()
   for epoch in range(start, epochs):
-    perm = jit_perm(perm_key, epoch)
+    perm = epoch_permutation(perm_key, epoch, size=arrays.size, batch_size=batch_size)
     epoch_steps = min(steps, total - epoch * steps)
     bar = tqdm.tqdm(total=epoch_steps, desc=f"{phase} {epoch + 1}/{epochs}", leave=False,
                     disable=None if progress else True,  # None: only on a terminal
