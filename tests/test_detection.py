@@ -1,6 +1,7 @@
 """Detection: NC's anomaly index, CTI/NC scores, and the population experiment end to end."""
 
 import json
+import logging
 
 import jax
 import numpy as np
@@ -84,6 +85,20 @@ def test_cti_calibrates_by_the_repair_it_is_given():
 
 
 @pytest.mark.slow
+def test_neural_cleanse_compiles_its_epoch_once(caplog):
+  """Every epoch after the first reuses the first's program: the starting state has the types
+  the epoch returns (a weakly typed start would compile a second one)."""
+  model, variables = tiny_model()
+  config = detection.nc_config()
+  config.epochs, config.early_stop = 3, False
+  with caplog.at_level(logging.DEBUG, logger="jax"), jax.log_compiles():
+    detection.neural_cleanse(tiny_ctx(model), variables, tiny_trusted(20), config,
+                             jax.random.key(0))
+  compiled = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith("Compiling jit(_nc_epoch)")]
+  assert len(compiled) == 1, compiled
+
+
 def test_detection_experiment_on_a_small_population(tmp_path, capsys):
   """1 clean + 2 backdoored (BadNets, Blended) CNNs on digits, trained under one vmapped step,
   scored by CTI and NC; the experiment reports each member as it is scored, and prints and
