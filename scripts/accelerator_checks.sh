@@ -3,7 +3,8 @@
 #
 #   scripts/accelerator_checks.sh OUT DATA [STAGE...]
 #
-# OUT: folder for the results (created): one JSON file and one log per stage. DATA: CIFAR-10 as
+# OUT: folder for the results (created): one JSON file and one log per stage (its first line the
+# stage's command). DATA: CIFAR-10 as
 # an `npz:` source file (the encoded or the decoded layout, see jaxbd/data/sources.py). Stages run
 # in the order given (default: bench compare moe d3:badnets):
 #   bench       scripts/bench_train.py in bfloat16     -> OUT/train_bf16.json
@@ -106,8 +107,9 @@ for stage in "${stages[@]}"; do
   command=$(stage_command "$stage")
   log="$out/${stage/:/_}.log"
   start=$SECONDS
+  echo "$command" | tr '\n' ' ' >"$log" && echo >>"$log"  # the log starts with the command
   # shellcheck disable=SC2086  # the command's words are split on purpose
-  timeout "$limit" $command >"$log" 2>&1
+  timeout "$limit" $command >>"$log" 2>&1
   status=$?
   if [[ $status == 0 && $stage == *:* ]]; then
     collect "$stage" >>"$log" 2>&1

@@ -69,9 +69,12 @@ def test_accelerator_checks_run_a_stage_and_report_a_failed_one(tmp_path):
   assert proc.returncode == 2, proc.stdout + proc.stderr
   assert "bench: done in" in proc.stdout
   assert json.loads((out / "train_bf16.json").read_text())["dtype"] == "bfloat16"
-  for stage, name in (("d3:badnets", "d3_badnets"), ("pyp:sig", "pyp_sig")):
+  for stage, name, config in (("d3:badnets", "d3_badnets", "d3.py:attack=badnets"),
+                               ("pyp:sig", "pyp_sig", "pick_your_poison.py:attack=sig")):
     assert f"{stage}: FAILED (exit status" in proc.stdout
-    assert "data.npz: not a readable .npz file" in (out / f"{name}.log").read_text()
+    log = (out / f"{name}.log").read_text()
+    assert f"--config=configs/{config}," in log.splitlines()[0]  # the stage's own config
+    assert "data.npz: not a readable .npz file" in log
     assert not (out / f"{name}.json").exists()
 
 

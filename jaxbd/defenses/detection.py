@@ -344,8 +344,8 @@ def neural_cleanse(ctx: base.Context, variables: dict, trusted: base.Trusted,
   raw = nc_start(k_init, k, trusted.images.shape[1:])
   tx = optax.adam(config.lr, b1=0.5, b2=0.9)
   zeros, no = jnp.zeros((k,), jnp.int32), jnp.zeros((k,), bool)
-  inf = jnp.full((k,), jnp.inf, jnp.float32)  # strongly typed, as `_nc_epoch` returns them:
-  # its second epoch does not compile again
+  # Strongly typed, as `_nc_epoch` returns them, so that its second epoch does not compile again.
+  inf = jnp.full((k,), jnp.inf, jnp.float32)
   state = {"raw": raw, "opt_state": tx.init(raw),
            "cost": jnp.full((k,), 0.0 if config.reset_cost_to_zero else config.init_cost,
                             jnp.float32),

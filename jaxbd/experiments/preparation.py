@@ -107,18 +107,19 @@ def fit_latent_trigger(r: common.Run, teacher: dict) -> tuple[common.Run, dict]:
   is_target = ds.y_train == c.poison.target
   target = jnp.asarray(analysis.penultimate_features(
       r.model, teacher, ds.x_train[is_target], batch_size=c.eval.batch_size).mean(0))
-  others = ds.x_train[~is_target]
+  others = np.flatnonzero(~is_target)
   path = os.path.join(r.workdir, "latent_trigger.npz")
   if os.path.exists(path):
     fitted = r.trigger.replace(pattern=saved_pattern(path, np.asarray(r.trigger.pattern)))
   else:
-    fitted = attacks.latent.fit_trigger(r.model, teacher, r.trigger, others, target,
+    fitted = attacks.latent.fit_trigger(r.model, teacher, r.trigger, ds.x_train[others], target,
                                         c.attack.latent, common.phase_key(r, "latent"), put)
     if results.is_writer():
       with fileio.atomic_file(path, "wb") as f:
         np.savez(f, pattern=np.asarray(fitted.pattern), mask=np.asarray(fitted.mask))
   summary = attacks.latent.distances(r.model, teacher, {"before": r.trigger, "after": fitted},
-                                     put(others[:c.attack.latent.trigger_batch]), target)
+                                     put(ds.x_train[others[:c.attack.latent.trigger_batch]]),
+                                     target)
   return dataclasses.replace(r, trigger=fitted), {**summary, "file": "latent_trigger.npz"}
 
 
