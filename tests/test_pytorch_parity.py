@@ -23,7 +23,7 @@ sides from the same trigger, and compare float32 jaxbd with float64 PyTorch: CTI
 10 Adam steps (measured 6e-6 and 2e-5 relative on two CPUs, PyTorch's float32 loop 4e-6; CTI with
 repair weight 0.45 instead of 0.5 is 0.14 off; by 50 steps Adam's normalization of near-zero
 gradients has carried float32 round-off to 1-3% on both jaxbd and PyTorch float32), NC's mask
-norms through the cost schedule from 0, raised and lowered (5e-7).
+norms through the cost schedule from 0, raised and lowered (1e-7 to 5e-7).
 """
 
 import copy
