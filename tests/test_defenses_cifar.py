@@ -43,8 +43,10 @@ def pt_result(d3_cpu_run):
 
 @pytest.mark.slow
 def test_d3_with_5_percent_clean_data_removes_badnets(d3_cpu_run):
-  """Measured (4 CPU devices, as the suite runs): ACC 0.5965 -> 0.5895 (0.7 points lost), ASR
-  1.0 -> 0.039, DER 0.977; with 2 devices the victim differs slightly (ACC 0.5915)."""
+  """Measured (4 CPU devices, as the suite runs) on two CPUs: ACC 0.5965 -> 0.5895 (0.7 points
+  lost), ASR 1.0 -> 0.039, DER 0.977; and ACC 0.5975 -> 0.5785, ASR 0.058, DER 0.962 (float
+  round-off differs between CPUs and changes what training reaches). With 2 devices the victim
+  differs slightly (ACC 0.5915)."""
   doc = d3_cpu_run.doc
   before, after = doc["metrics"]["backdoored"], doc["defenses"]["d3"]
   assert after["trusted_size"] == 2250
@@ -57,7 +59,8 @@ def test_d3_with_5_percent_clean_data_removes_badnets(d3_cpu_run):
 @pytest.mark.slow
 def test_fine_tuning_on_the_same_clean_data_keeps_the_backdoor(d3_cpu_run):
   """D3's reason to exist (its paper's FT row, here on BadNets): vanilla fine-tuning on the same
-  2,250 images keeps ACC and the backdoor. Measured: ACC 0.5965 -> 0.583, ASR 1.0."""
+  2,250 images keeps ACC and the backdoor. Measured (two CPUs): ACC 0.5965 -> 0.583 and
+  0.5975 -> 0.590, ASR 1.0."""
   doc = d3_cpu_run.doc
   before, after = doc["metrics"]["backdoored"], doc["defenses"]["ft"]
   assert after["acc"] >= before["acc"] - 0.03, (before, after)
@@ -66,7 +69,7 @@ def test_fine_tuning_on_the_same_clean_data_keeps_the_backdoor(d3_cpu_run):
 
 @pytest.mark.slow
 def test_pivotal_tuning_with_1_percent_clean_data_keeps_accuracy(pt_result):
-  """Measured: ACC 0.5965 -> 0.5945 (0.2 points lost), ASR 1.0 -> 1.0."""
+  """Measured (two CPUs): ACC 0.5965 -> 0.5945 and 0.5975 -> 0.593, ASR 1.0 -> 1.0."""
   before, after = pt_result["before"], pt_result["after"]
   assert pt_result["trusted"] == 450
   assert after["acc"] >= before["acc"] - 0.03, (before, after)
@@ -86,8 +89,8 @@ def test_a_head_fitted_on_trusted_clean_features_keeps_the_backdoor(d3_cpu_run):
   """Why the clean-data repairs that stay near the suspect model (FT, PT) fail on this CNN: a
   logistic-regression head fitted on the frozen features of the 5% trusted set (C 1) classifies
   clean images about as well as the model, and still sends the triggered ones to the target, so
-  a repair must move the features, as D3 does. Measured: ACC 0.5855, ASR 0.994 (on 1%, 450
-  images, the fit is poorer: ACC 0.548, ASR 0.587)."""
+  a repair must move the features, as D3 does. Measured (two CPUs): ACC 0.5855 and 0.588, ASR
+  0.994 and 0.989 (on 1%, 450 images, the fit is poorer: ACC 0.548, ASR 0.587)."""
   run = d3_cpu_run.prepared
   ds, p = run.dataset, run.config.poison
   trusted = run.trusted(0.05)
