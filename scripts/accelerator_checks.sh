@@ -56,27 +56,27 @@ stage_command() {
           --out="$out/moe_bf16.json"
       quick_args="--widen=1 --steps=2 --batch_size=16 --num_train=64 --models=pmoe,vmoe" ;;
     d3:* | pyp:*)
-      local experiment=${stage%%:*} attack=${stage#*:} args="epochs=${EPOCHS:-0}"
-      if [[ $quick == 1 ]]; then
-        args="cpu,epochs=1,defenses=d3"
-        [[ $experiment == pyp ]] && args="cpu,epochs=1,defenses=pt"
-      fi
+      # The experiment's config, and the defense that QUICK=1 runs (the paper's own).
+      local config=d3.py defense=d3 args="epochs=${EPOCHS:-0}"
+      [[ $stage == pyp:* ]] && config=pick_your_poison.py defense=pt
+      [[ $quick == 1 ]] && args="cpu,epochs=1,defenses=$defense"
       echo python -m jaxbd.main \
-          "--config=configs/$(config_file "$experiment"):attack=$attack,source=npz:$data,$args" \
-          --config.model.dtype="${DTYPE:-float32}" --workdir="$workdir/${stage/:/_}" ;;
+          "--config=configs/$config:attack=${stage#*:},source=npz:$data,$args" \
+          --config.model.dtype="${DTYPE:-float32}" --workdir="$workdir/$(stage_name "$stage")" ;;
   esac
   if [[ $quick == 1 ]]; then echo "$quick_args"; fi
 }
 
-# The config of an experiment stage (d3 or pyp).
-config_file() {
-  [[ $1 == d3 ]] && echo d3.py || echo pick_your_poison.py
+# A stage's name in files: d3:badnets -> d3_badnets.
+stage_name() {
+  echo "${1/:/_}"
 }
 
 # Copies a finished experiment stage's results.json and its table into OUT; a D3 table has the
 # paper's row under it.
 collect() {
-  local name=${1/:/_} reference=()
+  local name reference=()
+  name=$(stage_name "$1")
   [[ $1 == d3:* ]] && reference=(--reference=configs/d3_paper.json)
   cp "$workdir/$name/results.json" "$out/$name.json" &&
     python -m jaxbd.report --inputs="$workdir/$name" "${reference[@]}" \
@@ -105,7 +105,7 @@ cd "$(dirname "$0")/.." || exit 2
 failed=0
 for stage in "${stages[@]}"; do
   command=$(stage_command "$stage")
-  log="$out/${stage/:/_}.log"
+  log="$out/$(stage_name "$stage").log"
   start=$SECONDS
   echo "$command" | tr '\n' ' ' >"$log" && echo >>"$log"  # the log starts with the command
   # shellcheck disable=SC2086  # the command's words are split on purpose

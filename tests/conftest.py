@@ -7,6 +7,7 @@ they are absent.
 
 import dataclasses
 import functools
+import logging
 import os
 import pathlib
 
@@ -150,3 +151,11 @@ def load_config(spec: str):
   """Loads `configs/FILE.py[:ARG]` (relative to the repository) as the CLI does."""
   from jaxbd.config import load_file as load_config_file  # pylint: disable=g-import-not-at-top
   return load_config_file(str(REPO / spec))
+
+
+def compiled_while(caplog, fn, *args, **kwargs) -> list[str]:
+  """The messages of the programs JAX compiles while `fn(*args, **kwargs)` runs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  with caplog.at_level(logging.DEBUG, logger="jax"), jax.log_compiles():
+    fn(*args, **kwargs)
+  return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling ")]

@@ -1,13 +1,12 @@
 """Detection: NC's anomaly index, CTI/NC scores, and the population experiment end to end."""
 
 import json
-import logging
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import compiled_while, load_config
 from test_defenses import tiny_ctx, tiny_model, tiny_trusted
 from jaxbd import defenses, experiments
 from jaxbd.defenses import base, detection
@@ -91,12 +90,10 @@ def test_neural_cleanse_compiles_its_epoch_once(caplog):
   model, variables = tiny_model()
   config = detection.nc_config()
   config.epochs, config.early_stop = 3, False
-  with caplog.at_level(logging.DEBUG, logger="jax"), jax.log_compiles():
-    detection.neural_cleanse(tiny_ctx(model), variables, tiny_trusted(20), config,
-                             jax.random.key(0))
-  compiled = [r.getMessage() for r in caplog.records
-              if r.getMessage().startswith("Compiling jit(_nc_epoch)")]
-  assert len(compiled) == 1, compiled
+  compiled = compiled_while(caplog, detection.neural_cleanse, tiny_ctx(model), variables,
+                            tiny_trusted(20), config, jax.random.key(0))
+  epochs = [m for m in compiled if m.startswith("Compiling jit(_nc_epoch)")]
+  assert len(epochs) == 1, epochs
 
 
 def test_detection_experiment_on_a_small_population(tmp_path, capsys):

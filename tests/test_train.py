@@ -3,7 +3,6 @@ throttled dispatch loop that does not deadlock on fake CPU devices; a corrupt ch
 with its error as the only output."""
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from jaxbd import config as config_lib
 from jaxbd import models, poison
 from jaxbd import train as train_lib
 
-from conftest import REPO
+from conftest import REPO, compiled_while
 
 
 def small_setup(mesh):
@@ -84,10 +83,8 @@ def test_a_second_phase_of_the_same_shapes_compiles_nothing(caplog):
   state, step, arrays = small_setup(train_lib.make_mesh(1, 1))
   state, _ = train_lib.fit("t", state, step, arrays, epochs=1, batch_size=32,
                            key=jax.random.key(1), progress=False)
-  with caplog.at_level(logging.DEBUG, logger="jax"), jax.log_compiles():
-    train_lib.fit("u", state, step, arrays, epochs=2, batch_size=32, key=jax.random.key(2),
-                  progress=False)
-  compiled = [r.getMessage() for r in caplog.records if "ompil" in r.getMessage()]
+  compiled = compiled_while(caplog, train_lib.fit, "u", state, step, arrays, epochs=2,
+                            batch_size=32, key=jax.random.key(2), progress=False)
   assert not compiled, compiled
 
 
