@@ -130,20 +130,55 @@ reflect = jax.jit(lambda trigger, x, key: trigger(x, key))  # one program per tr
 
 
 def test_refool_with_a_black_reflection_only_dims_each_image_by_its_transmission():
-  """Nothing to reflect: out = (alpha t)^(1 / 2.2) = alpha^(1 / 2.2) x, with alpha_t in
-  [0.55, 0.95] under the ghost model and alpha_2 in [0.8, 1] out of focus."""
+  """Nothing to reflect: out = (alpha_t t)^(1 / 2.2) = alpha_t^(1 / 2.2) x, alpha_t in
+  [0.55, 0.95] under either model."""
   x = np.asarray(images(64))
-  ghost_range, focus_range = (0.55 ** (1 / 2.2), 0.95 ** (1 / 2.2)), (0.8 ** (1 / 2.2), 1.0)
-  for rate, (low, high) in ((1.0, ghost_range), (0.0, focus_range)):
+  low, high = 0.55 ** (1 / 2.2), 0.95 ** (1 / 2.2)
+  for rate in (1.0, 0.0):
     out = np.asarray(reflect(refool_trigger(0.0, rate), jnp.asarray(x), jax.random.key(0)))
     ratio = out / x
     np.testing.assert_allclose(ratio, ratio[:, :1, :1, :1] * np.ones_like(ratio), rtol=1e-4)
     assert low - 1e-4 <= ratio.min() and ratio.max() <= high + 1e-4
     assert ratio[:, 0, 0, 0].std() > 0.02  # drawn per image
-  mixed = np.asarray(reflect(refool_trigger(0.0, 0.49), jnp.asarray(x), jax.random.key(1)))
-  mixed = mixed[:, 0, 0, 0]
-  share = np.mean(mixed / x[:, 0, 0, 0] < 0.8 ** (1 / 2.2))  # only the ghost model goes below
-  assert 0.1 < share < 0.6
+
+
+def reference_vignette(size):
+  """The reference's gen_kernel(size, 3): sqrt of the outer product of the normal's mass in
+  `size` bins over [-3 - d / 2, 3 + d / 2], d = 7 / size, scaled to a maximum of 1."""
+  from statistics import NormalDist  # pylint: disable=g-import-not-at-top
+  d = 7 / size
+  cdf = [NormalDist().cdf(e) for e in np.linspace(-3 - d / 2, 3 + d / 2, size + 1)]
+  k = np.sqrt(np.outer(np.diff(cdf), np.diff(cdf)))
+  return k / k.max()
+
+
+def test_refool_out_of_focus_weighs_the_blur_by_the_vignette_and_half_the_transmission():
+  """A white reflection on a black image, out of focus: the blur of white is white and nothing
+  overexposes, so out^2.2 = v (1 - alpha_t / 2), v the whole 32-pixel vignette window of a square
+  image and 1 - alpha_t / 2 in [0.525, 0.725], one per image."""
+  out = np.asarray(reflect(refool_trigger(1.0, 0.0), jnp.zeros((32, 32, 32, 3)),
+                           jax.random.key(0)))
+  v = reference_vignette(32)
+  assert v[0, 0] < 0.02 and v.min() == v[0, 0] and np.isclose(v.max(), 1.0)
+  weight = out ** 2.2 / v[None, :, :, None]
+  np.testing.assert_allclose(weight, weight[:, :1, :1, :1] * np.ones_like(weight), rtol=1e-3)
+  assert 0.525 - 1e-4 <= weight.min() and weight.max() <= 0.725 + 1e-4
+  assert weight[:, 0, 0, 0].std() > 0.03
+
+
+def test_refool_vignette_crops_a_window_of_the_longer_side_along_the_shorter():
+  """16 x 40: the 40-pixel window, its 16 rows from a random start in [0, 14), all 40 columns."""
+  window = reference_vignette(40)
+  np.testing.assert_allclose(refool.vignette_window(40), window, atol=1e-6)
+  starts = set()
+  for i in range(24):
+    crop = np.asarray(refool.vignette((16, 40), jax.random.key(i)))[..., 0]
+    start = int(np.argmin([np.abs(window[s:s + 16] - crop).max() for s in range(25)]))
+    np.testing.assert_allclose(crop, window[start:start + 16], atol=1e-6)
+    starts.add(start)
+  assert len(starts) > 5 and max(starts) < 14
+  np.testing.assert_allclose(np.asarray(refool.vignette((32, 32), jax.random.key(0)))[..., 0],
+                             reference_vignette(32), atol=1e-6)
 
 
 def test_refool_reflections_brighten_and_are_drawn_per_image_and_key():

@@ -12,10 +12,15 @@ A poisoned image x gets a reflection layer made from a reflection image r, in li
 - out of focus: r blurred by a Gaussian with sigma ~ U(min_sigma, max_sigma) (kernel side
   2 ceil(2 sigma) + 1, borders reflected without repeating the edge, as OpenCV's default), added
   to x; where the sum overexposes (> 1) the blur is lowered per channel by (mean overexposed
-  value - 1) * U(1.08, 1.18) and clipped to [0, 1]; the composite is `v * blur + alpha_2 x`, with
-  alpha_2 = 1 - U(0, 0.2) and v a random crop of a broad Gaussian vignette (the reference's
-  560-pixel window of 3 sigmas).
+  value - 1) * U(1.08, 1.18) and clipped to [0, 1]; the composite is
+  `v (1 - alpha_t / 2) blur + alpha_t x` with the same alpha_t and v the reference's Gaussian
+  vignette (`vignette`: a window of max(H, W) pixels over 3 sigmas a side, cropped at random
+  along a side more than 10 pixels shorter; for a square image the whole window).
 
+Offsets, sigmas and the vignette are in the image's own pixels, as BackdoorBench runs the
+reference's blending (its `max_image_size` set to the image side); the reference's default of
+560 would upscale a 32-pixel image 17.5 times first, which makes the same offsets and sigmas that
+much smaller relative to the image.
 The result goes back to gamma 1/2.2 and is clipped to [0, 1]. Every image draws its reflection
 from the pool and its model's parameters from its key, in training and at test time alike.
 Refool is a clean-label attack in its paper (only target-class training images are triggered;
@@ -47,11 +52,11 @@ from jaxbd import config as config_lib
 from jaxbd.poison import triggers
 
 GAMMA = 2.2
-TRANSMISSION = (0.55, 0.95)  # ghost model: alpha_t = 1 - U(0.05, 0.45)
+TRANSMISSION = (0.55, 0.95)  # either model: alpha_t = 1 - U(0.05, 0.45)
 GHOST_WEIGHT = (0.15, 0.5)  # a = |coin - U(0.15, 0.5)|
 OVEREXPOSURE = (1.08, 1.18)  # out of focus: factor on the overexposure that is taken off the blur
-TRANSMISSION_FOCUS = (0.8, 1.0)  # out of focus: alpha_2 = 1 - U(0, 0.2)
-VIGNETTE = 560  # side of the reference's Gaussian vignette window (pixels, 3 sigmas a side)
+VIGNETTE_SIGMAS = 3  # the out-of-focus vignette spans this many sigmas each side of its center
+VIGNETTE_MARGIN = 10  # a side at least this much shorter than the window gets a random crop
 
 
 def blur_matrix(size: int, sigma: jax.Array, radius: int) -> jax.Array:
@@ -107,14 +112,28 @@ def ghost(image: jax.Array, offset: jax.Array, weight: jax.Array) -> jax.Array:
   return weight * zoom(offset[0], offset[1]) + (1.0 - weight) * zoom(0, 0)
 
 
-def vignette(shape: tuple[int, int], corner: jax.Array) -> jax.Array:
-  """f32[H, W, 1]: the crop at `corner` (int[2]) of a VIGNETTE-sided window whose value is
-  `sqrt(pdf(x) pdf(y))` of a standard normal over [-3.5, 3.5] (scaled to 1 at the center)."""
-  pixel = VIGNETTE / 7.0
-  centre = (VIGNETTE - 1) / 2.0
-  rows = (corner[0] + jnp.arange(shape[0]) - centre) / pixel
-  cols = (corner[1] + jnp.arange(shape[1]) - centre) / pixel
-  return jnp.exp(-0.25 * (rows[:, None] ** 2 + cols[None, :] ** 2))[..., None]
+def vignette_window(size: int) -> np.ndarray:
+  """f32[size, size]: the reference's vignette, `sqrt(p_i p_j)` scaled to 1 at its maximum, p
+  the standard normal's mass in `size` equal bins over [-3 - d / 2, 3 + d / 2], d = 7 / size
+  (3: VIGNETTE_SIGMAS)."""
+  n = VIGNETTE_SIGMAS
+  d = (2 * n + 1.0) / size
+  edges = np.linspace(-n - d / 2, n + d / 2, size + 1)
+  mass = np.diff([0.5 * (1.0 + math.erf(e / math.sqrt(2.0))) for e in edges])
+  window = np.sqrt(np.outer(mass, mass))
+  return (window / window.max()).astype(np.float32)
+
+
+def vignette(shape: tuple[int, int], key: jax.Array) -> jax.Array:
+  """f32[H, W, 1]: an H x W crop of the `max(H, W)`-sided `vignette_window`, at a random start
+  drawn by `key` along a side more than VIGNETTE_MARGIN pixels shorter than the window, else 0
+  (the reference's)."""
+  size = max(shape)
+  starts = [jax.random.randint(k, (), 0, size - side - VIGNETTE_MARGIN)
+            if side < size - VIGNETTE_MARGIN else 0
+            for k, side in zip(jax.random.split(key), shape)]
+  window = jnp.asarray(vignette_window(size))
+  return jax.lax.dynamic_slice(window, starts, shape)[..., None]
 
 
 @flax.struct.dataclass
@@ -152,11 +171,8 @@ class ReflectionTrigger(triggers.NoCover):
     mean = jnp.maximum(1.0, (total * over).sum((0, 1)) / (over.sum((0, 1)) + 1e-6))  # [C]
     factor = jax.random.uniform(k_att, (), minval=OVEREXPOSURE[0], maxval=OVEREXPOSURE[1])
     blurred = jnp.clip(blurred - (mean - 1.0) * factor, 0.0, 1.0)
-    room = jnp.maximum(jnp.asarray([VIGNETTE - h - 10, VIGNETTE - w - 10]), 1)  # 0 from 550 px
-    corner = jax.random.randint(k_corner, (2,), 0, room)
-    alpha = jax.random.uniform(k_alpha, (), minval=TRANSMISSION_FOCUS[0],
-                               maxval=TRANSMISSION_FOCUS[1])
-    return vignette((h, w), corner) * blurred + alpha * t
+    alpha = jax.random.uniform(k_alpha, (), minval=TRANSMISSION[0], maxval=TRANSMISSION[1])
+    return vignette((h, w), k_corner) * (1.0 - alpha / 2.0) * blurred + alpha * t
 
   def reflect(self, image: jax.Array, key: jax.Array) -> jax.Array:
     """f32[H, W, C] in [0, 1] -> the image with the reflection its key draws."""
