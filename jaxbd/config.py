@@ -123,15 +123,16 @@ def train_defaults() -> ConfigDict:
   return t
 
 
-def check_train_section(config: ConfigDict, path: str) -> None:
-  """Validates the train-style section at `path` ("train", "defense.ft", ...)."""
+def check_train_section(config: ConfigDict, path: str, min_epochs: int = 1) -> None:
+  """Validates the train-style section at `path` ("train", "defense.ft", ...); `min_epochs` 0
+  where no training is a setting of its own (a stage that can be off)."""
   section = config
   for part in path.split("."):
     section = section[part]
   check_choice(section.optimizer, f"{path}.optimizer", ("sgd", "adam"))
   check_choice(section.schedule, f"{path}.schedule", ("cosine", "constant", "step"))
   check_choice(section.schedule_unit, f"{path}.schedule_unit", ("step", "epoch"))
-  check_range(config, f"{path}.epochs", 0)
+  check_range(config, f"{path}.epochs", min_epochs)
   check_range(config, f"{path}.batch_size", 1)
   check_range(config, f"{path}.lr", 0, low_open=True)
   check_range(config, f"{path}.momentum", 0, 1)
@@ -178,7 +179,7 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
         out[key] = type(default)(value)
     except ValueError:
       raise ConfigError(
-          f"config argument {key}={value!r} is not a {type(default).__name__}") from None
+          f"config argument {key}={value!r} is not {kind(default)}") from None
   return out
 
 
@@ -268,8 +269,10 @@ def flatten(config: ConfigDict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _type_name(value: Any) -> str:
-  return type(value).__name__
+def kind(value: Any) -> str:
+  """How messages name the type of `value`: "a bool", "an integer", "a number", "a string"..."""
+  names = {bool: "a bool", int: "an integer", float: "a number", str: "a string"}
+  return names.get(type(value), f"a {type(value).__name__}")
 
 
 def check_keys(config: ConfigDict, schema: ConfigDict) -> None:
@@ -282,7 +285,7 @@ def check_keys(config: ConfigDict, schema: ConfigDict) -> None:
       raise ConfigError(f"unknown config key {path!r}{hint}")
     ref = known[path]
     if isinstance(ref, bool) != isinstance(value, bool):
-      raise ConfigError(f"config key {path!r} must be a {_type_name(ref)}, got {value!r}")
+      raise ConfigError(f"config key {path!r} must be {kind(ref)}, got {value!r}")
     if isinstance(ref, (int, float)) and not isinstance(value, (int, float)):
       raise ConfigError(f"config key {path!r} must be a number, got {value!r}")
     if isinstance(ref, str) and not isinstance(value, str):

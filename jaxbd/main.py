@@ -20,6 +20,7 @@ results and logs; checkpoints are written by all processes together (orbax).
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 from typing import Iterator
@@ -110,8 +111,12 @@ def one_line_errors() -> Iterator[None]:
     die(f"{e.filename or 'file system'}: {e.strerror or e}")
   except KeyboardInterrupt:
     print("jaxbd: interrupted; rerun the same command to resume from the last checkpoint",
-          file=sys.stderr)
-    sys.exit(130)
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Not sys.exit: tearing the interpreter down while XLA's and orbax's threads still run can
+    # crash it (a segmentation fault instead of status 130). Checkpoints are written to a
+    # temporary name and renamed, so ending here leaves none half-written.
+    os._exit(130)
 
 
 def parse_absl(argv: list[str]) -> list[str]:

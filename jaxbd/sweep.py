@@ -94,8 +94,8 @@ def _convert(path: str, text: str, reference: Any) -> Any:
       return type(reference)(text)
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
-    raise ConfigError(f"sweep value {text!r} of {path!r} is not a "
-                      f"{type(reference).__name__}") from None
+    raise ConfigError(f"sweep value {text!r} of {path!r} is not "
+                      f"{config_lib.kind(reference)}") from None
 
 
 def grid_value() -> str | None:
@@ -118,10 +118,16 @@ def parse_grid(grid: str, config: ml_collections.ConfigDict) -> list[dict[str, A
     if not eq or not values.strip():
       raise ConfigError(f"sweep group {group!r} must look like field=v1,v2")
     if path not in flat:
-      raise ConfigError(f"unknown config key {path!r} in --grid")
+      fields = [k for k in flat if k.startswith(path + ".")]
+      hint = f" ({path!r} is a section: name a field, e.g. {fields[0]!r})" if fields else ""
+      raise ConfigError(f"unknown config key {path!r} in --grid{hint}")
     if any(axis[0][0] == path for axis in axes):
       raise ConfigError(f"config key {path!r} appears twice in --grid; list its values once")
-    axes.append([(path, _convert(path, v, flat[path])) for v in values.split(",")])
+    axis = [(path, _convert(path, v, flat[path])) for v in values.split(",")]
+    repeated = [v for i, (_, v) in enumerate(axis) if v in [u for _, u in axis[:i]]]
+    if repeated:
+      raise ConfigError(f"--grid lists {path}={repeated[0]!r} twice")
+    axes.append(axis)
   if not axes:
     raise ConfigError(f"--grid {grid!r} names no config key")
   return [dict(combo) for combo in itertools.product(*axes)]
@@ -237,8 +243,11 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
     except ConfigError as e:
       raise ConfigError(f"sweep cell {cell}: {e}") from None
     configs.append((i, cell, config, config_hash(config)))
-  if len({digest for *_, digest in configs}) != len(configs):
-    raise ConfigError("the sweep has duplicate cells")
+  first = {}
+  for _, cell, _, digest in configs:
+    if digest in first:
+      raise ConfigError(f"sweep cells {first[digest]} and {cell} give the same config")
+    first[digest] = cell
   os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
   counts = {"done": 0, "skipped": 0, "failed": 0}
   with store(os.path.join(workdir, "results.sqlite")) as connection:

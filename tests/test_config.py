@@ -23,7 +23,10 @@ def test_shared_field_names_exist():
     ("train.lr", -0.1, "'train.lr' must be in (0, inf]"),
     ("train.lr", 0.0, "'train.lr' must be in (0, inf]"),
     ("train.batch_size", 0, "'train.batch_size' must be in [1, inf]"),
-    ("train.epochs", -1, "'train.epochs' must be in [0, inf]"),
+    ("train.epochs", 0, "'train.epochs' must be in [1, inf], got 0"),
+    ("defense.ft.epochs", 0, "'defense.ft.epochs' must be in [1, inf]"),
+    ("defense.fine_pruning.finetune.epochs", -1,
+     "'defense.fine_pruning.finetune.epochs' must be in [0, inf]"),
     ("poison.badnets.size", 0, "'poison.badnets.size' must be in [1, inf]"),
     ("poison.badnets.value", 300, "'poison.badnets.value' must be in [0, 255]"),
     ("poison.name", "nonsense", "'poison.name' must be one of"),
@@ -99,5 +102,5 @@ def test_parse_arg():
   assert args.pmoe is True and args.rate == 0.001 and args.epochs == 3 and args.name == "x"
   with pytest.raises(ConfigError, match="'ratee' is unknown"):
     config_lib.parse_arg("ratee=1", rate=0.1)
-  with pytest.raises(ConfigError, match="is not a float"):
+  with pytest.raises(ConfigError, match="is not a number"):
     config_lib.parse_arg("rate=abc", rate=0.1)

@@ -177,6 +177,8 @@ def test_real_cifar10_encoded_npz():
     ("unseen_test_labels", "test labels [2] occur in no training image"),
     ("encoded_float_offsets", "train_offsets must be integers"),
     ("encoded_missing_array", "missing array(s) ['test_labels']"),
+    ("encoded_garbage", "train image 0: cannot decode an image (no image format Pillow reads)"),
+    ("classes_2d", "classes must be a list of names, got an array of shape [1, 3]"),
 ])
 def test_bad_npz_is_refused(tmp_path, arrays, case, message):
   x_tr, y_tr, x_te, y_te = arrays
@@ -205,6 +207,8 @@ def test_bad_npz_is_refused(tmp_path, arrays, case, message):
       del bad["y_test"]
     elif case == "float_labels":
       bad["y_train"] = y_tr.astype(np.float32)
+    elif case == "classes_2d":
+      bad["classes"] = good["classes"][None]
     elif case == "unseen_test_labels":
       keep = y_tr != 2
       bad["x_train"], bad["y_train"] = x_tr[keep], y_tr[keep]
@@ -215,6 +219,8 @@ def test_bad_npz_is_refused(tmp_path, arrays, case, message):
         bad[f"{split}_labels"] = y
       if case == "encoded_float_offsets":
         bad["train_offsets"] = bad["train_offsets"].astype(np.float64)
+      elif case == "encoded_garbage":
+        bad["train_bytes"] = np.full_like(bad["train_bytes"], 7)
       else:
         del bad["test_labels"]
     np.savez(path, **bad)

@@ -156,6 +156,24 @@ def test_missing_and_corrupt_inputs_are_one_line_and_write_nothing(tmp_path):
        "defenses": {"ft": {"acc": "high"}}}))
   with pytest.raises(DataError, match="defenses.ft.acc is 'high', not a rate"):
     report.write_report([str(bad)], None, str(tmp_path / "out"))
+  valid = {"config": {"experiment": "standard"}, "attack": {"name": "badnets"}, "defenses": {},
+           "metrics": {"backdoored": {"acc": 0.9, "asr": 0.95}}}
+  for change, message in [
+      ({"metrics": {"backdoored": {"acc": 2.5}}}, "metrics.backdoored.acc is 2.5, not a rate in"),
+      ({"metrics": "oops"}, "its 'metrics' section is a JSON str, not an object"),
+      ({"defenses": "oops"}, "its 'defenses' section is a JSON str, not an object"),
+      ({"routing": {"models": {"pmoe": {"layer0": 3}}}}, "a structure the report cannot read"),
+      ({"detection": {"cti": {"auc": 0.5}}}, r"cannot read \(KeyError: 'members'\)"),
+      # a figure that fails after the report folder was made: the folder goes again
+      ({"defenses": {"fp": {"acc": 0.5, "stages": {"pruned@0.2": 3}}}}, r"read \(TypeError")]:
+    (bad / "results.json").write_text(json.dumps({**valid, **change}))
+    with pytest.raises(DataError, match=message):
+      report.write_report([str(bad)], None, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+  with pytest.raises(DataError, match="an input name is empty"):
+    report.write_report([str(bad), ""], None, str(tmp_path / "out"))
+  with pytest.raises(DataError, match="is a directory; give the sweep's results.sqlite"):
+    report.write_report([], str(tmp_path), str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
   (bad / "results.json").write_text(json.dumps(
       {"config": {"experiment": "standard"}, "attack": {"name": "none"}, "defenses": {},

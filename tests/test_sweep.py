@@ -26,7 +26,7 @@ def test_parse_grid_types_and_product():
   assert {type(c["seed"]) for c in cells} == {int}
   with pytest.raises(ConfigError, match="unknown config key 'poison.rtae'"):
     sweep.parse_grid("poison.rtae=0.1", config_lib.defaults())
-  with pytest.raises(ConfigError, match="'x' of 'seed' is not a int"):
+  with pytest.raises(ConfigError, match="'x' of 'seed' is not an integer"):
     sweep.parse_grid("seed=x", config_lib.defaults())
   with pytest.raises(ConfigError, match="must look like field=v1,v2"):
     sweep.parse_grid("seed", config_lib.defaults())
@@ -34,6 +34,10 @@ def test_parse_grid_types_and_product():
     sweep.parse_grid("seed=0,1;seed=2", config_lib.defaults())
   with pytest.raises(ConfigError, match="names no config key"):
     sweep.parse_grid(";;", config_lib.defaults())
+  with pytest.raises(ConfigError, match="--grid lists seed=0 twice"):
+    sweep.parse_grid("seed=0,1,0", config_lib.defaults())
+  with pytest.raises(ConfigError, match="'poison' is a section: name a field, e.g. 'poison."):
+    sweep.parse_grid("poison=1,2", config_lib.defaults())
 
 
 @pytest.mark.parametrize("content", ["garbage", "table"])
@@ -61,6 +65,8 @@ def test_bad_cell_is_refused_before_anything_runs(tmp_path):
   base = config_lib.defaults()
   with pytest.raises(ConfigError, match=r"sweep cell \{'poison.rate': 1.5\}: .*'poison.rate'"):
     sweep.run_sweep(base, [{"poison.rate": 0.1}, {"poison.rate": 1.5}], str(tmp_path))
+  with pytest.raises(ConfigError, match=r"cells \{'seed': 1\} and \{'seed': 1\} give the same"):
+    sweep.run_sweep(base, [{"seed": 1}, {"seed": 2}, {"seed": 1}], str(tmp_path))
   assert not (tmp_path / "results.sqlite").exists()
 
 

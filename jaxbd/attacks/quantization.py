@@ -101,7 +101,7 @@ def validate(config: ml_collections.ConfigDict, prefix: str) -> None:
     config_lib.check_choice(a.bn, f"{prefix}.{name}.bn", BN_MODES)
     config_lib.check_bits(a.bits, f"{prefix}.{name}.bits")
     config_lib.check_train_section(config, f"{prefix}.{name}.train")
-  config_lib.check_train_section(config, f"{prefix}.qb.repair")
+  config_lib.check_train_section(config, f"{prefix}.qb.repair", min_epochs=0)  # 0: off
   config_lib.check_range(config, f"{prefix}.qb.lam", 0)
   config_lib.check_range(config, f"{prefix}.qb.anchor", 0)
   config_lib.require(section.qb.anchor == 0 or section.qb.anchor > 1,

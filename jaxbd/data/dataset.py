@@ -99,6 +99,9 @@ def make_dataset(name: str, x_train, y_train, x_test, y_test, classes=None) -> D
   if x_train.shape[1:] != x_test.shape[1:]:
     raise DataError(f"{name}: train images are {list(x_train.shape[1:])} but test images are "
                     f"{list(x_test.shape[1:])}")
+  if classes is not None and np.ndim(classes) != 1:
+    raise DataError(f"{name}: classes must be a list of names, got an array of shape "
+                    f"{list(np.shape(classes))}")
   if classes is None or len(classes) == 0:
     classes = [str(i) for i in range(int(max(y_train.max(), y_test.max())) + 1)]
   classes = tuple(str(c) for c in classes)

@@ -65,7 +65,9 @@ def _decode(name: str, blob: bytes):
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   try:
     return np.asarray(Image.open(io.BytesIO(blob)))
-  except (UnidentifiedImageError, OSError) as e:
+  except UnidentifiedImageError:
+    raise DataError(f"{name}: cannot decode an image (no image format Pillow reads)") from None
+  except OSError as e:
     raise DataError(f"{name}: cannot decode an image ({e})") from None
 
 

@@ -61,7 +61,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_range(config, "defense.fine_pruning.batch_size", 1)
   config_lib.require(all(0 <= r <= 1 for r in c.sweep),
                      "config key 'defense.fine_pruning.sweep' must hold rates in [0, 1]")
-  config_lib.check_train_section(config, "defense.fine_pruning.finetune")
+  config_lib.check_train_section(config, "defense.fine_pruning.finetune",
+                                 min_epochs=0)  # 0: pruning only
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -4,6 +4,7 @@
 returns its results document; `run(config, workdir)` does this for the config's experiment.
 """
 
+from jaxbd import config as config_lib
 from jaxbd.experiments import badpatches, defend, detection, quant_backdoor, standard
 
 EXPERIMENTS = {
@@ -16,5 +17,10 @@ EXPERIMENTS = {
 
 
 def run(config, workdir: str) -> dict:
-  """Runs `config.experiment` in `workdir` and returns its results document."""
+  """Runs `config.experiment` in `workdir` and returns its results document.
+
+  Raises:
+    ConfigError: `config.experiment` names no experiment.
+  """
+  config_lib.check_choice(config.experiment, "experiment", EXPERIMENTS)
   return EXPERIMENTS[config.experiment].build(config, workdir)

@@ -25,21 +25,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sqlite3
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import ml_collections
 import numpy as np
 
 from jaxbd import config as config_lib
-from jaxbd.errors import ConfigError, DataError
+from jaxbd.errors import ConfigError, DataError, first_line
 from jaxbd.experiments import plots
 from jaxbd.experiments.results import markdown_table
 from jaxbd.fileio import atomic_file
 
 SECTIONS = ("config", "attack", "metrics")  # what a results.json must have to be reported
+OPTIONAL = {"defenses": dict, "routing": dict, "detection": dict, "timing": dict, "sweep": list}
 MODEL_KEYS = ("acc", "asr", "ra")
-RATES = (*MODEL_KEYS, "der")  # numbers or null wherever they appear in a results.json
+RATES = (*MODEL_KEYS, "der")  # fractions in [0, 1] or null wherever they appear in a results.json
 
 
 def find_results(paths: Iterable[str]) -> list[str]:
@@ -50,6 +52,8 @@ def find_results(paths: Iterable[str]) -> list[str]:
   """
   found = []
   for path in paths:
+    if not path:
+      raise DataError("an input name is empty (a stray comma in --inputs?)")
     if os.path.isfile(path):
       found.append(path)
     elif os.path.isdir(path):
@@ -79,26 +83,34 @@ def read_results(path: str) -> dict:
     DataError: the file is unreadable, not JSON, or not a results document.
   """
   doc = read_json(path, "results.json")
-  missing = [k for k in SECTIONS if not isinstance(doc, dict) or not isinstance(doc.get(k), dict)]
-  if missing:
-    raise DataError(f"{path} is not a results.json: no {missing[0]!r} section")
+  if not isinstance(doc, dict):
+    raise DataError(f"{path} is not a results.json: it holds a JSON {type(doc).__name__}, not an "
+                    "object")
+  for key in SECTIONS:
+    if key not in doc:
+      raise DataError(f"{path} is not a results.json: no {key!r} section")
+  for key, kind in {**dict.fromkeys(SECTIONS, dict), **OPTIONAL}.items():
+    if doc.get(key) is not None and not isinstance(doc[key], kind):
+      raise DataError(f"{path} is not a results.json: its {key!r} section is a JSON "
+                      f"{type(doc[key]).__name__}, not {'a list' if kind is list else 'an object'}")
   for section in ("metrics", "defenses"):
-    _check_rates(path, section, doc.get(section))
+    _check_rates(f"{path} is not a results.json", section, doc.get(section))
   return doc
 
 
-def _check_rates(path: str, where: str, tree: Any) -> None:
-  """DataError unless every ACC / ASR / RA / DER under `tree` is a number or null (NaN)."""
+def _check_rates(context: str, where: str, tree: Any) -> None:
+  """DataError "<context>: <where>.<key> is ..." unless every ACC / ASR / RA / DER under `tree`
+  (the section `where`) is a number in [0, 1] or null (NaN)."""
   if isinstance(tree, list):
     for i, item in enumerate(tree):
-      _check_rates(path, f"{where}[{i}]", item)
+      _check_rates(context, f"{where}[{i}]", item)
   if not isinstance(tree, dict):
     return
   for key, value in tree.items():
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if key in RATES and not (value is None or number):
-      raise DataError(f"{path} is not a results.json: {where}.{key} is {value!r}, not a rate")
-    _check_rates(path, f"{where}.{key}", value)
+    rate = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+    if key in RATES and not (value is None or rate):
+      raise DataError(f"{context}: {where}.{key} is {value!r}, not a rate in [0, 1]")
+    _check_rates(context, f"{where}.{key}", value)
 
 
 def load(paths: Iterable[str]) -> dict[str, dict]:
@@ -113,6 +125,8 @@ def read_store(path: str) -> list[dict]:
   Raises:
     DataError: the file is missing, not a SQLite database, or not a sweep store.
   """
+  if os.path.isdir(path):
+    raise DataError(f"store {path} is a directory; give the sweep's results.sqlite")
   if not os.path.isfile(path):
     raise DataError(f"store {path} does not exist")
   columns = ("cell", "config", "seed", "workdir", "metrics", "defenses", "attack")
@@ -129,6 +143,14 @@ def read_store(path: str) -> list[dict]:
         row[key] = json.loads(row[key]) if row[key] is not None else {}
   except (sqlite3.Error, ValueError) as e:
     raise DataError(f"{path} is not a readable sweep store ({str(e).splitlines()[0]})") from None
+  for row in decoded:
+    context = f"{path}: cell {row['workdir']} is not a sweep cell"
+    bad = [k for k in ("cell", "config", "metrics", "defenses", "attack")
+           if not isinstance(row[k], dict)]
+    if bad or not isinstance(row["workdir"], str):
+      raise DataError(f"{context}: its {(bad or ['workdir'])[0]} has the wrong type")
+    for section in ("metrics", "defenses"):
+      _check_rates(context, section, row[section])
   return decoded
 
 
@@ -335,6 +357,16 @@ def _figure(path: str, out: str, alt: str) -> str:
   return f"![{alt}]({os.path.relpath(path, out)})"
 
 
+def readable(what: str, render: Callable[..., Any], *args: Any) -> Any:
+  """`render(*args)`, with a results structure it cannot read (a hand-edited or foreign file:
+  a field missing or of another type) raised as DataError naming `what`."""
+  try:
+    return render(*args)
+  except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+    raise DataError(f"{what} has a structure the report cannot read ({type(e).__name__}: "
+                    f"{first_line(e)})") from None
+
+
 def write_report(inputs: Sequence[str], store: str | None, out: str,
                  reference: str | None = None) -> str:
   """Writes `out/report.md` and its figures; returns the report's path.
@@ -342,19 +374,33 @@ def write_report(inputs: Sequence[str], store: str | None, out: str,
   Args:
     inputs: results.json files or directories holding them (searched recursively).
     store: a sweep's `results.sqlite`, or None.
-    out: the report directory (created).
+    out: the report directory (created; removed again when it was created and the report fails).
     reference: a file of published numbers for the defense table (`read_reference`), or None.
 
   Raises:
     ConfigError: neither inputs nor a store.
-    DataError: a missing or corrupt input (checked before anything is written).
+    DataError: a missing or corrupt input (the files are read and their tables made before
+      anything is written).
   """
   if not inputs and not store:
     raise ConfigError("nothing to report: give --inputs, --store or both")
   docs = load(inputs)
   rows = read_store(store) if store else []
   published = read_reference(reference) if reference else None
+  tables = {path: readable(path, experiment_tables, doc) for path, doc in docs.items()}
+  created = not os.path.exists(out)
   os.makedirs(out, exist_ok=True)
+  try:
+    return _write(docs, tables, rows, store, published, out)
+  except BaseException:
+    if created:
+      shutil.rmtree(out, ignore_errors=True)
+    raise
+
+
+def _write(docs: dict[str, dict], tables: dict[str, list[str]], rows: list[dict],
+           store: str | None, published: dict | None, out: str) -> str:
+  """The report of `write_report` from what it has read; returns the report's path."""
   lines = ["# jaxbd report", ""]
   lines += [f"- results: `{p}`" for p in docs] + ([f"- sweep store: `{store}`"] if store else [])
   names = {}
@@ -364,10 +410,10 @@ def write_report(inputs: Sequence[str], store: str | None, out: str,
     lines += ["", f"## {name}", "",
               f"`{path}`: experiment {doc['config'].get('experiment')}, dataset "
               f"{doc.get('dataset')}, model {doc.get('model')}, attack {attack_name(doc)}", ""]
-    lines += [t + "\n" for t in experiment_tables(doc)]
+    lines += [t + "\n" for t in tables[path]]
     figures = os.path.join(out, "runs", name)
     os.makedirs(figures, exist_ok=True)
-    drawn = plots.from_results(path, figures, doc)
+    drawn = readable(path, plots.from_results, path, figures, doc)
     if not drawn:
       os.rmdir(figures)
     lines += [_figure(os.path.join(figures, f), out, f) for f in drawn]
@@ -376,18 +422,19 @@ def write_report(inputs: Sequence[str], store: str | None, out: str,
   for r in rows:
     if os.path.realpath(os.path.join(r["workdir"], "results.json")) not in seen:
       names[f"cell {os.path.basename(r['workdir'])}"] = r
-  runs = tradeoff_runs(names)
+  inputs = "the inputs" + (f" or {store}" if store else "")
+  runs = readable(inputs, tradeoff_runs, names)
   if runs:
     lines += ["", "## Defenses across runs", ""]
     if any(doc.get("defenses") for doc in docs.values()):
       lines += ["ACC / ASR (DER) in %" + (f"; paper: {published['source']}" if published else "")
-                + ":", "", defense_table(list(docs.values()), published), ""]
+                + ":", "", readable(inputs, defense_table, list(docs.values()), published), ""]
     lines += [_figure(plots.defense_tradeoff(runs, os.path.join(out, "tradeoff.png")), out,
                       "defense trade-off")]
   if store:
     lines += ["", "## Sweep store", "", f"{len(rows)} finished cells.", "",
-              cells_table(rows) if rows else ""]
-    curves = rate_curves(rows)
+              readable(store, cells_table, rows) if rows else ""]
+    curves = readable(store, rate_curves, rows)
     if len({c["rate"] for c in curves}) > 1:
       lines += ["", "### ASR against poisoning rate (mean, sample std over seeds)", "",
                 markdown_table(["attack", "poison rate", "seeds", "ASR", "ASR std", "ACC",

@@ -35,9 +35,10 @@ def quiet_abandoned_reads() -> None:
   When one array of a checkpoint fails to read, orbax raises and closes the asyncio loop of the
   restore while TensorStore still finishes the other reads. Each of them then reports, on stderr,
   later in the run or at exit: as "Event loop is closed" through `sys.unraisablehook`, or, when
-  its read failed too, as a TensorStore error under "Task (or Future) exception was never
+  its read failed too, as its error ("Encountered error while reading array index ...") through
+  `sys.unraisablehook` or as a TensorStore error under "Task (or Future) exception was never
   retrieved" on the `asyncio` logger. The first can come before the restore's exception reaches
-  its caller, so `Checkpointer.restore` calls this before it reads: it drops exactly those two
+  its caller, so `Checkpointer.restore` calls this before it reads: it drops exactly those
   reports (set up once per process) and passes on every other.
   """
   previous = sys.unraisablehook
@@ -46,7 +47,8 @@ def quiet_abandoned_reads() -> None:
 
   def hook(unraisable):
     error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+    closed = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    if not (closed or "while reading array index" in str(error)):
       previous(unraisable)
 
   hook.jaxbd_quiet = True
