@@ -30,15 +30,20 @@ the backdoor; here PT leaves the backdoor (see configs/pick_your_poison.py), so 
 it fools both copies, while for a clean suspect the inversion still finds a perturbation that fools
 it and not its repaired copy (trained at lr 0.01). D3 as the repair, which does remove this backdoor
 (`--config.detection.cti.repair=d3` with the D3 settings of the README's detection paragraph), does
-no better: AUC 0.28 (0.95-0.99 clean, 0.86-0.99 backdoored), since a perturbation that fools a clean
-suspect rarely fools a copy D3 moved that far either. Smaller populations (3 + 3, before CTI drew
+no better: AUC 0.28 (0.95-0.99 clean, 0.86-0.99 backdoored; D3's warm-up then shared a key with
+its first step), since a perturbation that fools a clean suspect rarely fools a copy D3 moved that
+far either. Smaller populations (3 + 3, before CTI drew
 its batches as the reference's loader does) gave AUCs from 0.44 to 0.89 for the same settings: the
 groups overlap, and one pair changing order moves the AUC by 1/9. The same 5 + 5 command on
 another CPU, whose round-off trains slightly different members (2026-12-05: 5 minutes to train,
 275 s per member to score): NC AUC 1.0 again (minimum mask norm 40-66 clean, 7.3-9.5 backdoored,
 always on the true target 0), CTI 0.76 (0.62-0.93 clean, 0.74-0.97 backdoored, best target never
-0). So CTI does not detect at this scale; the default population on an accelerator is the
-detection result.
+0). NC drew from the member's key in these runs, which CTI splits for its own draws; with a stream
+of its own (`NC_STREAM` in jaxbd/experiments/detection.py; the second CPU, 2026-12-05,
+`--config.detection.scorers=nc`: 5 minutes to train, 47 s per member): AUC 1.0 by either score,
+minimum mask norm 48-64 clean, 6.9-10.5 backdoored, always on the target 0, anomaly index
+0.73-0.86 vs 1.18-2.45. So CTI does not detect at this scale; the default population on an
+accelerator is the detection result.
 
 Arguments: cpu, source=..., clean=N, backdoored=N, attacks=badnets+blended ('+'-separated).
 """

@@ -38,7 +38,8 @@ model while every int8 code and scale stays. Measured with `cpu` (seed 0, 4 CPU 
 target rate: released float 0.513 / 0.070 (clean 0.525 / 0.056), its int8 model 0.102 / 0.997,
 int6 0.502 / 0.056 (the backdoor is the int8 model's only); after FT int8 0.485 / 0.066; after
 fine-pruning, D3 or PT (`defense.names=ft,fine_pruning,d3,pt`) int8 0.407 / 0.001,
-0.236 / 0.022, 0.366 / 0.339 (see tests/test_quant_e2e.py). The anchors are for the CNN only;
+0.236 / 0.022 (D3's warm-up then shared a key with its first step; with its own key, on another
+CPU: 0.226 / 0.012), 0.366 / 0.339 (see tests/test_quant_e2e.py). The anchors are for the CNN only;
 other models (the full-scale PreAct-ResNet18) get the same two stages without anchors, with the
 CPU recipe's lambda, learning rates and epochs, which are not measured at that scale.
 

@@ -43,10 +43,11 @@ def pt_result(d3_cpu_run):
 
 @pytest.mark.slow
 def test_d3_with_5_percent_clean_data_removes_badnets(d3_cpu_run):
-  """Measured (4 CPU devices, as the suite runs) on two CPUs: ACC 0.5965 -> 0.5895 (0.7 points
-  lost), ASR 1.0 -> 0.039, DER 0.977; and ACC 0.5975 -> 0.5785, ASR 0.058, DER 0.962 (float
-  round-off differs between CPUs and changes what training reaches). With 2 devices the victim
-  differs slightly (ACC 0.5915)."""
+  """Measured (4 CPU devices, as the suite runs): ACC 0.5975 -> 0.5720 (2.55 points lost), ASR
+  1.0 -> 0.079, DER 0.948. With the warm-up's earlier key (shared with D3's first step) on two
+  CPUs: 0.5965 -> 0.5895, ASR 0.039; 0.5975 -> 0.5785, ASR 0.058 (float round-off differs
+  between CPUs and changes what training reaches). With 2 devices the victim differs slightly
+  (ACC 0.5915)."""
   doc = d3_cpu_run.doc
   before, after = doc["metrics"]["backdoored"], doc["defenses"]["d3"]
   assert after["trusted_size"] == 2250

@@ -178,11 +178,12 @@ def d3(ctx: base.Context, variables: dict, trusted: base.Trusted,
   if zero:
     raise ConfigError(f"defense.d3: selected kernels {zero} are all zero; the projection to "
                       "||W0|| would pin them at 0")
-  keys = jax.random.split(jax.random.fold_in(key, 1), len(paths))
+  k_warm, k_train = jax.random.split(key)  # the warm-up's draws apart from training's streams
+  keys = jax.random.split(k_warm, len(paths))
   warm = {p: warm_up(w0, config.warm_up, k) for (p, w0), k in zip(initial.items(), keys)}
   start = {**variables, "params": replace(params, warm)}
   defended, report = fine_tuning.fine_tune(
-      ctx, start, trusted, config, key, phase="d3",
+      ctx, start, trusted, config, k_train, phase="d3",
       loss_fn=d3_loss(ctx.model, config.lmd, config.eps, config.train_mode),
       post_update=project, context=initial)
   return defended, {**report, "layers": paths, "warm_up": config.warm_up}

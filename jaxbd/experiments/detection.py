@@ -32,6 +32,10 @@ from jaxbd import train as train_lib
 from jaxbd.defenses import detection
 from jaxbd.experiments import common, plots, population, report, results
 
+# A member's NC draws from fold_in(key, NC_STREAM); fold_in(key, i) equals split(key, n)[i], and
+# a large i keeps them apart from CTI's split(key, 4).
+NC_STREAM = 1_000_003
+
 
 def default_config() -> ml_collections.ConfigDict:
   """The `detection` section: population sizes, attacks, vmap, scorers."""
@@ -152,7 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if name == "cti":
         s = detection.calibrated_trigger_inversion(ctx, v, trusted, d.cti, repair, key)
       else:
-        s = detection.neural_cleanse(ctx, v, trusted, d.nc, key)
+        s = detection.neural_cleanse(ctx, v, trusted, d.nc, jax.random.fold_in(key, NC_STREAM))
       scores[name].append(s["suspicion"])
       row[name] = s
     rows.append(row)
