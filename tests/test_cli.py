@@ -103,11 +103,13 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path):
           "--config.standard.train_clean=false", f"--workdir={tmp_path / 'w'}"]
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   # SIGINT as a terminal delivers it, also where the suite itself runs with SIGINT ignored (a
-  # background job), which the child would inherit.
-  default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
-  proc = subprocess.Popen([sys.executable, "-m", "jaxbd.main", *args], cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          preexec_fn=default_sigint)
+  # background job): an ignored signal stays ignored in a child, a handled one is the default.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    proc = subprocess.Popen([sys.executable, "-m", "jaxbd.main", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  finally:
+    signal.signal(signal.SIGINT, previous)
   ckpts = tmp_path / "w" / "checkpoints" / "backdoored"
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None and not (
