@@ -123,11 +123,11 @@ def parse_grid(grid: str, config: ml_collections.ConfigDict) -> list[dict[str, A
       raise ConfigError(f"unknown config key {path!r} in --grid{hint}")
     if any(axis[0][0] == path for axis in axes):
       raise ConfigError(f"config key {path!r} appears twice in --grid; list its values once")
-    axis = [(path, _convert(path, v, flat[path])) for v in values.split(",")]
-    repeated = [v for i, (_, v) in enumerate(axis) if v in [u for _, u in axis[:i]]]
+    typed = [_convert(path, v, flat[path]) for v in values.split(",")]
+    repeated = [v for i, v in enumerate(typed) if v in typed[:i]]
     if repeated:
       raise ConfigError(f"--grid lists {path}={repeated[0]!r} twice")
-    axes.append(axis)
+    axes.append([(path, v) for v in typed])
   if not axes:
     raise ConfigError(f"--grid {grid!r} names no config key")
   return [dict(combo) for combo in itertools.product(*axes)]
