@@ -50,6 +50,8 @@ _VARIANTS = flags.DEFINE_list("variants", ["eager", "bf16", "compile", "compile_
 _EPOCH_VARIANTS = flags.DEFINE_list("epoch_variants", ["eager"],
                                     "PyTorch variants timed over a full epoch.")
 _SOURCE = flags.DEFINE_string("source", "", "A jaxbd data source instead of random data.")
+_DTYPES = flags.DEFINE_multi_enum("dtypes", ["float32", "bfloat16"], ["float32", "bfloat16"],
+                                  "Compute dtypes of the jaxbd train steps.")
 _MOE_MODELS = flags.DEFINE_list("moe_models", ["pmoe", "vmoe"],
                                 "MoE models whose jaxbd train step is also measured (with MFU).")
 _MOE_WIDEN = flags.DEFINE_integer("moe_widen", 10, "WRN-MoE widen factor k (paper: 10).")
@@ -183,7 +185,7 @@ def main(argv):
     for variant in _EPOCH_VARIANTS.value:
       row["torch_epoch"][variant] = len(ds.x_train) / torch_epoch(variant, batch, dataset,
                                                                    device)
-    for dtype in ("float32", "bfloat16"):
+    for dtype in _DTYPES.value:
       config.model.dtype = dtype
       row["jax"][dtype] = benchmark.train_throughput(config, ds, batch, steps=_STEPS.value)
     results["rows"].append(row)
@@ -195,7 +197,7 @@ def main(argv):
                                vmoe_hidden=_MOE_HIDDEN.value, dtype=dtype),
           moe_data, _STEPS.value)
       for batch in (int(b) for b in _BATCHES.value) for name in _MOE_MODELS.value
-      for dtype in ("float32", "bfloat16")]
+      for dtype in _DTYPES.value]
   if results["moe"]:
     print(f"\nMoE train step (jaxbd), WRN-MoE k={_MOE_WIDEN.value}, V-MoE width "
           f"{_MOE_HIDDEN.value}")

@@ -1,4 +1,5 @@
-"""Test setup: 4 fake CPU devices (sharding tests), real datasets from the shared data folder.
+"""Test setup: 4 fake CPU devices (sharding tests), real datasets from the shared data folder, and
+one persistent XLA compilation cache for the processes the tests start.
 
 Tests that need the real datasets (CIFAR-10, MNIST, GTSRB as encoded .npz files) look for them in
 `$JAXBD_DATA_DIR`, else in `../shared/data` beside the repository, and skip with a reason when
@@ -10,6 +11,8 @@ import functools
 import logging
 import os
 import pathlib
+import shutil
+import tempfile
 
 # Must happen before JAX initializes its backend.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -20,6 +23,28 @@ import pytest  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("JAXBD_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+def pytest_configure(config):
+  """Unless JAX_COMPILATION_CACHE_DIR is set, gives the processes the tests start (CLI runs,
+  scripts) a fresh persistent compilation cache that keeps every program: they compile the same
+  programs again and again, and a program read back is the one XLA compiled, so nothing measured
+  changes. A size limit turns on the cache's file lock, for tests that run processes side by
+  side. This process keeps JAX's in-memory cache only: its programs are mostly new ones, and
+  writing each to disk costs more than the few repeats save. Removed at the end."""
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return
+  config.jaxbd_cache = tempfile.mkdtemp(prefix="jaxbd-test-xla-cache-")
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=config.jaxbd_cache,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_enable_compilation_cache", False)
+
+
+def pytest_unconfigure(config):
+  if getattr(config, "jaxbd_cache", None):
+    shutil.rmtree(config.jaxbd_cache, ignore_errors=True)
 
 
 def real_dataset(name: str) -> str:
