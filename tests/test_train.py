@@ -3,6 +3,7 @@ throttled dispatch loop that does not deadlock on fake CPU devices; a corrupt ch
 with its error as the only output."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from jaxbd import config as config_lib
 from jaxbd import models, poison
 from jaxbd import train as train_lib
+from jaxbd.errors import CheckpointError
 
 from conftest import REPO, compiled_while
 
@@ -257,3 +259,21 @@ def test_quieted_restore_reports_pass_on_every_other_unraisable(monkeypatch, cap
     u.exc_value = error
     sys.unraisablehook(u)
   assert [str(e) for e in seen] == ["other", "x"]
+
+
+def test_a_step_folder_without_orbax_metadata_is_one_error_and_no_warning(tmp_path, caplog):
+  """A numbered folder that `save` did not write (e.g. copied by hand) is refused before orbax
+  reads it, with no orbax warning beside the error; a saved epoch still restores."""
+  ckpt = train_lib.Checkpointer(str(tmp_path / "good"))
+  ckpt.save(1, {"w": np.arange(3.0)})
+  ckpt.close()
+  assert (tmp_path / "good" / "1" / train_lib.checkpoint.METADATA_FILE).is_file()
+  np.testing.assert_array_equal(
+      train_lib.Checkpointer(str(tmp_path / "good")).restore(1)["w"], np.arange(3.0))
+  (tmp_path / "junk" / "3").mkdir(parents=True)
+  (tmp_path / "junk" / "3" / "default").write_text("x")
+  with caplog.at_level(logging.WARNING), pytest.raises(
+      CheckpointError, match=r"junk/3 is not a checkpoint jaxbd wrote \(it lacks "
+                             r"_CHECKPOINT_METADATA\)"):
+    train_lib.Checkpointer(str(tmp_path / "junk")).latest_epoch()
+  assert not caplog.records, [r.getMessage() for r in caplog.records]

@@ -19,6 +19,9 @@ import orbax.checkpoint as ocp
 from jaxbd.errors import CheckpointError, first_line
 
 
+METADATA_FILE = "_CHECKPOINT_METADATA"  # in every step folder that orbax saves
+
+
 class _AbandonedReads(logging.Filter):
   """Drops asyncio's reports of reads a failed restore abandoned (see `quiet_abandoned_reads`)."""
 
@@ -67,8 +70,19 @@ class Checkpointer:
     self._options = options
 
   def _get(self) -> ocp.CheckpointManager:
+    """The orbax manager, created on first use.
+
+    Raises:
+      CheckpointError: a step folder (a number) lacks orbax's metadata file: not a checkpoint
+        that `save` wrote (orbax would log a warning and then fail to read it).
+    """
     if self._manager is None:
       os.makedirs(self.directory, exist_ok=True)
+      for name in sorted(os.listdir(self.directory)):
+        step_dir = os.path.join(self.directory, name)
+        if name.isdigit() and not os.path.isfile(os.path.join(step_dir, METADATA_FILE)):
+          raise CheckpointError(f"checkpoint {step_dir} is not a checkpoint jaxbd wrote (it lacks "
+                                f"{METADATA_FILE}); delete it or use a new --workdir")
       self._manager = ocp.CheckpointManager(self.directory, options=self._options,
                                             item_handlers=ocp.StandardCheckpointHandler())
     return self._manager
