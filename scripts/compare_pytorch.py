@@ -50,8 +50,10 @@ _VARIANTS = flags.DEFINE_list("variants", ["eager", "bf16", "compile", "compile_
 _EPOCH_VARIANTS = flags.DEFINE_list("epoch_variants", ["eager"],
                                     "PyTorch variants timed over a full epoch.")
 _SOURCE = flags.DEFINE_string("source", "", "A jaxbd data source instead of random data.")
-_DTYPES = flags.DEFINE_multi_enum("dtypes", ["float32", "bfloat16"], ["float32", "bfloat16"],
-                                  "Compute dtypes of the jaxbd train steps.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"],
+                            "Compute dtypes of the jaxbd train steps (float32, bfloat16).")
+flags.register_validator("dtypes", lambda v: bool(v) and set(v) <= {"float32", "bfloat16"},
+                         "--dtypes takes float32 and/or bfloat16, comma-separated")
 _MOE_MODELS = flags.DEFINE_list("moe_models", ["pmoe", "vmoe"],
                                 "MoE models whose jaxbd train step is also measured (with MFU).")
 _MOE_WIDEN = flags.DEFINE_integer("moe_widen", 10, "WRN-MoE widen factor k (paper: 10).")

@@ -23,6 +23,7 @@ import pytest  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("JAXBD_DATA_DIR", REPO.parent / "shared" / "data"))
+CACHE_DIR = pytest.StashKey[str]()  # the session's compilation cache folder, where it made one
 
 
 def pytest_configure(config):
@@ -34,8 +35,8 @@ def pytest_configure(config):
   writing each to disk costs more than the few repeats save. Removed at the end."""
   if "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return
-  config.jaxbd_cache = tempfile.mkdtemp(prefix="jaxbd-test-xla-cache-")
-  os.environ.update(JAX_COMPILATION_CACHE_DIR=config.jaxbd_cache,
+  config.stash[CACHE_DIR] = tempfile.mkdtemp(prefix="jaxbd-test-xla-cache-")
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=config.stash[CACHE_DIR],
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                     JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
   import jax  # pylint: disable=g-import-not-at-top
@@ -43,8 +44,8 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-  if getattr(config, "jaxbd_cache", None):
-    shutil.rmtree(config.jaxbd_cache, ignore_errors=True)
+  if CACHE_DIR in config.stash:
+    shutil.rmtree(config.stash[CACHE_DIR], ignore_errors=True)
 
 
 def real_dataset(name: str) -> str:
