@@ -21,7 +21,6 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
 from jaxbd import metrics, models
 from jaxbd.data.pipeline import to_unit
@@ -71,6 +70,8 @@ def linear_probe(model, variables: dict, train_images: np.ndarray, train_labels:
   Returns:
     {"acc": clean test accuracy, "asr": ASR on triggered non-target test images} of the probe.
   """
+  # Imported here: scikit-learn takes a second to import, which every CLI start would pay.
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
   head = LogisticRegression(C=c, max_iter=5000)
   head.fit(penultimate_features(model, variables, train_images), np.asarray(train_labels))
   wanted = test_targets(y_test, label_mode, target, num_classes)

@@ -46,7 +46,7 @@ stage_command() {
   case $stage in
     bench)
       echo python scripts/bench_train.py --dtype=bfloat16 --out="$out/train_bf16.json"
-      quick_args="--num_train=512 --batch_sizes=32 --steps=2 --width=8" ;;
+      quick_args="--model=cnn --num_train=512 --batch_sizes=32 --steps=2 --width=8" ;;
     compare)
       echo python scripts/compare_pytorch.py --out="$out/compare_pytorch.json"
       quick_args="--num_train=256 --batch_sizes=32 --steps=2 --width=8 --workers=0"

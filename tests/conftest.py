@@ -6,6 +6,7 @@ Tests that need the real datasets (CIFAR-10, MNIST, GTSRB as encoded .npz files)
 they are absent.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -171,6 +172,14 @@ def tiny_model():
     return built[name]
 
   return get
+
+
+def side_by_side(fn, items) -> list:
+  """`[fn(item) for item in items]` in as many threads as this process has CPUs: for `fn` that
+  run a command and wait for it, so that the commands run side by side (a command's start,
+  mostly imports, keeps one CPU busy)."""
+  with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+    return list(pool.map(fn, items))
 
 
 def load_config(spec: str):

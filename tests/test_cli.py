@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, side_by_side
 
 QUICK = ["--config=configs/quickstart.py", "--config.train.epochs=2", "--config.log.progress=false"]
 
@@ -60,17 +60,16 @@ def final_state(workdir, phase, epoch):
 
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   """SIGKILL mid-run, rerun the same command: final parameters equal an uninterrupted run's."""
-  args = ["--config=configs/quickstart.py", "--config.train.epochs=40",
+  args = ["--config=configs/quickstart.py", "--config.train.epochs=20",
           "--config.train.checkpoint_every=1", "--config.standard.train_clean=false",
           "--config.log.progress=false"]
-  full = tmp_path / "full"
-  jaxbd(*args, workdir=full, check_rc=0)
-
-  killed = tmp_path / "killed"
-  cmd = [sys.executable, "-m", "jaxbd.main", *args, f"--workdir={killed}"]
+  full, killed = tmp_path / "full", tmp_path / "killed"
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  # The uninterrupted run goes side by side with the one that is killed.
+  full_proc, proc = (
+      subprocess.Popen([sys.executable, "-m", "jaxbd.main", *args, f"--workdir={workdir}"],
+                       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True) for workdir in (full, killed))
   ckpts = killed / "checkpoints" / "backdoored"
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -81,13 +80,15 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (killed / "results.json").exists()
+  _, err = full_proc.communicate(timeout=600)
+  assert full_proc.returncode == 0, err[-3000:]
 
   jaxbd(*args, workdir=killed, check_rc=0)
   doc = json.loads((killed / "results.json").read_text())
   assert doc["timing"]["backdoored"]["resumed_from_epoch"] >= 3
   import jax
-  uninterrupted = final_state(full, "backdoored", 40)
-  resumed = final_state(killed, "backdoored", 40)
+  uninterrupted = final_state(full, "backdoored", 20)
+  resumed = final_state(killed, "backdoored", 20)
   assert jax.tree.structure(uninterrupted) == jax.tree.structure(resumed)
   for a, b in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)  # params, BN statistics, optimizer: bit for bit on CPU
@@ -132,32 +133,28 @@ def assert_one_line_error(proc, message):
   assert message in errors[0], errors[0]
 
 
-@pytest.fixture
-def bad_npz(tmp_path):
+def bad_npz(path, case):
+  """Writes a small .npz dataset at `path` with the defect `case` (corrupt, float, shape,
+  labels)."""
   rng = np.random.default_rng(0)
-
-  def make(case):
-    arrays = dict(x_train=rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8),
-                  y_train=rng.integers(0, 3, 40),
-                  x_test=rng.integers(0, 256, (10, 8, 8, 1), dtype=np.uint8),
-                  y_test=rng.integers(0, 3, 10))
-    path = tmp_path / f"{case}.npz"
-    if case == "corrupt":
-      path.write_bytes(os.urandom(256))
-      return path
-    if case == "float":
-      arrays["x_train"] = arrays["x_train"].astype(np.float64)
-    if case == "shape":
-      arrays["x_test"] = arrays["x_test"].reshape(10, 64)
-    if case == "labels":
-      arrays["y_test"][0] = -1
-    np.savez(path, **arrays)
+  arrays = dict(x_train=rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8),
+                y_train=rng.integers(0, 3, 40),
+                x_test=rng.integers(0, 256, (10, 8, 8, 1), dtype=np.uint8),
+                y_test=rng.integers(0, 3, 10))
+  if case == "corrupt":
+    path.write_bytes(os.urandom(256))
     return path
+  if case == "float":
+    arrays["x_train"] = arrays["x_train"].astype(np.float64)
+  if case == "shape":
+    arrays["x_test"] = arrays["x_test"].reshape(10, 64)
+  if case == "labels":
+    arrays["y_test"][0] = -1
+  np.savez(path, **arrays)
+  return path
 
-  return make
 
-
-@pytest.mark.parametrize("extra,message", [
+BAD_CONFIGS = [
     (["--config.poison.rtae=0.3"], "unknown config key 'poison.rtae'"),
     (["--config.poison.rate=1.5"], "'poison.rate' must be in [0, 1], got 1.5"),
     (["--config.train.lr=-0.1"], "'train.lr' must be in (0, inf], got -0.1"),
@@ -181,36 +178,56 @@ def bad_npz(tmp_path):
      "defense.clean_fraction 0.95 asks for 1365 trusted images; 1294 clean"),
     (["--config.attack.name=pcb", "--config.poison.rate=0", "--config.attack.pcb.open_modules=hed"],
      "attack.pcb.open_modules: no top-level module ['hed']"),
-])
-def test_bad_config_exits_with_one_line(tmp_path, extra, message):
-  workdir = tmp_path / "w"
-  assert_one_line_error(jaxbd(*QUICK, *extra, workdir=workdir), message)
-  assert not workdir.exists()
-
-
-@pytest.mark.parametrize("case,message", [
+]
+BAD_DATASETS = [
     ("corrupt", "not a readable .npz file"),
     ("float", "x_train must be uint8 images in [0, 255], got dtype float64"),
     ("shape", "x_test must have shape [N, H, W] or [N, H, W, C], got [10, 64]"),
     ("labels", "y_test has labels in [-1,"),
-])
-def test_bad_dataset_exits_with_one_line(tmp_path, bad_npz, case, message):
-  workdir = tmp_path / "w"
-  proc = jaxbd(*QUICK, f"--config.data.source=npz:{bad_npz(case)}", workdir=workdir)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+  """{case: (finished process, its workdir)} of the quickstart command with each bad setting of
+  BAD_CONFIGS (case: its index) and each bad dataset of BAD_DATASETS (case: its name), every
+  one a process of its own as a user starts it, run side by side."""
+  root = tmp_path_factory.mktemp("bad_input")
+  cases = {i: extra for i, (extra, _) in enumerate(BAD_CONFIGS)}
+  cases.update({case: [f"--config.data.source=npz:{bad_npz(root / f'{case}.npz', case)}"]
+                for case, _ in BAD_DATASETS})
+  workdirs = {case: root / f"w{case}" for case in cases}
+  procs = side_by_side(lambda case: jaxbd(*QUICK, *cases[case], workdir=workdirs[case]), cases)
+  return {case: (proc, workdirs[case]) for case, proc in zip(cases, procs)}
+
+
+@pytest.mark.parametrize("case", range(len(BAD_CONFIGS)), ids=[m for _, m in BAD_CONFIGS])
+def test_bad_config_exits_with_one_line(bad_input_runs, case):
+  proc, workdir = bad_input_runs[case]
+  assert_one_line_error(proc, BAD_CONFIGS[case][1])
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("case,message", BAD_DATASETS)
+def test_bad_dataset_exits_with_one_line(bad_input_runs, case, message):
+  proc, workdir = bad_input_runs[case]
   assert_one_line_error(proc, message)
   assert not workdir.exists()
 
 
 def test_missing_config_file_and_workdir(tmp_path):
-  assert_one_line_error(jaxbd("--config=configs/nope.py", workdir=tmp_path / "w"),
-                        "config file 'configs/nope.py' not found")
-  assert_one_line_error(jaxbd("--config=configs/quickstart.py:bogus", workdir=tmp_path / "w"),
-                        "config argument 'bogus' is unknown")
-  assert_one_line_error(jaxbd(*QUICK), "--workdir is required")
-  assert not (tmp_path / "w").exists()
   afile = tmp_path / "afile"
   afile.write_text("not a folder")
-  assert_one_line_error(jaxbd(*QUICK, workdir=afile), f"--workdir {afile} is not a writable folder")
+  cases = [
+      (("--config=configs/nope.py", tmp_path / "w"), "config file 'configs/nope.py' not found"),
+      (("--config=configs/quickstart.py:bogus", tmp_path / "w"),
+       "config argument 'bogus' is unknown"),
+      ((*QUICK, None), "--workdir is required"),
+      ((*QUICK, afile), f"--workdir {afile} is not a writable folder")]
+  procs = side_by_side(lambda case: jaxbd(*case[0][:-1], workdir=case[0][-1]), cases)
+  for proc, (_, message) in zip(procs, cases):
+    assert_one_line_error(proc, message)
+  assert not (tmp_path / "w").exists()
 
 
 def test_corrupt_checkpoint_and_changed_config_are_refused(tmp_path):

@@ -11,7 +11,7 @@ from jaxbd import config as config_lib
 from jaxbd import data, models
 from jaxbd.errors import CheckpointError
 
-from conftest import real_dataset
+from conftest import real_dataset, side_by_side
 from test_cli import assert_one_line_error, jaxbd
 
 torch = pytest.importorskip("torch")
@@ -166,10 +166,12 @@ def test_cli_defends_a_pytorch_trained_model(tmp_path):
   base = [f"--config=configs/defend_backdoorbench.py:checkpoint={path},source={source},width=16",
           "--config.data.train_limit=500", "--config.data.test_limit=200",
           "--config.log.progress=false"]
-  workdir = tmp_path / "run"
-  proc = jaxbd(*base, "--config.defense.names=ft", "--config.defense.ft.epochs=1",
-               "--config.defense.ft.batch_size=32", "--config.defense.clean_fraction=0.1",
-               workdir=workdir, check_rc=0)
+  workdir, wrong = tmp_path / "run", tmp_path / "wrong"
+  proc, wrong_proc = side_by_side(lambda args: jaxbd(*base, *args[1:], workdir=args[0]), [
+      (workdir, "--config.defense.names=ft", "--config.defense.ft.epochs=1",
+       "--config.defense.ft.batch_size=32", "--config.defense.clean_fraction=0.1"),
+      (wrong, "--config.model.preact_resnet18.width=32")])
+  assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| defense ft |" in proc.stdout
   doc = json.loads((workdir / "results.json").read_text())
   assert set(doc["metrics"]["backdoored"]) == {"acc", "asr", "ra"}
@@ -178,9 +180,7 @@ def test_cli_defends_a_pytorch_trained_model(tmp_path):
   assert not set(trusted) & set(poisoned)
   np.testing.assert_array_equal(np.load(workdir / "poison_plan.npz")["indices"], poisoned)
 
-  wrong = tmp_path / "wrong"
-  proc = jaxbd(*base, "--config.model.preact_resnet18.width=32", workdir=wrong)
-  assert_one_line_error(proc, "does not fit model 'preact_resnet18': variable "
+  assert_one_line_error(wrong_proc, "does not fit model 'preact_resnet18': variable "
                               "batch_stats/layer1_0/bn1/mean has shape (16,), the model expects "
                               "(32,)")
   assert not wrong.exists()

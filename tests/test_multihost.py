@@ -41,12 +41,11 @@ def test_two_processes_equal_one_process(tmp_path):
   """Data parallel over 2 processes x 1 CPU device = 1 process with 1 device (to 1e-5)."""
   port = free_port()
   multi = tmp_path / "multi"
+  single = tmp_path / "single"
   procs = [launch(multi, f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                  f"--process_id={i}") for i in range(2)]
+                  f"--process_id={i}") for i in range(2)] + [launch(single)]  # side by side
   outs = [finish(p) for p in procs]
   assert "| backdoored |" in outs[0]
-  single = tmp_path / "single"
-  finish(launch(single))
 
   a = Checkpointer(str(multi / "checkpoints" / "backdoored")).restore(3)
   b = Checkpointer(str(single / "checkpoints" / "backdoored")).restore(3)

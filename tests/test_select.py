@@ -15,7 +15,7 @@ from jaxbd.data.dataset import balanced_indices
 from jaxbd.errors import ConfigError
 from jaxbd.experiments import selection
 
-from conftest import REPO
+from conftest import REPO, side_by_side
 
 
 @pytest.mark.parametrize("rows, chosen", [
@@ -85,7 +85,7 @@ def test_select_scores_every_setting_on_heldout_images_and_applies_the_rule(tmp_
   assert (low["acc"], low["asr"]) != (high["acc"], high["asr"])
 
 
-@pytest.mark.parametrize("args, message", [
+BAD_SELECTIONS = [
     (["--defense=ft", "--grid=poison.rate=0.1"],
      "--grid may only set defense.ft.* fields, got 'poison.rate'"),
     (["--defense=nc", "--grid=defense.ft.lr=0.1"], "--defense must be one of"),
@@ -93,10 +93,24 @@ def test_select_scores_every_setting_on_heldout_images_and_applies_the_rule(tmp_
     (["--defense=ft"], "--defense and --grid are required"),
     (["--defense=d3", "--grid=defense.d3.layers=head,conv9"],
      "defense.d3.layers: module 'conv9' has no kernel"),
-])
-def test_bad_selections_are_one_line_before_any_file(tmp_path, args, message):
-  proc = select_cli(tmp_path / "run", *args)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_selection_runs(tmp_path_factory):
+  """[(finished process, its workdir)] of each BAD_SELECTIONS command, run side by side."""
+  root = tmp_path_factory.mktemp("bad_selections")
+  workdirs = [root / f"run{i}" for i in range(len(BAD_SELECTIONS))]
+  procs = side_by_side(lambda i: select_cli(workdirs[i], *BAD_SELECTIONS[i][0]),
+                       range(len(BAD_SELECTIONS)))
+  return list(zip(procs, workdirs))
+
+
+@pytest.mark.parametrize("case", range(len(BAD_SELECTIONS)), ids=[m for _, m in BAD_SELECTIONS])
+def test_bad_selections_are_one_line_before_any_file(bad_selection_runs, case):
+  proc, workdir = bad_selection_runs[case]
+  message = BAD_SELECTIONS[case][1]
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("jaxbd: error:") and message in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
-  assert not (tmp_path / "run").exists()
+  assert not workdir.exists()

@@ -24,15 +24,23 @@ import re
 from typing import Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from jaxbd import metrics
 from jaxbd import fileio
 
 
-def _save(fig: Figure, path: str) -> str:
+def _figure(figsize: tuple[float, float]):
+  """A new `matplotlib.figure.Figure` on the Agg canvas. matplotlib is imported here, on the
+  first plot: it takes a third of a second, which every CLI start would pay."""
+  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=figsize)
   FigureCanvasAgg(fig)
+  return fig
+
+
+def _save(fig, path: str) -> str:
   with fileio.atomic_file(path, "wb") as f:
     fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
   return path
@@ -49,7 +57,7 @@ def routing_heatmaps(stats: dict, grid: Sequence[int], title: str, path: str) ->
   """
   rows = (("clean", stats["clean_rate"]), ("triggered", stats["triggered_rate"]))
   experts = len(stats["clean_rate"])
-  fig = Figure(figsize=(2.2 * experts + 0.8, 4.6))
+  fig = _figure((2.2 * experts + 0.8, 4.6))
   axes = fig.subplots(2, experts, squeeze=False)
   image = None
   for r, (name, rates) in enumerate(rows):
@@ -77,7 +85,7 @@ def asr_vs_rate(sweep: Sequence[dict], path: str, title: str = "") -> str:
     path: PNG file to write.
     title: figure title.
   """
-  fig = Figure(figsize=(5.5, 3.8))
+  fig = _figure((5.5, 3.8))
   ax = fig.subplots()
   for i, attack in enumerate(dict.fromkeys(row["attack"] for row in sweep)):
     rows = sorted((r for r in sweep if r["attack"] == attack), key=lambda r: r["rate"])
@@ -112,7 +120,7 @@ def prune_sweep(stages: dict, reference: dict, path: str) -> str:
     if match:
       points.append((float(match.group(1)), m))
   points.sort(key=lambda p: p[0])
-  fig = Figure(figsize=(5, 3.6))
+  fig = _figure((5, 3.6))
   ax = fig.subplots()
   for key, style in (("acc", "o-"), ("asr", "s-")):
     ax.plot([p for p, _ in points], [m[key] for _, m in points], style, label=key.upper())
@@ -131,7 +139,7 @@ def defense_tradeoff(runs: Sequence[dict], path: str) -> str:
     runs: `{"label", "attacked": {"acc", "asr"}, "defenses": {name: {"acc", "asr"}}}` each.
     path: PNG file to write.
   """
-  fig = Figure(figsize=(5.5, 4.2))
+  fig = _figure((5.5, 4.2))
   ax = fig.subplots()
   names = list(dict.fromkeys(name for run in runs for name in run["defenses"]))
   for run in runs:
@@ -163,7 +171,7 @@ def roc_curves(detection: dict, positive: Sequence[bool], path: str) -> str:
     positive: bool[M] which models are backdoored.
     path: PNG file to write.
   """
-  fig = Figure(figsize=(4, 4))
+  fig = _figure((4, 4))
   ax = fig.subplots()
   for name, d in detection.items():
     fpr, tpr = metrics.roc_curve(d["suspicion"], positive)
