@@ -1,5 +1,6 @@
-"""Test setup: 4 fake CPU devices (sharding tests), real datasets from the shared data folder, and
-one persistent XLA compilation cache for the processes the tests start.
+"""Test setup: 4 fake CPU devices (sharding tests), real datasets from the shared data folder, one
+persistent XLA compilation cache for the processes the tests start, and the CPU experiments on
+CIFAR-10 that several tests read, started in the background when the session starts.
 
 Tests that need the real datasets (CIFAR-10, MNIST, GTSRB as encoded .npz files) look for them in
 `$JAXBD_DATA_DIR`, else in `../shared/data` beside the repository, and skip with a reason when
@@ -9,10 +10,13 @@ they are absent.
 import concurrent.futures
 import dataclasses
 import functools
+import json
 import logging
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # Must happen before JAX initializes its backend.
@@ -45,8 +49,15 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-  if CACHE_DIR in config.stash:
-    shutil.rmtree(config.stash[CACHE_DIR], ignore_errors=True)
+  """Ends the background runs that are still going (tests stopped early) and removes the
+  session's folders."""
+  root, runs = config.stash.get(BACKGROUND, (None, {}))
+  for run in runs.values():
+    run.process.kill()
+    run.process.wait()
+  for folder in (root, config.stash.get(CACHE_DIR, None)):
+    if folder is not None:
+      shutil.rmtree(folder, ignore_errors=True)
 
 
 def real_dataset(name: str) -> str:
@@ -85,26 +96,80 @@ class CifarRun:
     return common.load_phase(self.prepared, phase, self.config.train.epochs)
 
 
-def run_experiment(tmp_path_factory, spec: str) -> CifarRun:
-  """Runs the config `spec` (`{cifar10}` stands for the dataset path) in a fresh workdir."""
-  from jaxbd import experiments  # pylint: disable=g-import-not-at-top
-  config = load_config(spec.format(cifar10=real_dataset("cifar10")))
+# The CPU experiments on CIFAR-10 that tests read: fixture name -> config spec (`{cifar10}`: the
+# dataset's path).
+CIFAR_RUNS = {
+    # a clean and a BadNets-backdoored CNN (~1 minute alone)
+    "cifar_cpu_run": "configs/cifar10.py:cpu,source=npz:{cifar10}",
+    # the BadPatches CPU recipe: 4 image-patch pMoEs (~1 minute)
+    "badpatches_cpu_run": "configs/badpatches.py:cpu,model=pmoe_patch,source=npz:{cifar10}",
+    # the D3 CPU recipe with FT and D3: the backdoored victim defended with 5% clean training data
+    # (~2.5 minutes)
+    "d3_cpu_run": "configs/d3.py:cpu,defenses=ft+d3,source=npz:{cifar10}",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackgroundRun:
+  """A CIFAR_RUNS experiment running as a CLI process."""
+
+  spec: str  # with the dataset's path
+  workdir: str
+  log: str  # its stdout and stderr
+  process: subprocess.Popen
+
+
+BACKGROUND = pytest.StashKey[tuple[str, dict]]()  # (their folder, {fixture name: BackgroundRun})
+
+
+def pytest_collection_finish(session):
+  """Starts the CIFAR_RUNS that the selected tests use as CLI processes (the command a user runs,
+  the suite's 4 CPU devices), before the first test: their training fills the CPU time that the
+  tests before them leave idle (most compile programs or start processes, on one CPU)."""
+  data = SHARED_DATA / "cifar10.npz"
+  needed = sorted({name for item in session.items for name in item.fixturenames
+                   if name in CIFAR_RUNS})
+  if session.config.option.collectonly or not needed or not data.is_file():
+    return
+  root = tempfile.mkdtemp(prefix="jaxbd-test-runs-")
+  runs = {}
+  for name in needed:
+    spec = CIFAR_RUNS[name].format(cifar10=data)
+    workdir, log = os.path.join(root, name), os.path.join(root, f"{name}.log")
+    with open(log, "w") as out:
+      process = subprocess.Popen(
+          [sys.executable, "-m", "jaxbd.main", f"--config={spec}", "--config.log.progress=false",
+           f"--workdir={workdir}"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    runs[name] = BackgroundRun(spec, workdir, log, process)
+  session.config.stash[BACKGROUND] = (root, runs)
+
+
+def finished_run(request, name: str) -> CifarRun:
+  """The CIFAR_RUNS experiment `name` once its process has ended (skips without the dataset)."""
+  real_dataset("cifar10")
+  run = request.config.stash[BACKGROUND][1][name]
+  if run.process.wait() != 0:
+    with open(run.log) as f:
+      pytest.fail(f"{run.spec} exited with status {run.process.returncode}:\n{f.read()[-3000:]}")
+  config = load_config(run.spec)
   config.log.progress = False
-  workdir = str(tmp_path_factory.mktemp(spec.split("/")[-1].split(".")[0]))
-  return CifarRun(config, workdir, experiments.run(config, workdir))
+  with open(os.path.join(run.workdir, "results.json")) as f:
+    return CifarRun(config, run.workdir, json.load(f))
 
 
 @pytest.fixture(scope="session")
-def cifar_cpu_run(tmp_path_factory) -> CifarRun:
-  """Trains configs/cifar10.py:cpu once per session (~1 minute) for every test that needs it."""
-  return run_experiment(tmp_path_factory, "configs/cifar10.py:cpu,source=npz:{cifar10}")
+def cifar_cpu_run(request) -> CifarRun:
+  return finished_run(request, "cifar_cpu_run")
 
 
 @pytest.fixture(scope="session")
-def badpatches_cpu_run(tmp_path_factory) -> CifarRun:
-  """Runs the BadPatches CPU recipe once per session (4 image-patch pMoEs, ~2-3 minutes)."""
-  return run_experiment(tmp_path_factory,
-                        "configs/badpatches.py:cpu,model=pmoe_patch,source=npz:{cifar10}")
+def badpatches_cpu_run(request) -> CifarRun:
+  return finished_run(request, "badpatches_cpu_run")
+
+
+@pytest.fixture(scope="session")
+def d3_cpu_run(request) -> CifarRun:
+  return finished_run(request, "d3_cpu_run")
 
 
 def tiny_digits_config(**overrides):

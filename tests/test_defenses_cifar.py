@@ -13,7 +13,7 @@ expected failure so that it turns into an error once it holds.
 import jax
 import pytest
 
-from conftest import load_config, run_experiment
+from conftest import load_config
 from jaxbd import analysis, defenses
 
 
@@ -27,13 +27,6 @@ def defend(run, config_spec: str, name: str) -> dict:
       config.defense[name], jax.random.key(0))
   return {"before": run.doc["metrics"]["backdoored"], "after": prepared.evaluate(defended),
           "report": report, "trusted": len(trusted.labels)}
-
-
-@pytest.fixture(scope="module")
-def d3_cpu_run(tmp_path_factory):
-  """`configs/d3.py:cpu` with FT and D3 through the experiment runner: trains the backdoored
-  victim, defends it with 5% clean training data, writes results.json (~2 minutes)."""
-  return run_experiment(tmp_path_factory, "configs/d3.py:cpu,defenses=ft+d3,source=npz:{cifar10}")
 
 
 @pytest.fixture(scope="module")

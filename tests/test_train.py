@@ -277,3 +277,23 @@ def test_a_step_folder_without_orbax_metadata_is_one_error_and_no_warning(tmp_pa
                              r"_CHECKPOINT_METADATA\)"):
     train_lib.Checkpointer(str(tmp_path / "junk")).latest_epoch()
   assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_an_old_step_that_a_kill_left_half_removed_is_removed_and_the_latest_restores(
+    tmp_path, caplog):
+  """Orbax removes the checkpoints beyond `max_to_keep` file by file after each save; a run
+  killed meanwhile leaves an old step folder without its metadata file. The rerun finishes the
+  removal (no orbax warning) and restores the latest epoch."""
+  directory = tmp_path / "ckpt"
+  ckpt = train_lib.Checkpointer(str(directory))  # keeps 2
+  for epoch in (1, 2, 3):
+    ckpt.save(epoch, {"w": np.arange(3.0) + epoch})
+  ckpt.close()
+  assert sorted(os.listdir(directory)) == ["2", "3"]
+  os.remove(directory / "2" / train_lib.checkpoint.METADATA_FILE)  # as orbax's rmtree, cut short
+  with caplog.at_level(logging.WARNING):
+    resumed = train_lib.Checkpointer(str(directory))
+    assert resumed.latest_epoch() == 3
+    np.testing.assert_array_equal(resumed.restore(3)["w"], np.arange(3.0) + 3)
+  assert not caplog.records, [r.getMessage() for r in caplog.records]
+  assert sorted(os.listdir(directory)) == ["3"]

@@ -2,14 +2,16 @@
 
 `Checkpointer` wraps an orbax `CheckpointManager` in `WORKDIR/checkpoints/<phase>`: the step of a
 checkpoint is the number of finished epochs. Orbax writes each checkpoint to a temporary directory
-and renames it when complete, so a killed run never leaves a half-written checkpoint behind, and a
-rerun of the same command restores the latest one and continues.
+and renames it when complete, so a killed run never leaves a half-written checkpoint behind (an old
+one that it was removing may be left half removed: the rerun finishes the removal), and a rerun of
+the same command restores the latest one and continues.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from typing import Any, Optional
 
@@ -72,17 +74,27 @@ class Checkpointer:
   def _get(self) -> ocp.CheckpointManager:
     """The orbax manager, created on first use.
 
+    Orbax writes its metadata file into a step's folder before anything else, so a numbered
+    folder without it is either an old checkpoint whose removal a killed run cut short (orbax
+    removes all but the last `max_to_keep` after each save, file by file), which is removed here
+    as orbax would have (by process 0), or, as the latest step, not a checkpoint at all.
+
     Raises:
-      CheckpointError: a step folder (a number) lacks orbax's metadata file: not a checkpoint
-        that `save` wrote (orbax would log a warning and then fail to read it).
+      CheckpointError: the latest step folder lacks orbax's metadata file: not a checkpoint that
+        `save` wrote (orbax would log a warning and then fail to read it).
     """
     if self._manager is None:
       os.makedirs(self.directory, exist_ok=True)
-      for name in sorted(os.listdir(self.directory)):
-        step_dir = os.path.join(self.directory, name)
-        if name.isdigit() and not os.path.isfile(os.path.join(step_dir, METADATA_FILE)):
+      steps = sorted((int(n) for n in os.listdir(self.directory) if n.isdigit()), reverse=True)
+      for i, step in enumerate(steps):
+        step_dir = os.path.join(self.directory, str(step))
+        if os.path.isfile(os.path.join(step_dir, METADATA_FILE)):
+          continue
+        if i == 0:
           raise CheckpointError(f"checkpoint {step_dir} is not a checkpoint jaxbd wrote (it lacks "
                                 f"{METADATA_FILE}); delete it or use a new --workdir")
+        if jax.process_index() == 0:
+          shutil.rmtree(step_dir, ignore_errors=True)
       self._manager = ocp.CheckpointManager(self.directory, options=self._options,
                                             item_handlers=ocp.StandardCheckpointHandler())
     return self._manager
