@@ -34,12 +34,13 @@ along with the int8 one: the separation the paper reports is not reached by QB a
 NeurIPS 2024): scale anchors widen the int8 cells of the CNN's convs 1.. 8-fold
 (`qb.anchor=8`), QB with lambda 4 and Adam 1e-3 makes the int8 model predict the target, then
 6 epochs of float training (Adam 1e-3) inside the int8 cells (`qb.repair`) restore the float
-model while every int8 code and scale stays. Measured with `cpu` (seed 0, 4 CPU devices), ACC /
-target rate: released float 0.513 / 0.070 (clean 0.525 / 0.056), its int8 model 0.102 / 0.997,
-int6 0.502 / 0.056 (the backdoor is the int8 model's only); after FT int8 0.485 / 0.066; after
-fine-pruning, D3 or PT (`defense.names=ft,fine_pruning,d3,pt`) int8 0.407 / 0.001,
-0.236 / 0.022 (D3's warm-up then shared a key with its first step; with its own key, on another
-CPU: 0.226 / 0.012), 0.366 / 0.339 (see tests/test_quant_e2e.py). The anchors are for the CNN only;
+model while every int8 code and scale stays. Measured with `cpu` (seed 0, 4 CPU devices, the
+command above, 2026-12-06), ACC / target rate: released float 0.5005 / 0.063 (clean 0.5215 /
+0.051), its int8 model 0.102 / 0.997, int6 0.466 / 0.026 (the backdoor is the int8 model's only);
+after FT int8 0.475 / 0.050 (tests/test_quant_e2e.py). From a clean model with ACC 0.525 (an
+earlier clean recipe): after fine-pruning, D3 or PT (`defense.names=ft,fine_pruning,d3,pt`) int8
+0.407 / 0.001, 0.236 / 0.022 (D3's warm-up then shared a key with its first step; with its own
+key, on another CPU: 0.226 / 0.012), 0.366 / 0.339. The anchors are for the CNN only;
 other models (the full-scale PreAct-ResNet18) get the same two stages without anchors, with the
 CPU recipe's lambda, learning rates and epochs, which are not measured at that scale.
 

@@ -101,6 +101,8 @@ class CifarRun:
 CIFAR_RUNS = {
     # a clean and a BadNets-backdoored CNN (~1 minute alone)
     "cifar_cpu_run": "configs/cifar10.py:cpu,source=npz:{cifar10}",
+    # the clean CNN of configs/cifar10.py:cpu, two-stage QB from it, FT (~2 minutes)
+    "quant_cpu_run": "configs/quant_backdoor.py:cpu,two_stage,source=npz:{cifar10}",
     # the BadPatches CPU recipe: 4 image-patch pMoEs (~1 minute)
     "badpatches_cpu_run": "configs/badpatches.py:cpu,model=pmoe_patch,source=npz:{cifar10}",
     # the D3 CPU recipe with FT and D3: the backdoored victim defended with 5% clean training data
@@ -170,6 +172,11 @@ def badpatches_cpu_run(request) -> CifarRun:
 @pytest.fixture(scope="session")
 def d3_cpu_run(request) -> CifarRun:
   return finished_run(request, "d3_cpu_run")
+
+
+@pytest.fixture(scope="session")
+def quant_cpu_run(request) -> CifarRun:
+  return finished_run(request, "quant_cpu_run")
 
 
 def tiny_digits_config(**overrides):
