@@ -1,6 +1,7 @@
 """Test setup: 4 fake CPU devices (sharding tests), real datasets from the shared data folder, one
 persistent XLA compilation cache for the processes the tests start, and the CPU experiments on
-CIFAR-10 that several tests read, started in the background when the session starts.
+CIFAR-10 that several tests read, run in the background one at a time at low priority from the
+session's start.
 
 Tests that need the real datasets (CIFAR-10, MNIST, GTSRB as encoded .npz files) look for them in
 `$JAXBD_DATA_DIR`, else in `../shared/data` beside the repository, and skip with a reason when
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 # Must happen before JAX initializes its backend.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -51,13 +53,10 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   """Ends the background runs that are still going (tests stopped early) and removes the
   session's folders."""
-  root, runs = config.stash.get(BACKGROUND, (None, {}))
-  for run in runs.values():
-    run.process.kill()
-    run.process.wait()
-  for folder in (root, config.stash.get(CACHE_DIR, None)):
-    if folder is not None:
-      shutil.rmtree(folder, ignore_errors=True)
+  if BACKGROUND in config.stash:
+    config.stash[BACKGROUND].stop()
+  if CACHE_DIR in config.stash:
+    shutil.rmtree(config.stash[CACHE_DIR], ignore_errors=True)
 
 
 def real_dataset(name: str) -> str:
@@ -111,52 +110,87 @@ CIFAR_RUNS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class BackgroundRun:
-  """A CIFAR_RUNS experiment running as a CLI process."""
+class BackgroundRuns:
+  """Runs CIFAR_RUNS experiments one after another as CLI processes (the command a user runs, the
+  suite's 4 CPU devices) at low priority (`nice`), from a thread of the test session, so that
+  their training fills the CPU time the tests leave idle (most compile programs or start
+  processes, on one CPU) and slows them little."""
 
-  spec: str  # with the dataset's path
-  workdir: str
-  log: str  # its stdout and stderr
-  process: subprocess.Popen
+  def __init__(self, names: list[str], data: str):
+    """names: the experiments, in the order the tests need them; data: CIFAR-10's path."""
+    self.root = tempfile.mkdtemp(prefix="jaxbd-test-runs-")
+    self.specs = {name: CIFAR_RUNS[name].format(cifar10=data) for name in names}
+    self._done = {name: threading.Event() for name in names}
+    self._status = {}
+    self._lock = threading.Lock()
+    self._process = None
+    self._stopped = False
+    threading.Thread(target=self._run_all, daemon=True).start()
+
+  def workdir(self, name: str) -> str:
+    return os.path.join(self.root, name)
+
+  def log(self, name: str) -> str:
+    return os.path.join(self.root, f"{name}.log")
+
+  def _run_all(self):
+    try:
+      for name, spec in self.specs.items():
+        with self._lock, open(self.log(name), "w") as out:
+          if self._stopped:
+            return
+          self._process = subprocess.Popen(
+              ["nice", "-n", "10", sys.executable, "-m", "jaxbd.main", f"--config={spec}",
+               "--config.log.progress=false", f"--workdir={self.workdir(name)}"],
+              cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        self._status[name] = f"exit status {self._process.wait()}"
+        self._done[name].set()
+    except OSError as e:  # no `nice`, no room for the log
+      self._status[name] = f"could not start: {e}"
+    finally:  # nobody waits for ever
+      for done in self._done.values():
+        done.set()
+
+  def wait(self, name: str) -> str:
+    """Waits for experiment `name`; how it ended ("exit status 0" when it succeeded)."""
+    self._done[name].wait()
+    return self._status.get(name, "not started: the session is ending")
+
+  def stop(self):
+    """Ends the running experiment and starts no other; removes the folder."""
+    with self._lock:
+      self._stopped = True
+      if self._process is not None:
+        self._process.kill()
+        self._process.wait()
+    shutil.rmtree(self.root, ignore_errors=True)
 
 
-BACKGROUND = pytest.StashKey[tuple[str, dict]]()  # (their folder, {fixture name: BackgroundRun})
+BACKGROUND = pytest.StashKey[BackgroundRuns]()
 
 
 def pytest_collection_finish(session):
-  """Starts the CIFAR_RUNS that the selected tests use as CLI processes (the command a user runs,
-  the suite's 4 CPU devices), before the first test: their training fills the CPU time that the
-  tests before them leave idle (most compile programs or start processes, on one CPU)."""
+  """Starts the CIFAR_RUNS that the selected tests use (`BackgroundRuns`) before the first test,
+  in the order the tests need them."""
   data = SHARED_DATA / "cifar10.npz"
-  needed = sorted({name for item in session.items for name in item.fixturenames
-                   if name in CIFAR_RUNS})
-  if session.config.option.collectonly or not needed or not data.is_file():
-    return
-  root = tempfile.mkdtemp(prefix="jaxbd-test-runs-")
-  runs = {}
-  for name in needed:
-    spec = CIFAR_RUNS[name].format(cifar10=data)
-    workdir, log = os.path.join(root, name), os.path.join(root, f"{name}.log")
-    with open(log, "w") as out:
-      process = subprocess.Popen(
-          [sys.executable, "-m", "jaxbd.main", f"--config={spec}", "--config.log.progress=false",
-           f"--workdir={workdir}"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    runs[name] = BackgroundRun(spec, workdir, log, process)
-  session.config.stash[BACKGROUND] = (root, runs)
+  needed = list(dict.fromkeys(name for item in session.items for name in item.fixturenames
+                              if name in CIFAR_RUNS))
+  if not session.config.option.collectonly and needed and data.is_file():
+    session.config.stash[BACKGROUND] = BackgroundRuns(needed, str(data))
 
 
 def finished_run(request, name: str) -> CifarRun:
   """The CIFAR_RUNS experiment `name` once its process has ended (skips without the dataset)."""
   real_dataset("cifar10")
-  run = request.config.stash[BACKGROUND][1][name]
-  if run.process.wait() != 0:
-    with open(run.log) as f:
-      pytest.fail(f"{run.spec} exited with status {run.process.returncode}:\n{f.read()[-3000:]}")
-  config = load_config(run.spec)
+  runs = request.config.stash[BACKGROUND]
+  status = runs.wait(name)
+  if status != "exit status 0":
+    log = pathlib.Path(runs.log(name))
+    pytest.fail(f"{runs.specs[name]}: {status}\n{log.read_text()[-3000:] if log.is_file() else ''}")
+  config = load_config(runs.specs[name])
   config.log.progress = False
-  with open(os.path.join(run.workdir, "results.json")) as f:
-    return CifarRun(config, run.workdir, json.load(f))
+  with open(os.path.join(runs.workdir(name), "results.json")) as f:
+    return CifarRun(config, runs.workdir(name), json.load(f))
 
 
 @pytest.fixture(scope="session")
