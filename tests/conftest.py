@@ -169,6 +169,13 @@ class BackgroundRuns:
 BACKGROUND = pytest.StashKey[BackgroundRuns]()
 
 
+def pytest_collection_modifyitems(items):
+  """Moves the test files that read a CIFAR_RUNS experiment, in their order, behind the others,
+  so that the experiments train while the other tests run."""
+  late = {item.path for item in items if CIFAR_RUNS.keys() & set(item.fixturenames)}
+  items.sort(key=lambda item: item.path in late)  # a stable sort
+
+
 def pytest_collection_finish(session):
   """Starts the CIFAR_RUNS that the selected tests use (`BackgroundRuns`) before the first test,
   in the order the tests need them."""
