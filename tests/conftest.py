@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from typing import Optional
 
 # Must happen before JAX initializes its backend.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -121,7 +122,7 @@ class BackgroundRuns:
     self.root = tempfile.mkdtemp(prefix="jaxbd-test-runs-")
     self.specs = {name: CIFAR_RUNS[name].format(cifar10=data) for name in names}
     self._done = {name: threading.Event() for name in names}
-    self._status = {}
+    self._errors = {}
     self._lock = threading.Lock()
     self._process = None
     self._stopped = False
@@ -143,18 +144,19 @@ class BackgroundRuns:
               ["nice", "-n", "10", sys.executable, "-m", "jaxbd.main", f"--config={spec}",
                "--config.log.progress=false", f"--workdir={self.workdir(name)}"],
               cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        self._status[name] = f"exit status {self._process.wait()}"
+        status = self._process.wait()
+        self._errors[name] = f"exit status {status}" if status else None
         self._done[name].set()
     except OSError as e:  # no `nice`, no room for the log
-      self._status[name] = f"could not start: {e}"
+      self._errors[name] = f"could not start: {e}"
     finally:  # nobody waits for ever
       for done in self._done.values():
         done.set()
 
-  def wait(self, name: str) -> str:
-    """Waits for experiment `name`; how it ended ("exit status 0" when it succeeded)."""
+  def wait(self, name: str) -> Optional[str]:
+    """Waits for experiment `name`; None if it succeeded, else what went wrong."""
     self._done[name].wait()
-    return self._status.get(name, "not started: the session is ending")
+    return self._errors.get(name, "not started: the session is ending")
 
   def stop(self):
     """Ends the running experiment and starts no other; removes the folder."""
@@ -190,10 +192,10 @@ def finished_run(request, name: str) -> CifarRun:
   """The CIFAR_RUNS experiment `name` once its process has ended (skips without the dataset)."""
   real_dataset("cifar10")
   runs = request.config.stash[BACKGROUND]
-  status = runs.wait(name)
-  if status != "exit status 0":
+  error = runs.wait(name)
+  if error is not None:
     log = pathlib.Path(runs.log(name))
-    pytest.fail(f"{runs.specs[name]}: {status}\n{log.read_text()[-3000:] if log.is_file() else ''}")
+    pytest.fail(f"{runs.specs[name]}: {error}\n{log.read_text()[-3000:] if log.is_file() else ''}")
   config = load_config(runs.specs[name])
   config.log.progress = False
   with open(os.path.join(runs.workdir(name), "results.json")) as f:
@@ -287,12 +289,12 @@ def tiny_model():
   return get
 
 
-def side_by_side(fn, items) -> list:
-  """`[fn(item) for item in items]` in as many threads as this process has CPUs: for `fn` that
+def side_by_side(calls) -> list:
+  """`[call() for call in calls]` in as many threads as this process has CPUs: for calls that
   run a command and wait for it, so that the commands run side by side (a command's start,
   mostly imports, keeps one CPU busy)."""
   with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-    return list(pool.map(fn, items))
+    return list(pool.map(lambda call: call(), calls))
 
 
 def load_config(spec: str):

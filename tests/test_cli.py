@@ -1,5 +1,6 @@
 """The command line: the quickstart job, results.json schema, resume after kill, bad input."""
 
+import functools
 import json
 import os
 import signal
@@ -15,15 +16,23 @@ from conftest import REPO, side_by_side
 QUICK = ["--config=configs/quickstart.py", "--config.train.epochs=2", "--config.log.progress=false"]
 
 
-def jaxbd(*args, workdir=None, check_rc=None):
+def start_jaxbd(*args, workdir=None, stdout=subprocess.PIPE) -> subprocess.Popen:
+  """Starts `python -m jaxbd.main ARGS [--workdir=WORKDIR]` on one CPU device (stderr piped)."""
   cmd = [sys.executable, "-m", "jaxbd.main", *args]
   if workdir is not None:
     cmd.append(f"--workdir={workdir}")
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def jaxbd(*args, workdir=None, check_rc=None) -> subprocess.CompletedProcess:
+  """Runs the CLI (see `start_jaxbd`) to its end; asserts its exit status if `check_rc`."""
+  proc = start_jaxbd(*args, workdir=workdir)
+  out, err = proc.communicate(timeout=600)
   if check_rc is not None:
-    assert proc.returncode == check_rc, proc.stderr[-3000:]
-  return proc
+    assert proc.returncode == check_rc, err[-3000:]
+  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_quickstart_writes_results_in_the_design_schema(tmp_path):
@@ -64,12 +73,9 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
           "--config.train.checkpoint_every=1", "--config.standard.train_clean=false",
           "--config.log.progress=false"]
   full, killed = tmp_path / "full", tmp_path / "killed"
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   # The uninterrupted run goes side by side with the one that is killed.
-  full_proc, proc = (
-      subprocess.Popen([sys.executable, "-m", "jaxbd.main", *args, f"--workdir={workdir}"],
-                       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       text=True) for workdir in (full, killed))
+  full_proc, proc = (start_jaxbd(*args, workdir=workdir, stdout=subprocess.DEVNULL)
+                     for workdir in (full, killed))
   ckpts = killed / "checkpoints" / "backdoored"
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -101,14 +107,12 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path):
   ends (the rerun resumes as after a kill: test_killed_run_resumes_to_the_same_parameters)."""
   args = ["--config=configs/quickstart.py", "--config.log.progress=false",
           "--config.train.epochs=400", "--config.train.checkpoint_every=1",
-          "--config.standard.train_clean=false", f"--workdir={tmp_path / 'w'}"]
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+          "--config.standard.train_clean=false"]
   # SIGINT as a terminal delivers it, also where the suite itself runs with SIGINT ignored (a
   # background job): an ignored signal stays ignored in a child, a handled one is the default.
   previous = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
-    proc = subprocess.Popen([sys.executable, "-m", "jaxbd.main", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_jaxbd(*args, workdir=tmp_path / "w", stdout=subprocess.DEVNULL)
   finally:
     signal.signal(signal.SIGINT, previous)
   ckpts = tmp_path / "w" / "checkpoints" / "backdoored"
@@ -197,7 +201,8 @@ def bad_input_runs(tmp_path_factory):
   cases.update({case: [f"--config.data.source=npz:{bad_npz(root / f'{case}.npz', case)}"]
                 for case, _ in BAD_DATASETS})
   workdirs = {case: root / f"w{case}" for case in cases}
-  procs = side_by_side(lambda case: jaxbd(*QUICK, *cases[case], workdir=workdirs[case]), cases)
+  procs = side_by_side([functools.partial(jaxbd, *QUICK, *extra, workdir=workdirs[case])
+                        for case, extra in cases.items()])
   return {case: (proc, workdirs[case]) for case, proc in zip(cases, procs)}
 
 
@@ -219,12 +224,14 @@ def test_missing_config_file_and_workdir(tmp_path):
   afile = tmp_path / "afile"
   afile.write_text("not a folder")
   cases = [
-      (("--config=configs/nope.py", tmp_path / "w"), "config file 'configs/nope.py' not found"),
-      (("--config=configs/quickstart.py:bogus", tmp_path / "w"),
+      (functools.partial(jaxbd, "--config=configs/nope.py", workdir=tmp_path / "w"),
+       "config file 'configs/nope.py' not found"),
+      (functools.partial(jaxbd, "--config=configs/quickstart.py:bogus", workdir=tmp_path / "w"),
        "config argument 'bogus' is unknown"),
-      ((*QUICK, None), "--workdir is required"),
-      ((*QUICK, afile), f"--workdir {afile} is not a writable folder")]
-  procs = side_by_side(lambda case: jaxbd(*case[0][:-1], workdir=case[0][-1]), cases)
+      (functools.partial(jaxbd, *QUICK), "--workdir is required"),
+      (functools.partial(jaxbd, *QUICK, workdir=afile),
+       f"--workdir {afile} is not a writable folder")]
+  procs = side_by_side([call for call, _ in cases])
   for proc, (_, message) in zip(procs, cases):
     assert_one_line_error(proc, message)
   assert not (tmp_path / "w").exists()

@@ -1,6 +1,7 @@
 """PyTorch interop: BackdoorBench checkpoints load into jaxbd with the same logits, and
 round-trip."""
 
+import functools
 import json
 
 import jax
@@ -167,10 +168,11 @@ def test_cli_defends_a_pytorch_trained_model(tmp_path):
           "--config.data.train_limit=500", "--config.data.test_limit=200",
           "--config.log.progress=false"]
   workdir, wrong = tmp_path / "run", tmp_path / "wrong"
-  proc, wrong_proc = side_by_side(lambda args: jaxbd(*base, *args[1:], workdir=args[0]), [
-      (workdir, "--config.defense.names=ft", "--config.defense.ft.epochs=1",
-       "--config.defense.ft.batch_size=32", "--config.defense.clean_fraction=0.1"),
-      (wrong, "--config.model.preact_resnet18.width=32")])
+  proc, wrong_proc = side_by_side([
+      functools.partial(jaxbd, *base, "--config.defense.names=ft", "--config.defense.ft.epochs=1",
+                        "--config.defense.ft.batch_size=32",
+                        "--config.defense.clean_fraction=0.1", workdir=workdir),
+      functools.partial(jaxbd, *base, "--config.model.preact_resnet18.width=32", workdir=wrong)])
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| defense ft |" in proc.stdout
   doc = json.loads((workdir / "results.json").read_text())

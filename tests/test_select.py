@@ -1,6 +1,7 @@
 """Held-out selection of a defense's hyper-parameters (`python -m jaxbd.select`): Pick your
 Poison's rule, held-out images outside the training subset, and the command line."""
 
+import functools
 import json
 import os
 import subprocess
@@ -101,8 +102,8 @@ def bad_selection_runs(tmp_path_factory):
   """[(finished process, its workdir)] of each BAD_SELECTIONS command, run side by side."""
   root = tmp_path_factory.mktemp("bad_selections")
   workdirs = [root / f"run{i}" for i in range(len(BAD_SELECTIONS))]
-  procs = side_by_side(lambda i: select_cli(workdirs[i], *BAD_SELECTIONS[i][0]),
-                       range(len(BAD_SELECTIONS)))
+  procs = side_by_side([functools.partial(select_cli, workdir, *args)
+                        for workdir, (args, _) in zip(workdirs, BAD_SELECTIONS)])
   return list(zip(procs, workdirs))
 
 
