@@ -69,6 +69,8 @@ def get_config(arg=None):
   config.defense.names = "ft"
   if a.model:
     config.model.name = a.model
+  config_lib.require(a.attack in quantization.ATTACKS, f"config argument attack={a.attack!r} "
+                     f"is not one of {list(quantization.ATTACKS)}")
   qb = config.quant_backdoor
   qb.attack = a.attack
   qb.init = a.init
@@ -81,7 +83,10 @@ def get_config(arg=None):
       qb[name].train.update(epochs=4, eval_every=0)
     config.defense.clean_fraction = 0.1
   if a.bits:
-    qb[a.attack].bits = tuple(int(b) for b in a.bits.split("/"))
+    widths = a.bits.split("/")
+    config_lib.require(all(b.isdigit() for b in widths), f"config argument bits={a.bits!r} "
+                       "is not bit widths B[/B...] (e.g. 8/4)")
+    qb[a.attack].bits = tuple(int(b) for b in widths)
   if a.two_stage:  # QB, then float repair inside the int8 cells (see the module docstring)
     qb.qb.update(lam=4.0, anchor=8.0 if config.model.name == "cnn" else 0.0)
     qb.qb.train.lr = 1e-3

@@ -156,14 +156,18 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
     A ConfigDict with every key of `spec`.
 
   Raises:
-    ConfigError: an unknown key, or a value that does not convert to the key's type.
+    ConfigError: an unknown or repeated key, or a value that does not convert to the key's type.
   """
   out = ConfigDict(dict(spec))
+  seen = set()
   for item in filter(None, (arg or "").split(",")):
     key, eq, value = item.partition("=")
     key = key.strip()
     if key not in spec:
       raise ConfigError(f"config argument {key!r} is unknown; expected one of {sorted(spec)}")
+    if key in seen:
+      raise ConfigError(f"config argument {key!r} is given twice")
+    seen.add(key)
     default = spec[key]
     if not eq:
       if not isinstance(default, bool):

@@ -1,6 +1,7 @@
 """User-facing errors.
 
-Everything a user can get wrong (a config value, a dataset file, a checkpoint) raises a subclass of
+Everything a user can get wrong (a config value, a dataset file, a checkpoint, a learning rate that
+makes training diverge) raises a subclass of
 `JaxbdError` with a message that names the problem in one line; the CLI prints that line and exits
 with status 2, without a traceback. Bugs raise ordinary exceptions and keep their traceback.
 """
@@ -27,3 +28,7 @@ class DataError(JaxbdError):
 
 class CheckpointError(JaxbdError):
   """A checkpoint or workdir is unreadable or belongs to a different run."""
+
+
+class DivergedError(JaxbdError):
+  """Training diverged: its loss is no longer finite (a learning rate too high for the run)."""

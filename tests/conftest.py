@@ -109,11 +109,13 @@ CIFAR_RUNS = {
     # (~2.5 minutes)
     "d3_cpu_run": "configs/d3.py:cpu,defenses=ft+d3,source=npz:{cifar10}",
 }
+# How the background experiments start: at low priority where `nice` exists.
+LOW_PRIORITY = ("nice", "-n", "10") if shutil.which("nice") else ()
 
 
 class BackgroundRuns:
   """Runs CIFAR_RUNS experiments one after another as CLI processes (the command a user runs, the
-  suite's 4 CPU devices) at low priority (`nice`), from a thread of the test session, so that
+  suite's 4 CPU devices) at low priority (`LOW_PRIORITY`), from a thread of the test session, so that
   their training fills the CPU time the tests leave idle (most compile programs or start
   processes, on one CPU) and slows them little."""
 
@@ -141,13 +143,13 @@ class BackgroundRuns:
           if self._stopped:
             return
           self._process = subprocess.Popen(
-              ["nice", "-n", "10", sys.executable, "-m", "jaxbd.main", f"--config={spec}",
+              [*LOW_PRIORITY, sys.executable, "-m", "jaxbd.main", f"--config={spec}",
                "--config.log.progress=false", f"--workdir={self.workdir(name)}"],
               cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         status = self._process.wait()
         self._errors[name] = f"exit status {status}" if status else None
         self._done[name].set()
-    except OSError as e:  # no `nice`, no room for the log
+    except OSError as e:  # no room for the log
       self._errors[name] = f"could not start: {e}"
     finally:  # nobody waits for ever
       for done in self._done.values():

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -139,7 +140,7 @@ def assert_one_line_error(proc, message):
 
 def bad_npz(path, case):
   """Writes a small .npz dataset at `path` with the defect `case` (corrupt, float, shape,
-  labels)."""
+  labels, empty_side)."""
   rng = np.random.default_rng(0)
   arrays = dict(x_train=rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8),
                 y_train=rng.integers(0, 3, 40),
@@ -154,6 +155,8 @@ def bad_npz(path, case):
     arrays["x_test"] = arrays["x_test"].reshape(10, 64)
   if case == "labels":
     arrays["y_test"][0] = -1
+  if case == "empty_side":
+    arrays["x_train"] = arrays["x_train"][:, :0]
   np.savez(path, **arrays)
   return path
 
@@ -168,6 +171,7 @@ BAD_CONFIGS = [
     (["--config.data.source=npz:/nonexistent/data.npz"], "file not found"),
     (["--config.data.source=imagenet"], "data.source 'imagenet' is not one of"),
     (["--config.poison.target=12"], "poison.target 12 is not a class"),
+    (["--config.model.cnn.stages=4"], "8x8 images are too small for 4 stages of 2x2 max-pooling"),
     # list values from the command line: absl keeps what does not parse as a number as a string
     (["--config.data.mean=nan", "--config.data.std=0.3"],
      "'data.mean' must be a list of finite numbers, got ('nan',)"),
@@ -188,6 +192,7 @@ BAD_DATASETS = [
     ("float", "x_train must be uint8 images in [0, 255], got dtype float64"),
     ("shape", "x_test must have shape [N, H, W] or [N, H, W, C], got [10, 64]"),
     ("labels", "y_test has labels in [-1,"),
+    ("empty_side", "x_train holds 0x8 images"),
 ]
 
 
@@ -253,9 +258,37 @@ def test_corrupt_checkpoint_and_changed_config_are_refused(tmp_path):
       jaxbd(*QUICK, "--config.standard.train_clean=false", workdir=workdir),
       "(first difference: detection.nc.score, a key its config.json lacks (written by an older "
       "jaxbd)); use a new --workdir")
+  os.remove(workdir / "config.json")
+  assert_one_line_error(
+      jaxbd(*QUICK, "--config.standard.train_clean=false", workdir=workdir),
+      "holds checkpoints but no config.json, so nothing says which config trained them")
   (workdir / "config.json").write_text(saved)
+  plan = workdir / "poison_plan.npz"
+  saved_plan = plan.read_bytes()
+  with np.load(plan) as z:  # the same config drawing other rows (e.g. a changed dataset file)
+    arrays = {k: z[k] for k in z.files}
+  arrays["indices"] = arrays["indices"] + 1
+  np.savez(plan, **arrays)
+  assert_one_line_error(
+      jaxbd(*QUICK, "--config.standard.train_clean=false", workdir=workdir),
+      "poison_plan.npz holds another poison plan than this run draws (first difference: "
+      "indices; the data or the random numbers changed)")
+  plan.write_bytes(saved_plan)
   ckpt = workdir / "checkpoints" / "backdoored" / "2"
   os.remove(workdir / "results.json")
+  # Bytes changed in the middle of the largest array file, its size kept: the arrays still
+  # decode, and the checksum saved with the checkpoint refuses them.
+  data = max((os.path.join(root, f) for root, _, files in os.walk(ckpt)
+              if os.path.basename(root) == "d" for f in files), key=os.path.getsize)
+  original = pathlib.Path(data).read_bytes()
+  flipped = bytearray(original)
+  middle = len(flipped) // 2
+  flipped[middle:middle + 64] = bytes(b ^ 0xFF for b in flipped[middle:middle + 64])
+  pathlib.Path(data).write_bytes(bytes(flipped))
+  assert_one_line_error(jaxbd(*QUICK, "--config.standard.train_clean=false", workdir=workdir),
+                        "backdoored/2 is corrupt: its arrays differ from the checksum saved with "
+                        "them")
+  pathlib.Path(data).write_bytes(original)
   # Array data cut short: every array's read fails, and the reads that orbax abandons report
   # their errors as the process ends; the error stays one line.
   for root, _, files in os.walk(ckpt):

@@ -1,7 +1,10 @@
 """The config schema: defaults validate, unknown keys and out-of-range values are refused."""
 
+import re
+
 import pytest
 
+from conftest import load_config
 from jaxbd import config as config_lib
 from jaxbd.errors import ConfigError
 
@@ -104,3 +107,15 @@ def test_parse_arg():
     config_lib.parse_arg("ratee=1", rate=0.1)
   with pytest.raises(ConfigError, match="is not a number"):
     config_lib.parse_arg("rate=abc", rate=0.1)
+  with pytest.raises(ConfigError, match="config argument 'rate' is given twice"):
+    config_lib.parse_arg("rate=0.1,rate=0.2", rate=0.1)
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("attack=foo", "config argument attack='foo' is not one of ['qb', 'quanti', "
+     "'quanti_indiscriminate']"),
+    ("bits=8/x", "config argument bits='8/x' is not bit widths B[/B...] (e.g. 8/4)"),
+])
+def test_quant_backdoor_config_arguments_are_checked(arg, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    load_config(f"configs/quant_backdoor.py:{arg}")

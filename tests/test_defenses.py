@@ -175,6 +175,10 @@ def test_pivotal_tuning_without_labels_runs_and_stays_near_the_pivot():
   assert report["steps"] == 6  # the reference's count: the second epoch of 4 steps cut at 2
   moved = pivotal_tuning.parameter_penalty(out["params"], v["params"])
   assert 0 < float(moved) < 1e-2
+  # A raw key (`jax.random.PRNGKey`) of the same seed is the same key.
+  raw, _ = pivotal_tuning.pivotal_tuning(tiny_ctx(model), v, tiny_trusted(), c,
+                                         jax.random.PRNGKey(0))
+  jax.tree.map(np.testing.assert_array_equal, raw, out)
 
 
 # PCB ------------------------------------------------------------------------------------------

@@ -142,6 +142,16 @@ def test_detection_experiment_on_a_small_population(tmp_path, capsys):
   assert doc["timing"]["vmap"] is True
   assert (tmp_path / "roc.png").stat().st_size > 1000
   assert json.loads((tmp_path / "results.json").read_text())["detection"] == doc["detection"]
+  # The record: each backdoored member's plan and trigger, the trusted rows outside every plan.
+  trusted = np.load(tmp_path / "trusted_indices.npy")
+  assert len(trusted) == 144
+  for m in members:
+    path = tmp_path / f"poison_plan_member{m['index']}.npz"
+    assert path.exists() == (m["attack"] != "none")
+    if path.exists():
+      with np.load(path) as plan:
+        assert len(plan["indices"]) == int(0.1 * 1437) and not set(trusted) & set(plan["indices"])
+        assert plan["trigger/mask"].shape == (8, 8, 1)
 
 
 def test_a_repair_that_does_not_fit_the_model_is_refused_before_training(tmp_path):

@@ -181,6 +181,7 @@ def test_cli_defends_a_pytorch_trained_model(tmp_path):
   trusted = np.load(workdir / "trusted_indices.npy")
   assert not set(trusted) & set(poisoned)
   np.testing.assert_array_equal(np.load(workdir / "poison_plan.npz")["indices"], poisoned)
+  assert doc["attack"]["plan_from"] == "checkpoint"
 
   assert_one_line_error(wrong_proc, "does not fit model 'preact_resnet18': variable "
                               "batch_stats/layer1_0/bn1/mean has shape (16,), the model expects "

@@ -11,7 +11,7 @@ import pytest
 
 from jaxbd import config as config_lib
 from jaxbd import attacks, data, poison
-from jaxbd.errors import ConfigError, DataError
+from jaxbd.errors import CheckpointError, ConfigError, DataError
 
 
 def badnets_config(**kw):
@@ -182,6 +182,35 @@ def test_plan_save_load_roundtrip(tmp_path):
   np.save(str(tmp_path / "plan.npy"), plan.indices)
   with pytest.raises(DataError, match=r"unreadable \(not a zip archive of arrays\)"):
     poison.load_plan(str(tmp_path / "plan.npy"))
+
+
+def test_a_rerun_checks_the_saved_plan_and_trigger(tmp_path):
+  """The plan file holds the trigger's arrays; `save_or_check` accepts the same plan and trigger
+  (floats to 1e-5) and refuses other rows or another trigger, naming what differs."""
+  labels = np.repeat(np.arange(5), 20)
+  plan = poison.make_plan(labels, 5, rate=0.2, target=1, seed=3)
+  trigger = poison.triggers.badnets(poison.triggers.badnets_config(), (8, 8, 3), 0)
+  path = str(tmp_path / "plan.npz")
+  plan.save_or_check(path, trigger)
+  with np.load(path) as z:
+    np.testing.assert_array_equal(z["trigger/mask"], trigger.mask)
+    np.testing.assert_array_equal(z["trigger/pattern"], trigger.pattern)
+  plan.save_or_check(path, trigger.replace(pattern=trigger.pattern * (1 + 1e-7)))
+  other = poison.make_plan(labels, 5, rate=0.2, target=1, seed=4)
+  with pytest.raises(CheckpointError, match="another poison plan .*first difference: indices"):
+    other.save_or_check(path, trigger)
+  with pytest.raises(CheckpointError, match="first difference: trigger/pattern"):
+    plan.save_or_check(path, trigger.replace(pattern=1 - trigger.pattern))
+  with pytest.raises(CheckpointError, match="first difference: trigger/mask; this run's plan "
+                     "has no trigger/mask"):
+    plan.save_or_check(path, None)  # a clean run's plan has no trigger
+  plan.save(str(tmp_path / "older.npz"))  # as written before plans held their trigger
+  with pytest.raises(CheckpointError, match="the saved plan lacks trigger/mask: an older jaxbd"):
+    plan.save_or_check(str(tmp_path / "older.npz"), trigger)
+  with open(path, "r+b") as f:
+    f.truncate(100)
+  with pytest.raises(CheckpointError, match="poison plan .* is unreadable"):
+    plan.save_or_check(path, trigger)
 
 
 def test_device_pipeline_triggers_only_planned_rows():

@@ -17,7 +17,7 @@ import pytest
 from jaxbd import config as config_lib
 from jaxbd import models, poison
 from jaxbd import train as train_lib
-from jaxbd.errors import CheckpointError
+from jaxbd.errors import CheckpointError, DivergedError
 
 from conftest import REPO, compiled_while
 
@@ -77,6 +77,37 @@ def test_fit_stops_at_max_steps_inside_the_last_epoch(tmp_path):
   assert int(state["step"]) == summary["steps"] == 5
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4, 5]
+
+
+def test_a_rerun_of_a_finished_phase_reports_the_training_time_its_checkpoint_carries(
+    tmp_path):
+  """The rerun restores the last checkpoint and trains nothing; its timing is the first run's
+  (less the final save), not the few microseconds of the rerun."""
+  state, step, arrays = small_setup(train_lib.make_mesh(1, 1))
+  run = lambda: train_lib.fit("t", state, step, arrays, epochs=2, batch_size=32,
+                              key=jax.random.key(1), progress=False, workdir=str(tmp_path))
+  _, first = run()
+  _, again = run()
+  assert again["resumed_from_epoch"] == 2 and first["resumed_from_epoch"] == 0
+  assert 0.5 * first["seconds"] < again["seconds"] <= first["seconds"], (first, again)
+  assert again["images_per_second"] == pytest.approx(6 * 32 / again["seconds"])
+
+
+def test_a_diverged_loss_stops_training_with_one_error(tmp_path):
+  """A learning rate that makes the loss NaN ends the phase at the first logged step after it,
+  with a DivergedError naming the step, and saves no checkpoint of the NaN state."""
+  state, step, arrays = small_setup(train_lib.make_mesh(1, 1))
+
+  def poisoned_step(state, arrays, perm, i, key, context):  # the loss turns NaN at step 4
+    state, metrics = step(state, arrays, perm, i, key, context)
+    nan = jnp.where(state["step"] >= 4, jnp.nan, 0.0)
+    return state, {**metrics, "loss": metrics["loss"] + nan}
+
+  with pytest.raises(DivergedError, match=r"phase 't' diverged: its loss is nan at epoch 2, "
+                     r"step 4; lower its learning rate"):
+    train_lib.fit("t", state, poisoned_step, arrays, epochs=3, batch_size=32,
+                  key=jax.random.key(1), progress=False, log_every=1, workdir=str(tmp_path))
+  assert os.listdir(tmp_path / "checkpoints" / "t") == ["1"]
 
 
 def test_a_second_phase_of_the_same_shapes_compiles_nothing(caplog):
@@ -145,6 +176,11 @@ def test_cosine_schedule_per_epoch_and_per_step():
   steps = train_lib.lr_schedule(c, steps_per_epoch=10)
   np.testing.assert_allclose([float(steps(s)) for s in (0, 10, 29, 30)],
                              [0.1, 0.01, 0.01, 0.001], rtol=1e-5)
+  # A section counting steps (Pivotal Tuning: 25 steps, epochs of 10): the cosine spans them.
+  c.update(schedule="cosine", schedule_unit="step", epochs=0, steps=25)
+  counted = train_lib.lr_schedule(c, steps_per_epoch=10)
+  np.testing.assert_allclose([float(counted(s)) for s in (0, 12.5, 25)], [0.1, 0.05, 0.0],
+                             atol=1e-7)
 
 
 THROTTLED_LOOP = """

@@ -60,6 +60,8 @@ def _images(name: str, split: str, x: np.ndarray) -> np.ndarray:
                     f"{list(x.shape)}")
   if x.shape[0] == 0:
     raise DataError(f"{name}: x_{split} is empty")
+  if min(x.shape[1:3]) == 0:
+    raise DataError(f"{name}: x_{split} holds {x.shape[1]}x{x.shape[2]} images")
   return x
 
 

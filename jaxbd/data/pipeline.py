@@ -5,8 +5,9 @@ by index, converts to f32 in [0, 1], lets a poisoning function transform the pla
 applies a random crop with zero padding and a horizontal flip. Every random choice comes from the
 step's PRNG key, so a batch is a pure function of (arrays, indices, key) and is identical on any
 number of devices. Normalization (mean/std) belongs to the model, so attacks and defenses work in
-[0, 1] pixel space. `batch_augment` is BackdoorBench's WaNet augmentation instead: one crop,
-rotation and flip drawn for the whole batch.
+[0, 1] pixel space. A triggered image stays in f32 (BackdoorBench stores its poisoned sets as
+uint8, truncating e.g. a blend by up to one grey level). `batch_augment` is BackdoorBench's WaNet
+augmentation instead: one crop, rotation and flip drawn for the whole batch.
 """
 
 from __future__ import annotations

@@ -241,7 +241,7 @@ def rate_sweep(r: common.Run, clean_variables: dict, main: dict) -> tuple[list[d
         m = sub.evaluate(clean_variables)
       else:
         phase = _rate_phase(attack, rate)
-        plan.save(os.path.join(r.workdir, f"poison_plan_{phase}.npz"))
+        plan.save_or_check(os.path.join(r.workdir, f"poison_plan_{phase}.npz"), trigger)
         _, summary = common.train_classifier(sub, phase, poisoned=True)
         m, timing[phase] = summary["eval"], common.timing_section(summary)
       rows.append({"attack": attack, "rate": rate, "num_poisoned": count, **m})

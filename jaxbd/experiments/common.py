@@ -99,8 +99,18 @@ def channel_stats(config, images: np.ndarray) -> tuple[tuple[float, ...], tuple[
 
 
 def _check_workdir(workdir: str, config_dict: dict) -> None:
+  """Refuses a workdir whose earlier run had another config, or whose config is lost.
+
+  Raises:
+    CheckpointError: config.json is unreadable or differs from `config_dict`, or is missing
+      where checkpoints are.
+  """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+      raise CheckpointError(f"--workdir {workdir} holds checkpoints but no config.json, so "
+                            "nothing says which config trained them; use a new --workdir")
     return
   try:
     with open(path) as f:
@@ -202,16 +212,18 @@ def poison_plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset, tr
 
 
 def create_workdir(run: Run) -> None:
-  """Creates the workdir with `config.json` and `poison_plan.npz` (process 0 writes).
+  """Creates the workdir with `config.json` and `poison_plan.npz` (process 0 writes; a rerun
+  checks that its plan and trigger are the saved ones).
 
   Raises:
     ConfigError: the workdir cannot be created or written (e.g. it is a file).
+    CheckpointError: the workdir's plan differs from this run's.
   """
   try:
     os.makedirs(run.workdir, exist_ok=True)
-    results.write_json(os.path.join(run.workdir, "config.json"), run.config.to_dict())
     if results.is_writer():
-      run.plan.save(os.path.join(run.workdir, "poison_plan.npz"))
+      run.plan.save_or_check(os.path.join(run.workdir, "poison_plan.npz"), run.trigger)
+    results.write_json(os.path.join(run.workdir, "config.json"), run.config.to_dict())
   except OSError as e:
     raise ConfigError(f"--workdir {run.workdir} is not a writable folder: "
                       f"{e.strerror or e}") from e
@@ -330,6 +342,13 @@ def _phase_id(phase: str) -> int:
   return zlib.crc32(phase.encode()) % (2**31 - 1)
 
 
+def save_trusted(workdir: str, trusted: defenses.Trusted) -> None:
+  """Saves the trusted set's training rows as `WORKDIR/trusted_indices.npy` (process 0)."""
+  if results.is_writer():
+    with fileio.atomic_file(os.path.join(workdir, "trusted_indices.npy"), "wb") as f:
+      np.save(f, trusted.indices)
+
+
 def run_defenses(run: Run, variables: dict, reference: dict[str, float],
                  evaluate: Optional[Callable[[dict], dict]] = None) -> dict:
   """Runs every defense of `config.defense.names` on `variables` and evaluates the results.
@@ -352,9 +371,7 @@ def run_defenses(run: Run, variables: dict, reference: dict[str, float],
   if not names:
     return {}
   trusted = run.trusted(c.defense.clean_fraction)
-  if results.is_writer():
-    with fileio.atomic_file(os.path.join(run.workdir, "trusted_indices.npy"), "wb") as f:
-      np.save(f, trusted.indices)
+  save_trusted(run.workdir, trusted)
   ctx = run.defense_context(workdir=run.workdir, evaluate=run.evaluate)
   out = {}
   for name in names:

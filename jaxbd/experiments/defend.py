@@ -4,8 +4,9 @@
 `jaxbd.interop.backdoorbench`). Its model is loaded into the jaxbd model of `config.model` (the
 architecture and width must match), evaluated with the trigger of `config.poison` (which must
 describe the attack the model was trained with), then every defense of `defense.names` runs on it
-with trusted data drawn from training rows the file does not mark as poisoned. Writes
-`results.json` (metrics.backdoored, defenses) like the standard experiment.
+with trusted data drawn from training rows the file does not mark as poisoned (a file without
+poison indices: rows the config's own plan leaves clean; `attack.plan_from` in results.json says
+which). Writes `results.json` (metrics.backdoored, defenses) like the standard experiment.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ def imported_plan(plan: plan_lib.PoisonPlan, indices, y_train: np.ndarray,
                              labels=labels)
 
 
+def plan_source(indices) -> str:
+  """Where the run's poisoned rows come from: "checkpoint" (its `bd_train` indices) or "config"
+  (the file has none: the config's own seeded plan, drawn as if jaxbd had poisoned the data)."""
+  return "config" if indices is None else "checkpoint"
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Loads, evaluates and defends the checkpoint; returns the results document."""
   from jaxbd.interop import backdoorbench  # pylint: disable=g-import-not-at-top
@@ -72,7 +79,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   metrics = {"backdoored": r.evaluate(variables)}
   defended = common.run_defenses(r, variables, metrics["backdoored"])
   doc = results.document(config, dataset=r.dataset.name, model=config.model.name,
-                         attack=standard.attack_section(config, r.plan), metrics=metrics,
+                         attack={**standard.attack_section(config, r.plan),
+                                 "plan_from": plan_source(ckpt.poison_indices)},
+                         metrics=metrics,
                          defenses=defended, source=config.defend.checkpoint)
   results.write_json(f"{workdir}/results.json", doc)
   print(report.models_table(metrics, defended))

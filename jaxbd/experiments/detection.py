@@ -13,7 +13,9 @@ trained together as one population (`jaxbd.experiments.population`): their train
 stacked on a leading model axis and one jitted step runs `jax.vmap` over it (`detection.vmap=True`,
 for accelerators); `vmap=False` trains them one after another with the same per-member step, which
 is faster on CPU (see `jaxbd.experiments.population`). The trusted set is drawn from the training
-rows no member poisoned; its size is checked against them before any member trains.
+rows no member poisoned; its size is checked against them before any member trains. Each
+backdoored member's plan and trigger are saved as `WORKDIR/poison_plan_member<index>.npz`, the
+trusted rows as `WORKDIR/trusted_indices.npy`.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def member_config(config, attack: str, seed: int):
 
 
 def build_members(r: common.Run) -> list[dict]:
-  """Every member: attack (None: clean), seed, trigger, plan labels and kinds."""
+  """Every member: attack (None: clean), seed, trigger, plan (None: clean), plan labels and
+  kinds."""
   c, ds = r.config, r.dataset
   d = c.detection
   attacks = config_lib.split_names(d.attacks)
@@ -89,14 +92,23 @@ def build_members(r: common.Run) -> list[dict]:
     attack = None if j < d.num_clean else attacks[(j - d.num_clean) % len(attacks)]
     mc = member_config(c, attack or attacks[0], seed)
     trigger = poison.make_trigger(mc, ds.image_shape)
-    if attack is None:
-      labels, kind = ds.y_train, np.zeros(len(ds.y_train), np.int8)
-    else:
-      plan = poison.plan_from_config(mc, ds.y_train, ds.num_classes, trigger)
-      labels, kind = plan.labels, plan.kind
+    plan = (None if attack is None
+            else poison.plan_from_config(mc, ds.y_train, ds.num_classes, trigger))
+    labels, kind = ((ds.y_train, np.zeros(len(ds.y_train), np.int8)) if plan is None
+                    else (plan.labels, plan.kind))
     members.append(dict(index=j, attack=attack, seed=seed, key=jax.random.key(seed),
-                        trigger=trigger, labels=labels, kind=kind))
+                        trigger=trigger, plan=plan, labels=labels, kind=kind))
   return members
+
+
+def save_plans(workdir: str, members: list[dict]) -> None:
+  """Saves each backdoored member's plan and trigger as `WORKDIR/poison_plan_member<index>.npz`
+  (process 0; a rerun checks them: `PoisonPlan.save_or_check`)."""
+  if results.is_writer():
+    for m in members:
+      if m["plan"] is not None:
+        m["plan"].save_or_check(os.path.join(workdir, f"poison_plan_member{m['index']}.npz"),
+                                m["trigger"])
 
 
 def groups(members: list[dict]) -> list[list[dict]]:
@@ -129,6 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   kind_any = np.max(np.stack([m["kind"] for m in members]), 0)
   defenses.base.trusted_pool(kind_any, c.defense.clean_fraction)  # before anything is trained
   common.create_workdir(r)
+  save_plans(r.workdir, members)
   t0 = time.perf_counter()
   variables = {}
   for g, group in enumerate(groups(members)):
@@ -140,6 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   trusted = defenses.trusted_split(ds.x_train, ds.y_train, kind_any, c.defense.clean_fraction,
                                    c.seed)
+  common.save_trusted(r.workdir, trusted)
   ctx = r.defense_context()
   repair = lambda v, t, k: defenses.DEFENSES[d.cti.repair].build(
       ctx, v, t, c.defense[d.cti.repair], k)[0]

@@ -26,7 +26,8 @@ class CNN(nn.Module):
   Attributes:
     num_classes: K.
     width: channels of the first stage (doubled per stage).
-    stages: number of conv-pool stages; the input side must be divisible by 2**stages.
+    stages: number of conv-pool stages; the input side must be at least 2**stages (each max-pool
+      halves it, rounding down).
     mean: per-channel input mean (images in [0, 1]).
     std: per-channel input std.
     dtype: compute dtype.
@@ -46,7 +47,14 @@ class CNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """x: f32[B, H, W, C] in [0, 1] -> logits f32[B, num_classes]."""
+    """x: f32[B, H, W, C] in [0, 1] -> logits f32[B, num_classes].
+
+    Raises:
+      ValueError: an image side below 2**stages (the last max-pool would leave nothing).
+    """
+    if min(x.shape[1:3]) < 2**self.stages:
+      raise ValueError(f"{x.shape[1]}x{x.shape[2]} images are too small for {self.stages} "
+                       f"stages of 2x2 max-pooling (sides of at least {2**self.stages})")
     x = common.normalize(x, self.mean, self.std, self.dtype)
     for i in range(self.stages):
       x = qlayers.QuantConv(self.width * 2**i, (3, 3), dtype=self.dtype, quant=self.quant,

@@ -1,7 +1,8 @@
 """Poison plans: which training rows are poisoned, their new labels, and the target.
 
 A plan is computed once on the host from the config's seed and saved in the workdir
-(`poison_plan.npz`), so a run can be audited and re-created exactly. Inside the jitted step the
+(`poison_plan.npz`, with the arrays of the trigger its rows get), so a run can be audited and
+re-created exactly; a rerun in the same workdir checks that it draws the same plan and trigger. Inside the jitted step the
 plan is only an int8 `kind` per example (0 clean, 1 poisoned, 2 cover) and the relabeled labels;
 `poison_fn` turns a trigger into the per-batch transform that `jaxbd.data.gather_batch` applies.
 
@@ -17,6 +18,7 @@ The number of poisoned rows is `int(rate * N)` for N training images.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import jax
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbd import fileio
-from jaxbd.errors import ConfigError, DataError
+from jaxbd.errors import CheckpointError, ConfigError, DataError, first_line
 
 CLEAN, POISONED, COVER = 0, 1, 2
 
@@ -55,11 +57,66 @@ class PoisonPlan:
     kind[self.indices] = POISONED
     return kind
 
-  def save(self, path: str) -> None:
-    """Writes the plan as .npz atomically (temp file + rename)."""
+  def records(self, trigger=None) -> dict[str, np.ndarray]:
+    """The arrays a plan file holds: target, label_mode, indices, cover_indices, labels and,
+    with a trigger, its array leaves by path (`trigger_arrays`)."""
+    arrays = dict(target=self.target, label_mode=self.label_mode, indices=self.indices,
+                  cover_indices=self.cover_indices, labels=self.labels)
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    return {**arrays, **(trigger_arrays(trigger) if trigger is not None else {})}
+
+  def save(self, path: str, trigger=None) -> None:
+    """Writes the plan, and the array leaves of the trigger its rows get, as .npz atomically
+    (temp file + rename)."""
     with fileio.atomic_file(path, "wb") as f:
-      np.savez(f, target=self.target, label_mode=self.label_mode, indices=self.indices,
-               cover_indices=self.cover_indices, labels=self.labels)
+      np.savez_compressed(f, **self.records(trigger))
+
+  def save_or_check(self, path: str, trigger=None) -> None:
+    """Saves the plan at `path` (`save`), or, where an earlier run in the same workdir saved one,
+    checks that it is this plan: a rerun resumes training on the rows and trigger the first run
+    trained on, or refuses.
+
+    Raises:
+      CheckpointError: the saved plan is unreadable or differs (the data changed, or the
+        random numbers of another JAX version), naming the first array that differs.
+    """
+    if not os.path.exists(path):
+      self.save(path, trigger)
+      return
+    try:
+      with fileio.load_npz(path) as z:
+        saved = {k: z[k] for k in z.files}
+    except fileio.NPZ_ERRORS as e:
+      raise CheckpointError(f"poison plan {path} is unreadable ({first_line(e)}); use a new "
+                            "--workdir") from None
+    now = self.records(trigger)
+    differ = [k for k in sorted(set(saved) | set(now))
+              if k not in saved or k not in now or not same_array(saved[k], now[k])]
+    if differ:
+      first = differ[0]
+      why = ("the data or the random numbers changed" if first in saved and first in now else
+             f"the saved plan lacks {first}: an older jaxbd wrote it" if first in now else
+             f"this run's plan has no {first}")
+      raise CheckpointError(f"{path} holds another poison plan than this run draws (first "
+                            f"difference: {first}; {why}); use a new --workdir")
+
+
+def trigger_arrays(trigger) -> dict[str, np.ndarray]:
+  """The array leaves of a trigger pytree by path, e.g. `{"trigger/mask": f32[H, W, 1],
+  "trigger/pattern": f32[H, W, C]}` for BadNets (static fields are the config's)."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(trigger)
+  return {"trigger/" + jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
+          for path, leaf in leaves}
+
+
+def same_array(a: np.ndarray, b: np.ndarray) -> bool:
+  """Whether two saved arrays agree: shape and dtype, integers and strings exactly, floats to
+  1e-5 (a trigger computed on another device may differ in the last bits)."""
+  if a.shape != b.shape or a.dtype != b.dtype:
+    return False
+  if np.issubdtype(a.dtype, np.floating):
+    return bool(np.allclose(a, b, rtol=1e-5, atol=1e-6))
+  return bool(np.array_equal(a, b))
 
 
 def load_plan(path: str) -> PoisonPlan:

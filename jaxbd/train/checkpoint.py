@@ -4,7 +4,8 @@
 checkpoint is the number of finished epochs. Orbax writes each checkpoint to a temporary directory
 and renames it when complete, so a killed run never leaves a half-written checkpoint behind (an old
 one that it was removing may be left half removed: the rerun finishes the removal), and a rerun of
-the same command restores the latest one and continues.
+the same command restores the latest one and continues. Each checkpoint carries a checksum of its
+arrays (`digest`), which the restore verifies.
 """
 
 from __future__ import annotations
@@ -16,12 +17,39 @@ import sys
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxbd.errors import CheckpointError, first_line
 
 
 METADATA_FILE = "_CHECKPOINT_METADATA"  # in every step folder that orbax saves
+_GOLDEN = 2654435761  # Knuth's multiplicative hash constant: position weights of `digest`
+
+
+def _leaf_digest(x: jax.Array) -> jax.Array:
+  """uint32 scalar: the sum over the elements of a leaf of any shape of their bits (as uint32)
+  times a weight from their position, mod 2^32 (exact integer arithmetic: the same on any device
+  and sharding)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype.itemsize == 4:
+    u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  elif x.dtype.itemsize == 2:
+    u = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  else:  # bool and 1-byte types
+    u = x.astype(jnp.uint32)
+  u = u.reshape(-1)
+  weights = jnp.arange(u.size, dtype=jnp.uint32) * jnp.uint32(_GOLDEN) + jnp.uint32(1)
+  return jnp.sum(u * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def digest(state: Any) -> jax.Array:
+  """uint32[L]: a checksum per leaf of a pytree of arrays, saved with each checkpoint so that a
+  restore notices bytes changed on disk that still decode (a flipped bit in a chunk)."""
+  return jnp.stack([_leaf_digest(x) for x in jax.tree.leaves(state)])
 
 
 class _AbandonedReads(logging.Filter):
@@ -105,11 +133,25 @@ class Checkpointer:
       return None
     return self._get().latest_step()
 
-  def save(self, epoch: int, state: Any) -> None:
-    """Saves `state` as epoch `epoch` and waits until it is on disk."""
+  def save(self, epoch: int, state: Any, **info: Any) -> None:
+    """Saves `state` as epoch `epoch`, with its `digest` and the JSON-able `info` (`info`), and
+    waits until it is on disk."""
     manager = self._get()
-    manager.save(epoch, args=ocp.args.StandardSave(state))
+    manager.save(epoch, args=ocp.args.StandardSave(state),
+                 custom_metadata={**info, "digest": np.asarray(digest(state)).tolist()})
     manager.wait_until_finished()
+
+  def info(self, epoch: int) -> dict:
+    """The `info` that `save` stored with epoch `epoch` ({} for a checkpoint without any).
+
+    Raises:
+      CheckpointError: the checkpoint's metadata is unreadable.
+    """
+    try:
+      return dict(self._get().metadata(epoch).custom_metadata or {})
+    except Exception as e:  # Orbax raises many types for a corrupt metadata file.
+      raise CheckpointError(f"checkpoint {self.directory}/{epoch} has unreadable metadata "
+                            f"({first_line(e)[:200]}); delete it or use a new --workdir") from None
 
   def restore(self, epoch: int, template: Any = None) -> Any:
     """Restores epoch `epoch` into the structure, dtypes and shardings of `template`.
@@ -118,7 +160,8 @@ class Checkpointer:
     process's first device, whatever the device layout it was saved from.
 
     Raises:
-      CheckpointError: the checkpoint is unreadable or does not match `template`.
+      CheckpointError: the checkpoint is unreadable, does not match `template`, or its arrays
+        differ from the digest saved with them (changed on disk).
     """
     quiet_abandoned_reads()
     try:
@@ -128,12 +171,17 @@ class Checkpointer:
                                 self._get().item_metadata(epoch))
       else:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-      return self._get().restore(epoch, args=ocp.args.StandardRestore(abstract))
+      state = self._get().restore(epoch, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # Orbax raises many types for corrupt or mismatched checkpoints.
       first = first_line(e).split("See full TensorStore details")[0].rstrip(" ;:.")
       raise CheckpointError(
           f"checkpoint {self.directory}/{epoch} is unreadable or belongs to a different model "
           f"({first[:200]}); delete it or use a new --workdir") from None
+    saved = self.info(epoch).get("digest")
+    if saved is not None and np.asarray(digest(state)).tolist() != saved:
+      raise CheckpointError(f"checkpoint {self.directory}/{epoch} is corrupt: its arrays differ "
+                            "from the checksum saved with them; delete it or use a new --workdir")
+    return state
 
   def close(self) -> None:
     """Waits for pending asynchronous saves and releases the manager."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ import tqdm
 
 from jaxbd import fileio
 from jaxbd.data.pipeline import epoch_indices
-from jaxbd.errors import CheckpointError
+from jaxbd.errors import CheckpointError, DivergedError
 from jaxbd.train.checkpoint import Checkpointer
 from jaxbd.train.mesh import Throttle
 
@@ -74,6 +75,15 @@ def _host(metrics: dict) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def check_finite(phase: str, epoch: int, step: int, metrics: dict) -> None:
+  """Raises DivergedError if the logged train loss is not finite (NaN or inf: every later step
+  and metric would be meaningless, e.g. NaN logits send every image to class 0)."""
+  loss = metrics.get("loss", 0.0)
+  if not math.isfinite(loss):
+    raise DivergedError(f"training phase {phase!r} diverged: its loss is {loss} at epoch {epoch}, "
+                        f"step {step}; lower its learning rate")
+
+
 def epoch_line(phase: str, epoch: int, epochs: int, metrics: dict, seconds: float) -> str:
   """The progress line of an epoch: the last train metrics, any evaluation, elapsed seconds."""
   shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
@@ -95,10 +105,10 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
     arrays: the training set on device (`arrays.size` examples).
     epochs: total epochs of the phase.
     batch_size: examples per step.
-    key: PRNG key of the phase (epoch permutations and per-step keys derive from it); a stack
-      of keys [M] trains a population of M models (see `jaxbd.experiments.population`): each
-      model gets its own permutations (perm int32[M, steps, B]) and step keys, the ones its own
-      key would give it alone.
+    key: PRNG key of the phase (epoch permutations and per-step keys derive from it; a typed
+      `jax.random.key` or a raw `jax.random.PRNGKey`); a stack of keys [M] trains a population
+      of M models (see `jaxbd.experiments.population`): each model gets its own permutations
+      (perm int32[M, steps, B]) and step keys, the ones its own key would give it alone.
     workdir: run directory for checkpoints and metrics.jsonl (None: neither).
     context: extra pytree passed to every step (see jaxbd.train.step).
     eval_fn: `state -> {name: float}` run every `eval_every` epochs and after the last.
@@ -111,23 +121,27 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
       steps (Pivotal Tuning); `epochs` must cover them.
 
   Returns:
-    (final state, summary) where summary has epochs, steps, seconds, images_per_second and the
-    last evaluation.
+    (final state, summary) where summary has epochs, steps, seconds (training time of the
+    phase, summed over the runs that resumed it: the checkpoints carry it), images_per_second
+    (steps * batch_size / seconds) and the last evaluation.
 
   Raises:
     CheckpointError: an existing checkpoint is unreadable or from a longer run.
+    DivergedError: the train loss became NaN or inf (checked where it is logged).
   """
   log = MetricsLog(workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", phase)) if workdir else None
-  start = 0
+  start, earlier = 0, 0.0  # earlier: training seconds of the runs this one resumes
   if ckpt is not None and (latest := ckpt.latest_epoch()) is not None:
     if latest > epochs:
       raise CheckpointError(f"checkpoint of phase {phase!r} has {latest} epochs but the config "
                             f"asks for {epochs}; use a new --workdir")
     state = ckpt.restore(latest, state)
-    start = latest
+    start, earlier = latest, float(ckpt.info(latest).get("seconds", 0.0))
   log.truncate(phase, start)
   steps = -(-arrays.size // batch_size)
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)  # a raw uint32[..., 2] key (`jax.random.PRNGKey`)
   population = key.ndim > 0  # one key per model of a stacked population: per-model epochs
   keys = (jax.vmap(jax.random.split) if population else jax.random.split)(key)
   perm_key, step_key = keys[..., 0], keys[..., 1]
@@ -135,7 +149,7 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
   total = epochs * steps if max_steps is None else min(max_steps, epochs * steps)
   summary = {"epochs": epochs, "steps": total, "resumed_from_epoch": start}
   last_eval: dict = {}
-  t0, trained_steps = time.perf_counter(), 0
+  t0 = time.perf_counter()
   throttle = Throttle()
   for epoch in range(start, epochs):
     perm = epoch_permutation(perm_key, epoch, size=arrays.size, batch_size=batch_size)
@@ -146,10 +160,10 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
     for i in range(epoch_steps):
       state, metrics = jit_step(state, arrays, perm, i, step_key, context)
       throttle(metrics)  # not the state: the next step consumes (donates) it
-      trained_steps += 1
       bar.update(1)
       if (i + 1) % log_every == 0 or i + 1 == epoch_steps:
         m = _host(metrics)
+        check_finite(phase, epoch + 1, epoch * steps + i + 1, m)
         bar.set_postfix({k: f"{v:.3f}" for k, v in m.items()})
         log.write(phase=phase, epoch=epoch + 1, step=epoch * steps + i + 1, **m)
     bar.close()
@@ -163,13 +177,13 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
       print(epoch_line(phase, epoch + 1, epochs, {**m, **evaluated}, time.perf_counter() - t0),
             file=sys.stderr, flush=True)
     if ckpt is not None and (last or (checkpoint_every and (epoch + 1) % checkpoint_every == 0)):
-      ckpt.save(epoch + 1, state)
+      ckpt.save(epoch + 1, state, seconds=earlier + time.perf_counter() - t0)
   jax.block_until_ready(state)
-  seconds = time.perf_counter() - t0
+  seconds = earlier + time.perf_counter() - t0
   if ckpt is not None:
     ckpt.close()
   if eval_fn is not None and not last_eval:
     last_eval = eval_fn(state)
   summary.update(seconds=seconds, eval=last_eval,
-                 images_per_second=trained_steps * batch_size / seconds if trained_steps else 0.0)
+                 images_per_second=total * batch_size / seconds if seconds else 0.0)
   return state, summary

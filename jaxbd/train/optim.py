@@ -18,10 +18,11 @@ def lr_schedule(c: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Sch
 
   Args:
     c: a `train`-style section: lr, epochs, schedule (cosine | constant | step), schedule_unit,
-      step_epochs, warmup_epochs.
+      step_epochs, warmup_epochs; a section that counts `steps` instead of whole epochs (Pivotal
+      Tuning) spans that many.
     steps_per_epoch: optimizer steps per epoch.
   """
-  total = max(c.epochs * steps_per_epoch, 1)
+  total = max(c.get("steps") or c.epochs * steps_per_epoch, 1)
   warmup = int(c.warmup_epochs * steps_per_epoch)
   per_epoch = c.schedule_unit == "epoch"
 
