@@ -8,9 +8,11 @@ Default (SPEC section 1, the thesis code's setting): pMoE WRN-MoE (k = 10: 160/3
 4 experts, l = 16 of the 8x8 = 64 routing positions, the reference code's softmax-over-all gates)
 on full CIFAR-10, 25 epochs, SGD lr 0.1 without momentum or weight decay, constant lr, batch 128,
 no augmentation. Attack: BadPatches, one 4x4 checkerboard patch on the victim's grid (the
-bottom-right cell), all-to-one target 0, 1% of the training set. Poison-rate sweep 0.01%, 0.1%,
-1%, 2% against BadNets (the same checkerboard as a 3x3 square in the bottom-right corner, not
-grid-aligned: the comparison isolates the placement) and Blend (alpha 0.2, seeded noise).
+bottom-right cell), all-to-one target 0, 1% of the training set (drawn from the non-target
+classes, jaxbd's `poison.exclude_target` default; False draws from every class). Poison-rate
+sweep 0.01%, 0.1%, 1%, 2% against BadNets (the same checkerboard as a 3x3 square in the
+bottom-right corner, not grid-aligned: the comparison isolates the placement) and Blend (alpha
+0.2, seeded noise).
 Defense: fine-pruning on 10,000 clean training images (`defense.clean_fraction=0.2`), 10% of each
 expert's last-conv channels, then 5 epochs of fine-tuning with the training routine (SGD 0.1),
 with the prune-rate sweep. The paper reports ASR > 80% at 0.01% on pMoE, up to 100% at 2% with
