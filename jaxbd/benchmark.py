@@ -5,22 +5,34 @@ device-resident uint8 training set, trigger on the planned rows, crop + flip, no
 forward, backward, optimizer), reads its FLOPs from XLA's cost analysis and times consecutive
 steps; `train_throughput` adds a full epoch through `jaxbd.train.fit`. Achieved FLOP/s and model
 FLOPs utilization (against the device's dense peak, where known) come with the step figures.
+
+The scripts run their `main` through `run_script`, which gives them the error handling of jaxbd's
+commands, and check their flags as absl parses them (`require_positive_ints`, `require_names`,
+`require_writable`), so that a bad flag stops them before anything is measured.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
 
 from jaxbd import config as config_lib
 from jaxbd import data, models, poison
+from jaxbd import cli
 from jaxbd import train as train_lib
 from jaxbd.experiments import results
+
+# Compute dtypes the scripts measure (PEAK_FLOPS knows both).
+DTYPES = ("float32", "bfloat16")
+# The convolutional classifiers without experts; their config sections have a `width`.
+CONV_MODELS = ("cnn", "preact_resnet18", "resnet18")
 
 # Dense peak FLOP/s per device (vendor figures) for model FLOPs utilization.
 PEAK_FLOPS = {
@@ -209,3 +221,40 @@ def write_json(path: str, doc: dict, echo: bool = False) -> None:
 def write_results(path: str, rows: list[dict], **meta) -> None:
   """Writes `{**meta, "device", "jax", "date", "results": rows}` as JSON to `path` (if given)."""
   write_json(path, {**meta, "results": rows})
+
+
+def run_script(main: Callable[[], None]) -> None:
+  """Runs a script's `main()` as jaxbd's commands run (`jaxbd.cli.run`): a bad flag, an
+  unexpected argument, a jaxbd error (a config value, a data source) or a file system error is
+  one line `jaxbd: error: ...` with exit status 2; Ctrl-C is `jaxbd: interrupted`, status 130."""
+  cli.run(main, interrupted="interrupted")
+
+
+def require_positive_ints(holder: flags.FlagHolder) -> None:
+  """Makes a list flag (e.g. --batch_sizes=128,512) take only positive integers, at least one."""
+  flags.register_validator(
+      holder, lambda v: bool(v) and all(s.isdecimal() and int(s) > 0 for s in v),
+      "expected positive integers, comma-separated")
+
+
+def require_names(holder: flags.FlagHolder, choices: Iterable[str],
+                  allow_empty: bool = False) -> None:
+  """Makes a list flag take only names out of `choices`, and at least one unless `allow_empty`."""
+  choices = tuple(choices)
+  flags.register_validator(
+      holder, lambda v: (allow_empty or bool(v)) and set(v) <= set(choices),
+      f"expected {'zero' if allow_empty else 'one'} or more of {', '.join(choices)}, "
+      "comma-separated")
+
+
+def require_writable(holder: flags.FlagHolder) -> None:
+  """Makes an output file flag (e.g. --out) refuse a path that cannot be written at the end of the
+  run: a folder, or a file in a folder that does not exist or is not writable. Empty: no file."""
+
+  def ok(path: str) -> bool:
+    """Whether `path` is empty or names a file that can be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return not path or (not os.path.isdir(path) and os.path.isdir(folder) and
+                        os.access(folder, os.W_OK))
+
+  flags.register_validator(holder, ok, "not a file in a writable folder")

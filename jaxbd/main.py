@@ -19,17 +19,16 @@ results and logs; checkpoints are written by all processes together (orbax).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import sys
-from typing import Iterator
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
+from jaxbd import cli
+from jaxbd.cli import die, one_line_errors, parse_absl
 from jaxbd.config import load_file as load_config_file
-from jaxbd.errors import ConfigError, JaxbdError, first_line
+from jaxbd.errors import ConfigError, first_line
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: configs/FILE.py[:ARG].",
@@ -46,12 +45,6 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "without arguments.")
 
 _OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)(=.*)?$")
-
-
-def die(message: str) -> None:
-  """Prints one error line and exits with status 2."""
-  print(f"jaxbd: error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def config_value():
@@ -99,36 +92,6 @@ def preflight(argv: list[str]) -> None:
       raise ConfigError(f"unknown config key {match.group(1)!r} (in {arg.split('=')[0]})")
 
 
-@contextlib.contextmanager
-def one_line_errors() -> Iterator[None]:
-  """Turns jaxbd's errors and file system failures (disk full, permissions) into one error line
-  and exit status 2, and Ctrl-C into one line and status 130."""
-  try:
-    yield
-  except JaxbdError as e:
-    die(str(e))
-  except OSError as e:
-    die(f"{e.filename or 'file system'}: {e.strerror or e}")
-  except KeyboardInterrupt:
-    print("jaxbd: interrupted; rerun the same command to resume from the last checkpoint",
-          file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    # Not sys.exit: tearing the interpreter down while XLA's and orbax's threads still run can
-    # crash it (a segmentation fault instead of status 130). Checkpoints are written to a
-    # temporary name and renamed, so ending here leaves none half-written.
-    os._exit(130)
-
-
-def parse_absl(argv: list[str]) -> list[str]:
-  """absl's flag parsing with every error as one line (exit status 2)."""
-  try:
-    with one_line_errors():
-      return flags.FLAGS(argv)
-  except flags.Error as e:
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    die(lines[-1] if lines else type(e).__name__)
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flags parser of the run commands: the config checks of `preflight`, `parse_absl`."""
   with one_line_errors():
@@ -171,20 +134,16 @@ def init_distributed() -> None:
     raise ConfigError(f"cannot join the multi-process runtime: {first_line(e)}") from None
 
 
-def main(argv: list[str]) -> None:
-  """Runs the experiment of --config in --workdir; bad input exits with one line."""
-  if len(argv) > 1:
-    die(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)
-  with one_line_errors():
-    init_distributed()
-    from jaxbd import experiments  # pylint: disable=g-import-not-at-top
-    experiments.run(_CONFIG.value, _WORKDIR.value)
+def main() -> None:
+  """Runs the experiment of --config in --workdir."""
+  init_distributed()
+  from jaxbd import experiments  # pylint: disable=g-import-not-at-top
+  experiments.run(_CONFIG.value, _WORKDIR.value)
 
 
 def run() -> None:
   """Console-script entry point (`jaxbd --config=... --workdir=...`)."""
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

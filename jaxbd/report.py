@@ -16,9 +16,10 @@ status 2, and nothing is written.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
-from jaxbd import main as cli
+from jaxbd import cli
+from jaxbd.errors import ConfigError
 
 _INPUTS = flags.DEFINE_list("inputs", [], "results.json files or directories holding them.")
 _STORE = flags.DEFINE_string("store", None, "A sweep's results.sqlite.")
@@ -27,17 +28,14 @@ _REFERENCE = flags.DEFINE_string("reference", None,
                                  "Published numbers for the defense table (a JSON file).")
 
 
-def main(argv: list[str]) -> None:
+def main() -> None:
   """Writes the markdown tables and figures of --inputs into --out."""
-  if len(argv) > 1:
-    cli.die(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _OUT.value:
-    cli.die("--out is required")
+    raise ConfigError("--out is required")
   from jaxbd.experiments import report  # pylint: disable=g-import-not-at-top
-  with cli.one_line_errors():
-    path = report.write_report(_INPUTS.value, _STORE.value, _OUT.value, _REFERENCE.value)
+  path = report.write_report(_INPUTS.value, _STORE.value, _OUT.value, _REFERENCE.value)
   print(f"report: {path}")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_absl)
+  cli.run(main, interrupted="interrupted")

@@ -18,9 +18,10 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 
-from jaxbd import main as cli
+from jaxbd import cli
+from jaxbd import main as run_command
 from jaxbd import sweep
 from jaxbd.errors import ConfigError
 
@@ -30,21 +31,18 @@ _MAX_ACC_DROP = flags.DEFINE_float("max_acc_drop", 0.03,
                                    "Largest held-out ACC loss a setting may cost.")
 
 
-def main(argv: list[str]) -> None:
+def main() -> None:
   """Runs the selection; exit status 1 when no setting is eligible."""
-  if len(argv) > 1:
-    cli.die(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)
   from jaxbd.experiments import selection  # pylint: disable=g-import-not-at-top
-  with cli.one_line_errors():
-    if not _DEFENSE.value or not sweep.grid_value():
-      raise ConfigError("--defense and --grid are required")
-    config = cli.config_value()
-    doc = selection.select(config, cli.workdir_value(), _DEFENSE.value,
-                           sweep.parse_grid(sweep.grid_value(), config),
-                           heldout=_HELDOUT.value, max_acc_drop=_MAX_ACC_DROP.value)
+  if not _DEFENSE.value or not sweep.grid_value():
+    raise ConfigError("--defense and --grid are required")
+  config = run_command.config_value()
+  workdir = run_command.workdir_value()
+  doc = selection.select(config, workdir, _DEFENSE.value,
+                         sweep.parse_grid(sweep.grid_value(), config),
+                         heldout=_HELDOUT.value, max_acc_drop=_MAX_ACC_DROP.value)
   print(selection.table(doc))
-  print(f"selection: {os.path.join(cli.workdir_value(), 'selection.json')}")
+  print(f"selection: {os.path.join(workdir, 'selection.json')}")
   if doc["chosen"] is None:
     print(f"selection: no setting keeps held-out ACC within {_MAX_ACC_DROP.value} of the "
           "suspect model's", file=sys.stderr)
@@ -52,4 +50,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, flags_parser=run_command.parse_flags)

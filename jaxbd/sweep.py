@@ -47,12 +47,13 @@ import time
 import traceback
 from typing import Any, Iterator, Sequence
 
-from absl import app, flags, logging
+from absl import flags
 import ml_collections
 
 from jaxbd import config as config_lib
 from jaxbd import fileio
-from jaxbd import main as cli
+from jaxbd import cli
+from jaxbd import main as run_command
 from jaxbd.errors import ConfigError, DataError, JaxbdError, first_line
 
 _GRID = flags.DEFINE_string(
@@ -272,26 +273,22 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
   return counts
 
 
-def main(argv: list[str]) -> None:
+def main() -> None:
   """`python -m jaxbd.sweep`: the flags of `python -m jaxbd.main` plus --grid."""
-  if len(argv) > 1:
-    cli.die(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
-  with cli.one_line_errors():
-    cli.init_distributed()
-    base = cli.config_value()
-    if _GRID.value:
-      cells = parse_grid(_GRID.value, base)
-    else:
-      cells = list(config_lib.call_file(cli.config_spec(), "get_sweep"))
-    if not cells:
-      raise ConfigError("the sweep has no cells")
-    counts = run_sweep(base, cells, cli.workdir_value(), _VMAP_SEEDS.value)
+  run_command.init_distributed()
+  base, workdir = run_command.config_value(), run_command.workdir_value()
+  if _GRID.value:
+    cells = parse_grid(_GRID.value, base)
+  else:
+    cells = list(config_lib.call_file(run_command.config_spec(), "get_sweep"))
+  if not cells:
+    raise ConfigError("the sweep has no cells")
+  counts = run_sweep(base, cells, workdir, _VMAP_SEEDS.value)
   print(f"sweep: {counts['done']} run, {counts['skipped']} already done, "
-        f"{counts['failed']} failed; store: {os.path.join(cli.workdir_value(), 'results.sqlite')}")
+        f"{counts['failed']} failed; store: {os.path.join(workdir, 'results.sqlite')}")
   if counts["failed"]:
     sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, flags_parser=run_command.parse_flags)

@@ -21,24 +21,30 @@
 # bfloat16 (default float32); WORKDIR (default OUT/runs) holds the runs' checkpoints; QUICK=1 runs
 # every stage at CPU size (small shapes, the configs' `cpu` branch), to check this script without
 # an accelerator. A stage that fails or outlives its limit is reported
-# and the next one runs; the exit status is the number of failed stages.
+# and the next one runs; the exit status is the number of failed stages. Bad arguments or
+# settings stop the script before any stage runs, with one line `jaxbd: error: ...` and status 2.
 set -uo pipefail
 
-if [[ $# -lt 2 ]]; then
-  echo "usage: $0 OUT DATA [bench|compare|moe|d3:ATTACK|pyp:ATTACK ...]" >&2
+# Prints one error line and exits with status 2.
+die() {
+  echo "jaxbd: error: $*" >&2
   exit 2
-fi
+}
+
+[[ $# -ge 2 ]] || die "usage: $0 OUT DATA [bench|compare|moe|d3:ATTACK|pyp:ATTACK ...]"
 out=$1
 data=$2
 shift 2
 stages=("$@")
 [[ ${#stages[@]} -gt 0 ]] || stages=(bench compare moe d3:badnets)
-if [[ ! -f $data ]]; then
-  echo "$0: error: data file $data does not exist" >&2
-  exit 2
-fi
+[[ -f $data ]] || die "data file $data does not exist"
 limit=${LIMIT_S:-900}
 quick=${QUICK:-0}
+[[ $limit =~ ^[0-9]+$ && $limit -gt 0 ]] || die "LIMIT_S must be a positive integer, got '$limit'"
+[[ $quick == [01] ]] || die "QUICK must be 0 or 1, got '$quick'"
+[[ ${EPOCHS:-0} =~ ^[0-9]+$ ]] || die "EPOCHS must be a non-negative integer, got '$EPOCHS'"
+[[ ${DTYPE:-float32} =~ ^(float32|bfloat16|float16)$ ]] ||
+  die "DTYPE must be float32, bfloat16 or float16, got '$DTYPE'"
 
 # The words of each stage's command; QUICK=1 adds CPU-sized arguments (later flags win).
 stage_command() {
@@ -87,20 +93,23 @@ collect() {
 for stage in "${stages[@]}"; do  # every stage is known before any runs
   case $stage in
     bench | compare | moe | d3:?* | pyp:?*) ;;
-    *)
-      echo "$0: error: unknown stage $stage (bench, compare, moe, d3:ATTACK, pyp:ATTACK)" >&2
-      exit 2 ;;
+    *) die "unknown stage $stage (bench, compare, moe, d3:ATTACK, pyp:ATTACK)" ;;
   esac
 done
 
-mkdir -p "$out"
+# The absolute path of folder $1 (the setting $2), created if absent; dies unless it is writable.
+absolute_folder() {
+  if ! mkdir -p "$1" 2>/dev/null || [[ ! -w $1 ]]; then
+    die "cannot write to the folder $2=$1"
+  fi
+  cd "$1" && pwd
+}
+
 # Absolute paths, since the stages run from the repository root.
-out=$(cd "$out" && pwd)
+out=$(absolute_folder "$out" OUT) || exit 2
 data=$(cd "$(dirname "$data")" && pwd)/$(basename "$data")
-workdir=${WORKDIR:-$out/runs}
-mkdir -p "$workdir"
-workdir=$(cd "$workdir" && pwd)
-cd "$(dirname "$0")/.." || exit 2
+workdir=$(absolute_folder "${WORKDIR:-$out/runs}" WORKDIR) || exit 2
+cd "$(dirname "$0")/.." || die "cannot enter the repository folder"
 
 failed=0
 for stage in "${stages[@]}"; do

@@ -19,32 +19,34 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 import jax
 
-from jaxbd import benchmark
+from jaxbd import benchmark, models
 from jaxbd.models import routing
 
 _MODELS = flags.DEFINE_list("models", ["pmoe", "vmoe"], "MoE models to measure.")
-_WIDEN = flags.DEFINE_integer("widen", 10, "WRN-MoE widen factor k (paper: 10).")
-_VMOE_HIDDEN = flags.DEFINE_integer("vmoe_hidden", 128, "V-MoE token width.")
-_BATCH = flags.DEFINE_integer("batch_size", 128, "Images per step.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps.")
-_NUM_TRAIN = flags.DEFINE_integer("num_train", 2048, "Training images (random data).")
-_EXPERT = flags.DEFINE_integer("expert", 1, "Devices on the mesh's expert axis.")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 | bfloat16.")
+benchmark.require_names(_MODELS, models.ROUTED)
+_WIDEN = flags.DEFINE_integer("widen", 10, "WRN-MoE widen factor k (paper: 10).", lower_bound=1)
+_VMOE_HIDDEN = flags.DEFINE_integer("vmoe_hidden", 128, "V-MoE token width.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Images per step.", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps.", lower_bound=1)
+_NUM_TRAIN = flags.DEFINE_integer("num_train", 2048, "Training images (random data).",
+                                  lower_bound=1)
+_EXPERT = flags.DEFINE_integer("expert", 1, "Devices on the mesh's expert axis.", lower_bound=1)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", benchmark.DTYPES, "Compute dtype.")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
+benchmark.require_writable(_OUT)
 
 
-def main(argv):
+def main():
   """Measures each model and dispatch, prints the table, writes --out."""
-  del argv
+  configs = [benchmark.moe_config(name, impl, batch_size=_BATCH.value, widen=_WIDEN.value,
+                                  vmoe_hidden=_VMOE_HIDDEN.value, dtype=_DTYPE.value,
+                                  expert=_EXPERT.value)
+             for name in _MODELS.value for impl in routing.IMPLS]  # all checked before timing
   ds = benchmark.random_dataset(_NUM_TRAIN.value)
-  rows = [benchmark.moe_step_throughput(
-      benchmark.moe_config(name, impl, batch_size=_BATCH.value, widen=_WIDEN.value,
-                           vmoe_hidden=_VMOE_HIDDEN.value, dtype=_DTYPE.value,
-                           expert=_EXPERT.value), ds, _STEPS.value)
-          for name in _MODELS.value for impl in routing.IMPLS]
+  rows = [benchmark.moe_step_throughput(c, ds, _STEPS.value) for c in configs]
   print(f"MoE train step, batch {_BATCH.value}, {_DTYPE.value}, WRN-MoE k={_WIDEN.value}, "
         f"V-MoE width {_VMOE_HIDDEN.value}, expert axis {_EXPERT.value}, "
         f"{benchmark.device_name()}, jax {jax.__version__}")
@@ -55,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  benchmark.run_script(main)

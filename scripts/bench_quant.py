@@ -14,10 +14,9 @@ Data: CIFAR-10-shaped random uint8 images. Measured after compilation and warm-u
 
 from __future__ import annotations
 
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 
 from jaxbd import config as config_lib
@@ -26,12 +25,14 @@ from jaxbd import quant as quant_lib
 from jaxbd import train as train_lib
 from jaxbd.attacks import quantization as attacks
 
-_MODEL = flags.DEFINE_string("model", "preact_resnet18", "cnn | preact_resnet18.")
-_WIDTH = flags.DEFINE_integer("width", 64, "Model width.")
-_BATCH = flags.DEFINE_integer("batch_size", 128, "Train and inference batch size.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps / inference batches.")
-_NUM = flags.DEFINE_integer("num_images", 2048, "Random training images.")
+_MODEL = flags.DEFINE_enum("model", "preact_resnet18", benchmark.CONV_MODELS, "Model name.")
+_WIDTH = flags.DEFINE_integer("width", 64, "Model width.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Train and inference batch size.", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps / inference batches.",
+                              lower_bound=1)
+_NUM = flags.DEFINE_integer("num_images", 2048, "Random training images.", lower_bound=1)
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
+benchmark.require_writable(_OUT)
 
 
 def _timed(fn, repeats: int) -> float:
@@ -45,13 +46,13 @@ def _timed(fn, repeats: int) -> float:
   return (time.perf_counter() - t0) / repeats
 
 
-def main(argv):
+def main():
   """Measures quantized training and inference, prints the table, writes --out."""
-  del argv
   c = config_lib.defaults()
   c.model.name = _MODEL.value
   c.model[_MODEL.value].width = _WIDTH.value
   c.train.batch_size = b = _BATCH.value
+  config_lib.validate(c)
   ds = benchmark.random_dataset(_NUM.value)
   mesh = train_lib.make_mesh()
   model = models.create(c, 10, (0.5,) * 3, (0.25,) * 3)
@@ -83,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, argv=sys.argv)
+  benchmark.run_script(main)

@@ -21,16 +21,18 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
 from jaxbd import benchmark
+from jaxbd.errors import JaxbdError
 
 _CONFIG = flags.DEFINE_string("config", "configs/quickstart.py", "Config file[:arg].")
-_SEEDS = flags.DEFINE_integer("seeds", 4, "Cells: seeds 0..N-1.")
+_SEEDS = flags.DEFINE_integer("seeds", 4, "Cells: seeds 0..N-1.", lower_bound=1)
 _OVERRIDES = flags.DEFINE_list(
     "overrides", ["--config.standard.train_clean=false", "--config.log.progress=false"],
     "Extra sweep flags.")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
+benchmark.require_writable(_OUT)
 
 
 def run_mode(vmap: bool) -> dict:
@@ -43,6 +45,9 @@ def run_mode(vmap: bool) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    if proc.returncode == 2 and last.startswith("jaxbd: error: "):
+      raise JaxbdError(last.removeprefix("jaxbd: error: "))
     if proc.returncode:
       sys.exit(proc.stderr[-3000:])
     docs = {}
@@ -58,9 +63,8 @@ def run_mode(vmap: bool) -> dict:
   return {"wall_s": wall, "train_s": train, "metrics": {s: d["metrics"] for s, d in docs.items()}}
 
 
-def main(argv):
+def main():
   """Runs the sweep looped and vmapped, prints the comparison."""
-  del argv
   loop, vmap = run_mode(False), run_mode(True)
   diff = max(abs(loop["metrics"][s][p][k] - vmap["metrics"][s][p][k])
              for s in loop["metrics"] for p in loop["metrics"][s]
@@ -73,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  benchmark.run_script(main)

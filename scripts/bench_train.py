@@ -10,7 +10,7 @@ Data: CIFAR-10-shaped random uint8 images (N x 32 x 32 x 3, 10 classes), or a re
 BadNets trigger to the 10% planned rows, random-crops (padding 4) and flips, normalizes and runs
 forward + backward + SGD, all inside one jitted function (see jaxbd.benchmark).
 
-- step: images/s of `--steps` consecutive train steps after 3 warm-up steps (compile excluded),
+- step: images/s of `--steps` consecutive train steps after 2 warm-up steps (compile excluded),
   with achieved TFLOP/s and MFU where XLA reports FLOPs and the device's peak is known.
 - epoch: images/s of one whole epoch through `jaxbd.train.fit` (epoch permutation, all steps,
   final sync), after a warm-up epoch that compiles.
@@ -18,33 +18,36 @@ forward + backward + SGD, all inside one jitted function (see jaxbd.benchmark).
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 import jax
 
-from jaxbd import benchmark
+from jaxbd import benchmark, models
 from jaxbd import config as config_lib
 
-_MODEL = flags.DEFINE_string("model", "preact_resnet18", "Model name (see jaxbd.models).")
+_MODEL = flags.DEFINE_enum("model", "preact_resnet18", list(models.MODELS), "Model name.")
 _WIDTH = flags.DEFINE_integer("width", 64,
-                              "Width of cnn / preact_resnet18 / resnet18 (64: the papers').")
+                              "Width of cnn / preact_resnet18 / resnet18 (64: the papers').",
+                              lower_bound=1)
 _BATCHES = flags.DEFINE_list("batch_sizes", ["128", "512"], "Batch sizes to measure.")
-_STEPS = flags.DEFINE_integer("steps", 50, "Timed train steps per batch size.")
-_NUM_TRAIN = flags.DEFINE_integer("num_train", 50000, "Training images.")
+benchmark.require_positive_ints(_BATCHES)
+_STEPS = flags.DEFINE_integer("steps", 50, "Timed train steps per batch size.", lower_bound=1)
+_NUM_TRAIN = flags.DEFINE_integer("num_train", 50000, "Training images.", lower_bound=1)
 _SOURCE = flags.DEFINE_string("source", "", "A jaxbd data source instead of random data.")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 | bfloat16.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", benchmark.DTYPES, "Compute dtype.")
 _EPOCH = flags.DEFINE_bool("epoch", True, "Also time a full epoch.")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
+benchmark.require_writable(_OUT)
 
 
-def main(argv):
+def main():
   """Measures each batch size, prints the table, writes --out."""
-  del argv
   config = config_lib.defaults()
   config.model.name = _MODEL.value
   config.model.dtype = _DTYPE.value
-  if _MODEL.value in ("cnn", "preact_resnet18", "resnet18"):
+  if _MODEL.value in benchmark.CONV_MODELS:
     config.model[_MODEL.value].width = _WIDTH.value
   config.poison.name = "badnets"
+  config_lib.validate(config)
   ds = benchmark.training_data(config.data, _SOURCE.value, _NUM_TRAIN.value)
   rows = [benchmark.train_throughput(config, ds, int(b), steps=_STEPS.value, epoch=_EPOCH.value)
           for b in _BATCHES.value]
@@ -62,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  benchmark.run_script(main)

@@ -29,36 +29,45 @@ from __future__ import annotations
 import random
 import time
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 from PIL import Image, ImageOps
 import torch
 
 from jaxbd import benchmark
 from jaxbd import config as config_lib
-from jaxbd import poison
+from jaxbd import models, poison
 from jaxbd.interop import torch_models
 from jaxbd.models import common
 
+VARIANTS = ("eager", "bf16", "compile", "compile_bf16")  # see `torch_trainer`
+
 _BATCHES = flags.DEFINE_list("batch_sizes", ["128", "512"], "Batch sizes.")
-_STEPS = flags.DEFINE_integer("steps", 50, "Timed train steps on resident data.")
-_NUM_TRAIN = flags.DEFINE_integer("num_train", 50000, "Training images (one epoch).")
-_WIDTH = flags.DEFINE_integer("width", 64, "PreAct-ResNet18 width (64: the paper's).")
-_WORKERS = flags.DEFINE_integer("workers", 8, "PyTorch DataLoader worker processes.")
-_VARIANTS = flags.DEFINE_list("variants", ["eager", "bf16", "compile", "compile_bf16"],
-                              "PyTorch variants.")
+benchmark.require_positive_ints(_BATCHES)
+_STEPS = flags.DEFINE_integer("steps", 50, "Timed train steps on resident data.", lower_bound=1)
+_NUM_TRAIN = flags.DEFINE_integer("num_train", 50000, "Training images (one epoch).",
+                                  lower_bound=1)
+_WIDTH = flags.DEFINE_integer("width", 64, "PreAct-ResNet18 width (64: the paper's).",
+                              lower_bound=1)
+_WORKERS = flags.DEFINE_integer("workers", 8, "PyTorch DataLoader worker processes.",
+                                lower_bound=0)
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "PyTorch variants.")
+benchmark.require_names(_VARIANTS, VARIANTS)
 _EPOCH_VARIANTS = flags.DEFINE_list("epoch_variants", ["eager"],
                                     "PyTorch variants timed over a full epoch.")
+benchmark.require_names(_EPOCH_VARIANTS, VARIANTS, allow_empty=True)
 _SOURCE = flags.DEFINE_string("source", "", "A jaxbd data source instead of random data.")
-_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"],
-                            "Compute dtypes of the jaxbd train steps (float32, bfloat16).")
-flags.register_validator("dtypes", lambda v: bool(v) and set(v) <= {"float32", "bfloat16"},
-                         "--dtypes takes float32 and/or bfloat16, comma-separated")
+_DTYPES = flags.DEFINE_list("dtypes", list(benchmark.DTYPES),
+                            "Compute dtypes of the jaxbd train steps.")
+benchmark.require_names(_DTYPES, benchmark.DTYPES)
 _MOE_MODELS = flags.DEFINE_list("moe_models", ["pmoe", "vmoe"],
                                 "MoE models whose jaxbd train step is also measured (with MFU).")
-_MOE_WIDEN = flags.DEFINE_integer("moe_widen", 10, "WRN-MoE widen factor k (paper: 10).")
-_MOE_HIDDEN = flags.DEFINE_integer("moe_vmoe_hidden", 128, "V-MoE token width.")
+benchmark.require_names(_MOE_MODELS, models.ROUTED, allow_empty=True)
+_MOE_WIDEN = flags.DEFINE_integer("moe_widen", 10, "WRN-MoE widen factor k (paper: 10).",
+                                  lower_bound=1)
+_MOE_HIDDEN = flags.DEFINE_integer("moe_vmoe_hidden", 128, "V-MoE token width.", lower_bound=1)
 _OUT = flags.DEFINE_string("out", "", "Write all figures as JSON here.")
+benchmark.require_writable(_OUT)
 
 MEAN, STD = common.CIFAR10_MEAN, common.CIFAR10_STD
 
@@ -160,15 +169,19 @@ def torch_epoch(variant, batch, dataset, device) -> float:
   return time.perf_counter() - t0
 
 
-def main(argv):
+def main():
   """Runs PyTorch and jaxbd on the same data, prints the figures and ratios, writes --out."""
-  del argv
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   config = config_lib.defaults()
   config.model.name = "preact_resnet18"
   config.model.preact_resnet18.width = _WIDTH.value
   config.poison.name = "badnets"
   config.train.lr = 0.01
+  config_lib.validate(config)
+  batches = [int(b) for b in _BATCHES.value]
+  moe_configs = [benchmark.moe_config(name, batch_size=batch, widen=_MOE_WIDEN.value,
+                                      vmoe_hidden=_MOE_HIDDEN.value, dtype=dtype)
+                 for batch in batches for name in _MOE_MODELS.value for dtype in _DTYPES.value]
   ds = benchmark.training_data(config.data, _SOURCE.value, _NUM_TRAIN.value)
   plan = poison.make_plan(ds.y_train, ds.num_classes, rate=0.1, target=0)
   trigger = poison.make_trigger(config, ds.image_shape)
@@ -180,7 +193,7 @@ def main(argv):
                                  "cpu"),
              "torch": torch.__version__, "num_train": len(ds.x_train), "width": _WIDTH.value,
              "rows": [], "moe": []}
-  for batch in (int(b) for b in _BATCHES.value):
+  for batch in batches:
     row = {"batch_size": batch, "torch_step": {}, "torch_epoch": {}, "jax": {}}
     for variant in _VARIANTS.value:
       row["torch_step"][variant] = torch_step_throughput(variant, batch, device)
@@ -193,13 +206,7 @@ def main(argv):
     results["rows"].append(row)
     report(row)
   moe_data = benchmark.random_dataset(_NUM_TRAIN.value)
-  results["moe"] = [
-      benchmark.moe_step_throughput(
-          benchmark.moe_config(name, batch_size=batch, widen=_MOE_WIDEN.value,
-                               vmoe_hidden=_MOE_HIDDEN.value, dtype=dtype),
-          moe_data, _STEPS.value)
-      for batch in (int(b) for b in _BATCHES.value) for name in _MOE_MODELS.value
-      for dtype in _DTYPES.value]
+  results["moe"] = [benchmark.moe_step_throughput(c, moe_data, _STEPS.value) for c in moe_configs]
   if results["moe"]:
     print(f"\nMoE train step (jaxbd), WRN-MoE k={_MOE_WIDEN.value}, V-MoE width "
           f"{_MOE_HIDDEN.value}")
@@ -231,4 +238,4 @@ def report(row: dict) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  benchmark.run_script(main)

@@ -115,8 +115,8 @@ LOW_PRIORITY = ("nice", "-n", "10") if shutil.which("nice") else ()
 
 class BackgroundRuns:
   """Runs CIFAR_RUNS experiments one after another as CLI processes (the command a user runs, the
-  suite's 4 CPU devices) at low priority (`LOW_PRIORITY`), from a thread of the test session, so that
-  their training fills the CPU time the tests leave idle (most compile programs or start
+  suite's 4 CPU devices) at low priority (`LOW_PRIORITY`), from a thread of the test session, so
+  that their training fills the CPU time the tests leave idle (most compile programs or start
   processes, on one CPU) and slows them little."""
 
   def __init__(self, names: list[str], data: str):

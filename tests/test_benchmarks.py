@@ -1,5 +1,7 @@
-"""The benchmark scripts run end to end on CPU at small sizes and print their figures."""
+"""The benchmark scripts run end to end on CPU at small sizes and print their figures; bad flags
+and settings stop them with one line `jaxbd: error: ...` and exit status 2."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -7,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, side_by_side
 
 
 def script_env(**extra):
@@ -15,9 +17,15 @@ def script_env(**extra):
   return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **extra)
 
 
-def script(name, *args, timeout=600):
-  proc = subprocess.run([sys.executable, f"scripts/{name}", *args], cwd=REPO, env=script_env(),
+def run_script(name, *args, timeout=600):
+  """Runs `python scripts/NAME ARGS` from the repository; the finished process."""
+  return subprocess.run([sys.executable, f"scripts/{name}", *args], cwd=REPO, env=script_env(),
                         capture_output=True, text=True, timeout=timeout)
+
+
+def script(name, *args, timeout=600):
+  """The standard output of a successful `run_script`."""
+  proc = run_script(name, *args, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
@@ -50,9 +58,37 @@ def test_compare_pytorch_prints_ratios(tmp_path):
   assert moe["float32"]["step_tflops_per_second"] > 0  # FLOPs from XLA's cost analysis
 
 
-def checks(cwd, *args):
-  """Runs scripts/accelerator_checks.sh at CPU size (QUICK=1) from folder `cwd`."""
-  env = script_env(QUICK="1", PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+def test_bad_flags_are_one_line_errors_and_bench_population_runs(tmp_path):
+  (tmp_path / "afile").write_text("")
+  bad = [  # (script, flag, what its one error line says)
+      ("bench_train.py", "--model=foo", "flag --model=foo: value should be one of <cnn|"),
+      ("bench_train.py", f"--out={tmp_path / 'afile' / 'x.json'}", "not a file in a writable"),
+      ("bench_train.py", "--source=npz:/nonexistent.npz", "npz:/nonexistent.npz: file not found"),
+      ("bench_moe.py", "--expert=3", "'mesh.expert' (3) must divide model.pmoe.experts"),
+      ("bench_quant.py", "--batch_size=0", "flag --batch_size=0: 0 is not a positive integer"),
+      ("bench_sweep_seeds.py", "--seeds=0", "flag --seeds=0: 0 is not a positive integer"),
+  ]
+  if importlib.util.find_spec("torch"):
+    bad.append(("compare_pytorch.py", "--variants=eager,foo", "expected one or more of eager,"))
+  out = tmp_path / "population.json"
+  population, *refused = side_by_side(
+      [lambda: run_script("bench_population.py", "--models=2", "--steps=1", "--width=2",
+                          "--batch_size=8", f"--out={out}", timeout=120)] +
+      [lambda name=name, flag=flag: run_script(name, flag, timeout=120) for name, flag, _ in bad])
+  for (name, flag, message), proc in zip(bad, refused):
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (name, flag, proc.stderr[-3000:])
+    assert lines[0].startswith("jaxbd: error: ") and message in lines[0], (name, flag, lines)
+  assert population.returncode == 0, population.stderr[-3000:]
+  doc = json.loads(out.read_text())
+  assert doc["models"] == 2 and doc["vmap_images_per_s"] > 0 and doc["loop_images_per_s"] > 0
+
+
+def checks(cwd, *args, **env):
+  """Runs scripts/accelerator_checks.sh at CPU size (QUICK=1) from folder `cwd`, with the
+  environment variables `env` added."""
+  env = script_env(QUICK="1", PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+                   **env)
   return subprocess.run(["bash", str(REPO / "scripts" / "accelerator_checks.sh"), *args],
                         cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -78,8 +114,14 @@ def test_accelerator_checks_run_a_stage_and_report_a_failed_one(tmp_path):
 
 
 def test_accelerator_checks_refuse_bad_arguments(tmp_path):
-  missing = checks(tmp_path, "out", "absent.npz")
-  assert missing.returncode == 2 and "absent.npz does not exist" in missing.stderr
   (tmp_path / "data.npz").write_bytes(b"")
-  unknown = checks(tmp_path, "out", "data.npz", "train")
-  assert unknown.returncode == 2 and "unknown stage train" in unknown.stderr
+  for args, env, message in (
+      (("out", "absent.npz"), {}, "data file absent.npz does not exist"),
+      (("out", "data.npz", "train"), {}, "unknown stage train"),
+      (("data.npz", "data.npz"), {}, "cannot write to the folder OUT=data.npz"),  # a file
+      (("out", "data.npz"), {"LIMIT_S": "abc"}, "LIMIT_S must be a positive integer"),
+  ):
+    proc = checks(tmp_path, *args, **env)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"jaxbd: error: {message}"), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr  # one line
+  assert sorted(os.listdir(tmp_path)) == ["data.npz"]  # nothing was written

@@ -2,9 +2,10 @@
 
 A plan is computed once on the host from the config's seed and saved in the workdir
 (`poison_plan.npz`, with the arrays of the trigger its rows get), so a run can be audited and
-re-created exactly; a rerun in the same workdir checks that it draws the same plan and trigger. Inside the jitted step the
-plan is only an int8 `kind` per example (0 clean, 1 poisoned, 2 cover) and the relabeled labels;
-`poison_fn` turns a trigger into the per-batch transform that `jaxbd.data.gather_batch` applies.
+re-created exactly; a rerun in the same workdir checks that it draws the same plan and trigger.
+Inside the jitted step the plan is only an int8 `kind` per example (0 clean, 1 poisoned, 2 cover)
+and the relabeled labels; `poison_fn` turns a trigger into the per-batch transform that
+`jaxbd.data.gather_batch` applies.
 
 Label modes (BackdoorBench names):
 - `all2one`: poisoned rows get label `target`; rows are drawn from non-target classes unless

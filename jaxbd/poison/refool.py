@@ -23,6 +23,34 @@ reference's blending (its `max_image_size` set to the image side); the reference
 much smaller relative to the image.
 The result goes back to gamma 1/2.2 and is clipped to [0, 1]. Every image draws its reflection
 from the pool and its model's parameters from its key, in training and at test time alike.
+
+With `filter` (the default), as BackdoorBench's `refoolMixStrategyAttack`, an image tries `tries`
+blends, each with another pool image (a random order without repeats; the whole pool if it is
+smaller) and its own model and parameters, and keeps the first whose uint8 blended image, and
+transmission and reflection layers pass the reference's three checks (`passes_checks`), else the
+last one tried:
+1. mean(reflection) <= 0.8 mean(blended - reflection), where the difference of the reference's
+   uint8 arrays wraps modulo 256 (a blend pixel d levels darker than the reflection counts as
+   256 - d), replicated here;
+2. max(blended) >= 0.1 * 255;
+3. 0.70 <= SSIM(blended, transmission) <= 0.85, with the defaults of skimage's
+   `compare_ssim(multichannel=True)` on uint8 images (`ssim`).
+The layers are the reference's, each made uint8 by truncating 255 v: transmission (alpha_t
+x^2.2)^(1/2.2) in either model; ghost: reflection ((1 - alpha_t) ghost)^(1/2.2), clipped and
+raised to 1/2.2 a second time (as the reference does); out of focus: reflection (min(1, 4 (1 -
+alpha_t)) v (1 - alpha_t / 2) blur)^(1/2.2). The image returned is the blend in f32, not
+truncated. The reference composes in float32 and float64 with OpenCV's resize and blur, so a
+layer value next to a multiple of 1/255 can truncate one level apart. With `filter` off an image
+gets one blend, always kept. The reference tries the whole pool (`tries` >= `count` does that).
+Measured on 1,000 CIFAR-10 test images, the share of images no try passes (each try passes 10%
+of the time), for tries 1 / 4 / 8 / 16 / 32 / 64 / 200:
+- the default pool of 200 seeded textures: 91 / 73 / 61 / 52 / 44 / 36 / 28%;
+- 200 CIFAR-10 training images: 89 / 68 / 50 / 34 / 24 / 14 / 6%.
+Out-of-focus blends mostly stay too close to the transmission layer (SSIM > 0.85; smooth
+textures nearly always), ghost blends mostly fail check 1 (their twice-corrected reflection layer
+is bright); images no try passes are brighter than the rest (mean 0.6 against 0.45). Each try
+costs a blend and an SSIM (on 2 CPU cores, a batch of 128 32x32 images takes 12 ms without the
+filter, 0.2 s with 8 tries, 0.4 s with 16, 1.2 s with 32).
 Refool is a clean-label attack in its paper (only target-class training images are triggered;
 `poison.label_mode=clean_label`); it works as a dirty-label one too. The paper draws reflection
 images from PASCAL VOC and keeps the most effective ones after a few rounds of training; here the
@@ -40,7 +68,7 @@ of highest weight after the last round are the pool (ties go to the earlier cand
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import flax
 import jax
@@ -57,6 +85,13 @@ GHOST_WEIGHT = (0.15, 0.5)  # a = |coin - U(0.15, 0.5)|
 OVEREXPOSURE = (1.08, 1.18)  # out of focus: factor on the overexposure that is taken off the blur
 VIGNETTE_SIGMAS = 3  # the out-of-focus vignette spans this many sigmas each side of its center
 VIGNETTE_MARGIN = 10  # a side at least this much shorter than the window gets a random crop
+REFLECTION_SHARE = 0.8  # check 1: mean(reflection) <= this * mean(blended - reflection)
+MIN_BRIGHTEST = 0.1  # check 2: the blend's brightest value >= this * 255
+SSIM_RANGE = (0.70, 0.85)  # check 3: SSIM(blended, transmission) in this range
+SSIM_WINDOW = 7  # skimage's default SSIM window side (uniform)
+SSIM_K = (0.01, 0.03)  # skimage's SSIM constants K1, K2 (data range 255)
+
+Layers = tuple[jax.Array, jax.Array, jax.Array]  # (blended, transmission, reflection)
 
 
 def blur_matrix(size: int, sigma: jax.Array, radius: int) -> jax.Array:
@@ -136,6 +171,53 @@ def vignette(shape: tuple[int, int], key: jax.Array) -> jax.Array:
   return jax.lax.dynamic_slice(window, starts, shape)[..., None]
 
 
+def to_uint8(x: jax.Array) -> jax.Array:
+  """f32[...] in [0, 1] -> int32[...] floor(255 x), the reference's `np.uint8(x * 255)`."""
+  return jnp.floor(x * 255.0).astype(jnp.int32)
+
+
+def window_sums(x: jax.Array, size: int) -> jax.Array:
+  """int32[H, W, C] -> int32[H - size + 1, W - size + 1, C]: the sum of each size x size window
+  that lies inside the image (at its top-left pixel)."""
+  h, w, _ = x.shape
+  rows = sum(x[i:h - size + 1 + i] for i in range(size))
+  return sum(rows[:, j:w - size + 1 + j] for j in range(size))
+
+
+def ssim(x: jax.Array, y: jax.Array) -> jax.Array:
+  """f32[]: the mean SSIM of uint8-valued int32[H, W, C] images x and y (H, W >= SSIM_WINDOW), as
+  skimage's `compare_ssim(x, y, multichannel=True)` on uint8 images computes it: data range
+  255, a SSIM_WINDOW-sided uniform window, K1, K2 = SSIM_K, sample (co)variances (N / (N - 1),
+  N = SSIM_WINDOW^2), the map averaged over the pixels whose window lies inside the image
+  (skimage crops (SSIM_WINDOW - 1) // 2 pixels at each border) and over channels.
+
+  The window sums and n^2 times the means' products, n (n - 1) times the (co)variances are
+  exact integers, so float32 only rounds the last few operations.
+  """
+  n = SSIM_WINDOW ** 2
+  sx, sy, sxx, syy, sxy = (window_sums(a, SSIM_WINDOW) for a in (x, y, x * x, y * y, x * y))
+  c1 = n * n * (SSIM_K[0] * 255.0) ** 2
+  c2 = n * (n - 1) * (SSIM_K[1] * 255.0) ** 2
+  f32 = lambda v: v.astype(jnp.float32)
+  means = (2.0 * f32(sx * sy) + c1) / (f32(sx * sx + sy * sy) + c1)
+  spreads = ((2.0 * f32(n * sxy - sx * sy) + c2)
+             / (f32(n * sxx - sx * sx + n * syy - sy * sy) + c2))
+  return jnp.mean(means * spreads)
+
+
+def passes_checks(blended: jax.Array, transmission: jax.Array,
+                  reflection: jax.Array) -> jax.Array:
+  """bool[]: whether BackdoorBench's Refool keeps a blend, from its uint8-valued int32[H, W, C]
+  blended image, transmission and reflection layers: (1) mean(reflection) <= REFLECTION_SHARE
+  * mean(blended - reflection), the difference wrapping modulo 256 as the reference's uint8
+  arrays do; (2) max(blended) >= MIN_BRIGHTEST * 255; (3) `ssim(blended, transmission)` within
+  SSIM_RANGE (both ends included)."""
+  share = jnp.mean(reflection) <= REFLECTION_SHARE * jnp.mean((blended - reflection) % 256)
+  bright = jnp.max(blended) >= MIN_BRIGHTEST * 255.0
+  score = ssim(blended, transmission)
+  return share & bright & (score >= SSIM_RANGE[0]) & (score <= SSIM_RANGE[1])
+
+
 @flax.struct.dataclass
 class ReflectionTrigger(triggers.NoCover):
   """Adds a reflection of a random pool image to each image (module docstring).
@@ -145,23 +227,34 @@ class ReflectionTrigger(triggers.NoCover):
     ghost_rate: probability of the ghost-effect model (else out of focus).
     offsets: (min, max) ghost offset in pixels.
     sigmas: (min, max) blur sigma in pixels.
+    filter: keep the first of `tries` blends that passes BackdoorBench's checks
+      (`passes_checks`), else the last; off: one blend, always kept.
+    tries: blends an image tries with the filter, each with another pool image (at most R).
   """
 
   reflections: jax.Array
   ghost_rate: float = flax.struct.field(pytree_node=False, default=0.49)
   offsets: tuple[int, int] = flax.struct.field(pytree_node=False, default=(3, 8))
   sigmas: tuple[float, float] = flax.struct.field(pytree_node=False, default=(1.0, 5.0))
+  filter: bool = flax.struct.field(pytree_node=False, default=True)
+  tries: int = flax.struct.field(pytree_node=False, default=16)
 
-  def _ghost(self, t: jax.Array, r: jax.Array, key: jax.Array) -> jax.Array:
+  def _ghost(self, t: jax.Array, r: jax.Array, key: jax.Array) -> Layers:
+    """Linear-light f32[H, W, C] t and r -> the ghost-effect composite (linear, unclipped),
+    transmission and reflection layers (display, in [0, 1]) of the reference."""
     k_off, k_coin, k_weight, k_alpha = jax.random.split(key, 4)
     offset = jax.random.randint(k_off, (2,), self.offsets[0], self.offsets[1] + 1)
     weight = jnp.abs(jax.random.bernoulli(k_coin).astype(jnp.float32)
                      - jax.random.uniform(k_weight, (), minval=GHOST_WEIGHT[0],
                                           maxval=GHOST_WEIGHT[1]))
     alpha = jax.random.uniform(k_alpha, (), minval=TRANSMISSION[0], maxval=TRANSMISSION[1])
-    return (1.0 - alpha) * ghost(r, offset, weight) + alpha * t
+    mask = (1.0 - alpha) * ghost(r, offset, weight)
+    reflection = jnp.clip(mask ** (1.0 / GAMMA), 0.0, 1.0) ** (1.0 / GAMMA)  # twice, as there
+    return mask + alpha * t, (alpha * t) ** (1.0 / GAMMA), reflection
 
-  def _out_of_focus(self, t: jax.Array, r: jax.Array, key: jax.Array) -> jax.Array:
+  def _out_of_focus(self, t: jax.Array, r: jax.Array, key: jax.Array) -> Layers:
+    """Linear-light f32[H, W, C] t and r -> the out-of-focus composite (linear, unclipped),
+    transmission and reflection layers (display, in [0, 1]) of the reference."""
     k_sigma, k_att, k_corner, k_alpha = jax.random.split(key, 4)
     h, w, _ = t.shape
     sigma = jax.random.uniform(k_sigma, (), minval=self.sigmas[0], maxval=self.sigmas[1])
@@ -172,16 +265,45 @@ class ReflectionTrigger(triggers.NoCover):
     factor = jax.random.uniform(k_att, (), minval=OVEREXPOSURE[0], maxval=OVEREXPOSURE[1])
     blurred = jnp.clip(blurred - (mean - 1.0) * factor, 0.0, 1.0)
     alpha = jax.random.uniform(k_alpha, (), minval=TRANSMISSION[0], maxval=TRANSMISSION[1])
-    return vignette((h, w), k_corner) * (1.0 - alpha / 2.0) * blurred + alpha * t
+    mask = vignette((h, w), k_corner) * (1.0 - alpha / 2.0) * blurred
+    reflection = (jnp.minimum(1.0, 4.0 * (1.0 - alpha)) * mask) ** (1.0 / GAMMA)
+    return mask + alpha * t, (alpha * t) ** (1.0 / GAMMA), reflection
+
+  def _blend(self, image: jax.Array, r: jax.Array, keys: Sequence[jax.Array]) -> Layers:
+    """f32[H, W, C] image and reflection r in [0, 1], keys (model, ghost, out of focus) ->
+    (blended, transmission, reflection) f32[H, W, C] in [0, 1], of the model `keys` draw."""
+    k_model, k_ghost, k_focus = keys
+    t, r = image ** GAMMA, r ** GAMMA
+    pick = jax.random.bernoulli(k_model, self.ghost_rate)
+    out, transmission, reflection = jax.tree.map(
+        lambda a, b: jnp.where(pick, a, b), self._ghost(t, r, k_ghost),
+        self._out_of_focus(t, r, k_focus))
+    return jnp.clip(out, 0.0, 1.0) ** (1.0 / GAMMA), transmission, reflection
 
   def reflect(self, image: jax.Array, key: jax.Array) -> jax.Array:
-    """f32[H, W, C] in [0, 1] -> the image with the reflection its key draws."""
-    k_pick, k_model, k_ghost, k_focus = jax.random.split(key, 4)
+    """f32[H, W, C] in [0, 1] -> the image with the reflection its key draws (no filter)."""
+    k_pick, *keys = jax.random.split(key, 4)
     r = self.reflections[jax.random.randint(k_pick, (), 0, self.reflections.shape[0])]
-    t, r = image ** GAMMA, r ** GAMMA
-    out = jnp.where(jax.random.bernoulli(k_model, self.ghost_rate),
-                    self._ghost(t, r, k_ghost), self._out_of_focus(t, r, k_focus))
-    return jnp.clip(out, 0.0, 1.0) ** (1.0 / GAMMA)
+    return self._blend(image, r, keys)[0]
+
+  def candidates(self, image: jax.Array, key: jax.Array) -> Layers:
+    """f32[H, W, C] in [0, 1] -> the filter's (blended, transmission, reflection), each
+    f32[T, H, W, C] in [0, 1], T = min(tries, R): try i blends pool image `order[i]` of a
+    random order without repeats, its model and parameters drawn by its own key."""
+    size = self.reflections.shape[0]
+    count = min(self.tries, size)
+    k_order, k_tries = jax.random.split(key)
+    order = jax.random.permutation(k_order, size)[:count]
+    keys = jax.vmap(lambda k: jax.random.split(k, 3))(jax.random.split(k_tries, count))
+    return jax.vmap(lambda i, k: self._blend(image, self.reflections[i], k))(order, keys)
+
+  def reflect_checked(self, image: jax.Array, key: jax.Array) -> jax.Array:
+    """f32[H, W, C] in [0, 1] -> the first of its `candidates` blends that `passes_checks`
+    (on the layers made uint8), else the last."""
+    blended, transmission, reflection = self.candidates(image, key)
+    passed = jax.vmap(passes_checks)(to_uint8(blended), to_uint8(transmission),
+                                     to_uint8(reflection))
+    return blended[jnp.where(passed.any(), jnp.argmax(passed), passed.shape[0] - 1)]
 
   def __call__(self, images: jax.Array, key: Optional[jax.Array] = None,
                train: bool = False) -> jax.Array:
@@ -190,7 +312,11 @@ class ReflectionTrigger(triggers.NoCover):
     del train
     if key is None:
       raise ValueError("Refool draws a reflection per image: pass a PRNG key")
-    return jax.vmap(self.reflect)(images, jax.random.split(key, images.shape[0]))
+    if self.filter and min(images.shape[1:3]) < SSIM_WINDOW:
+      raise ValueError(f"Refool's filter needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} "
+                       f"pixels (its SSIM window), got {images.shape[1]}x{images.shape[2]}")
+    reflect = self.reflect_checked if self.filter else self.reflect
+    return jax.vmap(reflect)(images, jax.random.split(key, images.shape[0]))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -208,6 +334,8 @@ def default_config() -> ml_collections.ConfigDict:
       candidates=1000,  # candidate reflections the selection ranks (> count)
       select_epochs=1,  # epochs each selection round trains the victim
       select_images=500,  # non-target clean training images each reflection is scored on
+      filter=True,  # keep the first blend passing BackdoorBench's checks (module docstring)
+      tries=16,  # blends an image tries with the filter (each another pool image)
   ))
 
 
@@ -225,6 +353,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_range(config, "poison.refool.select_rounds", 0)
   config_lib.check_range(config, "poison.refool.select_epochs", 1)
   config_lib.check_range(config, "poison.refool.select_images", 1)
+  config_lib.check_range(config, "poison.refool.tries", 1)
   if not selects(config):
     return
   need = "poison.refool.select_rounds > 0 (reflection selection) needs"
@@ -306,7 +435,8 @@ def update_weights(weights: np.ndarray, chosen: np.ndarray, scores: np.ndarray) 
 def effectiveness(predict, variables, trigger: ReflectionTrigger, images: np.ndarray,
                   target: int) -> np.ndarray:
   """int[R]: for each reflection of the trigger's pool, how many of uint8[M, H, W, C] `images`,
-  each given that reflection (its model drawn per image), `predict` assigns to `target`."""
+  each given that reflection (its model drawn per image; the filter keeps a pool of one's only
+  blend), `predict` assigns to `target`."""
   pool = trigger.reflections
   return np.asarray([int(np.sum(predict(variables, images, trigger.replace(
       reflections=pool[j:j + 1])) == target)) for j in range(pool.shape[0])])
@@ -318,6 +448,10 @@ def build(c: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
   h, w, _ = image_shape
   config_lib.require(c.max_offset < min(h, w),
                      f"poison.refool.max_offset {c.max_offset} does not fit a {h}x{w} image")
+  config_lib.require(not c.filter or min(h, w) >= SSIM_WINDOW,
+                     f"poison.refool.filter needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} "
+                     f"pixels (its SSIM window), got {h}x{w}")
   return ReflectionTrigger(jnp.asarray(reflection_pool(c, image_shape, seed)),
                            float(c.ghost_rate), (int(c.min_offset), int(c.max_offset)),
-                           (float(c.min_sigma), float(c.max_sigma)))
+                           (float(c.min_sigma), float(c.max_sigma)), bool(c.filter),
+                           int(c.tries))

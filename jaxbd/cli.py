@@ -1,0 +1,71 @@
+"""What every jaxbd command shares: one-line errors, absl flag parsing, the entry point.
+
+This module defines no flags, so a tool or benchmark script can use it without taking on the run
+command's (`jaxbd.main`: --config, --workdir, ...). A command's bad input (a flag, a leftover
+argument, a `JaxbdError`, a file system failure) is one line `jaxbd: error: ...` and exit status
+2; Ctrl-C is one line and status 130.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Callable, Iterator
+
+from absl import app, flags, logging
+
+from jaxbd.errors import JaxbdError
+
+RESUMABLE = "interrupted; rerun the same command to resume from the last checkpoint"
+
+
+def die(message: str) -> None:
+  """Prints one error line and exits with status 2."""
+  print(f"jaxbd: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+@contextlib.contextmanager
+def one_line_errors(interrupted: str = RESUMABLE) -> Iterator[None]:
+  """Turns jaxbd's errors and file system failures (disk full, permissions) into one error line
+  and exit status 2, and Ctrl-C into the line `jaxbd: <interrupted>` and status 130."""
+  try:
+    yield
+  except JaxbdError as e:
+    die(str(e))
+  except OSError as e:
+    die(f"{e.filename or 'file system'}: {e.strerror or e}")
+  except KeyboardInterrupt:
+    print(f"jaxbd: {interrupted}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Not sys.exit: tearing the interpreter down while XLA's and orbax's threads still run can
+    # crash it (a segmentation fault instead of status 130). Checkpoints are written to a
+    # temporary name and renamed, so ending here leaves none half-written.
+    os._exit(130)
+
+
+def parse_absl(argv: list[str]) -> list[str]:
+  """absl's flag parsing with every error as one line (exit status 2)."""
+  try:
+    with one_line_errors():
+      return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    die(lines[-1] if lines else type(e).__name__)
+
+
+def run(main: Callable[[], None], *,
+        flags_parser: Callable[[list[str]], list[str]] = parse_absl,
+        interrupted: str = RESUMABLE) -> None:
+  """Runs `main()` as a jaxbd command once `flags_parser` has parsed the flags: a leftover
+  argument and every error of `one_line_errors` is one line; absl logs warnings and above."""
+
+  def entry(argv: list[str]) -> None:
+    if len(argv) > 1:
+      die(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
+    with one_line_errors(interrupted):
+      main()
+
+  app.run(entry, flags_parser=flags_parser)
