@@ -211,6 +211,14 @@ def test_a_rerun_checks_the_saved_plan_and_trigger(tmp_path):
     f.truncate(100)
   with pytest.raises(CheckpointError, match="poison plan .* is unreadable"):
     plan.save_or_check(path, trigger)
+  # A trigger with a PRNG key leaf (BadPatches' random positions) saves the key's data.
+  keyed = poison.badpatches.PatchTrigger(
+      jnp.zeros((8, 8), jnp.int32), jnp.ones((8, 8, 3)), jnp.arange(2), jax.random.key(5),
+      num_cells=4)
+  arrays = poison.plan.trigger_arrays(keyed)
+  np.testing.assert_array_equal(arrays["trigger/key"], jax.random.key_data(jax.random.key(5)))
+  plan.save_or_check(str(tmp_path / "keyed.npz"), keyed)
+  plan.save_or_check(str(tmp_path / "keyed.npz"), keyed)
 
 
 def test_device_pipeline_triggers_only_planned_rows():

@@ -104,9 +104,16 @@ class PoisonPlan:
 
 def trigger_arrays(trigger) -> dict[str, np.ndarray]:
   """The array leaves of a trigger pytree by path, e.g. `{"trigger/mask": f32[H, W, 1],
-  "trigger/pattern": f32[H, W, C]}` for BadNets (static fields are the config's)."""
+  "trigger/pattern": f32[H, W, C]}` for BadNets (static fields are the config's); a PRNG key
+  leaf (BadPatches' `key`) as its uint32 key data."""
+
+  def host(leaf) -> np.ndarray:
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    return np.asarray(leaf)
+
   leaves, _ = jax.tree_util.tree_flatten_with_path(trigger)
-  return {"trigger/" + jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
+  return {"trigger/" + jax.tree_util.keystr(path, simple=True, separator="/"): host(leaf)
           for path, leaf in leaves}
 
 
