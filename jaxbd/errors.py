@@ -1,9 +1,9 @@
 """User-facing errors.
 
 Everything a user can get wrong (a config value, a dataset file, a checkpoint, a learning rate that
-makes training diverge) raises a subclass of
-`JaxbdError` with a message that names the problem in one line; the CLI prints that line and exits
-with status 2, without a traceback. Bugs raise ordinary exceptions and keep their traceback.
+makes training diverge) raises a subclass of `JaxbdError` with a message that names the problem in
+one line; the CLI prints that line and exits with status 2, without a traceback. Bugs raise
+ordinary exceptions and keep their traceback.
 """
 
 

@@ -26,7 +26,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxbd import cli
-from jaxbd.cli import die, one_line_errors, parse_absl
 from jaxbd.config import load_file as load_config_file
 from jaxbd.errors import ConfigError, first_line
 
@@ -94,11 +93,11 @@ def preflight(argv: list[str]) -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flags parser of the run commands: the config checks of `preflight`, `parse_absl`."""
-  with one_line_errors():
+  with cli.one_line_errors():
     preflight(argv[1:])
-  rest = parse_absl(argv)
+  rest = cli.parse_absl(argv)
   if not _WORKDIR.value:
-    die("--workdir is required")
+    cli.die("--workdir is required")
   return rest
 
 

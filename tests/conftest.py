@@ -204,24 +204,19 @@ def finished_run(request, name: str) -> CifarRun:
     return CifarRun(config, runs.workdir(name), json.load(f))
 
 
-@pytest.fixture(scope="session")
-def cifar_cpu_run(request) -> CifarRun:
-  return finished_run(request, "cifar_cpu_run")
+def _finished_run_fixture(name: str):
+  """The session fixture `name`: the finished CIFAR_RUNS experiment of that name."""
+
+  @pytest.fixture(scope="session", name=name)
+  def fixture(request) -> CifarRun:
+    """A CIFAR_RUNS experiment, finished in the background (`finished_run`)."""
+    return finished_run(request, name)
+
+  return fixture
 
 
-@pytest.fixture(scope="session")
-def badpatches_cpu_run(request) -> CifarRun:
-  return finished_run(request, "badpatches_cpu_run")
-
-
-@pytest.fixture(scope="session")
-def d3_cpu_run(request) -> CifarRun:
-  return finished_run(request, "d3_cpu_run")
-
-
-@pytest.fixture(scope="session")
-def quant_cpu_run(request) -> CifarRun:
-  return finished_run(request, "quant_cpu_run")
+# One fixture per CIFAR_RUNS experiment: cifar_cpu_run, quant_cpu_run, badpatches_cpu_run, ...
+globals().update({name: _finished_run_fixture(name) for name in CIFAR_RUNS})
 
 
 def tiny_digits_config(**overrides):

@@ -92,10 +92,10 @@ def build_members(r: common.Run) -> list[dict]:
     attack = None if j < d.num_clean else attacks[(j - d.num_clean) % len(attacks)]
     mc = member_config(c, attack or attacks[0], seed)
     trigger = poison.make_trigger(mc, ds.image_shape)
-    plan = (None if attack is None
-            else poison.plan_from_config(mc, ds.y_train, ds.num_classes, trigger))
-    labels, kind = ((ds.y_train, np.zeros(len(ds.y_train), np.int8)) if plan is None
-                    else (plan.labels, plan.kind))
+    plan, labels, kind = None, ds.y_train, np.zeros(len(ds.y_train), np.int8)
+    if attack is not None:
+      plan = poison.plan_from_config(mc, ds.y_train, ds.num_classes, trigger)
+      labels, kind = plan.labels, plan.kind
     members.append(dict(index=j, attack=attack, seed=seed, key=jax.random.key(seed),
                         trigger=trigger, plan=plan, labels=labels, kind=kind))
   return members
