@@ -7,8 +7,9 @@ augmentation.
 
 Data: CIFAR-10-shaped random uint8 images (N x 32 x 32 x 3, 10 classes), or a real dataset with
 --source. Every step gathers its batch from the device-resident uint8 training set, applies the
-BadNets trigger to the 10% planned rows, random-crops (padding 4) and flips, normalizes and runs
-forward + backward + SGD, all inside one jitted function (see jaxbd.benchmark).
+trigger (`--trigger`, default BadNets) to the 10% planned rows, random-crops (padding 4) and
+flips, normalizes and runs forward + backward + SGD, all inside one jitted function (see
+jaxbd.benchmark).
 
 - step: images/s of `--steps` consecutive train steps after 2 warm-up steps (compile excluded),
   with achieved TFLOP/s and MFU where XLA reports FLOPs and the device's peak is known.
@@ -21,7 +22,7 @@ from __future__ import annotations
 from absl import flags
 import jax
 
-from jaxbd import benchmark, models
+from jaxbd import benchmark, models, poison
 from jaxbd import config as config_lib
 
 _MODEL = flags.DEFINE_enum("model", "preact_resnet18", list(models.MODELS), "Model name.")
@@ -34,6 +35,8 @@ _STEPS = flags.DEFINE_integer("steps", 50, "Timed train steps per batch size.", 
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 50000, "Training images.", lower_bound=1)
 _SOURCE = flags.DEFINE_string("source", "", "A jaxbd data source instead of random data.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", benchmark.DTYPES, "Compute dtype.")
+_TRIGGER = flags.DEFINE_enum("trigger", "badnets", sorted(set(poison.TRIGGERS) - {"badpatches"}),
+                             "Trigger of the poisoned rows (its config defaults).")
 _EPOCH = flags.DEFINE_bool("epoch", True, "Also time a full epoch.")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
 benchmark.require_writable(_OUT)
@@ -46,12 +49,13 @@ def main():
   config.model.dtype = _DTYPE.value
   if _MODEL.value in benchmark.CONV_MODELS:
     config.model[_MODEL.value].width = _WIDTH.value
-  config.poison.name = "badnets"
+  config.poison.name = _TRIGGER.value
   config_lib.validate(config)
   ds = benchmark.training_data(config.data, _SOURCE.value, _NUM_TRAIN.value)
   rows = [benchmark.train_throughput(config, ds, int(b), steps=_STEPS.value, epoch=_EPOCH.value)
           for b in _BATCHES.value]
-  print(f"{_MODEL.value} width {_WIDTH.value} {_DTYPE.value}, {len(ds.x_train)} train images, "
+  print(f"{_MODEL.value} width {_WIDTH.value} {_DTYPE.value}, {_TRIGGER.value} on 10% of "
+        f"{len(ds.x_train)} train images, "
         f"{benchmark.device_name()}, jax {jax.__version__}")
   print("| batch | step images/s | step TFLOP/s | epoch images/s | epoch seconds |")
   print("|---|---|---|---|---|")
@@ -61,7 +65,7 @@ def main():
           f"{r.get('step_tflops_per_second', nan):.3f} | "
           f"{r.get('epoch_images_per_second', nan):.1f} | {r.get('epoch_seconds', nan):.1f} |")
   benchmark.write_results(_OUT.value, rows, model=_MODEL.value, width=_WIDTH.value,
-                          dtype=_DTYPE.value, num_train=len(ds.x_train))
+                          dtype=_DTYPE.value, trigger=_TRIGGER.value, num_train=len(ds.x_train))
 
 
 if __name__ == "__main__":

@@ -392,3 +392,27 @@ def test_pcb_trains_through_the_experiment(tmp_path):
   assert whole["metrics"]["backdoored"]["asr"] > 0.9
   assert masked["metrics"]["backdoored"]["acc"] > 0.9
   assert 0.1 < masked["metrics"]["backdoored"]["asr"] < 0.6
+
+
+@pytest.mark.parametrize("name", ["wanet", "adaptive_patch", "refool"])
+def test_a_batch_poisoned_on_its_marked_rows_only_equals_the_whole_batch_path(name):
+  """`poison_fn` with `max_marked` runs the trigger on the gathered marked rows of a batch (and
+  on every row of a batch with more): the images are those of the whole-batch path, poisoned and
+  cover rows alike (WaNet and Adaptive-Patch draw covers)."""
+  trigger = poison.make_trigger(trigger_config(name), (32, 32, 3))
+  b = 32
+  x = images(b, seed=3)
+  kind = np.zeros(b, np.int8)
+  kind[[1, 6, 7, 20, 31]] = poison.POISONED
+  kind[[3, 30]] = poison.COVER
+  rows = jnp.asarray(np.random.default_rng(1).permutation(1000)[:b], jnp.int32)
+  row_key, step_key = jax.random.key(4), jax.random.key(5)
+  run = lambda bound, k: np.asarray(jax.jit(poison.poison_fn(trigger, row_key, bound))(
+      x, jnp.asarray(k), rows, step_key))
+  for k in (kind, np.where(np.arange(b) % 3 == 0, poison.POISONED, kind).astype(np.int8)):
+    whole = run(None, k)
+    assert (np.abs(whole - np.asarray(x)).max(axis=(1, 2, 3)) > 0).sum() >= 5
+    np.testing.assert_allclose(run(8, k), whole, atol=1e-6)  # 7 marked rows, then 16
+  assert poison.marked_bound(np.repeat(kind, 100), 128) == 48  # share 7/32: 28 + 4 * 4.7 + 1
+  assert poison.marked_bound(np.zeros(10, np.int8), 128) == 8
+  assert poison.marked_bound(np.ones(10, np.int8), 128) == 128

@@ -1,12 +1,13 @@
 """The D3-table, Pick-your-Poison and detection configs validate for every argument; tables."""
 
+import numpy as np
 import pytest
 
 from conftest import load_config
 from jaxbd import config as config_lib
-from jaxbd import metrics
+from jaxbd import metrics, poison
 from jaxbd.errors import ConfigError
-from jaxbd.experiments import report
+from jaxbd.experiments import report, standard
 
 
 @pytest.mark.parametrize("attack", ["badnets", "blended", "wanet", "sig"])
@@ -130,3 +131,16 @@ def test_d3_paper_reference_names_the_table_s_runs_and_its_der_follows_from_its_
         want = metrics.defense_effectiveness_rating(bd["acc"], bd["asr"], model["acc"],
                                                     model["asr"])
         assert model["der"] == pytest.approx(want, abs=1e-4)  # the paper rounds to 0.01 points
+
+
+def test_a_clean_run_records_no_poisoning_whatever_its_rate_field_holds():
+  """`configs/cifar10.py:attack=none` keeps the default rate 0.1 in its config; results.json
+  says what the run did: no trigger, rate 0, no poisoned rows."""
+  c = load_config("configs/cifar10.py:attack=none")
+  labels = np.arange(100) % 10
+  section = standard.attack_section(c, poison.plan_from_config(c, labels, 10))
+  assert section["name"] == "none" and section["poison_rate"] == 0.0
+  assert section["num_poisoned"] == 0 and "params" not in section
+  c = load_config("configs/cifar10.py")
+  section = standard.attack_section(c, poison.plan_from_config(c, labels, 10))
+  assert section["poison_rate"] == 0.1 and section["num_poisoned"] == 10

@@ -221,6 +221,21 @@ def test_a_rerun_checks_the_saved_plan_and_trigger(tmp_path):
   plan.save_or_check(str(tmp_path / "keyed.npz"), keyed)
 
 
+def test_every_process_checks_a_saved_plan_and_only_process_0_writes(tmp_path, monkeypatch):
+  """In a multi-host run the processes other than 0 write no plan, but check one that is there,
+  so that a rerun with another plan stops every process, not process 0 alone."""
+  labels = np.repeat(np.arange(5), 20)
+  plan = poison.make_plan(labels, 5, rate=0.2, target=1, seed=3)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  path = str(tmp_path / "plan.npz")
+  plan.save_or_check(path)
+  assert not os.path.exists(path)
+  plan.save(path)
+  plan.save_or_check(path)
+  with pytest.raises(CheckpointError, match="another poison plan"):
+    poison.make_plan(labels, 5, rate=0.2, target=1, seed=4).save_or_check(path)
+
+
 def test_device_pipeline_triggers_only_planned_rows():
   """gather_batch with a BadNets plan: planned rows get the patch, all other pixels untouched."""
   rng = np.random.default_rng(0)

@@ -213,7 +213,7 @@ def poison_plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset, tr
 
 def create_workdir(run: Run) -> None:
   """Creates the workdir with `config.json` and `poison_plan.npz` (process 0 writes; a rerun
-  checks that its plan and trigger are the saved ones).
+  checks, in every process, that its plan and trigger are the saved ones).
 
   Raises:
     ConfigError: the workdir cannot be created or written (e.g. it is a file).
@@ -221,8 +221,7 @@ def create_workdir(run: Run) -> None:
   """
   try:
     os.makedirs(run.workdir, exist_ok=True)
-    if results.is_writer():
-      run.plan.save_or_check(os.path.join(run.workdir, "poison_plan.npz"), run.trigger)
+    run.plan.save_or_check(os.path.join(run.workdir, "poison_plan.npz"), run.trigger)
     results.write_json(os.path.join(run.workdir, "config.json"), run.config.to_dict())
   except OSError as e:
     raise ConfigError(f"--workdir {run.workdir} is not a writable folder: "
@@ -287,7 +286,9 @@ def train_classifier(run: Run, phase: str, *, poisoned: bool,
       run.model, ds.x_train, run.plan.labels if poisoned else ds.y_train, train_config=tc,
       data_config=c.data, mesh=run.mesh, key=init_key,
       kind=run.plan.kind if poison_now else None,
-      poison_fn=poison.poison_fn(run.trigger, poison.row_key(key)) if poison_now else None)
+      poison_fn=poison.poison_fn(run.trigger, poison.row_key(key),
+                                 poison.marked_bound(run.plan.kind, tc.batch_size))
+      if poison_now else None)
   step, context = setup.step, None
   if poison_now and c.attack.name != "none":
     # fold_in(key, 0 or 1) would repeat split(key)'s init and train keys; 3 is poison.row_key's

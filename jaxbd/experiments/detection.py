@@ -104,11 +104,10 @@ def build_members(r: common.Run) -> list[dict]:
 def save_plans(workdir: str, members: list[dict]) -> None:
   """Saves each backdoored member's plan and trigger as `WORKDIR/poison_plan_member<index>.npz`
   (process 0; a rerun checks them: `PoisonPlan.save_or_check`)."""
-  if results.is_writer():
-    for m in members:
-      if m["plan"] is not None:
-        m["plan"].save_or_check(os.path.join(workdir, f"poison_plan_member{m['index']}.npz"),
-                                m["trigger"])
+  for m in members:
+    if m["plan"] is not None:
+      m["plan"].save_or_check(os.path.join(workdir, f"poison_plan_member{m['index']}.npz"),
+                              m["trigger"])
 
 
 def groups(members: list[dict]) -> list[list[dict]]:

@@ -66,16 +66,17 @@ class Population:
                         row_keys=self.row_keys[j])
 
 
-def population_step(model, tx, data_config, vmapped: bool):
+def population_step(model, tx, data_config, vmapped: bool, max_marked: Optional[int] = None):
   """The train step of a stacked population (vmapped) or of one member (`vmapped=False`).
 
   Vmapped, `perm` is int32[M, steps, B] and `key` a stack of M keys (one per member, as
   `jaxbd.train.fit` makes them from a stack of keys); the metrics are means over members.
+  `max_marked`: `jaxbd.poison.poison_fn`'s bound, for the member step (not vmapped) only.
   """
 
   def member(state, images, labels, kind, trigger, row_key, perm, i, key):
     batch_fn = functools.partial(data_lib.gather_batch,
-                                 poison_fn=poison.poison_fn(trigger, row_key),
+                                 poison_fn=poison.poison_fn(trigger, row_key, max_marked),
                                  crop_padding=data_config.crop_padding, flip=data_config.flip)
     step = train_lib.make_train_step(train_lib.classification_loss(model), tx, batch_fn)
     return step(state, data_lib.TrainArrays(images, labels, kind), perm, i, key)
@@ -127,7 +128,8 @@ def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, t
                           jnp.asarray(np.stack([m["kind"] for m in members])),
                           stack([m["trigger"] for m in members]),
                           jnp.stack([poison.row_key(m["key"]) for m in members]))
-  step = population_step(model, tx, data_config, vmapped)
+  step = population_step(model, tx, data_config, vmapped, None if vmapped else max(
+      poison.marked_bound(m["kind"], tc.batch_size) for m in members))
   fit = functools.partial(train_lib.fit, epochs=tc.epochs, batch_size=tc.batch_size,
                           workdir=workdir, log_every=log_config.every_steps,
                           progress=log_config.progress, eval_every=0,
