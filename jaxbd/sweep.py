@@ -17,8 +17,9 @@ under one `jax.vmap`-ed step (`jaxbd.experiments.population`; standard experimen
 data-poisoning attack, other cells run one by one). Each member keeps its own keys, poison plan and
 trigger, so its metrics are those of the looped cell up to floating-point reassociation in the
 batched kernels (equal on the 2-epoch digits test; within 0.013 after 2 CIFAR-10 epochs), and it
-still gets its own workdir, results.json, final checkpoint and store row. The loop is the default:
-on CPU vmap wins only where compilation dominates (short runs); see
+still gets its own workdir, results.json, final checkpoint and store row; a population whose loss
+turns NaN or inf runs its cells again one by one, so that only a cell that diverges alone fails.
+The loop is the default: on CPU vmap wins only where compilation dominates (short runs); see
 `jaxbd.experiments.population` for measured numbers and scripts/bench_sweep_seeds.py to measure a
 sweep on your device.
 
@@ -45,7 +46,7 @@ import sqlite3
 import sys
 import time
 import traceback
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import flags
 import ml_collections
@@ -54,7 +55,7 @@ from jaxbd import config as config_lib
 from jaxbd import fileio
 from jaxbd import cli
 from jaxbd import main as run_command
-from jaxbd.errors import ConfigError, DataError, JaxbdError, first_line
+from jaxbd.errors import ConfigError, DataError, DivergedError, JaxbdError, first_line
 
 _GRID = flags.DEFINE_string(
     "grid", None, "Cells as 'field=v1,v2;field2=w1,w2' (cartesian product); default: the config "
@@ -205,22 +206,40 @@ def seed_groups(cells: Sequence[tuple], vmap_seeds: bool) -> list[list[tuple]]:
   return list(groups.values())
 
 
-def _run_group(group: list[tuple], workdir: str) -> tuple[list[dict | None], str | None]:
-  """Runs one cell, or a population of cells differing in seed; (documents, error line)."""
+def _attempt(fn: Callable[[], Any], passes: tuple[type, ...] = ()) -> tuple[Any, str | None]:
+  """(fn(), None), or (None, its error line) where it raises an error other than `passes`: one
+  broken cell must not end a sweep."""
+  try:
+    return fn(), None
+  except passes:
+    raise
+  except JaxbdError as e:
+    return None, str(e)
+  except Exception as e:  # pylint: disable=broad-except
+    traceback.print_exc()
+    return None, f"{type(e).__name__}: {e}"
+
+
+def _run_group(group: list[tuple], workdir: str) -> list[tuple[dict | None, str | None]]:
+  """Runs one cell, or a population of cells differing in seed: (document, error line) per cell.
+
+  A population whose loss turns NaN or inf (one member is enough: its metrics are means over
+  members) runs its cells again one by one, so that only the cells that diverge alone fail."""
   from jaxbd import experiments  # pylint: disable=g-import-not-at-top
   from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
   configs = [config for _, _, config, _ in group]
   dirs = [cell_dir(workdir, digest) for *_, digest in group]
-  try:
-    if len(group) == 1:
-      return [experiments.run(configs[0], dirs[0])], None
+  if len(group) > 1:
     name = hashlib.sha256(" ".join(d for *_, d in group).encode()).hexdigest()[:16]
-    return standard.run_population(configs, dirs, os.path.join(workdir, "populations", name)), None
-  except JaxbdError as e:
-    return [None] * len(group), str(e)
-  except Exception as e:  # pylint: disable=broad-except  # one broken cell must not end a sweep
-    traceback.print_exc()
-    return [None] * len(group), f"{type(e).__name__}: {e}"
+    population = os.path.join(workdir, "populations", name)
+    try:
+      docs, error = _attempt(lambda: standard.run_population(configs, dirs, population),
+                             (DivergedError,))
+      return list(zip(docs or [None] * len(group), [error] * len(group)))
+    except DivergedError as e:
+      print(f"sweep: population {name} diverged ({e}); its {len(group)} cells run one by one",
+            file=sys.stderr)
+  return [_attempt(lambda c=c, d=d: experiments.run(c, d)) for c, d in zip(configs, dirs)]
 
 
 def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
@@ -260,9 +279,9 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
         print(f"sweep cell {i + 1}/{len(configs)} {digest} {json.dumps(cell)}"
               + (f" (population of {len(group)})" if len(group) > 1 else ""), file=sys.stderr)
       t0 = time.perf_counter()
-      docs, error = _run_group(group, workdir)
+      outcomes = _run_group(group, workdir)
       seconds = (time.perf_counter() - t0) / len(group)
-      for (_, cell, config, digest), doc in zip(group, docs):
+      for (_, cell, config, digest), (doc, error) in zip(group, outcomes):
         if results.is_writer():
           record(connection, digest=digest, cell=cell, config=config,
                  workdir=cell_dir(workdir, digest), doc=doc, error=error,

@@ -123,7 +123,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_cells(tmp_path):
 
 def metrics_by_cell(path):
   with sqlite3.connect(path) as db:
-    return {digest: (json.loads(cell), json.loads(m), status) for digest, cell, m, status in
+    return {digest: (json.loads(cell), m and json.loads(m), status) for digest, cell, m, status in
             db.execute("SELECT config_hash, cell, metrics, status FROM runs")}
 
 
@@ -156,6 +156,33 @@ def test_vmapped_seeds_match_looped_cells(digits_sweep, tmp_path):
   assert metrics_by_cell(tmp_path / "results.sqlite") == vmapped
   doc = json.loads((tmp_path / "cells" / lost / "results.json").read_text())
   assert doc["timing"]["backdoored"]["resumed_from_epoch"] == 2
+
+
+@pytest.mark.slow
+def test_a_diverged_population_runs_its_cells_one_by_one(digits_sweep, tmp_path, monkeypatch,
+                                                        capfd):
+  """A vmapped population whose loss turns NaN fails no cell for it: its cells run again one by
+  one and give the looped sweep's metrics, and a cell that diverges alone fails alone."""
+  from jaxbd import experiments
+  from jaxbd.errors import DivergedError
+  from jaxbd.experiments import standard
+
+  def diverge(*args):
+    raise DivergedError("training phase 'backdoored' diverged: its loss is nan")
+
+  monkeypatch.setattr(standard, "run_population", diverge)
+  cells = [c for c in digits_sweep.cells if c["poison.rate"] == 0.2]
+  run = experiments.run
+  monkeypatch.setattr(experiments, "run", lambda config, workdir: diverge() if config.seed == 1
+                      else run(config, workdir))
+  counts = sweep.run_sweep(digits_sweep.base, cells, str(tmp_path), vmap_seeds=True)
+  assert counts == {"done": 1, "skipped": 0, "failed": 1}
+  assert "diverged" in capfd.readouterr().err
+  looped = metrics_by_cell(digits_sweep.store)
+  for digest, (cell, m, status) in metrics_by_cell(tmp_path / "results.sqlite").items():
+    assert status == ("failed" if cell["seed"] == 1 else "done")
+    if status == "done":
+      assert m == looped[digest][1]
 
 
 def test_seed_groups_join_only_cells_that_differ_in_seed():
