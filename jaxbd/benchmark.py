@@ -79,7 +79,8 @@ def poisoned_setup(config: ml_collections.ConfigDict, ds: data.Dataset,
       model, ds.x_train, plan.labels, train_config=config.train, data_config=config.data,
       mesh=mesh, key=jax.random.key(0), kind=plan.kind,
       poison_fn=poison.poison_fn(trigger, poison.row_key(jax.random.key(0)),
-                                 poison.marked_bound(plan.kind, config.train.batch_size)))
+                                 poison.marked_bound(plan.kind, config.train.batch_size,
+                                                     mesh.devices.size), mesh.devices.size))
 
 
 def _flops(compiled) -> Optional[float]:

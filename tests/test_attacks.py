@@ -396,9 +396,9 @@ def test_pcb_trains_through_the_experiment(tmp_path):
 
 @pytest.mark.parametrize("name", ["wanet", "adaptive_patch", "refool"])
 def test_a_batch_poisoned_on_its_marked_rows_only_equals_the_whole_batch_path(name):
-  """`poison_fn` with `max_marked` runs the trigger on the gathered marked rows of a batch (and
-  on every row of a batch with more): the images are those of the whole-batch path, poisoned and
-  cover rows alike (WaNet and Adaptive-Patch draw covers)."""
+  """`poison_fn` with `max_marked` runs the trigger on the gathered marked rows of each shard of a
+  batch (and on every row of a batch with a shard holding more): the images are those of the
+  whole-batch path, poisoned and cover rows alike (WaNet and Adaptive-Patch draw covers)."""
   trigger = poison.make_trigger(trigger_config(name), (32, 32, 3))
   b = 32
   x = images(b, seed=3)
@@ -407,12 +407,16 @@ def test_a_batch_poisoned_on_its_marked_rows_only_equals_the_whole_batch_path(na
   kind[[3, 30]] = poison.COVER
   rows = jnp.asarray(np.random.default_rng(1).permutation(1000)[:b], jnp.int32)
   row_key, step_key = jax.random.key(4), jax.random.key(5)
-  run = lambda bound, k: np.asarray(jax.jit(poison.poison_fn(trigger, row_key, bound))(
+  run = lambda k, *bound: np.asarray(jax.jit(poison.poison_fn(trigger, row_key, *bound))(
       x, jnp.asarray(k), rows, step_key))
-  for k in (kind, np.where(np.arange(b) % 3 == 0, poison.POISONED, kind).astype(np.int8)):
-    whole = run(None, k)
+  crowded = kind.copy()  # 9 marked rows in the first half, 7 in all before
+  crowded[[10, 12, 14, 15]] = poison.POISONED
+  for k in (kind, crowded):
+    whole = run(k)
     assert (np.abs(whole - np.asarray(x)).max(axis=(1, 2, 3)) > 0).sum() >= 5
-    np.testing.assert_allclose(run(8, k), whole, atol=1e-6)  # 7 marked rows, then 16
+    for bound, shards in ((8, 1), (4, 2)):  # kind fits both, crowded neither (8 in a half)
+      np.testing.assert_allclose(run(k, bound, shards), whole, atol=1e-6)
   assert poison.marked_bound(np.repeat(kind, 100), 128) == 48  # share 7/32: 28 + 4 * 4.7 + 1
+  assert poison.marked_bound(np.repeat(kind, 100), 128, 4) == 24  # 32 rows: 7 + 4 * 2.3 + 1
   assert poison.marked_bound(np.zeros(10, np.int8), 128) == 8
   assert poison.marked_bound(np.ones(10, np.int8), 128) == 128

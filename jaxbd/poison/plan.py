@@ -216,20 +216,23 @@ def row_key(phase_key: jax.Array) -> jax.Array:
   return jax.random.fold_in(phase_key, 3)
 
 
-def marked_bound(kind: np.ndarray, batch_size: int) -> int:
-  """A `max_marked` for `poison_fn`: a bound that a batch of `batch_size` rows drawn without
-  replacement from a plan with roles int8[N] `kind` rarely exceeds in marked (poisoned or cover)
-  rows: mean + 4 standard deviations + 1, rounded up to a multiple of 8, at most `batch_size`.
+def marked_bound(kind: np.ndarray, batch_size: int, shards: int = 1) -> int:
+  """A `max_marked` for `poison_fn`: a bound that a shard of `batch_size / shards` rows drawn
+  without replacement from a plan with roles int8[N] `kind` rarely exceeds in marked (poisoned or
+  cover) rows: mean + 4 standard deviations + 1, rounded up to a multiple of 8, at most the shard.
 
   With 10% marked rows and batch 128 it is 32 (mean 12.8; a batch exceeds it with probability
-  about 3e-5, and such a batch takes the whole-batch path of `poison_fn`, same result)."""
+  about 3e-5, and such a batch takes the whole-batch path of `poison_fn`, same result); on 4
+  devices, 16 per 32-row shard."""
+  rows = batch_size // shards
   share = float(np.mean(np.asarray(kind) != CLEAN)) if len(kind) else 0.0
-  mean = batch_size * share
+  mean = rows * share
   bound = math.ceil(mean + 4 * math.sqrt(mean * (1 - share)) + 1)
-  return min(batch_size, -(-bound // 8) * 8)
+  return min(rows, -(-bound // 8) * 8)
 
 
-def poison_fn(trigger, row_key: Optional[jax.Array] = None, max_marked: Optional[int] = None):
+def poison_fn(trigger, row_key: Optional[jax.Array] = None, max_marked: Optional[int] = None,
+              shards: int = 1):
   """The batch transform of a trigger: poisoned rows get `trigger`, cover rows `trigger.cover`.
 
   A trigger's random choices in training (Adaptive-Blend's and Adaptive-Patch's kept pieces,
@@ -240,12 +243,14 @@ def poison_fn(trigger, row_key: Optional[jax.Array] = None, max_marked: Optional
   - without, anew at every step from the step's key (attacks that poison whichever rows a batch
     holds, in the loop).
 
-  With `row_key` and `max_marked`, a batch with at most `max_marked` marked (poisoned or cover)
-  rows runs the trigger on those rows only, gathered into `max_marked` slots and scattered back
-  (Refool's filter costs 0.4 s per batch of 128 on 2 CPU cores, a tenth of it on its marked rows),
-  and a batch with more runs it on every row (a `lax.cond`): the images are the same either way,
-  since each row's draw depends on its row alone. Leave it None where the function is vmapped (a
-  population): there the cond would run both branches. `marked_bound` gives a value.
+  With `row_key` and `max_marked`, the batch is cut into `shards` consecutive shards (its
+  devices' parts under data parallelism); where no shard has more than `max_marked` marked
+  (poisoned or cover) rows, each shard runs the trigger on its marked rows only, gathered into
+  `max_marked` slots and scattered back (Refool's filter costs 0.4 s per batch of 128 on 2 CPU
+  cores, a tenth of it on its marked rows), else every row of the batch runs it (a `lax.cond`):
+  the images are the same either way, since each row's draw depends on its row alone. Leave it
+  None where the function is vmapped (a population): there the cond would run both branches.
+  `marked_bound` gives a value.
 
   Returns:
     fn(images f32[B, H, W, C], kind int8[B], rows int32[B], key) -> images.
@@ -270,13 +275,17 @@ def poison_fn(trigger, row_key: Optional[jax.Array] = None, max_marked: Optional
     take = lambda x: jnp.take(x, slots, axis=0, mode="clip")
     return images.at[slots].set(by_row(take(images), take(kind), take(rows)), mode="drop")
 
+  def split(x):
+    return x.reshape(shards, x.shape[0] // shards, *x.shape[1:])
+
   def fn(images: jax.Array, kind: jax.Array, rows: jax.Array, key: jax.Array) -> jax.Array:
     if row_key is None:
       k_poison, k_cover = jax.random.split(key)
       return mix(images, kind, triggered(images, k_poison), trigger.cover(images, k_cover))
-    if max_marked is None or max_marked >= images.shape[0]:
+    if max_marked is None or max_marked >= images.shape[0] // shards:
       return by_row(images, kind, rows)
-    return jax.lax.cond(jnp.sum(kind != CLEAN) <= max_marked, marked_only, by_row,
-                        images, kind, rows)
+    fits = jnp.max(jnp.sum(split(kind) != CLEAN, axis=1)) <= max_marked
+    sharded = lambda *a: jax.vmap(marked_only)(*map(split, a)).reshape(images.shape)
+    return jax.lax.cond(fits, sharded, by_row, images, kind, rows)
 
   return fn

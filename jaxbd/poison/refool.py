@@ -50,7 +50,8 @@ Out-of-focus blends mostly stay too close to the transmission layer (SSIM > 0.85
 textures nearly always), ghost blends mostly fail check 1 (their twice-corrected reflection layer
 is bright); images no try passes are brighter than the rest (mean 0.6 against 0.45). Each try
 costs a blend and an SSIM (on 2 CPU cores, a batch of 128 32x32 images takes 12 ms without the
-filter, 0.2 s with 8 tries, 0.4 s with 16, 1.2 s with 32).
+filter, 0.2 s with 8 tries, 0.4 s with 16, 1.2 s with 32; in training only a batch's marked rows
+pay it, see `jaxbd.poison.poison_fn`).
 Refool is a clean-label attack in its paper (only target-class training images are triggered;
 `poison.label_mode=clean_label`); it works as a dirty-label one too. The paper draws reflection
 images from PASCAL VOC and keeps the most effective ones after a few rounds of training; here the
