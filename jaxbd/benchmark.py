@@ -67,20 +67,21 @@ def device_name() -> str:
   return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
 
 
-def poisoned_setup(config: ml_collections.ConfigDict, ds: data.Dataset,
-                   rate: float) -> train_lib.Setup:
+def poisoned_setup(config: ml_collections.ConfigDict, ds: data.Dataset, rate: float,
+                   marked_only: bool = True) -> train_lib.Setup:
   """The training phase of `config` (model, train, data, mesh sections) on `ds`, with
-  `int(rate * N)` rows poisoned on device by the trigger of `config.poison.name`."""
+  `int(rate * N)` rows poisoned on device by the trigger of `config.poison.name`, run on each
+  batch's marked rows as the experiments do (`marked_only`) or on every row."""
   mesh = train_lib.make_mesh(config.mesh.data, config.mesh.expert)
   model = models.create(config, ds.num_classes, (0.5,) * 3, (0.25,) * 3)
   plan = poison.make_plan(ds.y_train, ds.num_classes, rate=rate, target=0)
   trigger = poison.make_trigger(config, ds.image_shape)
+  shards = mesh.devices.size
+  bound = poison.marked_bound(plan.kind, config.train.batch_size, shards) if marked_only else None
   return train_lib.supervised_setup(
       model, ds.x_train, plan.labels, train_config=config.train, data_config=config.data,
       mesh=mesh, key=jax.random.key(0), kind=plan.kind,
-      poison_fn=poison.poison_fn(trigger, poison.row_key(jax.random.key(0)),
-                                 poison.marked_bound(plan.kind, config.train.batch_size,
-                                                     mesh.devices.size), mesh.devices.size))
+      poison_fn=poison.poison_fn(trigger, poison.row_key(jax.random.key(0)), bound, shards))
 
 
 def _flops(compiled) -> Optional[float]:
@@ -129,7 +130,8 @@ def time_steps(setup: train_lib.Setup, batch_size: int, steps: int,
 
 
 def train_throughput(config: ml_collections.ConfigDict, ds: data.Dataset, batch_size: int, *,
-                     steps: int, epoch: bool = True, poison_rate: float = 0.1) -> dict:
+                     steps: int, epoch: bool = True, poison_rate: float = 0.1,
+                     marked_only: bool = True) -> dict:
   """Images/s of the train step and of a full epoch, with poisoning and augmentation.
 
   Args:
@@ -139,13 +141,14 @@ def train_throughput(config: ml_collections.ConfigDict, ds: data.Dataset, batch_
     steps: timed steps.
     epoch: also time a full epoch through `fit` (after a warm-up epoch that compiles).
     poison_rate: fraction of rows given the trigger.
+    marked_only: run the trigger on each batch's marked rows (as experiments do), or on every row.
 
   Returns:
     batch_size, the `time_steps` figures, epoch_seconds and epoch_images_per_second.
   """
   config = config.copy_and_resolve_references()
   config.train.batch_size = batch_size
-  setup = poisoned_setup(config, ds, poison_rate)
+  setup = poisoned_setup(config, ds, poison_rate, marked_only)
   timed, state = time_steps(setup, batch_size, steps, config.model.dtype)
   out = {"batch_size": batch_size, **timed}
   if epoch:

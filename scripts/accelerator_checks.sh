@@ -6,8 +6,10 @@
 # OUT: folder for the results (created): one JSON file and one log per stage (its first line the
 # stage's command). DATA: CIFAR-10 as
 # an `npz:` source file (the encoded or the decoded layout, see jaxbd/data/sources.py). Stages run
-# in the order given (default: bench compare moe d3:badnets):
+# in the order given (default: bench trigger compare moe d3:badnets):
 #   bench       scripts/bench_train.py in bfloat16     -> OUT/train_bf16.json
+#   trigger     scripts/bench_train.py, Refool on the marked rows and on every row of a batch
+#                                                      -> OUT/train_refool.json
 #   compare     scripts/compare_pytorch.py              -> OUT/compare_pytorch.json
 #   moe         scripts/bench_moe.py in bfloat16       -> OUT/moe_bf16.json
 #   d3:ATTACK   configs/d3.py:attack=ATTACK at full scale (PreAct-ResNet18, all of CIFAR-10, the
@@ -31,12 +33,12 @@ die() {
   exit 2
 }
 
-[[ $# -ge 2 ]] || die "usage: $0 OUT DATA [bench|compare|moe|d3:ATTACK|pyp:ATTACK ...]"
+[[ $# -ge 2 ]] || die "usage: $0 OUT DATA [bench|trigger|compare|moe|d3:ATTACK|pyp:ATTACK ...]"
 out=$1
 data=$2
 shift 2
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(bench compare moe d3:badnets)
+[[ ${#stages[@]} -gt 0 ]] || stages=(bench trigger compare moe d3:badnets)
 [[ -f $data ]] || die "data file $data does not exist"
 limit=${LIMIT_S:-900}
 quick=${QUICK:-0}
@@ -52,6 +54,10 @@ stage_command() {
   case $stage in
     bench)
       echo python scripts/bench_train.py --dtype=bfloat16 --out="$out/train_bf16.json"
+      quick_args="--model=cnn --num_train=512 --batch_sizes=32 --steps=2 --width=8" ;;
+    trigger)
+      echo python scripts/bench_train.py --trigger=refool --every_row --batch_sizes=128 \
+          --noepoch --dtype=bfloat16 --out="$out/train_refool.json"
       quick_args="--model=cnn --num_train=512 --batch_sizes=32 --steps=2 --width=8" ;;
     compare)
       echo python scripts/compare_pytorch.py --out="$out/compare_pytorch.json"
@@ -92,8 +98,8 @@ collect() {
 
 for stage in "${stages[@]}"; do  # every stage is known before any runs
   case $stage in
-    bench | compare | moe | d3:?* | pyp:?*) ;;
-    *) die "unknown stage $stage (bench, compare, moe, d3:ATTACK, pyp:ATTACK)" ;;
+    bench | trigger | compare | moe | d3:?* | pyp:?*) ;;
+    *) die "unknown stage $stage (bench, trigger, compare, moe, d3:ATTACK, pyp:ATTACK)" ;;
   esac
 done
 

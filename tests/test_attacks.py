@@ -416,7 +416,7 @@ def test_a_batch_poisoned_on_its_marked_rows_only_equals_the_whole_batch_path(na
     assert (np.abs(whole - np.asarray(x)).max(axis=(1, 2, 3)) > 0).sum() >= 5
     for bound, shards in ((8, 1), (4, 2)):  # kind fits both, crowded neither (8 in a half)
       np.testing.assert_allclose(run(k, bound, shards), whole, atol=1e-6)
-  assert poison.marked_bound(np.repeat(kind, 100), 128) == 48  # share 7/32: 28 + 4 * 4.7 + 1
-  assert poison.marked_bound(np.repeat(kind, 100), 128, 4) == 24  # 32 rows: 7 + 4 * 2.3 + 1
-  assert poison.marked_bound(np.zeros(10, np.int8), 128) == 8
+  assert poison.marked_bound(np.repeat(kind, 100), 128) == 44  # share 7/32: 28 + 3 * 4.68 + 1
+  assert poison.marked_bound(np.repeat(kind, 100), 128, 4) == 16  # 32 rows: 7 + 3 * 2.34 + 1
+  assert poison.marked_bound(np.zeros(10, np.int8), 128) == 1
   assert poison.marked_bound(np.ones(10, np.int8), 128) == 128

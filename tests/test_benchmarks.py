@@ -98,12 +98,15 @@ def test_accelerator_checks_run_a_stage_and_report_a_failed_one(tmp_path):
   data = tmp_path / "data.npz"
   data.write_bytes(b"not used by the bench stage")
   # Relative paths are taken from the caller's folder, although the stages run from the repo.
-  proc = checks(tmp_path, "out", "data.npz", "bench", "d3:badnets", "pyp:sig")
-  # bench succeeds; d3 and pyp fail on the unreadable data file, are reported, and count in the
-  # status.
+  proc = checks(tmp_path, "out", "data.npz", "bench", "trigger", "d3:badnets", "pyp:sig")
+  # bench and trigger succeed; d3 and pyp fail on the unreadable data file, are reported, and
+  # count in the status.
   assert proc.returncode == 2, proc.stdout + proc.stderr
-  assert "bench: done in" in proc.stdout
+  assert "bench: done in" in proc.stdout and "trigger: done in" in proc.stdout
   assert json.loads((out / "train_bf16.json").read_text())["dtype"] == "bfloat16"
+  refool = json.loads((out / "train_refool.json").read_text())
+  assert refool["trigger"] == "refool"
+  assert refool["results"][0]["every_row_step_images_per_second"] > 0
   for stage, name, config in (("d3:badnets", "d3_badnets", "d3.py:attack=badnets"),
                                ("pyp:sig", "pyp_sig", "pick_your_poison.py:attack=sig")):
     assert f"{stage}: FAILED (exit status" in proc.stdout

@@ -219,16 +219,15 @@ def row_key(phase_key: jax.Array) -> jax.Array:
 def marked_bound(kind: np.ndarray, batch_size: int, shards: int = 1) -> int:
   """A `max_marked` for `poison_fn`: a bound that a shard of `batch_size / shards` rows drawn
   without replacement from a plan with roles int8[N] `kind` rarely exceeds in marked (poisoned or
-  cover) rows: mean + 4 standard deviations + 1, rounded up to a multiple of 8, at most the shard.
+  cover) rows: mean + 3 standard deviations + 1, rounded up, at most the shard.
 
-  With 10% marked rows and batch 128 it is 32 (mean 12.8; a batch exceeds it with probability
-  about 3e-5, and such a batch takes the whole-batch path of `poison_fn`, same result); on 4
-  devices, 16 per 32-row shard."""
+  With 10% marked rows and batch 128 it is 24 (mean 12.8; a batch exceeds it with probability
+  about 1e-3, and such a batch takes the whole-batch path of `poison_fn`); on 4
+  devices, 10 per 32-row shard."""
   rows = batch_size // shards
   share = float(np.mean(np.asarray(kind) != CLEAN)) if len(kind) else 0.0
   mean = rows * share
-  bound = math.ceil(mean + 4 * math.sqrt(mean * (1 - share)) + 1)
-  return min(rows, -(-bound // 8) * 8)
+  return min(rows, math.ceil(mean + 3 * math.sqrt(mean * (1 - share)) + 1))
 
 
 def poison_fn(trigger, row_key: Optional[jax.Array] = None, max_marked: Optional[int] = None,
@@ -248,9 +247,11 @@ def poison_fn(trigger, row_key: Optional[jax.Array] = None, max_marked: Optional
   (poisoned or cover) rows, each shard runs the trigger on its marked rows only, gathered into
   `max_marked` slots and scattered back (Refool's filter costs 0.4 s per batch of 128 on 2 CPU
   cores, a tenth of it on its marked rows), else every row of the batch runs it (a `lax.cond`):
-  the images are the same either way, since each row's draw depends on its row alone. Leave it
-  None where the function is vmapped (a population): there the cond would run both branches.
-  `marked_bound` gives a value.
+  the images are the same either way up to float rounding (each row's draw depends on its row
+  alone, but XLA vectorizes the two paths differently: on CIFAR-10 with Refool, half of the
+  marked rows differ by one unit in the last place, which moves a 3-epoch CPU victim's ACC and
+  ASR by tenths of a point). Leave it None where the function is vmapped (a population): there
+  the cond would run both branches. `marked_bound` gives a value.
 
   Returns:
     fn(images f32[B, H, W, C], kind int8[B], rows int32[B], key) -> images.
