@@ -398,7 +398,8 @@ def test_pcb_trains_through_the_experiment(tmp_path):
 def test_a_batch_poisoned_on_its_marked_rows_only_equals_the_whole_batch_path(name):
   """`poison_fn` with `max_marked` runs the trigger on the gathered marked rows of each shard of a
   batch (and on every row of a batch with a shard holding more): the images are those of the
-  whole-batch path, poisoned and cover rows alike (WaNet and Adaptive-Patch draw covers)."""
+  whole-batch path up to float rounding, poisoned and cover rows alike (WaNet and Adaptive-Patch
+  draw covers)."""
   trigger = poison.make_trigger(trigger_config(name), (32, 32, 3))
   b = 32
   x = images(b, seed=3)
