@@ -206,18 +206,21 @@ def seed_groups(cells: Sequence[tuple], vmap_seeds: bool) -> list[list[tuple]]:
   return list(groups.values())
 
 
-def _attempt(fn: Callable[[], Any], passes: tuple[type, ...] = ()) -> tuple[Any, str | None]:
-  """(fn(), None), or (None, its error line) where it raises an error other than `passes`: one
-  broken cell must not end a sweep."""
+def _error_line(e: Exception) -> str:
+  """The line a failed cell is recorded with: a jaxbd error's message, else the exception's type
+  and message (its traceback printed first: a bug, not bad input)."""
+  if isinstance(e, JaxbdError):
+    return str(e)
+  traceback.print_exception(e)
+  return f"{type(e).__name__}: {e}"
+
+
+def _attempt(fn: Callable[[], Any]) -> tuple[Any, str | None]:
+  """(fn(), None), or (None, its error line): one broken cell must not end a sweep."""
   try:
     return fn(), None
-  except passes:
-    raise
-  except JaxbdError as e:
-    return None, str(e)
   except Exception as e:  # pylint: disable=broad-except
-    traceback.print_exc()
-    return None, f"{type(e).__name__}: {e}"
+    return None, _error_line(e)
 
 
 def _run_group(group: list[tuple], workdir: str) -> list[tuple[dict | None, str | None]]:
@@ -231,14 +234,14 @@ def _run_group(group: list[tuple], workdir: str) -> list[tuple[dict | None, str 
   dirs = [cell_dir(workdir, digest) for *_, digest in group]
   if len(group) > 1:
     name = hashlib.sha256(" ".join(d for *_, d in group).encode()).hexdigest()[:16]
-    population = os.path.join(workdir, "populations", name)
     try:
-      docs, error = _attempt(lambda: standard.run_population(configs, dirs, population),
-                             (DivergedError,))
-      return list(zip(docs or [None] * len(group), [error] * len(group)))
+      docs = standard.run_population(configs, dirs, os.path.join(workdir, "populations", name))
+      return [(doc, None) for doc in docs]
     except DivergedError as e:
       print(f"sweep: population {name} diverged ({e}); its {len(group)} cells run one by one",
             file=sys.stderr)
+    except Exception as e:  # pylint: disable=broad-except
+      return [(None, _error_line(e))] * len(group)
   return [_attempt(lambda c=c, d=d: experiments.run(c, d)) for c, d in zip(configs, dirs)]
 
 

@@ -282,7 +282,7 @@ def train_classifier(run: Run, phase: str, *, poisoned: bool,
   key = key if key is not None else phase_key(run, phase)
   init_key, train_key = jax.random.split(key)
   poison_now = poisoned and run.trigger is not None
-  shards = run.mesh.devices.size  # the batch's parts (`jaxbd.train.batch_sharding`)
+  shards = train_lib.batch_shards(run.mesh)
   setup = train_lib.supervised_setup(
       run.model, ds.x_train, run.plan.labels if poisoned else ds.y_train, train_config=tc,
       data_config=c.data, mesh=run.mesh, key=init_key,

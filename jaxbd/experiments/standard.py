@@ -123,8 +123,8 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
 def attack_section(config: ml_collections.ConfigDict, plan) -> dict:
   """The `attack` section of results.json: name, rate, target, mode, trigger parameters."""
   p = config.poison
-  section = {"name": p.name, "poison_rate": p.rate if p.name != "none" else 0.0,
-             "target": p.target, "label_mode": p.label_mode, "num_poisoned": int(len(plan.indices)),
+  section = {"name": p.name, "poison_rate": poison.planned_rate(p), "target": p.target,
+             "label_mode": p.label_mode, "num_poisoned": int(len(plan.indices)),
              "plan": "poison_plan.npz"}
   if p.name != "none":
     section["params"] = p[p.name].to_dict()

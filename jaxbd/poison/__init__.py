@@ -56,13 +56,19 @@ def make_trigger(config, image_shape):
   return TRIGGERS[config.poison.name].build(config, tuple(image_shape))
 
 
+def planned_rate(poison_config) -> float:
+  """The share of training rows a `poison` config section poisons: its `rate`, 0 without a
+  trigger (`name="none"`, whatever `rate` holds)."""
+  return poison_config.rate if poison_config.name != "none" else 0.0
+
+
 def plan_from_config(config, labels, num_classes, trigger=None) -> PoisonPlan:
   """The poison plan of `config.poison` for training labels int[N] (seeded by `config.seed`).
 
   With a `trigger` that has a `cover_ratio`, `cover_ratio` cover rows are drawn per poisoned row.
   """
   p = config.poison
-  rate = p.rate if p.name != "none" else 0.0
+  rate = planned_rate(p)
   return make_plan(labels, num_classes, rate=rate, target=p.target, label_mode=p.label_mode,
                    seed=config.seed, exclude_target=p.exclude_target,
                    cover_rate=rate * getattr(trigger, "cover_ratio", 0.0))

@@ -206,6 +206,12 @@ def ssim(x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.mean(means * spreads)
 
 
+def too_small_to_filter(h: int, w: int) -> str:
+  """The end of the error line for an h x w image too small for the filter's SSIM window."""
+  return (f"needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels (its SSIM window), got "
+          f"{h}x{w}")
+
+
 def passes_checks(blended: jax.Array, transmission: jax.Array,
                   reflection: jax.Array) -> jax.Array:
   """bool[]: whether BackdoorBench's Refool keeps a blend, from its uint8-valued int32[H, W, C]
@@ -314,8 +320,7 @@ class ReflectionTrigger(triggers.NoCover):
     if key is None:
       raise ValueError("Refool draws a reflection per image: pass a PRNG key")
     if self.filter and min(images.shape[1:3]) < SSIM_WINDOW:
-      raise ValueError(f"Refool's filter needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} "
-                       f"pixels (its SSIM window), got {images.shape[1]}x{images.shape[2]}")
+      raise ValueError("Refool's filter " + too_small_to_filter(*images.shape[1:3]))
     reflect = self.reflect_checked if self.filter else self.reflect
     return jax.vmap(reflect)(images, jax.random.split(key, images.shape[0]))
 
@@ -450,8 +455,7 @@ def build(c: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
   config_lib.require(c.max_offset < min(h, w),
                      f"poison.refool.max_offset {c.max_offset} does not fit a {h}x{w} image")
   config_lib.require(not c.filter or min(h, w) >= SSIM_WINDOW,
-                     f"poison.refool.filter needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} "
-                     f"pixels (its SSIM window), got {h}x{w}")
+                     "poison.refool.filter " + too_small_to_filter(h, w))
   return ReflectionTrigger(jnp.asarray(reflection_pool(c, image_shape, seed)),
                            float(c.ghost_rate), (int(c.min_offset), int(c.max_offset)),
                            (float(c.min_sigma), float(c.max_sigma)), bool(c.filter),

@@ -58,9 +58,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(AXES))
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many parts `batch_sharding` cuts a batch into: every device of the mesh."""
+  return int(mesh.devices.size)
+
+
 def check_batch(batch_size: int, mesh: Mesh, name: str = "train.batch_size") -> None:
   """Raises ConfigError unless the batch splits evenly over the mesh's devices."""
-  n = int(np.prod(mesh.devices.shape))
+  n = batch_shards(mesh)
   if batch_size % n:
     raise ConfigError(f"{name}={batch_size} is not divisible by the {n} devices of the mesh")
 
