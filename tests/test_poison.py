@@ -87,6 +87,23 @@ def test_plan_counts_pools_and_labels():
     poison.make_plan(labels, 10, rate=0.1, target=10)
 
 
+@pytest.mark.parametrize("mode", ["all2one", "clean_label"])
+def test_cover_rows_come_from_every_class(mode):
+  """Cover rows (labels kept) are drawn from all rows not poisoned, whatever the poisoned pool:
+  the target class too under all-to-one, the other classes under clean-label poisoning (10%
+  poisoned of the target's 10%, and 20% cover, as WaNet's cross ratio 2 asks)."""
+  labels = np.repeat(np.arange(10), 100)
+  plan = poison.make_plan(labels, 10, rate=0.1, target=3, label_mode=mode, seed=1, cover_rate=0.2)
+  assert len(plan.indices) == 100 and len(plan.cover_indices) == 200
+  assert not set(plan.indices) & set(plan.cover_indices)
+  assert len(np.unique(labels[plan.cover_indices])) == (10 if mode == "all2one" else 9)
+  np.testing.assert_array_equal(plan.labels[plan.cover_indices], labels[plan.cover_indices])
+  no_cover = poison.make_plan(labels, 10, rate=0.1, target=3, label_mode=mode, seed=1)
+  np.testing.assert_array_equal(plan.indices, no_cover.indices)  # cover rows drawn after
+  with pytest.raises(ConfigError, match="100 poisoned and 901 cover images but the training set"):
+    poison.make_plan(labels, 10, rate=0.1, target=3, label_mode=mode, cover_rate=0.901)
+
+
 @pytest.mark.parametrize("mode", ["all2one", "all2all", "clean_label"])
 def test_poisoned_label_is_the_same_on_host_and_traced_labels(mode):
   labels = np.arange(12, dtype=np.int32) % 5

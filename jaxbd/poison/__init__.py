@@ -65,7 +65,8 @@ def planned_rate(poison_config) -> float:
 def plan_from_config(config, labels, num_classes, trigger=None) -> PoisonPlan:
   """The poison plan of `config.poison` for training labels int[N] (seeded by `config.seed`).
 
-  With a `trigger` that has a `cover_ratio`, `cover_ratio` cover rows are drawn per poisoned row.
+  With a `trigger` that has a `cover_ratio`, `cover_ratio` cover rows (of any class, not poisoned)
+  are drawn per poisoned row.
   """
   p = config.poison
   rate = planned_rate(p)

@@ -181,10 +181,13 @@ def make_plan(labels: np.ndarray, num_classes: int, *, rate: float, target: int,
     label_mode: all2one | all2all | clean_label.
     seed: seed of the draw (numpy Generator).
     exclude_target: all2one: draw only from non-target classes.
-    cover_rate: fraction of N given the cover transform, drawn from the remaining rows.
+    cover_rate: fraction of N given the cover transform (labels kept), drawn from every row not
+      poisoned, of any class (as Adaptive-Blend's and WaNet's reference code draw them), also
+      under clean-label poisoning, whose cover rows must contradict the trigger.
 
   Raises:
-    ConfigError: the target is not a class, or the pool is smaller than the request.
+    ConfigError: the target is not a class, the pool is smaller than the poisoned count, or the
+      training set is smaller than the poisoned and cover counts together.
   """
   labels = np.asarray(labels)
   n = len(labels)
@@ -198,12 +201,15 @@ def make_plan(labels: np.ndarray, num_classes: int, *, rate: float, target: int,
   else:
     pool = np.arange(n)
   count, cover_count = fraction_count(rate, n), fraction_count(cover_rate, n)
-  if count + cover_count > len(pool):
-    raise ConfigError(f"poison.rate {rate} asks for {count + cover_count} poisoned/cover images "
-                      f"but only {len(pool)} are eligible ({label_mode})")
+  if count > len(pool):
+    raise ConfigError(f"poison.rate {rate} asks for {count} poisoned images but only "
+                      f"{len(pool)} are eligible ({label_mode})")
+  if count + cover_count > n:
+    raise ConfigError(f"poison.rate {rate} asks for {count} poisoned and {cover_count} cover "
+                      f"images but the training set has {n}")
   rng = np.random.default_rng(seed)
-  chosen = rng.permutation(pool)[:count + cover_count]
-  indices, cover = np.sort(chosen[:count]), np.sort(chosen[count:])
+  indices = np.sort(rng.permutation(pool)[:count])
+  cover = np.sort(rng.permutation(np.setdiff1d(np.arange(n), indices))[:cover_count])
   new_labels = labels.astype(np.int32).copy()
   new_labels[indices] = poisoned_label(labels[indices], label_mode, target, num_classes)
   return PoisonPlan(target, label_mode, indices.astype(np.int64), cover.astype(np.int64),
