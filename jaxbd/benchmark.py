@@ -76,12 +76,12 @@ def poisoned_setup(config: ml_collections.ConfigDict, ds: data.Dataset, rate: fl
   model = models.create(config, ds.num_classes, (0.5,) * 3, (0.25,) * 3)
   plan = poison.make_plan(ds.y_train, ds.num_classes, rate=rate, target=0)
   trigger = poison.make_trigger(config, ds.image_shape)
-  shards = train_lib.batch_shards(mesh)
-  bound = poison.marked_bound(plan.kind, config.train.batch_size, shards) if marked_only else None
   return train_lib.supervised_setup(
       model, ds.x_train, plan.labels, train_config=config.train, data_config=config.data,
       mesh=mesh, key=jax.random.key(0), kind=plan.kind,
-      poison_fn=poison.poison_fn(trigger, poison.row_key(jax.random.key(0)), bound, shards))
+      poison_fn=poison.phase_poison_fn(trigger, jax.random.key(0), plan.kind,
+                                       config.train.batch_size, train_lib.batch_shards(mesh),
+                                       marked_only))
 
 
 def _flops(compiled) -> Optional[float]:

@@ -282,14 +282,12 @@ def train_classifier(run: Run, phase: str, *, poisoned: bool,
   key = key if key is not None else phase_key(run, phase)
   init_key, train_key = jax.random.split(key)
   poison_now = poisoned and run.trigger is not None
-  shards = train_lib.batch_shards(run.mesh)
   setup = train_lib.supervised_setup(
       run.model, ds.x_train, run.plan.labels if poisoned else ds.y_train, train_config=tc,
       data_config=c.data, mesh=run.mesh, key=init_key,
       kind=run.plan.kind if poison_now else None,
-      poison_fn=poison.poison_fn(run.trigger, poison.row_key(key),
-                                 poison.marked_bound(run.plan.kind, tc.batch_size, shards),
-                                 shards) if poison_now else None)
+      poison_fn=poison.phase_poison_fn(run.trigger, key, run.plan.kind, tc.batch_size,
+                                       train_lib.batch_shards(run.mesh)) if poison_now else None)
   step, context = setup.step, None
   if poison_now and c.attack.name != "none":
     # fold_in(key, 0 or 1) would repeat split(key)'s init and train keys; 3 is poison.row_key's

@@ -15,7 +15,8 @@ the trigger.
 from jaxbd import config as config_lib
 from jaxbd.poison import adversarial, badpatches, pieces, refool, sig, triggers, wanet
 from jaxbd.poison.plan import (CLEAN, COVER, POISONED, PoisonPlan, load_plan, make_plan,
-                               marked_bound, poison_fn, poisoned_label, row_key)
+                               marked_bound, phase_poison_fn, poison_fn, poisoned_label,
+                               row_key)
 
 
 def _component(name, default_config, validate, build):

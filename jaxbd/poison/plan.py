@@ -296,3 +296,12 @@ def poison_fn(trigger, row_key: Optional[jax.Array] = None, max_marked: Optional
     return jax.lax.cond(fits, sharded, by_row, images, kind, rows)
 
   return fn
+
+
+def phase_poison_fn(trigger, phase_key: jax.Array, kind: np.ndarray, batch_size: int,
+                    shards: int = 1, marked_only: bool = True):
+  """`poison_fn` of a training phase whose PRNG key is `phase_key` and whose plan has roles
+  int8[N] `kind`: per-row draws from `row_key(phase_key)`, the trigger run on each of a batch's
+  `shards` parts' marked rows (`marked_bound`), or on every row without `marked_only`."""
+  bound = marked_bound(kind, batch_size, shards) if marked_only else None
+  return poison_fn(trigger, row_key(phase_key), bound, shards)
