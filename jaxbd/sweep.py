@@ -17,8 +17,9 @@ under one `jax.vmap`-ed step (`jaxbd.experiments.population`; standard experimen
 data-poisoning attack, other cells run one by one). Each member keeps its own keys, poison plan and
 trigger, so its metrics are those of the looped cell up to floating-point reassociation in the
 batched kernels (equal on the 2-epoch digits test; within 0.013 after 2 CIFAR-10 epochs), and it
-still gets its own workdir, results.json, final checkpoint and store row; a population whose loss
-turns NaN or inf runs its cells again one by one, so that only a cell that diverges alone fails.
+still gets its own workdir, results.json, final checkpoint and store row; the cells of a
+population whose members' training diverged (NaN or inf) run again one by one, so that only a cell
+that diverges alone fails.
 The loop is the default: on CPU vmap wins only where compilation dominates (short runs); see
 `jaxbd.experiments.population` for measured numbers and scripts/bench_sweep_seeds.py to measure a
 sweep on your device.
@@ -226,23 +227,28 @@ def _attempt(fn: Callable[[], Any]) -> tuple[Any, str | None]:
 def _run_group(group: list[tuple], workdir: str) -> list[tuple[dict | None, str | None]]:
   """Runs one cell, or a population of cells differing in seed: (document, error line) per cell.
 
-  A population whose loss turns NaN or inf (one member is enough: its metrics are means over
-  members) runs its cells again one by one, so that only the cells that diverge alone fail."""
+  The cells of a population whose training diverged (NaN or inf; one member, or all of them)
+  run again one by one, so that only the cells that diverge alone fail."""
   from jaxbd import experiments  # pylint: disable=g-import-not-at-top
   from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
   configs = [config for _, _, config, _ in group]
   dirs = [cell_dir(workdir, digest) for *_, digest in group]
+  docs = [None] * len(group)
   if len(group) > 1:
     name = hashlib.sha256(" ".join(d for *_, d in group).encode()).hexdigest()[:16]
     try:
       docs = standard.run_population(configs, dirs, os.path.join(workdir, "populations", name))
-      return [(doc, None) for doc in docs]
     except DivergedError as e:
       print(f"sweep: population {name} diverged ({e}); its {len(group)} cells run one by one",
             file=sys.stderr)
     except Exception as e:  # pylint: disable=broad-except
       return [(None, _error_line(e))] * len(group)
-  return [_attempt(lambda c=c, d=d: experiments.run(c, d)) for c, d in zip(configs, dirs)]
+    else:
+      if None in docs:
+        print(f"sweep: {docs.count(None)} of the {len(group)} cells of population {name} "
+              "diverged; they run again one by one", file=sys.stderr)
+  return [(doc, None) if doc is not None else _attempt(lambda c=c, d=d: experiments.run(c, d))
+          for doc, c, d in zip(docs, configs, dirs)]
 
 
 def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],

@@ -10,7 +10,8 @@ from conftest import compiled_while, load_config
 from test_defenses import tiny_ctx, tiny_model, tiny_trusted
 from jaxbd import defenses, experiments
 from jaxbd.defenses import base, detection
-from jaxbd.errors import ConfigError, DataError
+from jaxbd.errors import ConfigError, DataError, DivergedError
+from jaxbd.experiments import detection as detection_experiment
 
 
 def test_anomaly_index_of_the_smallest_norm():
@@ -96,18 +97,25 @@ def test_neural_cleanse_compiles_its_epoch_once(caplog):
   assert len(epochs) == 1, epochs
 
 
-def test_detection_experiment_on_a_small_population(tmp_path, capsys):
-  """1 clean + 2 backdoored (BadNets, Blended) CNNs on digits, trained under one vmapped step,
-  scored by CTI and NC; the experiment reports each member as it is scored, and prints and
-  writes the ROC AUC of both and a ROC plot."""
-  c = load_config("configs/detection.py:clean=1,backdoored=2")
+def digits_population(clean: int, backdoored: int, epochs: int):
+  """A detection config on digits: `clean` + `backdoored` 8-wide CNNs trained `epochs` epochs,
+  10% of the training set trusted."""
+  c = load_config(f"configs/detection.py:clean={clean},backdoored={backdoored}")
   c.data.source, c.data.train_limit, c.data.test_limit = "digits", 0, 0
   c.data.crop_padding, c.data.flip = 1, False
   c.model.name, c.model.cnn.width, c.model.cnn.stages = "cnn", 8, 2
   c.poison.badnets.size = 2
-  c.train.update(dict(epochs=15, batch_size=64, lr=0.05, schedule_unit="step",
+  c.train.update(dict(epochs=epochs, batch_size=64, lr=0.05, schedule_unit="step",
                       checkpoint_every=0, eval_every=0))
   c.defense.clean_fraction = 0.1
+  return c
+
+
+def test_detection_experiment_on_a_small_population(tmp_path, capsys):
+  """1 clean + 2 backdoored (BadNets, Blended) CNNs on digits, trained under one vmapped step,
+  scored by CTI and NC; the experiment reports each member as it is scored, and prints and
+  writes the ROC AUC of both and a ROC plot."""
+  c = digits_population(1, 2, epochs=15)
   c.defense.pt.update(dict(steps=40, lr=0.01, batch_size=48))
   c.detection.nc.epochs = 4
   c.detection.cti.steps = 20
@@ -152,6 +160,57 @@ def test_detection_experiment_on_a_small_population(tmp_path, capsys):
       with np.load(path) as plan:
         assert len(plan["indices"]) == int(0.1 * 1437) and not set(trusted) & set(plan["indices"])
         assert plan["trigger/mask"].shape == (8, 8, 1)
+
+
+def nan_trigger_members(monkeypatch, broken: set[int]):
+  """Makes `build_members` give the members of `broken` (indices) a NaN trigger pattern, so that
+  their poisoned rows drive their training to NaN."""
+  build = detection_experiment.build_members
+
+  def members(r):
+    out = build(r)
+    for m in out:
+      if m["index"] in broken:
+        m["trigger"] = m["trigger"].replace(pattern=np.full_like(m["trigger"].pattern, np.nan))
+    return out
+
+  monkeypatch.setattr(detection_experiment, "build_members", members)
+
+
+def nan_population(clean: int, backdoored: int):
+  """`digits_population` of BadNets members for 10 epochs, scored by NC alone."""
+  c = digits_population(clean, backdoored, epochs=10)
+  c.detection.update(dict(attacks="badnets", scorers="nc"))
+  c.detection.nc.epochs = 2
+  return c
+
+
+@pytest.mark.parametrize("vmap", [True, False])
+def test_a_diverged_member_is_left_out_of_the_scores(tmp_path, monkeypatch, capsys, vmap):
+  """One of two backdoored members diverges: the experiment says so on stderr, records it in
+  results.json and its report, and scores the clean member and the other backdoored one."""
+  nan_trigger_members(monkeypatch, {1})
+  c = nan_population(1, 2)
+  c.detection.vmap = vmap
+  doc = experiments.run(c, str(tmp_path))
+  captured = capsys.readouterr()
+  assert "detection: member 2/3 (badnets, seed 2000) diverged and is left out" in captured.err
+  assert [m["index"] for m in doc["metrics"]["members"]] == [0, 2]
+  (row,) = doc["metrics"]["diverged"]
+  assert (row["index"], row["attack"], row["seed"]) == (1, "badnets", 2000)
+  assert "diverged" in row["error"]
+  assert len(doc["detection"]["nc"]["suspicion"]) == 2
+  assert "| diverged model |" in captured.out
+  assert doc["metrics"]["members"][1]["asr"] >= 0.8
+
+
+def test_a_population_without_backdoored_members_left_fails(tmp_path, monkeypatch):
+  """Every backdoored member diverges: no ROC AUC can be measured, one DivergedError, and no
+  results.json."""
+  nan_trigger_members(monkeypatch, {1})
+  with pytest.raises(DivergedError, match="every backdoored member of the detection population"):
+    experiments.run(nan_population(1, 1), str(tmp_path))
+  assert not (tmp_path / "results.json").exists()
 
 
 def test_a_repair_that_does_not_fit_the_model_is_refused_before_training(tmp_path):

@@ -185,6 +185,37 @@ def test_a_diverged_population_runs_its_cells_one_by_one(digits_sweep, tmp_path,
       assert m == looped[digest][1]
 
 
+@pytest.mark.slow
+def test_a_diverged_seed_of_a_population_runs_alone(digits_sweep, tmp_path, monkeypatch, capfd):
+  """Seed 1's poisoned rows carry a NaN trigger: the vmapped population finishes seed 0 with the
+  looped sweep's metrics, runs seed 1 again alone, where it diverges and fails alone."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from jaxbd.experiments import common  # pylint: disable=g-import-not-at-top
+  build = common.build
+
+  def broken_build(config, *args, **kwargs):
+    r = build(config, *args, **kwargs)
+    if config.seed != 1:
+      return r
+    nan = np.full_like(r.trigger.pattern, np.nan)
+    return dataclasses.replace(r, trigger=r.trigger.replace(pattern=nan))
+
+  monkeypatch.setattr(common, "build", broken_build)
+  cells = [c for c in digits_sweep.cells if c["poison.rate"] == 0.2]
+  counts = sweep.run_sweep(digits_sweep.base, cells, str(tmp_path), vmap_seeds=True)
+  assert counts == {"done": 1, "skipped": 0, "failed": 1}
+  assert "1 of the 2 cells of population" in capfd.readouterr().err
+  looped = metrics_by_cell(digits_sweep.store)
+  with sqlite3.connect(tmp_path / "results.sqlite") as db:
+    errors = dict(db.execute("SELECT config_hash, error FROM runs WHERE status='failed'"))
+  for digest, (cell, m, status) in metrics_by_cell(tmp_path / "results.sqlite").items():
+    assert status == ("failed" if cell["seed"] == 1 else "done")
+    if status == "done":
+      assert m == looped[digest][1]
+    else:
+      assert "diverged" in errors[digest]
+
+
 def test_seed_groups_join_only_cells_that_differ_in_seed():
   base = config_lib.defaults()
   cells = sweep.parse_grid("poison.rate=0.05,0.1;seed=0,1,2", base)

@@ -16,6 +16,10 @@ is faster on CPU (see `jaxbd.experiments.population`). The trusted set is drawn 
 rows no member poisoned; its size is checked against them before any member trains. Each
 backdoored member's plan and trigger are saved as `WORKDIR/poison_plan_member<index>.npz`, the
 trusted rows as `WORKDIR/trusted_indices.npy`.
+
+A member whose training diverges (NaN or inf) is left out of the scores, with a line on stderr
+and a record in results.json's `metrics.diverged`, and the others are scored; the run fails only
+when no clean or no backdoored member is left.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from jaxbd import config as config_lib
 from jaxbd import defenses, metrics, poison
 from jaxbd import train as train_lib
 from jaxbd.defenses import detection
+from jaxbd.errors import DivergedError
 from jaxbd.experiments import common, plots, population, report, results
 
 # A member's NC draws from fold_in(key, NC_STREAM); fold_in(key, i) equals split(key, n)[i], and
@@ -120,6 +125,51 @@ def groups(members: list[dict]) -> list[list[dict]]:
   return list(out.values())
 
 
+def train_members(r: common.Run, members: list[dict]) -> tuple[dict, list[dict]]:
+  """Trains every member, a group at a time: ({member index: variables} of the members that
+  trained, `diverged_row`s of those that diverged).
+
+  Raises:
+    DivergedError: no clean or no backdoored member is left to score.
+  """
+  variables, diverged = {}, []
+  for g, group in enumerate(groups(members)):
+    trained, failed = train_group(r, group, f"population{g}")
+    variables.update((m["index"], train_lib.variables(s)) for m, s in zip(group, trained)
+                     if s is not None)
+    diverged += [diverged_row(group[j], reason, len(members)) for j, reason in failed.items()]
+  for backdoored, kind in ((False, "clean"), (True, "backdoored")):
+    if not any((m["attack"] is not None) == backdoored and m["index"] in variables
+               for m in members):
+      raise DivergedError(f"every {kind} member of the detection population diverged, so no "
+                          f"ROC AUC can be measured (first: {diverged[0]['error']})")
+  return variables, diverged
+
+
+def train_group(r: common.Run, group: list[dict], phase: str) -> tuple[list, dict[int, str]]:
+  """Trains one group of members (`jaxbd.experiments.population.train_group`): their train
+  states (None where one diverged) and {position in the group: reason} of the diverged ones (all
+  of them when the whole group diverged)."""
+  c = r.config
+  try:
+    trained, summary = population.train_group(
+        r.model, r.dataset.x_train, group, phase=phase, train_config=c.train,
+        data_config=c.data, log_config=c.log, vmapped=c.detection.vmap, workdir=r.workdir)
+  except DivergedError as e:
+    return [None] * len(group), {j: str(e) for j in range(len(group))}
+  return trained, summary["diverged"]
+
+
+def diverged_row(member: dict, reason: str, count: int) -> dict:
+  """results.json's record of a member whose training diverged (left out of the scores), also
+  printed on stderr."""
+  row = {"index": member["index"], "attack": member["attack"] or "none", "seed": member["seed"],
+         "error": reason}
+  print(f"detection: member {row['index'] + 1}/{count} ({row['attack']}, seed {row['seed']}) "
+        f"diverged and is left out of the scores: {reason}", file=sys.stderr, flush=True)
+  return row
+
+
 def progress_line(row: dict, count: int, seconds: float) -> str:
   """One scored member, e.g. `detection: member 2/6 (badnets, seed 1): acc 0.5120 asr 0.9930,
   suspicion cti 0.0310 nc 2.4100 (95 s)`."""
@@ -142,13 +192,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   common.create_workdir(r)
   save_plans(r.workdir, members)
   t0 = time.perf_counter()
-  variables = {}
-  for g, group in enumerate(groups(members)):
-    trained, _ = population.train_group(
-        r.model, ds.x_train, group, phase=f"population{g}", train_config=c.train,
-        data_config=c.data, log_config=c.log, vmapped=d.vmap, workdir=r.workdir)
-    variables.update((m["index"], train_lib.variables(s)) for m, s in zip(group, trained))
+  variables, diverged = train_members(r, members)
   train_seconds = time.perf_counter() - t0
+  count, members = len(members), [m for m in members if m["index"] in variables]
 
   trusted = defenses.trusted_split(ds.x_train, ds.y_train, kind_any, c.defense.clean_fraction,
                                    c.seed)
@@ -174,8 +220,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       row[name] = s
     rows.append(row)
     if c.log.progress:
-      print(progress_line(row, len(members), time.perf_counter() - t0), file=sys.stderr,
-            flush=True)
+      print(progress_line(row, count, time.perf_counter() - t0), file=sys.stderr, flush=True)
   score_seconds = time.perf_counter() - t0
 
   positive = np.array([m["attack"] is not None for m in members])
@@ -186,7 +231,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config, dataset=ds.name, model=config.model.name,
       attack={"names": config_lib.split_names(d.attacks), "poison_rate": c.poison.rate,
               "target": c.poison.target, "label_mode": c.poison.label_mode},
-      metrics={"members": rows}, detection=summary,
+      metrics={"members": rows, "diverged": diverged}, detection=summary,
       timing={"train_seconds": train_seconds, "score_seconds": score_seconds,
               "vmap": d.vmap, "members": len(members)})
   results.write_json(os.path.join(workdir, "results.json"), doc)

@@ -9,6 +9,12 @@ member trained alone, up to floating-point reassociation in the batched kernels.
 `train_group(..., vmapped=False)` trains the members one after another with the same per-member
 step instead.
 
+A member whose training diverges (its loss NaN or inf) does not stop the others: the members
+share no arithmetic, a vmapped step logs the means over the members whose loss is finite (and
+`diverged`, how many are not), and `train_group` returns None in place of a diverged member's
+state, with the reason in its summary. Only a population whose every member diverges stops as one
+run does (`jaxbd.errors.DivergedError`).
+
 Whether vmap pays off depends on the backend and the length of the run. A vmapped step compiles
 once for the whole population where a sweep compiles each cell's step anew, but XLA's CPU backend
 runs the batched convolutions 2-3x slower per image (scripts/bench_population.py: 4 CNNs of width 8,
@@ -33,6 +39,7 @@ import numpy as np
 from jaxbd import data as data_lib
 from jaxbd import poison
 from jaxbd import train as train_lib
+from jaxbd.errors import DivergedError
 
 
 @flax.struct.dataclass
@@ -89,9 +96,26 @@ def population_step(model, tx, data_config, vmapped: bool, max_marked: Optional[
     state, m = jax.vmap(member, in_axes=(0, None, 0, 0, 0, 0, 0, None, 0))(
         state, arrays.images, arrays.labels, arrays.kind, arrays.triggers, arrays.row_keys, perm,
         i, key)
-    return state, jax.tree.map(jnp.mean, m)
+    return state, finite_means(m)
 
   return step
+
+
+def finite_means(metrics: dict) -> dict:
+  """The means of per-member metrics f32[M] over the members whose loss is finite, and
+  `diverged`, the count of the others; every mean is NaN when no member's loss is finite (so
+  that `jaxbd.train.fit` stops the phase)."""
+  finite = jnp.isfinite(metrics["loss"])
+  count = jnp.sum(finite)
+  means = {k: jnp.where(count > 0, jnp.sum(jnp.where(finite, v, 0.0)) / jnp.maximum(count, 1),
+                        jnp.nan) for k, v in metrics.items()}
+  return {**means, "diverged": (finite.size - count).astype(jnp.float32)}
+
+
+def finite_state(state) -> bool:
+  """Whether every floating-point array of one member's train state is finite."""
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state)
+             if jnp.issubdtype(x.dtype, jnp.inexact))
 
 
 def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, train_config,
@@ -114,8 +138,12 @@ def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, t
     workdir: checkpoints and metrics.jsonl (None: neither).
 
   Returns:
-    (the members' final train states in order, `jaxbd.train.fit`'s summary with `seconds` and
-    `images_per_second` over the whole group).
+    (the members' final train states in order, None for a member whose training diverged,
+    `jaxbd.train.fit`'s summary with `seconds` and `images_per_second` over the whole group and
+    `diverged`, {member position: reason} for those members).
+
+  Raises:
+    DivergedError: every member diverged.
   """
   tc = train_config
   steps = -(-len(images) // tc.batch_size)
@@ -140,13 +168,26 @@ def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, t
     state, summary = fit(phase, stack([init(k) for k in init_keys]), step, population,
                          key=jnp.stack(train_keys))
     summary["images_per_second"] *= len(members)
-    return [jax.tree.map(lambda x, j=j: x[j], state) for j in range(len(members))], summary
-  out, seconds, seen = [], 0.0, 0.0
-  for j, (init_key, train_key) in enumerate(zip(init_keys, train_keys)):
-    state, summary = fit(f"{phase}_{j}", init(init_key), step, population.member(j),
+    out = [jax.tree.map(lambda x, j=j: x[j], state) for j in range(len(members))]
+    diverged = {j: f"training phase {phase!r} diverged for member {j + 1} of {len(members)} "
+                "(its parameters are NaN or inf); lower its learning rate"
+                for j, s in enumerate(out) if not finite_state(s)}
+  else:
+    out, runs, diverged = [], [], {}
+    for j, (init_key, train_key) in enumerate(zip(init_keys, train_keys)):
+      try:
+        state, run = fit(f"{phase}_{j}", init(init_key), step, population.member(j),
                          key=train_key)
-    out.append(state)
-    seconds += summary["seconds"]
-    seen += summary["images_per_second"] * summary["seconds"]
-  summary.update(seconds=seconds, images_per_second=seen / seconds if seconds else 0.0)
-  return out, summary
+        runs.append(run)
+      except DivergedError as e:
+        state, diverged[j] = None, str(e)
+      out.append(state)
+    seconds = sum(run["seconds"] for run in runs)
+    seen = sum(run["images_per_second"] * run["seconds"] for run in runs)
+    summary = dict(runs[-1] if runs else {}, seconds=seconds,
+                   images_per_second=seen / seconds if seconds else 0.0)
+  if len(diverged) == len(members):
+    raise DivergedError(diverged[0] if len(members) == 1 else
+                        f"every member of {phase!r} diverged; the first: {diverged[0]}")
+  summary["diverged"] = diverged
+  return [None if j in diverged else s for j, s in enumerate(out)], summary

@@ -233,12 +233,17 @@ def models_table(metrics: dict, defenses: dict) -> str:
 
 
 def detection_tables(doc: dict) -> str:
-  """The detection experiment's members (ACC, ASR, suspicion per detector) and ROC AUCs."""
+  """The detection experiment's members (ACC, ASR, suspicion per detector), the members whose
+  training diverged (left out of the scores) and the ROC AUCs."""
   scorers = list(doc["detection"])
   rows = [(m["index"], m["attack"], m["acc"], m["asr"] if m["attack"] != "none" else None,
            *(m[n]["suspicion"] for n in scorers)) for m in doc["metrics"]["members"]]
+  diverged = [(m["index"], m["attack"], m["seed"], m["error"])
+              for m in doc["metrics"].get("diverged") or []]
   return "\n\n".join((
       markdown_table(["model", "attack", "ACC", "ASR", *scorers], rows),
+      *([markdown_table(["diverged model", "attack", "seed", "error"], diverged)]
+        if diverged else []),
       markdown_table(["detector", "ROC AUC"],
                      [(n, s["auc"]) for n, s in doc["detection"].items()])))
 

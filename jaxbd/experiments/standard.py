@@ -23,7 +23,7 @@ import numpy as np
 from jaxbd import config as config_lib
 from jaxbd import poison
 from jaxbd import train as train_lib
-from jaxbd.errors import ConfigError
+from jaxbd.errors import ConfigError, DivergedError
 from jaxbd.experiments import common, population, preparation, report, results
 
 
@@ -93,8 +93,13 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
   phase, results.json); `timing` holds the population's wall time (`population`: its size).
   The population's checkpoints live in `population_dir`, so a killed run resumes.
 
+  Returns:
+    each member's results document; None for a member whose training diverged in some phase
+    (its workdir holds the phases before that one; the others are unaffected).
+
   Raises:
     ConfigError: configs that differ in more than `seed` or are not `population_ready`.
+    DivergedError: every member diverged in some phase.
   """
   base = [dict(c.to_dict(), seed=0) for c in configs]
   if any(b != base[0] for b in base) or not population_ready(configs[0]):
@@ -103,7 +108,7 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
   runs = [common.prepare(c, w) for c, w in zip(configs, workdirs)]
   os.makedirs(population_dir, exist_ok=True)
   r0, c = runs[0], configs[0]
-  metrics, timing = [{} for _ in runs], [{} for _ in runs]
+  metrics, timing, failed = [{} for _ in runs], [{} for _ in runs], set()
   for phase in phases(c):
     poisoned = phase == "backdoored"
     members = [dict(key=common.phase_key(r, phase), trigger=r.trigger,
@@ -112,12 +117,17 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
     states, summary = population.train_group(
         r0.model, r0.dataset.x_train, members, phase=phase, train_config=c.train,
         data_config=c.data, log_config=c.log, vmapped=True, workdir=population_dir)
-    for r, state, m, t in zip(runs, states, metrics, timing):
-      common.save_phase(r, phase, c.train.epochs, state)
-      m[phase] = r.evaluate(train_lib.variables(state))
-      t[phase] = dict(common.timing_section(summary), population=len(runs))
-  return [finish(r, train_lib.variables(s), m, t)
-          for r, s, m, t in zip(runs, states, metrics, timing)]
+    failed |= set(summary["diverged"])
+    if len(failed) == len(runs):
+      raise DivergedError(f"every member of the population diverged (by training phase "
+                          f"{phase!r}); lower the learning rate")
+    for j, (r, state, m, t) in enumerate(zip(runs, states, metrics, timing)):
+      if j not in failed:
+        common.save_phase(r, phase, c.train.epochs, state)
+        m[phase] = r.evaluate(train_lib.variables(state))
+        t[phase] = dict(common.timing_section(summary), population=len(runs))
+  return [None if j in failed else finish(r, train_lib.variables(s), m, t)
+          for j, (r, s, m, t) in enumerate(zip(runs, states, metrics, timing))]
 
 
 def attack_section(config: ml_collections.ConfigDict, plan) -> dict:

@@ -126,7 +126,7 @@ def same_array(a: np.ndarray, b: np.ndarray) -> bool:
   if a.shape != b.shape or a.dtype != b.dtype:
     return False
   if np.issubdtype(a.dtype, np.floating):
-    return bool(np.allclose(a, b, rtol=1e-5, atol=1e-6))
+    return bool(np.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True))
   return bool(np.array_equal(a, b))
 
 
