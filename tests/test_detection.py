@@ -10,7 +10,7 @@ from conftest import compiled_while, load_config
 from test_defenses import tiny_ctx, tiny_model, tiny_trusted
 from jaxbd import defenses, experiments
 from jaxbd.defenses import base, detection
-from jaxbd.errors import ConfigError, DataError, DivergedError
+from jaxbd.errors import CheckpointError, ConfigError, DataError, DivergedError
 from jaxbd.experiments import detection as detection_experiment
 
 
@@ -211,6 +211,37 @@ def test_a_population_without_backdoored_members_left_fails(tmp_path, monkeypatc
   with pytest.raises(DivergedError, match="every backdoored member of the detection population"):
     experiments.run(nan_population(1, 1), str(tmp_path))
   assert not (tmp_path / "results.json").exists()
+
+
+def test_a_killed_detection_run_resumes_at_the_member_it_was_scoring(tmp_path, monkeypatch):
+  """Killed while scoring the second member, the rerun restores the trained members, reads the
+  first member's saved scores back, scores only the second, and reports what an uninterrupted
+  run reports; a damaged score file is one CheckpointError."""
+  nc = detection.neural_cleanse
+  calls = []
+
+  def counted(*args, **kwargs):
+    calls.append(1)
+    if interrupt and len(calls) == 2:
+      raise KeyboardInterrupt
+    return nc(*args, **kwargs)
+
+  monkeypatch.setattr(detection, "neural_cleanse", counted)
+  config = lambda: nan_population(1, 1)
+  interrupt, workdir = True, tmp_path / "killed"
+  with pytest.raises(KeyboardInterrupt):
+    experiments.run(config(), str(workdir))
+  assert sorted(p.name for p in (workdir / "scores").iterdir()) == ["member0.json"]
+  assert not (workdir / "results.json").exists()
+  interrupt, calls[:] = False, []
+  resumed = experiments.run(config(), str(workdir))
+  assert len(calls) == 1
+  whole = experiments.run(config(), str(tmp_path / "whole"))
+  assert resumed["metrics"]["members"] == whole["metrics"]["members"]
+  assert resumed["detection"] == whole["detection"]
+  (workdir / "scores" / "member0.json").write_text("{")
+  with pytest.raises(CheckpointError, match="member0.json is not a member's scores"):
+    experiments.run(config(), str(workdir))
 
 
 def test_a_repair_that_does_not_fit_the_model_is_refused_before_training(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -156,6 +157,14 @@ def test_vmapped_seeds_match_looped_cells(digits_sweep, tmp_path):
   assert metrics_by_cell(tmp_path / "results.sqlite") == vmapped
   doc = json.loads((tmp_path / "cells" / lost / "results.json").read_text())
   assert doc["timing"]["backdoored"]["resumed_from_epoch"] == 2
+  # Every cell lost (store rows and workdirs): the population resumes from its own checkpoint,
+  # whose states, restored on one device, are evaluated on the cells' mesh.
+  with sqlite3.connect(tmp_path / "results.sqlite") as db:
+    db.execute("DELETE FROM runs")
+  shutil.rmtree(tmp_path / "cells")
+  again = sweep.run_sweep(digits_sweep.base, cells, str(tmp_path), vmap_seeds=True)
+  assert again == {"done": 2, "skipped": 0, "failed": 0}
+  assert metrics_by_cell(tmp_path / "results.sqlite") == vmapped
 
 
 @pytest.mark.slow

@@ -15,7 +15,9 @@ for accelerators); `vmap=False` trains them one after another with the same per-
 is faster on CPU (see `jaxbd.experiments.population`). The trusted set is drawn from the training
 rows no member poisoned; its size is checked against them before any member trains. Each
 backdoored member's plan and trigger are saved as `WORKDIR/poison_plan_member<index>.npz`, the
-trusted rows as `WORKDIR/trusted_indices.npy`.
+trusted rows as `WORKDIR/trusted_indices.npy`. Each member's metrics and scores are written to
+`WORKDIR/scores/member<index>.json` as soon as it is scored, so that a rerun of a killed run (its
+members restored from their checkpoints) scores only the members not yet scored.
 
 A member whose training diverges (NaN or inf) is left out of the scores, with a line on stderr
 and a record in results.json's `metrics.diverged`, and the others are scored; the run fails only
@@ -24,9 +26,11 @@ when no clean or no backdoored member is left.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from typing import Optional
 
 import jax
 import ml_collections
@@ -36,7 +40,7 @@ from jaxbd import config as config_lib
 from jaxbd import defenses, metrics, poison
 from jaxbd import train as train_lib
 from jaxbd.defenses import detection
-from jaxbd.errors import DivergedError
+from jaxbd.errors import CheckpointError, DivergedError, first_line
 from jaxbd.experiments import common, plots, population, report, results
 
 # A member's NC draws from fold_in(key, NC_STREAM); fold_in(key, i) equals split(key, n)[i], and
@@ -154,7 +158,8 @@ def train_group(r: common.Run, group: list[dict], phase: str) -> tuple[list, dic
   try:
     trained, summary = population.train_group(
         r.model, r.dataset.x_train, group, phase=phase, train_config=c.train,
-        data_config=c.data, log_config=c.log, vmapped=c.detection.vmap, workdir=r.workdir)
+        data_config=c.data, log_config=c.log, vmapped=c.detection.vmap, workdir=r.workdir,
+        mesh=r.mesh)
   except DivergedError as e:
     return [None] * len(group), {j: str(e) for j in range(len(group))}
   return trained, summary["diverged"]
@@ -167,6 +172,30 @@ def diverged_row(member: dict, reason: str, count: int) -> dict:
          "error": reason}
   print(f"detection: member {row['index'] + 1}/{count} ({row['attack']}, seed {row['seed']}) "
         f"diverged and is left out of the scores: {reason}", file=sys.stderr, flush=True)
+  return row
+
+
+def saved_row(path: str, member: dict, scorers: list[str]) -> Optional[dict]:
+  """The member's row as an earlier run in this workdir scored it (`WORKDIR/scores/
+  member<index>.json`, written atomically after each member), or None where there is none.
+
+  Raises:
+    CheckpointError: the file is unreadable or holds another member or other scorers.
+  """
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      row = json.load(f)
+    same = (row["index"], row["seed"], row["attack"]) == (
+        member["index"], member["seed"], member["attack"] or "none")
+    scored = all("suspicion" in row[name] for name in scorers)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{path} is not a member's scores ({first_line(e)}); delete it or use "
+                          "a new --workdir") from None
+  if not (same and scored):
+    raise CheckpointError(f"{path} holds the scores of another member; delete it or use a new "
+                          "--workdir")
   return row
 
 
@@ -202,26 +231,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ctx = r.defense_context()
   repair = lambda v, t, k: defenses.DEFENSES[d.cti.repair].build(
       ctx, v, t, c.defense[d.cti.repair], k)[0]
-  rows, scores = [], {name: [] for name in config_lib.split_names(d.scorers)}
+  scorers = config_lib.split_names(d.scorers)
+  rows = []
   t0 = time.perf_counter()
   for m in members:
-    v = variables[m["index"]]
-    pm = train_lib.backdoor_metrics(r.predict, v, ds.x_test, ds.y_test, m["trigger"],
-                                    target=c.poison.target, label_mode=c.poison.label_mode,
-                                    num_classes=ds.num_classes)
-    row = {"index": m["index"], "attack": m["attack"] or "none", "seed": m["seed"], **pm}
-    key = jax.random.fold_in(r.key, m["index"])
-    for name in scores:
-      if name == "cti":
-        s = detection.calibrated_trigger_inversion(ctx, v, trusted, d.cti, repair, key)
-      else:
-        s = detection.neural_cleanse(ctx, v, trusted, d.nc, jax.random.fold_in(key, NC_STREAM))
-      scores[name].append(s["suspicion"])
-      row[name] = s
+    path = os.path.join(r.workdir, "scores", f"member{m['index']}.json")
+    row = saved_row(path, m, scorers)
+    if row is None:
+      v = variables[m["index"]]
+      row = {"index": m["index"], "attack": m["attack"] or "none", "seed": m["seed"],
+             **train_lib.backdoor_metrics(r.predict, v, ds.x_test, ds.y_test, m["trigger"],
+                                          target=c.poison.target, num_classes=ds.num_classes,
+                                          label_mode=c.poison.label_mode)}
+      key = jax.random.fold_in(r.key, m["index"])
+      for name in scorers:
+        row[name] = (
+            detection.calibrated_trigger_inversion(ctx, v, trusted, d.cti, repair, key)
+            if name == "cti" else
+            detection.neural_cleanse(ctx, v, trusted, d.nc, jax.random.fold_in(key, NC_STREAM)))
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      results.write_json(path, row)
     rows.append(row)
     if c.log.progress:
       print(progress_line(row, count, time.perf_counter() - t0), file=sys.stderr, flush=True)
   score_seconds = time.perf_counter() - t0
+  scores = {name: [row[name]["suspicion"] for row in rows] for name in scorers}
 
   positive = np.array([m["attack"] is not None for m in members])
   summary = {name: {"auc": metrics.roc_auc(values, positive), "suspicion": values}

@@ -119,8 +119,8 @@ def finite_state(state) -> bool:
 
 
 def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, train_config,
-                data_config, log_config, vmapped: bool,
-                workdir: Optional[str] = None) -> tuple[list[dict], dict]:
+                data_config, log_config, vmapped: bool, workdir: Optional[str] = None,
+                mesh: Optional[jax.sharding.Mesh] = None) -> tuple[list[dict], dict]:
   """Trains the members of one group from scratch.
 
   Args:
@@ -136,6 +136,9 @@ def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, t
     log_config: the `log` section.
     vmapped: one vmapped step over the stacked members, or a loop over them.
     workdir: checkpoints and metrics.jsonl (None: neither).
+    mesh: where the returned states are placed (`jaxbd.train.put_state`; a state restored from
+      a checkpoint sits on one device, where the evaluator of a mesh cannot use it). The
+      population itself trains on one device.
 
   Returns:
     (the members' final train states in order, None for a member whose training diverged,
@@ -190,4 +193,5 @@ def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, t
     raise DivergedError(diverged[0] if len(members) == 1 else
                         f"every member of {phase!r} diverged; the first: {diverged[0]}")
   summary["diverged"] = diverged
-  return [None if j in diverged else s for j, s in enumerate(out)], summary
+  place = (lambda s: s) if mesh is None else (lambda s: train_lib.put_state(s, mesh))
+  return [None if j in diverged else place(s) for j, s in enumerate(out)], summary

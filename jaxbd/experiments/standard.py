@@ -116,7 +116,7 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
                     kind=r.plan.kind if poisoned else np.zeros_like(r.plan.kind)) for r in runs]
     states, summary = population.train_group(
         r0.model, r0.dataset.x_train, members, phase=phase, train_config=c.train,
-        data_config=c.data, log_config=c.log, vmapped=True, workdir=population_dir)
+        data_config=c.data, log_config=c.log, vmapped=True, workdir=population_dir, mesh=r0.mesh)
     failed |= set(summary["diverged"])
     if len(failed) == len(runs):
       raise DivergedError(f"every member of the population diverged (by training phase "
