@@ -61,6 +61,17 @@ def test_quickstart_writes_results_in_the_design_schema(tmp_path):
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert {l["phase"] for l in lines} == {"clean", "backdoored", "ft"}
   assert not [p for p in os.listdir(workdir) if p.startswith(".tmp")]
+  # The rerun restores every phase and the defense: the same metrics, and the training times
+  # their checkpoints carry (less the final save), not the rerun's.
+  jaxbd(*QUICK, "--config.defense.names=ft", "--config.defense.ft.epochs=2",
+        "--config.defense.clean_fraction=0.1", workdir=workdir, check_rc=0)
+  again = json.loads((workdir / "results.json").read_text())
+  assert again["metrics"] == doc["metrics"]
+  assert {k: v for k, v in again["defenses"]["ft"].items() if "seconds" not in k} == {
+      k: v for k, v in ft.items() if "seconds" not in k}
+  assert 0.5 * ft["train_seconds"] < again["defenses"]["ft"]["train_seconds"] <= ft[
+      "train_seconds"]
+  assert again["timing"]["backdoored"]["resumed_from_epoch"] == doc["config"]["train"]["epochs"]
 
 
 def final_state(workdir, phase, epoch):

@@ -51,7 +51,8 @@ def fine_tune(ctx: base.Context, variables: dict, trusted: base.Trusted,
     max_steps: stop after this many steps (None: `config.epochs` whole epochs).
 
   Returns:
-    (fine-tuned variables, report with steps and epochs).
+    (fine-tuned variables, report with steps, epochs and train_seconds: the training time, which
+    a checkpoint carries over to the runs that resume or restore it).
   """
   setup = train_lib.supervised_setup(
       ctx.model, trusted.images, trusted.labels, train_config=config,
@@ -64,4 +65,5 @@ def fine_tune(ctx: base.Context, variables: dict, trusted: base.Trusted,
       eval_fn=(lambda s: ctx.evaluate(train_lib.variables(s))) if ctx.evaluate else None,
       eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
       progress=ctx.progress, max_steps=max_steps)
-  return train_lib.variables(state), {"steps": summary["steps"], "epochs": config.epochs}
+  return train_lib.variables(state), {"steps": summary["steps"], "epochs": config.epochs,
+                                      "train_seconds": summary["seconds"]}

@@ -363,7 +363,9 @@ def run_defenses(run: Run, variables: dict, reference: dict[str, float],
     evaluate: `variables -> metrics` of every defended model and stage (default `run.evaluate`).
 
   Returns:
-    `{name: {"acc", "asr", "ra", "der", "stages": {stage: metrics}, "seconds", ...}}`.
+    `{name: {"acc", "asr", "ra", "der", "stages": {stage: metrics}, "seconds", ...}}`: `seconds`
+    is the defense's wall time in this run, `train_seconds` (defenses that train) its training
+    time, carried by its checkpoint (a rerun that restores a finished defense reports it too).
   """
   c = run.config
   evaluate = evaluate or run.evaluate
