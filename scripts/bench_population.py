@@ -5,8 +5,12 @@ r"""Training a population of small models: one vmapped step over M models vs a l
 
 Data: CIFAR-10-shaped random uint8 images; every member gets its own BadNets plan (10%) and init.
 `vmap`: the stacked train states go through one jitted step that runs `jax.vmap` over the model
-axis (jaxbd.experiments.population.population_step); `loop`: the same per-member step, jitted once
-and called for each member in turn. Reports images/s summed over members, compile excluded.
+axis (jaxbd.experiments.population.population_step) on one device; `vmap_split` (with several
+devices): the same step with the members split over `member_mesh(M)`, as populations train;
+`loop`: the same per-member step, jitted once and called for each member in turn, on one device.
+Reports images/s summed over members, compile excluded. Several CPU devices:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python scripts/bench_population.py
 """
 
 from __future__ import annotations
@@ -58,16 +62,24 @@ def main():
   perm = jnp.arange(n // b * b, dtype=jnp.int32).reshape(-1, b)
   out = {"models": m, "width": _WIDTH.value, "batch_size": b}
 
-  step = jax.jit(population_lib.population_step(model, tx, c.data, vmapped=True))
-  state = jax.vmap(init)(keys)
   perms = jnp.stack([perm] * m)
-  state, _ = step(state, population, perms, 0, keys)
-  jax.block_until_ready(state)
-  t0 = time.perf_counter()
-  for i in range(_STEPS.value):
-    state, _ = step(state, population, perms, i % perm.shape[0], keys)
-  jax.block_until_ready(state)
-  out["vmap_images_per_s"] = m * b * _STEPS.value / (time.perf_counter() - t0)
+  mesh = population_lib.member_mesh(m)
+  for name, split in (("vmap", None), ("vmap_split", mesh)):
+    if name == "vmap_split" and mesh is None:
+      continue
+    step = jax.jit(population_lib.population_step(model, tx, c.data, vmapped=True, mesh=split),
+                   donate_argnums=(0,))
+    on = lambda tree, split=split: population_lib.split_members(tree, split)
+    state, arrays, members_perm, members_keys = (
+        on(jax.vmap(init)(keys)), population.split(split), on(perms), on(keys))
+    state, _ = step(state, arrays, members_perm, 0, members_keys)
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for i in range(_STEPS.value):
+      state, _ = step(state, arrays, members_perm, i % perm.shape[0], members_keys)
+    jax.block_until_ready(state)
+    out[f"{name}_images_per_s"] = m * b * _STEPS.value / (time.perf_counter() - t0)
+  out["split_devices"] = 1 if mesh is None else int(mesh.devices.size)
 
   step = jax.jit(population_lib.population_step(model, tx, c.data, vmapped=False))
   members = [population.member(j) for j in range(m)]
@@ -80,6 +92,8 @@ def main():
   jax.block_until_ready(states)
   out["loop_images_per_s"] = m * b * _STEPS.value / (time.perf_counter() - t0)
   out["vmap_speedup"] = out["vmap_images_per_s"] / out["loop_images_per_s"]
+  if "vmap_split_images_per_s" in out:
+    out["vmap_split_speedup"] = out["vmap_split_images_per_s"] / out["loop_images_per_s"]
   benchmark.write_json(_OUT.value, out, echo=True)
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import tiny_digits_config
 from jaxbd import data, models, poison
+from jaxbd import train as train_lib
 from jaxbd.errors import DivergedError
 from jaxbd.experiments import population
 
@@ -55,3 +56,40 @@ def test_a_diverged_member_leaves_the_others_as_they_train_alone(vmapped):
                states[1]["params"], alone[0]["params"])
   with pytest.raises(DivergedError, match="diverged"):
     population.train_group(model, ds.x_train, [bad, dict(bad, key=jax.random.key(9))], **kwargs)
+
+
+def test_a_vmapped_population_splits_its_members_over_the_devices():
+  """On the test session's 4 CPU devices: the largest device count that divides the population,
+  so every device trains as many members; the step on that mesh trains what one device does."""
+  assert len(jax.local_devices()) == 4
+  assert [None if (m := population.member_mesh(n)) is None else m.devices.size
+          for n in (1, 2, 3, 4, 5, 6, 8)] == [None, 2, 3, 4, None, 3, 4]
+  config = tiny_digits_config()
+  ds = data.load(config.data)
+  model = models.create(config, ds.num_classes, (0.5,), (0.25,))
+  trigger = poison.make_trigger(config, ds.image_shape)
+  plan = poison.plan_from_config(config, ds.y_train, ds.num_classes, trigger)
+  stacked = population.Population(
+      jax.numpy.asarray(ds.x_train), np.stack([plan.labels] * 4), np.stack([plan.kind] * 4),
+      jax.tree.map(lambda x: np.stack([x] * 4), trigger),
+      jax.numpy.stack([poison.row_key(jax.random.key(j)) for j in range(4)]))
+  tx = train_lib.make_optimizer(config.train, 20)
+  init = lambda k: train_lib.create_state(
+      train_lib.init_variables(model, k, ds.image_shape), tx)
+  keys = jax.random.split(jax.random.key(0), 4)
+  perm = jax.numpy.stack([jax.numpy.arange(4 * 64).reshape(4, 64)] * 4)
+  mesh = population.member_mesh(4)
+  out = {}
+  for name, m in (("one device", None), ("split", mesh)):
+    step = jax.jit(population.population_step(model, tx, config.data, vmapped=True, mesh=m))
+    state = population.split_members(jax.vmap(init)(keys), m)
+    for i in range(3):
+      state, metrics = step(state, stacked.split(m), population.split_members(perm, m), i,
+                            population.split_members(keys, m))
+    out[name] = (state, metrics)
+  state, metrics = out["split"]
+  assert {d.id for d in jax.tree.leaves(state["params"])[0].devices()} == {0, 1, 2, 3}
+  assert jax.tree.leaves(state["params"])[0].sharding.spec[0] == population.MEMBERS
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+               out["one device"][0]["params"], state["params"])
+  assert float(metrics["loss"]) == pytest.approx(float(out["one device"][1]["loss"]), rel=1e-5)

@@ -9,6 +9,13 @@ member trained alone, up to floating-point reassociation in the batched kernels.
 `train_group(..., vmapped=False)` trains the members one after another with the same per-member
 step instead.
 
+On a host with several devices a vmapped population is split over them (`member_mesh`: the
+largest device count that divides M): each device runs the vmapped step on its own members
+under `jax.shard_map`, with no communication but the logged means, and trains what one device
+would (the same parameters in tests/test_population.py). With 2 CPU devices on 2 cores
+(scripts/bench_population.py, 4 CNNs of width 16, batch 64, 2026-12-06) this took the vmapped
+step from 696 to 1,059 images/s; the loop, on one device, ran 1,636.
+
 A member whose training diverges (its loss NaN or inf) does not stop the others: the members
 share no arithmetic, a vmapped step logs the means over the members whose loss is finite (and
 `diverged`, how many are not), and `train_group` returns None in place of a diverged member's
@@ -34,12 +41,18 @@ from typing import Optional
 import flax
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from jaxbd import data as data_lib
 from jaxbd import poison
 from jaxbd import train as train_lib
 from jaxbd.errors import DivergedError
+
+try:
+  from jax import shard_map
+except ImportError:  # jax < 0.7
+  from jax.experimental.shard_map import shard_map  # pylint: disable=g-import-not-at-top
 
 
 @flax.struct.dataclass
@@ -72,12 +85,46 @@ class Population:
     return self.replace(labels=self.labels[j], kind=self.kind[j], triggers=pick(self.triggers),
                         row_keys=self.row_keys[j])
 
+  def split(self, mesh: Optional[jax.sharding.Mesh]) -> "Population":
+    """The population on a `member_mesh` (unchanged without one): the per-member arrays split
+    over it on their leading axis, the images replicated."""
+    if mesh is None:
+      return self
+    labels, kind, triggers, row_keys = split_members(
+        (self.labels, self.kind, self.triggers, self.row_keys), mesh)
+    return Population(jax.device_put(self.images, NamedSharding(mesh, P())), labels, kind,
+                      triggers, row_keys)
 
-def population_step(model, tx, data_config, vmapped: bool, max_marked: Optional[int] = None):
+
+def split_members(tree, mesh: Optional[jax.sharding.Mesh]):
+  """The arrays of `tree`, stacked over members, split over a `member_mesh` on their leading
+  axis (unchanged without one)."""
+  return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, P(MEMBERS)))
+
+
+MEMBERS = "members"  # the mesh axis a vmapped population's members are split over
+
+
+def member_mesh(count: int) -> Optional[jax.sharding.Mesh]:
+  """The mesh over which a vmapped population of `count` members is split: the largest number
+  of this host's devices that divides `count`, so every device trains as many members (None
+  where that is one device, and in multi-host runs, whose populations train on one device)."""
+  devices = jax.local_devices()
+  size = max(d for d in range(1, len(devices) + 1) if count % d == 0)
+  if size == 1 or jax.process_count() > 1:
+    return None
+  return jax.sharding.Mesh(np.array(devices[:size]), (MEMBERS,))
+
+
+def population_step(model, tx, data_config, vmapped: bool, max_marked: Optional[int] = None,
+                    mesh: Optional[jax.sharding.Mesh] = None):
   """The train step of a stacked population (vmapped) or of one member (`vmapped=False`).
 
   Vmapped, `perm` is int32[M, steps, B] and `key` a stack of M keys (one per member, as
-  `jaxbd.train.fit` makes them from a stack of keys); the metrics are means over members.
+  `jaxbd.train.fit` makes them from a stack of keys); the metrics are `finite_means` over
+  members. With a `member_mesh`, each of its devices runs the vmapped step on its own members
+  (`jax.shard_map`: no communication but the metrics' means); the state and the population's
+  per-member arrays are split over it on their leading axis, the images replicated.
   `max_marked`: `jaxbd.poison.poison_fn`'s bound, for the member step (not vmapped) only.
   """
 
@@ -88,14 +135,22 @@ def population_step(model, tx, data_config, vmapped: bool, max_marked: Optional[
     step = train_lib.make_train_step(train_lib.classification_loss(model), tx, batch_fn)
     return step(state, data_lib.TrainArrays(images, labels, kind), perm, i, key)
 
+  def stacked(state, arrays: Population, perm, i, key):
+    return jax.vmap(member, in_axes=(0, None, 0, 0, 0, 0, 0, None, 0))(
+        state, arrays.images, arrays.labels, arrays.kind, arrays.triggers, arrays.row_keys, perm,
+        i, key)
+
+  if mesh is not None:
+    split, specs = P(MEMBERS), Population(P(), *[P(MEMBERS)] * 4)
+    stacked = shard_map(stacked, mesh=mesh, in_specs=(split, specs, split, P(), split),
+                        out_specs=(split, split))
+
   def step(state, arrays: Population, perm, i, key, context=None):
     del context
     if not vmapped:
       return member(state, arrays.images, arrays.labels, arrays.kind, arrays.triggers,
                     arrays.row_keys, perm, i, key)
-    state, m = jax.vmap(member, in_axes=(0, None, 0, 0, 0, 0, 0, None, 0))(
-        state, arrays.images, arrays.labels, arrays.kind, arrays.triggers, arrays.row_keys, perm,
-        i, key)
+    state, m = stacked(state, arrays, perm, i, key)
     return state, finite_means(m)
 
   return step
@@ -159,8 +214,9 @@ def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, t
                           jnp.asarray(np.stack([m["kind"] for m in members])),
                           stack([m["trigger"] for m in members]),
                           jnp.stack([poison.row_key(m["key"]) for m in members]))
+  mesh_m = member_mesh(len(members)) if vmapped else None
   step = population_step(model, tx, data_config, vmapped, None if vmapped else max(
-      poison.marked_bound(m["kind"], tc.batch_size) for m in members))
+      poison.marked_bound(m["kind"], tc.batch_size) for m in members), mesh=mesh_m)
   fit = functools.partial(train_lib.fit, epochs=tc.epochs, batch_size=tc.batch_size,
                           workdir=workdir, log_every=log_config.every_steps,
                           progress=log_config.progress, eval_every=0,
@@ -168,8 +224,9 @@ def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, t
   if vmapped:
     # Initialized one by one as `supervised_setup` does (same values, and the eager kernels it
     # compiled are reused), then stacked.
-    state, summary = fit(phase, stack([init(k) for k in init_keys]), step, population,
-                         key=jnp.stack(train_keys))
+    state, summary = fit(phase, split_members(stack([init(k) for k in init_keys]), mesh_m),
+                         step, population.split(mesh_m),
+                         key=split_members(jnp.stack(train_keys), mesh_m))
     summary["images_per_second"] *= len(members)
     out = [jax.tree.map(lambda x, j=j: x[j], state) for j in range(len(members))]
     diverged = {j: f"training phase {phase!r} diverged for member {j + 1} of {len(members)} "
