@@ -64,6 +64,7 @@ def test_a_vmapped_population_splits_its_members_over_the_devices():
   assert len(jax.local_devices()) == 4
   assert [None if (m := population.member_mesh(n)) is None else m.devices.size
           for n in (1, 2, 3, 4, 5, 6, 8)] == [None, 2, 3, 4, None, 3, 4]
+  assert population.member_mesh(4, jax.local_devices()[:2]).devices.size == 2  # a run's mesh
   config = tiny_digits_config()
   ds = data.load(config.data)
   model = models.create(config, ds.num_classes, (0.5,), (0.25,))

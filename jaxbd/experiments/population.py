@@ -105,11 +105,12 @@ def split_members(tree, mesh: Optional[jax.sharding.Mesh]):
 MEMBERS = "members"  # the mesh axis a vmapped population's members are split over
 
 
-def member_mesh(count: int) -> Optional[jax.sharding.Mesh]:
+def member_mesh(count: int, devices=None) -> Optional[jax.sharding.Mesh]:
   """The mesh over which a vmapped population of `count` members is split: the largest number
-  of this host's devices that divides `count`, so every device trains as many members (None
-  where that is one device, and in multi-host runs, whose populations train on one device)."""
-  devices = jax.local_devices()
+  of `devices` (default: this host's) that divides `count`, so every device trains as many
+  members (None where that is one device, and in multi-host runs, whose populations train on one
+  device)."""
+  devices = list(jax.local_devices() if devices is None else devices)
   size = max(d for d in range(1, len(devices) + 1) if count % d == 0)
   if size == 1 or jax.process_count() > 1:
     return None
@@ -191,9 +192,10 @@ def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, t
     log_config: the `log` section.
     vmapped: one vmapped step over the stacked members, or a loop over them.
     workdir: checkpoints and metrics.jsonl (None: neither).
-    mesh: where the returned states are placed (`jaxbd.train.put_state`; a state restored from
-      a checkpoint sits on one device, where the evaluator of a mesh cannot use it). The
-      population itself trains on one device.
+    mesh: the run's mesh: a vmapped population is split over its devices (`member_mesh`; without
+      one, over this host's), and the returned states are placed on it (`jaxbd.train.put_state`;
+      a state restored from a checkpoint sits on one device, where the evaluator of a mesh
+      cannot use it).
 
   Returns:
     (the members' final train states in order, None for a member whose training diverged,
@@ -214,7 +216,8 @@ def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, t
                           jnp.asarray(np.stack([m["kind"] for m in members])),
                           stack([m["trigger"] for m in members]),
                           jnp.stack([poison.row_key(m["key"]) for m in members]))
-  mesh_m = member_mesh(len(members)) if vmapped else None
+  mesh_m = (member_mesh(len(members), None if mesh is None else mesh.devices.flat) if vmapped
+            else None)
   step = population_step(model, tx, data_config, vmapped, None if vmapped else max(
       poison.marked_bound(m["kind"], tc.batch_size) for m in members), mesh=mesh_m)
   fit = functools.partial(train_lib.fit, epochs=tc.epochs, batch_size=tc.batch_size,
