@@ -7,7 +7,8 @@ Data: CIFAR-10-shaped random uint8 images; every member gets its own BadNets pla
 `vmap`: the stacked train states go through one jitted step that runs `jax.vmap` over the model
 axis (jaxbd.experiments.population.population_step) on one device; `vmap_split` (with several
 devices): the same step with the members split over `member_mesh(M)`, as populations train;
-`loop`: the same per-member step, jitted once and called for each member in turn, on one device.
+`loop`: each member's own step (`supervised_setup`, data-parallel over all devices, as a looped
+population trains), called for each member in turn.
 Reports images/s summed over members, compile excluded. Several CPU devices:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=2 python scripts/bench_population.py
@@ -67,7 +68,7 @@ def main():
   for name, split in (("vmap", None), ("vmap_split", mesh)):
     if name == "vmap_split" and mesh is None:
       continue
-    step = jax.jit(population_lib.population_step(model, tx, c.data, vmapped=True, mesh=split),
+    step = jax.jit(population_lib.population_step(model, tx, c.data, mesh=split),
                    donate_argnums=(0,))
     on = lambda tree, split=split: population_lib.split_members(tree, split)
     state, arrays, members_perm, members_keys = (
@@ -81,16 +82,23 @@ def main():
     out[f"{name}_images_per_s"] = m * b * _STEPS.value / (time.perf_counter() - t0)
   out["split_devices"] = 1 if mesh is None else int(mesh.devices.size)
 
-  step = jax.jit(population_lib.population_step(model, tx, c.data, vmapped=False))
-  members = [population.member(j) for j in range(m)]
-  states = [init(k) for k in keys]
-  states = [step(s, p, perm, 0, keys[0])[0] for s, p in zip(states, members)]
+  mesh = train_lib.make_mesh()
+  c.train.batch_size = b
+  setups = [train_lib.supervised_setup(
+      model, x, p.labels, train_config=c.train, data_config=c.data, mesh=mesh, key=k,
+      kind=p.kind, poison_fn=poison.phase_poison_fn(trigger, k, p.kind, b,
+                                                    train_lib.batch_shards(mesh)))
+            for p, k in zip(plans, keys)]
+  steps = [jax.jit(s.step, donate_argnums=(0,)) for s in setups]
+  states = [step(s.state, s.arrays, perm, 0, keys[0])[0] for step, s in zip(steps, setups)]
   jax.block_until_ready(states)
   t0 = time.perf_counter()
   for i in range(_STEPS.value):
-    states = [step(s, p, perm, i % perm.shape[0], keys[0])[0] for s, p in zip(states, members)]
+    states = [step(state, s.arrays, perm, i % perm.shape[0], keys[0])[0]
+              for step, state, s in zip(steps, states, setups)]
   jax.block_until_ready(states)
   out["loop_images_per_s"] = m * b * _STEPS.value / (time.perf_counter() - t0)
+  out["loop_devices"] = int(mesh.devices.size)
   out["vmap_speedup"] = out["vmap_images_per_s"] / out["loop_images_per_s"]
   if "vmap_split_images_per_s" in out:
     out["vmap_split_speedup"] = out["vmap_split_images_per_s"] / out["loop_images_per_s"]

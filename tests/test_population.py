@@ -82,7 +82,7 @@ def test_a_vmapped_population_splits_its_members_over_the_devices():
   mesh = population.member_mesh(4)
   out = {}
   for name, m in (("one device", None), ("split", mesh)):
-    step = jax.jit(population.population_step(model, tx, config.data, vmapped=True, mesh=m))
+    step = jax.jit(population.population_step(model, tx, config.data, mesh=m))
     state = population.split_members(jax.vmap(init)(keys), m)
     for i in range(3):
       state, metrics = step(state, stacked.split(m), population.split_members(perm, m), i,

@@ -6,15 +6,17 @@ are stacked on a leading model axis and one jitted step runs `jax.vmap` over it;
 keeps its own PRNG streams (`jaxbd.train.fit` with a stack of keys gives each member the epoch
 permutations and step keys its key alone would give), so a vmapped member trains like the same
 member trained alone, up to floating-point reassociation in the batched kernels.
-`train_group(..., vmapped=False)` trains the members one after another with the same per-member
-step instead.
+`train_group(..., vmapped=False)` trains the members one after another instead, each as
+`jaxbd.experiments.common.train_classifier` trains a run's model (data-parallel on the run's
+mesh).
 
 On a host with several devices a vmapped population is split over them (`member_mesh`: the
 largest device count that divides M): each device runs the vmapped step on its own members
 under `jax.shard_map`, with no communication but the logged means, and trains what one device
 would (the same parameters in tests/test_population.py). With 2 CPU devices on 2 cores
 (scripts/bench_population.py, 4 CNNs of width 16, batch 64, 2026-12-06) this took the vmapped
-step from 696 to 1,059 images/s; the loop, on one device, ran 1,636.
+step from 670 to 1,031 images/s; the loop, data-parallel on the same 2 devices, ran 2,706 (1,636
+when it trained each member on one device).
 
 A member whose training diverges (its loss NaN or inf) does not stop the others: the members
 share no arithmetic, a vmapped step logs the means over the members whose loss is finite (and
@@ -54,6 +56,8 @@ try:
 except ImportError:  # jax < 0.7
   from jax.experimental.shard_map import shard_map  # pylint: disable=g-import-not-at-top
 
+MEMBERS = "members"  # the mesh axis a vmapped population's members are split over
+
 
 @flax.struct.dataclass
 class Population:
@@ -78,13 +82,6 @@ class Population:
     """N, the number of training examples each member trains on (what `train.fit` batches)."""
     return self.images.shape[0]
 
-  def member(self, j: int) -> "Population":
-    """Member j's data (labels int32[N], kind int8[N], its trigger and row key), sharing the
-    images."""
-    pick = lambda tree: jax.tree.map(lambda x: x[j], tree)
-    return self.replace(labels=self.labels[j], kind=self.kind[j], triggers=pick(self.triggers),
-                        row_keys=self.row_keys[j])
-
   def split(self, mesh: Optional[jax.sharding.Mesh]) -> "Population":
     """The population on a `member_mesh` (unchanged without one): the per-member arrays split
     over it on their leading axis, the images replicated."""
@@ -102,9 +99,6 @@ def split_members(tree, mesh: Optional[jax.sharding.Mesh]):
   return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, P(MEMBERS)))
 
 
-MEMBERS = "members"  # the mesh axis a vmapped population's members are split over
-
-
 def member_mesh(count: int, devices=None) -> Optional[jax.sharding.Mesh]:
   """The mesh over which a vmapped population of `count` members is split: the largest number
   of `devices` (default: this host's) that divides `count`, so every device trains as many
@@ -117,21 +111,19 @@ def member_mesh(count: int, devices=None) -> Optional[jax.sharding.Mesh]:
   return jax.sharding.Mesh(np.array(devices[:size]), (MEMBERS,))
 
 
-def population_step(model, tx, data_config, vmapped: bool, max_marked: Optional[int] = None,
-                    mesh: Optional[jax.sharding.Mesh] = None):
-  """The train step of a stacked population (vmapped) or of one member (`vmapped=False`).
+def population_step(model, tx, data_config, mesh: Optional[jax.sharding.Mesh] = None):
+  """The train step of a stacked population: `jax.vmap` of one member's step over the members.
 
-  Vmapped, `perm` is int32[M, steps, B] and `key` a stack of M keys (one per member, as
-  `jaxbd.train.fit` makes them from a stack of keys); the metrics are `finite_means` over
-  members. With a `member_mesh`, each of its devices runs the vmapped step on its own members
-  (`jax.shard_map`: no communication but the metrics' means); the state and the population's
-  per-member arrays are split over it on their leading axis, the images replicated.
-  `max_marked`: `jaxbd.poison.poison_fn`'s bound, for the member step (not vmapped) only.
+  `perm` is int32[M, steps, B] and `key` a stack of M keys (one per member, as `jaxbd.train.fit`
+  makes them from a stack of keys); the metrics are `finite_means` over members. With a
+  `member_mesh`, each of its devices runs the vmapped step on its own members (`jax.shard_map`:
+  no communication but the metrics' means); the state and the population's per-member arrays
+  are split over it on their leading axis, the images replicated.
   """
 
   def member(state, images, labels, kind, trigger, row_key, perm, i, key):
     batch_fn = functools.partial(data_lib.gather_batch,
-                                 poison_fn=poison.poison_fn(trigger, row_key, max_marked),
+                                 poison_fn=poison.poison_fn(trigger, row_key),
                                  crop_padding=data_config.crop_padding, flip=data_config.flip)
     step = train_lib.make_train_step(train_lib.classification_loss(model), tx, batch_fn)
     return step(state, data_lib.TrainArrays(images, labels, kind), perm, i, key)
@@ -148,9 +140,6 @@ def population_step(model, tx, data_config, vmapped: bool, max_marked: Optional[
 
   def step(state, arrays: Population, perm, i, key, context=None):
     del context
-    if not vmapped:
-      return member(state, arrays.images, arrays.labels, arrays.kind, arrays.triggers,
-                    arrays.row_keys, perm, i, key)
     state, m = stacked(state, arrays, perm, i, key)
     return state, finite_means(m)
 
@@ -190,12 +179,13 @@ def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, t
     train_config: the `train` section.
     data_config: the `data` section (augmentation).
     log_config: the `log` section.
-    vmapped: one vmapped step over the stacked members, or a loop over them.
+    vmapped: one vmapped step over the stacked members (`population_step`), or a loop that
+      trains each member as `train_classifier` trains a run's model, data-parallel on `mesh`.
     workdir: checkpoints and metrics.jsonl (None: neither).
-    mesh: the run's mesh: a vmapped population is split over its devices (`member_mesh`; without
-      one, over this host's), and the returned states are placed on it (`jaxbd.train.put_state`;
-      a state restored from a checkpoint sits on one device, where the evaluator of a mesh
-      cannot use it).
+    mesh: the run's mesh (default: one device): a vmapped population is split over its devices
+      (`member_mesh`), and the returned states are placed on it (`jaxbd.train.put_state`; a
+      state restored from a population's checkpoint sits on one device, where the evaluator of
+      a mesh cannot use it).
 
   Returns:
     (the members' final train states in order, None for a member whose training diverged,
@@ -205,53 +195,66 @@ def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, t
   Raises:
     DivergedError: every member diverged.
   """
-  tc = train_config
-  steps = -(-len(images) // tc.batch_size)
-  tx = train_lib.make_optimizer(tc, steps)
-  init = lambda k: train_lib.create_state(train_lib.init_variables(model, k, images.shape[1:]), tx)
-  stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
-  init_keys, train_keys = zip(*(jax.random.split(m["key"]) for m in members))
-  population = Population(jnp.asarray(images),
-                          jnp.asarray(np.stack([m["labels"] for m in members])),
-                          jnp.asarray(np.stack([m["kind"] for m in members])),
-                          stack([m["trigger"] for m in members]),
-                          jnp.stack([poison.row_key(m["key"]) for m in members]))
-  mesh_m = (member_mesh(len(members), None if mesh is None else mesh.devices.flat) if vmapped
-            else None)
-  step = population_step(model, tx, data_config, vmapped, None if vmapped else max(
-      poison.marked_bound(m["kind"], tc.batch_size) for m in members), mesh=mesh_m)
-  fit = functools.partial(train_lib.fit, epochs=tc.epochs, batch_size=tc.batch_size,
-                          workdir=workdir, log_every=log_config.every_steps,
-                          progress=log_config.progress, eval_every=0,
-                          checkpoint_every=tc.checkpoint_every)
-  if vmapped:
-    # Initialized one by one as `supervised_setup` does (same values, and the eager kernels it
-    # compiled are reused), then stacked.
-    state, summary = fit(phase, split_members(stack([init(k) for k in init_keys]), mesh_m),
-                         step, population.split(mesh_m),
-                         key=split_members(jnp.stack(train_keys), mesh_m))
-    summary["images_per_second"] *= len(members)
-    out = [jax.tree.map(lambda x, j=j: x[j], state) for j in range(len(members))]
-    diverged = {j: f"training phase {phase!r} diverged for member {j + 1} of {len(members)} "
-                "(its parameters are NaN or inf); lower its learning rate"
-                for j, s in enumerate(out) if not finite_state(s)}
-  else:
-    out, runs, diverged = [], [], {}
-    for j, (init_key, train_key) in enumerate(zip(init_keys, train_keys)):
-      try:
-        state, run = fit(f"{phase}_{j}", init(init_key), step, population.member(j),
-                         key=train_key)
-        runs.append(run)
-      except DivergedError as e:
-        state, diverged[j] = None, str(e)
-      out.append(state)
-    seconds = sum(run["seconds"] for run in runs)
-    seen = sum(run["images_per_second"] * run["seconds"] for run in runs)
-    summary = dict(runs[-1] if runs else {}, seconds=seconds,
-                   images_per_second=seen / seconds if seconds else 0.0)
+  mesh = mesh if mesh is not None else train_lib.make_mesh(1)
+  fit = functools.partial(train_lib.fit, epochs=train_config.epochs,
+                          batch_size=train_config.batch_size, workdir=workdir,
+                          log_every=log_config.every_steps, progress=log_config.progress,
+                          eval_every=0, checkpoint_every=train_config.checkpoint_every)
+  train = _train_stacked if vmapped else _train_looped
+  out, diverged, summary = train(model, images, members, phase, train_config, data_config, mesh,
+                                 fit)
   if len(diverged) == len(members):
     raise DivergedError(diverged[0] if len(members) == 1 else
                         f"every member of {phase!r} diverged; the first: {diverged[0]}")
   summary["diverged"] = diverged
-  place = (lambda s: s) if mesh is None else (lambda s: train_lib.put_state(s, mesh))
-  return [None if j in diverged else place(s) for j, s in enumerate(out)], summary
+  states = [None if j in diverged else train_lib.put_state(s, mesh) for j, s in enumerate(out)]
+  return states, summary
+
+
+def _train_stacked(model, images, members, phase, tc, data_config, mesh, fit):
+  """`train_group`'s vmapped population: (member states, {position: reason} of the diverged
+  ones, summary)."""
+  tx = train_lib.make_optimizer(tc, -(-len(images) // tc.batch_size))
+  split = member_mesh(len(members), mesh.devices.flat)
+  stack = lambda xs: split_members(jax.tree.map(lambda *a: jnp.stack(a), *xs), split)
+  init_keys, train_keys = zip(*(jax.random.split(m["key"]) for m in members))
+  # Initialized one by one as `supervised_setup` does (same values), then stacked.
+  state = stack([train_lib.create_state(train_lib.init_variables(model, k, images.shape[1:]), tx)
+                 for k in init_keys])
+  population = Population(jnp.asarray(images), np.stack([m["labels"] for m in members]),
+                          np.stack([m["kind"] for m in members]),
+                          jax.tree.map(lambda *a: np.stack(a), *[m["trigger"] for m in members]),
+                          jnp.stack([poison.row_key(m["key"]) for m in members]))
+  state, summary = fit(phase, state, population_step(model, tx, data_config, split),
+                       population.split(split), key=stack(train_keys))
+  summary["images_per_second"] *= len(members)
+  out = [jax.tree.map(lambda x, j=j: x[j], state) for j in range(len(members))]
+  diverged = {j: f"training phase {phase!r} diverged for member {j + 1} of {len(members)} (its "
+              "parameters are NaN or inf); lower its learning rate"
+              for j, s in enumerate(out) if not finite_state(s)}
+  return out, diverged, summary
+
+
+def _train_looped(model, images, members, phase, tc, data_config, mesh, fit):
+  """`train_group`'s loop: each member trained as `train_classifier` trains a run's model (the
+  same setup, poisoning and keys), data-parallel on `mesh`: (member states, {position: reason}
+  of the diverged ones, summary over the members)."""
+  out, runs, diverged = [], [], {}
+  for j, m in enumerate(members):
+    init_key, train_key = jax.random.split(m["key"])
+    poisoned = bool(np.any(m["kind"]))
+    setup = train_lib.supervised_setup(
+        model, images, m["labels"], train_config=tc, data_config=data_config, mesh=mesh,
+        key=init_key, kind=m["kind"] if poisoned else None,
+        poison_fn=poison.phase_poison_fn(m["trigger"], m["key"], m["kind"], tc.batch_size,
+                                         train_lib.batch_shards(mesh)) if poisoned else None)
+    try:
+      state, run = fit(f"{phase}_{j}", setup.state, setup.step, setup.arrays, key=train_key)
+      runs.append(run)
+    except DivergedError as e:
+      state, diverged[j] = None, str(e)
+    out.append(state)
+  seconds = sum(run["seconds"] for run in runs)
+  seen = sum(run["images_per_second"] * run["seconds"] for run in runs)
+  return out, diverged, dict(runs[-1] if runs else {}, seconds=seconds,
+                             images_per_second=seen / seconds if seconds else 0.0)
