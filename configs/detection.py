@@ -42,8 +42,12 @@ always on the true target 0), CTI 0.76 (0.62-0.93 clean, 0.74-0.97 backdoored, b
 of its own (`NC_STREAM` in jaxbd/experiments/detection.py; the second CPU, 2026-12-05,
 `--config.detection.scorers=nc`: 5 minutes to train, 47 s per member): AUC 1.0 by either score,
 minimum mask norm 48-64 clean, 6.9-10.5 backdoored, always on the target 0, anomaly index
-0.73-0.86 vs 1.18-2.45. So CTI does not detect at this scale; the default population on an
-accelerator is the detection result.
+0.73-0.86 vs 1.18-2.45. With the looped members trained data-parallel on the run's 2 devices
+(2026-12-06, the first CPU: 3.2 minutes to train the ten, then 315 s per member; 56 minutes in
+all): NC 1.0 by either score (minimum mask norm 46-60 clean, 7.2-11.6 backdoored, always on the
+target 0; anomaly index 0.69-0.92 vs 1.09-2.18), CTI 0.56 (0.62-0.92 clean, 0.69-0.98
+backdoored, best target never 0). So CTI does not detect at this scale; the default population on
+an accelerator is the detection result.
 
 Arguments: cpu, source=..., clean=N, backdoored=N, attacks=badnets+blended ('+'-separated).
 """
