@@ -260,6 +260,22 @@ def check_variables(run: Run, variables: dict, source: str) -> dict:
   return train_lib.put_replicated(dict(variables), run.mesh)
 
 
+def classifier_setup(model, images: np.ndarray, labels: np.ndarray, train_config, data_config,
+                     mesh: jax.sharding.Mesh, key: jax.Array, kind: Optional[np.ndarray] = None,
+                     trigger: Any = None) -> tuple[train_lib.Setup, jax.Array]:
+  """The cross-entropy training phase of a fresh `model` whose phase key is `key`: (its
+  `supervised_setup`, initialized from `split(key)[0]`, and the key of its training streams,
+  `split(key)[1]`). With int8[N] `kind`, the rows it marks get `trigger`, drawn per row from
+  `key` (`jaxbd.poison.phase_poison_fn`)."""
+  init_key, train_key = jax.random.split(key)
+  setup = train_lib.supervised_setup(
+      model, images, labels, train_config=train_config, data_config=data_config, mesh=mesh,
+      key=init_key, kind=kind,
+      poison_fn=None if kind is None else poison.phase_poison_fn(
+          trigger, key, kind, train_config.batch_size, train_lib.batch_shards(mesh)))
+  return setup, train_key
+
+
 def train_classifier(run: Run, phase: str, *, poisoned: bool,
                      train_config: Optional[ml_collections.ConfigDict] = None,
                      key: Optional[jax.Array] = None) -> tuple[dict, dict]:
@@ -280,14 +296,10 @@ def train_classifier(run: Run, phase: str, *, poisoned: bool,
   tc = train_config or c.train
   ds = run.dataset
   key = key if key is not None else phase_key(run, phase)
-  init_key, train_key = jax.random.split(key)
   poison_now = poisoned and run.trigger is not None
-  setup = train_lib.supervised_setup(
-      run.model, ds.x_train, run.plan.labels if poisoned else ds.y_train, train_config=tc,
-      data_config=c.data, mesh=run.mesh, key=init_key,
-      kind=run.plan.kind if poison_now else None,
-      poison_fn=poison.phase_poison_fn(run.trigger, key, run.plan.kind, tc.batch_size,
-                                       train_lib.batch_shards(run.mesh)) if poison_now else None)
+  setup, train_key = classifier_setup(
+      run.model, ds.x_train, run.plan.labels if poisoned else ds.y_train, tc, c.data, run.mesh,
+      key, kind=run.plan.kind if poison_now else None, trigger=run.trigger)
   step, context = setup.step, None
   if poison_now and c.attack.name != "none":
     # fold_in(key, 0 or 1) would repeat split(key)'s init and train keys; 3 is poison.row_key's

@@ -50,6 +50,7 @@ from jaxbd import data as data_lib
 from jaxbd import poison
 from jaxbd import train as train_lib
 from jaxbd.errors import DivergedError
+from jaxbd.experiments import common
 
 try:
   from jax import shard_map
@@ -157,10 +158,13 @@ def finite_means(metrics: dict) -> dict:
   return {**means, "diverged": (finite.size - count).astype(jnp.float32)}
 
 
-def finite_state(state) -> bool:
-  """Whether every floating-point array of one member's train state is finite."""
-  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state)
-             if jnp.issubdtype(x.dtype, jnp.inexact))
+@jax.jit
+def finite_members(state) -> jax.Array:
+  """bool[M]: whether every floating-point array of each member of a stacked train state is
+  finite (one program, one transfer)."""
+  per_leaf = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+              for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(per_leaf), axis=0)
 
 
 def train_group(model, images: np.ndarray, members: list[dict], *, phase: str, train_config,
@@ -229,9 +233,9 @@ def _train_stacked(model, images, members, phase, tc, data_config, mesh, fit):
                        population.split(split), key=stack(train_keys))
   summary["images_per_second"] *= len(members)
   out = [jax.tree.map(lambda x, j=j: x[j], state) for j in range(len(members))]
-  diverged = {j: f"training phase {phase!r} diverged for member {j + 1} of {len(members)} (its "
-              "parameters are NaN or inf); lower its learning rate"
-              for j, s in enumerate(out) if not finite_state(s)}
+  diverged = {int(j): f"training phase {phase!r} diverged for member {j + 1} of {len(members)} "
+              "(its parameters are NaN or inf); lower its learning rate"
+              for j in np.flatnonzero(~np.asarray(finite_members(state)))}
   return out, diverged, summary
 
 
@@ -241,13 +245,9 @@ def _train_looped(model, images, members, phase, tc, data_config, mesh, fit):
   of the diverged ones, summary over the members)."""
   out, runs, diverged = [], [], {}
   for j, m in enumerate(members):
-    init_key, train_key = jax.random.split(m["key"])
-    poisoned = bool(np.any(m["kind"]))
-    setup = train_lib.supervised_setup(
-        model, images, m["labels"], train_config=tc, data_config=data_config, mesh=mesh,
-        key=init_key, kind=m["kind"] if poisoned else None,
-        poison_fn=poison.phase_poison_fn(m["trigger"], m["key"], m["kind"], tc.batch_size,
-                                         train_lib.batch_shards(mesh)) if poisoned else None)
+    setup, train_key = common.classifier_setup(
+        model, images, m["labels"], tc, data_config, mesh, m["key"],
+        kind=m["kind"] if np.any(m["kind"]) else None, trigger=m["trigger"])
     try:
       state, run = fit(f"{phase}_{j}", setup.state, setup.step, setup.arrays, key=train_key)
       runs.append(run)
