@@ -18,6 +18,8 @@ All metrics are fractions in [0, 1].
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import numpy as np
 
 
@@ -83,6 +85,11 @@ def defense_effectiveness_rating(acc_bd: float, asr_bd: float, acc_def: float,
   an input is NaN (e.g. an ASR over no non-target images), which Python's `max` would drop."""
   gain, loss = float(np.maximum(0.0, asr_bd - asr_def)), float(np.maximum(0.0, acc_bd - acc_def))
   return (gain - loss + 1.0) / 2.0
+
+
+def as_scores(values: Sequence[Optional[float]]) -> np.ndarray:
+  """f64[M]: scores as results.json holds them, None (how it writes NaN and inf) as NaN."""
+  return np.array([np.nan if v is None else v for v in values], np.float64)
 
 
 def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

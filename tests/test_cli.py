@@ -3,16 +3,18 @@
 import functools
 import json
 import os
-import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO, side_by_side
+from jaxbd.train.checkpoint import Checkpointer
 
 QUICK = ["--config=configs/quickstart.py", "--config.train.epochs=2", "--config.log.progress=false"]
 
@@ -287,19 +289,22 @@ def test_corrupt_checkpoint_and_changed_config_are_refused(tmp_path):
   plan.write_bytes(saved_plan)
   ckpt = workdir / "checkpoints" / "backdoored" / "2"
   os.remove(workdir / "results.json")
-  # Bytes changed in the middle of the largest array file, its size kept: the arrays still
-  # decode, and the checksum saved with the checkpoint refuses them.
-  data = max((os.path.join(root, f) for root, _, files in os.walk(ckpt)
-              if os.path.basename(root) == "d" for f in files), key=os.path.getsize)
-  original = pathlib.Path(data).read_bytes()
-  flipped = bytearray(original)
-  middle = len(flipped) // 2
-  flipped[middle:middle + 64] = bytes(b ^ 0xFF for b in flipped[middle:middle + 64])
-  pathlib.Path(data).write_bytes(bytes(flipped))
+  # One bit of one weight changed on disk in a checkpoint that still decodes (the arrays written
+  # again by orbax, the saved checksum kept): the checksum refuses it.
+  state = Checkpointer(str(ckpt.parent)).restore(2)
+  kernel = np.array(state["params"]["conv1"]["kernel"])
+  kernel.view(np.uint32).reshape(-1)[7] ^= 1
+  state["params"]["conv1"]["kernel"] = kernel
+  with ocp.StandardCheckpointer() as writer:
+    writer.save(tmp_path / "rewritten", state)
+  original = tmp_path / "original"
+  shutil.move(ckpt / "default", original)
+  shutil.copytree(tmp_path / "rewritten", ckpt / "default")
   assert_one_line_error(jaxbd(*QUICK, "--config.standard.train_clean=false", workdir=workdir),
                         "backdoored/2 is corrupt: its arrays differ from the checksum saved with "
                         "them")
-  pathlib.Path(data).write_bytes(original)
+  shutil.rmtree(ckpt / "default")
+  shutil.move(original, ckpt / "default")
   # Array data cut short: every array's read fails, and the reads that orbax abandons report
   # their errors as the process ends; the error stays one line.
   for root, _, files in os.walk(ckpt):

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import compiled_while, load_config
 from test_defenses import tiny_ctx, tiny_model, tiny_trusted
-from jaxbd import defenses, experiments
+from jaxbd import defenses, experiments, metrics
 from jaxbd.defenses import base, detection
 from jaxbd.errors import CheckpointError, ConfigError, DataError, DivergedError
 from jaxbd.experiments import detection as detection_experiment
@@ -242,6 +242,39 @@ def test_a_killed_detection_run_resumes_at_the_member_it_was_scoring(tmp_path, m
   (workdir / "scores" / "member0.json").write_text("{")
   with pytest.raises(CheckpointError, match="member0.json is not a member's scores"):
     experiments.run(config(), str(workdir))
+
+
+def test_a_suspicion_that_is_not_finite_is_left_out_of_the_auc(tmp_path, monkeypatch, capsys):
+  """NC gives the second backdoored member a NaN suspicion: it is left out of NC's ROC AUC (said
+  on stderr, recorded as `left_out`), saved as null, and a rerun that reads it back reports the
+  same; with no finite suspicion of a backdoored member left, one DivergedError."""
+  nc, calls = detection.neural_cleanse, []
+
+  def nan_for(members):
+    def scored(*args, **kwargs):
+      calls.append(1)
+      out = nc(*args, **kwargs)
+      return {**out, "suspicion": np.nan} if len(calls) in members else out
+    return scored
+
+  monkeypatch.setattr(detection, "neural_cleanse", nan_for({3}))
+  doc = experiments.run(nan_population(1, 2), str(tmp_path / "w"))
+  assert "nc scored members [3] with a suspicion that is not a finite number" in (
+      capsys.readouterr().err)
+  nc_doc = doc["detection"]["nc"]
+  assert nc_doc["left_out"] == [2] and nc_doc["suspicion"][2] is None
+  finite = nc_doc["suspicion"][:2]
+  assert nc_doc["auc"] == metrics.roc_auc(finite, [False, True])
+  saved = json.loads((tmp_path / "w" / "scores" / "member2.json").read_text())
+  assert saved["nc"]["suspicion"] is None
+  calls[:] = []
+  again = experiments.run(nan_population(1, 2), str(tmp_path / "w"))
+  assert not calls and again["detection"] == doc["detection"]
+  calls[:] = []
+  monkeypatch.setattr(detection, "neural_cleanse", nan_for({2, 3}))
+  with pytest.raises(DivergedError, match="nc gave no finite suspicion for any clean or for any "
+                                          "backdoored member"):
+    experiments.run(nan_population(1, 2), str(tmp_path / "none"))
 
 
 def test_a_repair_that_does_not_fit_the_model_is_refused_before_training(tmp_path):

@@ -21,7 +21,8 @@ members restored from their checkpoints) scores only the members not yet scored.
 
 A member whose training diverges (NaN or inf) is left out of the scores, with a line on stderr
 and a record in results.json's `metrics.diverged`, and the others are scored; the run fails only
-when no clean or no backdoored member is left.
+when no clean or no backdoored member is left. A member whose suspicion under a detector is not a
+finite number is left out of that detector's ROC AUC and plot in the same way (`scorer_summary`).
 """
 
 from __future__ import annotations
@@ -199,12 +200,36 @@ def saved_row(path: str, member: dict, scorers: list[str]) -> Optional[dict]:
   return row
 
 
+def scorer_summary(name: str, rows: list[dict], positive: np.ndarray) -> dict:
+  """results.json's `detection[name]`: `{"auc", "suspicion": f[M] (None where not finite)}`,
+  and `"left_out": [member index]` where a suspicion is not finite (NaN or inf, or None as
+  written to a member's scores file): those members are left out of the AUC, with a line on
+  stderr.  positive: bool[M] which of `rows` are backdoored.
+
+  Raises:
+    DivergedError: no finite suspicion of a clean or of a backdoored member is left.
+  """
+  values = metrics.as_scores([row[name]["suspicion"] for row in rows])
+  finite = np.isfinite(values)
+  out = {"suspicion": [float(v) if ok else None for v, ok in zip(values, finite)]}
+  if not finite.all():
+    out["left_out"] = [row["index"] for row, ok in zip(rows, finite) if not ok]
+    print(f"detection: {name} scored members {[i + 1 for i in out['left_out']]} with a suspicion "
+          "that is not a finite number; they are left out of its ROC AUC", file=sys.stderr,
+          flush=True)
+  if finite[positive].sum() == 0 or finite[~positive].sum() == 0:
+    raise DivergedError(f"{name} gave no finite suspicion for any clean or for any backdoored "
+                        "member, so no ROC AUC can be measured")
+  out["auc"] = metrics.roc_auc(values[finite], positive[finite])
+  return out
+
+
 def progress_line(row: dict, count: int, seconds: float) -> str:
   """One scored member, e.g. `detection: member 2/6 (badnets, seed 1): acc 0.5120 asr 0.9930,
   suspicion cti 0.0310 nc 2.4100 (95 s)`."""
   shown = " ".join(f"{k} {row[k]:.4f}" for k in ("acc", "asr") if k in row)
-  scored = " ".join(f"{name} {row[name]['suspicion']:.4f}" for name in detection.SCORERS
-                    if name in row)
+  scored = " ".join(f"{name} {metrics.as_scores([row[name]['suspicion']])[0]:.4f}"
+                    for name in detection.SCORERS if name in row)
   return (f"detection: member {row['index'] + 1}/{count} ({row['attack']}, seed {row['seed']}): "
           f"{shown}, suspicion {scored} ({seconds:.0f} s)")
 
@@ -255,11 +280,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if c.log.progress:
       print(progress_line(row, count, time.perf_counter() - t0), file=sys.stderr, flush=True)
   score_seconds = time.perf_counter() - t0
-  scores = {name: [row[name]["suspicion"] for row in rows] for name in scorers}
-
   positive = np.array([m["attack"] is not None for m in members])
-  summary = {name: {"auc": metrics.roc_auc(values, positive), "suspicion": values}
-             for name, values in scores.items()}
+  summary = {name: scorer_summary(name, rows, positive) for name in scorers}
   plots.roc_curves(summary, positive, os.path.join(workdir, "roc.png"))
   doc = results.document(
       config, dataset=ds.name, model=config.model.name,

@@ -167,14 +167,17 @@ def roc_curves(detection: dict, positive: Sequence[bool], path: str) -> str:
   """ROC curves of the detectors' suspicion scores.
 
   Args:
-    detection: `{detector: {"suspicion": f[M], "auc": float}}` (results.json "detection").
+    detection: `{detector: {"suspicion": f[M], "auc": float}}` (results.json "detection"; a
+      suspicion that is None or not finite is left out, as its AUC leaves it out).
     positive: bool[M] which models are backdoored.
     path: PNG file to write.
   """
   fig = _figure((4, 4))
   ax = fig.subplots()
   for name, d in detection.items():
-    fpr, tpr = metrics.roc_curve(d["suspicion"], positive)
+    scores = metrics.as_scores(d["suspicion"])
+    finite = np.isfinite(scores)
+    fpr, tpr = metrics.roc_curve(scores[finite], np.asarray(positive, bool)[finite])
     # Straight segments between the thresholds' points: a tie group's diagonal, as the AUC has it.
     ax.plot(fpr, tpr, marker=".", label=f"{name} (AUC {d['auc']:.3f})")
   ax.plot([0, 1], [0, 1], ":", color="gray")
