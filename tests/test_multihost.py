@@ -1,14 +1,16 @@
-"""Multi-host: 2 processes on localhost (CPU, gloo collectives) train the same model as 1
-process."""
+"""Multi-host: 2 processes on localhost (CPU, gloo collectives) train the same model, and the same
+vmapped detection population, as 1 process."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import REPO
 from jaxbd.train import Checkpointer
@@ -23,10 +25,10 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(workdir, *extra, devices=1):
+def launch(workdir, *extra, devices=1, args=tuple(ARGS)):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return subprocess.Popen([sys.executable, "-m", "jaxbd.main", *ARGS, f"--workdir={workdir}",
+  return subprocess.Popen([sys.executable, "-m", "jaxbd.main", *args, f"--workdir={workdir}",
                            *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
@@ -56,3 +58,46 @@ def test_two_processes_equal_one_process(tmp_path):
   assert m_multi["versions"]["devices"] == "2 x cpu"
   assert m_single["versions"]["devices"] == "1 x cpu"
   assert m_multi["metrics"] == m_single["metrics"]
+
+
+# 1 clean + 1 backdoored 8-wide CNN on the digits, trained under one vmapped step, scored by NC.
+POPULATION = ["--config=configs/detection.py:clean=1,backdoored=1", "--config.data.source=digits",
+              "--config.data.train_limit=0", "--config.data.test_limit=0",
+              "--config.model.name=cnn", "--config.model.cnn.width=8",
+              "--config.model.cnn.stages=2", "--config.poison.badnets.size=2",
+              "--config.train.epochs=3", "--config.train.batch_size=64",
+              "--config.train.lr=0.05", "--config.train.checkpoint_every=0",
+              "--config.train.eval_every=0", "--config.defense.clean_fraction=0.1",
+              "--config.detection.attacks=badnets", "--config.detection.scorers=nc",
+              "--config.detection.nc.epochs=2", "--config.detection.vmap=true",
+              "--config.log.progress=false"]
+
+
+def test_a_vmapped_population_split_over_two_processes_equals_one_process(tmp_path):
+  """The two members of a vmapped population split over 2 processes x 1 CPU device (each trains
+  one, and checkpoints and scores them together) = 1 process training both; a rerun of the
+  2-process job restores the population from its checkpoint and scores it the same."""
+  multi, single = tmp_path / "multi", tmp_path / "single"
+
+  def two_processes():
+    port = free_port()
+    return [launch(multi, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                   f"--process_id={i}", args=POPULATION) for i in range(2)]
+
+  outs = [finish(p) for p in [*two_processes(), launch(single, args=POPULATION)]]  # side by side
+  assert "| nc |" in outs[0]
+  expected = json.loads((single / "results.json").read_text())
+  for rerun in (False, True):
+    if rerun:
+      (multi / "results.json").unlink()
+      shutil.rmtree(multi / "scores")
+      [finish(p) for p in two_processes()]
+    doc = json.loads((multi / "results.json").read_text())
+    assert doc["versions"]["devices"] == "2 x cpu"
+    for got, want in zip(doc["metrics"]["members"], expected["metrics"]["members"], strict=True):
+      assert {k: got[k] for k in ("index", "acc", "asr", "ra")} == {
+          k: want[k] for k in ("index", "acc", "asr", "ra")}
+      # NC's masks follow the models' float32 logits, which the layouts round differently.
+      assert got["nc"]["norms"] == pytest.approx(want["nc"]["norms"], rel=1e-5)
+    assert doc["detection"]["nc"]["auc"] == expected["detection"]["nc"]["auc"]
+  assert sorted(os.listdir(multi / "checkpoints")) == ["population0"]

@@ -13,7 +13,9 @@ mesh).
 On a host with several devices a vmapped population is split over them (`member_mesh`: the
 largest device count that divides M): each device runs the vmapped step on its own members
 under `jax.shard_map`, with no communication but the logged means, and trains what one device
-would (the same parameters in tests/test_population.py). With 2 CPU devices on 2 cores
+would (the same parameters in tests/test_population.py). A multi-host run splits it over every
+process's devices, gcd(M, devices) ways, each part repeated on the other devices
+(tests/test_multihost.py). With 2 CPU devices on 2 cores
 (scripts/bench_population.py, 4 CNNs of width 16, batch 64, 2026-12-06) this took the vmapped
 step from 670 to 1,031 images/s; the loop, data-parallel on the same 2 devices, ran 2,706 (1,636
 when it trained each member on one device).
@@ -38,6 +40,7 @@ was stopped. Accelerators were not measured here.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import flax
@@ -58,6 +61,7 @@ except ImportError:  # jax < 0.7
   from jax.experimental.shard_map import shard_map  # pylint: disable=g-import-not-at-top
 
 MEMBERS = "members"  # the mesh axis a vmapped population's members are split over
+REPLICAS = "replicas"  # the mesh axis over which each part of them is repeated (multi-host)
 
 
 @flax.struct.dataclass
@@ -90,26 +94,42 @@ class Population:
       return self
     labels, kind, triggers, row_keys = split_members(
         (self.labels, self.kind, self.triggers, self.row_keys), mesh)
-    return Population(jax.device_put(self.images, NamedSharding(mesh, P())), labels, kind,
-                      triggers, row_keys)
+    return Population(train_lib.put_replicated(self.images, mesh), labels, kind, triggers,
+                      row_keys)
 
 
 def split_members(tree, mesh: Optional[jax.sharding.Mesh]):
   """The arrays of `tree`, stacked over members, split over a `member_mesh` on their leading
   axis (unchanged without one)."""
-  return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, P(MEMBERS)))
+  return tree if mesh is None else train_lib.put(tree, NamedSharding(mesh, P(MEMBERS)))
+
+
+def gather_members(tree, mesh: Optional[jax.sharding.Mesh]):
+  """`split_members` undone: every member's arrays on every device of the mesh, so that each
+  process can read each member (unchanged without a mesh)."""
+  if mesh is None:
+    return tree
+  return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
 
 
 def member_mesh(count: int, devices=None) -> Optional[jax.sharding.Mesh]:
-  """The mesh over which a vmapped population of `count` members is split: the largest number
-  of `devices` (default: this host's) that divides `count`, so every device trains as many
-  members (None where that is one device, and in multi-host runs, whose populations train on one
-  device)."""
+  """The (MEMBERS, REPLICAS) mesh over which a vmapped population of `count` members is split.
+
+  One process: the largest number d of `devices` (default: this host's) that divides `count`,
+  so every device trains as many members, as a (d, 1) mesh over the first d (None where d is 1).
+  Several processes: every process must hold a part of each array, so all of `devices` (the
+  run's, of every process) form a (d, n / d) mesh, d = gcd(count, n): the members split d ways,
+  each part repeated on n / d devices (choose `count` a multiple of the device count).
+  """
   devices = list(jax.local_devices() if devices is None else devices)
-  size = max(d for d in range(1, len(devices) + 1) if count % d == 0)
-  if size == 1 or jax.process_count() > 1:
-    return None
-  return jax.sharding.Mesh(np.array(devices[:size]), (MEMBERS,))
+  if jax.process_count() > 1:
+    size = math.gcd(count, len(devices))
+  else:
+    size = max(d for d in range(1, len(devices) + 1) if count % d == 0)
+    if size == 1:
+      return None
+    devices = devices[:size]
+  return jax.sharding.Mesh(np.array(devices).reshape(size, -1), (MEMBERS, REPLICAS))
 
 
 def population_step(model, tx, data_config, mesh: Optional[jax.sharding.Mesh] = None):
@@ -232,6 +252,7 @@ def _train_stacked(model, images, members, phase, tc, data_config, mesh, fit):
   state, summary = fit(phase, state, population_step(model, tx, data_config, split),
                        population.split(split), key=stack(train_keys))
   summary["images_per_second"] *= len(members)
+  state = gather_members(state, split)
   out = [jax.tree.map(lambda x, j=j: x[j], state) for j in range(len(members))]
   diverged = {int(j): f"training phase {phase!r} diverged for member {j + 1} of {len(members)} "
               "(its parameters are NaN or inf); lower its learning rate"

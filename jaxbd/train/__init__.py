@@ -5,7 +5,7 @@ from jaxbd.train.evaluate import (Predictor, backdoor_metrics, batch_key, padded
                                   test_targets)
 from jaxbd.train.loop import MetricsLog, fit
 from jaxbd.train.mesh import (Throttle, batch_shards, batch_sharding, check_batch, make_mesh,
-                              put_replicated, put_state, replicated, state_sharding)
+                              put, put_replicated, put_state, replicated, state_sharding)
 from jaxbd.train.optim import lr_schedule, make_optimizer
 from jaxbd.train.setup import Setup, supervised_setup
 from jaxbd.train.step import (classification_loss, create_state, forward, init_variables,

@@ -71,14 +71,22 @@ def check_batch(batch_size: int, mesh: Mesh, name: str = "train.batch_size") -> 
 
 
 def _put(x, sharding: NamedSharding) -> jax.Array:
+  if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):  # typed keys
+    return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding),
+                                    impl=jax.random.key_impl(x))
   host = np.asarray(x)
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
+def put(tree, sharding: NamedSharding):
+  """Places a pytree of host or device arrays (each process's own, with the same values in every
+  process) with `sharding`, also across processes."""
+  return jax.tree.map(lambda x: _put(x, sharding), tree)
+
+
 def put_replicated(tree, mesh: Mesh):
   """Places a pytree of host or device arrays on every device of the mesh (also multi-host)."""
-  sharding = replicated(mesh)
-  return jax.tree.map(lambda x: _put(x, sharding), tree)
+  return put(tree, replicated(mesh))
 
 
 EXPERTS_KEY = "experts"
