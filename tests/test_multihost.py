@@ -65,11 +65,11 @@ POPULATION = ["--config=configs/detection.py:clean=1,backdoored=1", "--config.da
               "--config.data.train_limit=0", "--config.data.test_limit=0",
               "--config.model.name=cnn", "--config.model.cnn.width=8",
               "--config.model.cnn.stages=2", "--config.poison.badnets.size=2",
-              "--config.train.epochs=3", "--config.train.batch_size=64",
+              "--config.train.epochs=2", "--config.train.batch_size=64",
               "--config.train.lr=0.05", "--config.train.checkpoint_every=0",
               "--config.train.eval_every=0", "--config.defense.clean_fraction=0.1",
               "--config.detection.attacks=badnets", "--config.detection.scorers=nc",
-              "--config.detection.nc.epochs=2", "--config.detection.vmap=true",
+              "--config.detection.nc.epochs=1", "--config.detection.vmap=true",
               "--config.log.progress=false"]
 
 
