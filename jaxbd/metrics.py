@@ -92,6 +92,15 @@ def as_scores(values: Sequence[Optional[float]]) -> np.ndarray:
   return np.array([np.nan if v is None else v for v in values], np.float64)
 
 
+def finite_part(values: Sequence[Optional[float]],
+                positive: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
+  """(f64[K] scores, bool[K] labels): the K of M models whose score (`as_scores`) is finite, for
+  `roc_curve` and `roc_auc`, which refuse any other."""
+  scores = as_scores(values)
+  finite = np.isfinite(scores)
+  return scores[finite], np.asarray(positive, bool)[finite]
+
+
 def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """False and true positive rates at every threshold (scores >= t flagged), from (0,0) to (1,1).
 

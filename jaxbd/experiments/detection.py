@@ -217,10 +217,10 @@ def scorer_summary(name: str, rows: list[dict], positive: np.ndarray) -> dict:
     print(f"detection: {name} scored members {[i + 1 for i in out['left_out']]} with a suspicion "
           "that is not a finite number; they are left out of its ROC AUC", file=sys.stderr,
           flush=True)
-  if finite[positive].sum() == 0 or finite[~positive].sum() == 0:
+  if not (finite[positive].any() and finite[~positive].any()):
     raise DivergedError(f"{name} gave no finite suspicion for any clean or for any backdoored "
                         "member, so no ROC AUC can be measured")
-  out["auc"] = metrics.roc_auc(values[finite], positive[finite])
+  out["auc"] = metrics.roc_auc(*metrics.finite_part(out["suspicion"], positive))
   return out
 
 

@@ -175,9 +175,7 @@ def roc_curves(detection: dict, positive: Sequence[bool], path: str) -> str:
   fig = _figure((4, 4))
   ax = fig.subplots()
   for name, d in detection.items():
-    scores = metrics.as_scores(d["suspicion"])
-    finite = np.isfinite(scores)
-    fpr, tpr = metrics.roc_curve(scores[finite], np.asarray(positive, bool)[finite])
+    fpr, tpr = metrics.roc_curve(*metrics.finite_part(d["suspicion"], positive))
     # Straight segments between the thresholds' points: a tie group's diagonal, as the AUC has it.
     ax.plot(fpr, tpr, marker=".", label=f"{name} (AUC {d['auc']:.3f})")
   ax.plot([0, 1], [0, 1], ":", color="gray")

@@ -109,7 +109,7 @@ def gather_members(tree, mesh: Optional[jax.sharding.Mesh]):
   process can read each member (unchanged without a mesh)."""
   if mesh is None:
     return tree
-  return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
+  return jax.jit(lambda t: t, out_shardings=train_lib.replicated(mesh))(tree)
 
 
 def member_mesh(count: int, devices=None) -> Optional[jax.sharding.Mesh]:
