@@ -14,7 +14,8 @@ Multi-host (one process per host, the same command everywhere):
       --coordinator_address=HOST0:1234 --num_processes=2 --process_id=$RANK
 
 or `--distributed` where the cluster tells JAX its layout (TPU pods, SLURM). Only process 0 writes
-results and logs; checkpoints are written by all processes together (orbax).
+results and logs and prints progress and tables; checkpoints are written by all processes together
+(orbax).
 """
 
 from __future__ import annotations

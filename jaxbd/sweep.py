@@ -53,7 +53,7 @@ from absl import flags
 import ml_collections
 
 from jaxbd import config as config_lib
-from jaxbd import fileio
+from jaxbd import fileio, host
 from jaxbd import cli
 from jaxbd import main as run_command
 from jaxbd.errors import ConfigError, DataError, DivergedError, JaxbdError, first_line
@@ -239,14 +239,14 @@ def _run_group(group: list[tuple], workdir: str) -> list[tuple[dict | None, str 
     try:
       docs = standard.run_population(configs, dirs, os.path.join(workdir, "populations", name))
     except DivergedError as e:
-      print(f"sweep: population {name} diverged ({e}); its {len(group)} cells run one by one",
-            file=sys.stderr)
+      host.say(f"sweep: population {name} diverged ({e}); its {len(group)} cells run one by one",
+               err=True)
     except Exception as e:  # pylint: disable=broad-except
       return [(None, _error_line(e))] * len(group)
     else:
       if None in docs:
-        print(f"sweep: {docs.count(None)} of the {len(group)} cells of population {name} "
-              "diverged; they run again one by one", file=sys.stderr)
+        host.say(f"sweep: {docs.count(None)} of the {len(group)} cells of population {name} "
+                 "diverged; they run again one by one", err=True)
   return [(doc, None) if doc is not None else _attempt(lambda c=c, d=d: experiments.run(c, d))
           for doc, c, d in zip(docs, configs, dirs)]
 
@@ -263,7 +263,6 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
   Raises:
     ConfigError: a cell whose config does not validate (checked for all cells before any runs).
   """
-  from jaxbd.experiments import results  # pylint: disable=g-import-not-at-top
   configs = []
   for i, cell in enumerate(cells):
     config = config_lib.apply_cell(base, cell)
@@ -285,13 +284,13 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
     pending = [item for item in configs if item[3] not in done]
     for group in seed_groups(pending, vmap_seeds):
       for i, cell, _, digest in group:
-        print(f"sweep cell {i + 1}/{len(configs)} {digest} {json.dumps(cell)}"
-              + (f" (population of {len(group)})" if len(group) > 1 else ""), file=sys.stderr)
+        host.say(f"sweep cell {i + 1}/{len(configs)} {digest} {json.dumps(cell)}"
+                 + (f" (population of {len(group)})" if len(group) > 1 else ""), err=True)
       t0 = time.perf_counter()
       outcomes = _run_group(group, workdir)
       seconds = (time.perf_counter() - t0) / len(group)
       for (_, cell, config, digest), (doc, error) in zip(group, outcomes):
-        if results.is_writer():
+        if host.is_writer():
           record(connection, digest=digest, cell=cell, config=config,
                  workdir=cell_dir(workdir, digest), doc=doc, error=error,
                  seconds=seconds)
@@ -312,8 +311,8 @@ def main() -> None:
   if not cells:
     raise ConfigError("the sweep has no cells")
   counts = run_sweep(base, cells, workdir, _VMAP_SEEDS.value)
-  print(f"sweep: {counts['done']} run, {counts['skipped']} already done, "
-        f"{counts['failed']} failed; store: {os.path.join(workdir, 'results.sqlite')}")
+  host.say(f"sweep: {counts['done']} run, {counts['skipped']} already done, "
+           f"{counts['failed']} failed; store: {os.path.join(workdir, 'results.sqlite')}")
   if counts["failed"]:
     sys.exit(1)
 

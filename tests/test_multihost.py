@@ -15,7 +15,7 @@ from conftest import REPO
 from jaxbd.train import Checkpointer
 
 ARGS = ["--config=configs/quickstart.py", "--config.train.epochs=3",
-        "--config.standard.train_clean=false", "--config.log.progress=false"]
+        "--config.standard.train_clean=false"]
 
 
 def free_port() -> int:
@@ -33,20 +33,24 @@ def launch(workdir, *extra, devices=1, args=tuple(ARGS)):
 
 
 def finish(proc):
+  """(stdout, stderr) of a launched run that succeeded."""
   out, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-3000:]
-  return out
+  return out, err
 
 
 def test_two_processes_equal_one_process(tmp_path):
-  """Data parallel over 2 processes x 1 CPU device = 1 process with 1 device (to 1e-5)."""
+  """Data parallel over 2 processes x 1 CPU device = 1 process with 1 device (to 1e-5); process
+  0 alone prints the progress lines and the table."""
   port = free_port()
   multi = tmp_path / "multi"
   single = tmp_path / "single"
   procs = [launch(multi, f"--coordinator_address=localhost:{port}", "--num_processes=2",
                   f"--process_id={i}") for i in range(2)] + [launch(single)]  # side by side
-  outs = [finish(p) for p in procs]
-  assert "| backdoored |" in outs[0]
+  (out0, err0), (out1, err1), (out_single, _) = (finish(p) for p in procs)
+  assert "| backdoored |" in out_single and out_single in out0  # gloo logs to stdout too
+  assert "backdoored epoch 3/3:" in err0
+  assert "| model |" not in out1 and "epoch" not in err1
 
   a = Checkpointer(str(multi / "checkpoints" / "backdoored")).restore(3)
   b = Checkpointer(str(single / "checkpoints" / "backdoored")).restore(3)
@@ -79,8 +83,8 @@ def test_a_vmapped_population_split_over_two_processes_equals_one_process(tmp_pa
   port = free_port()
   procs = [launch(multi, f"--coordinator_address=localhost:{port}", "--num_processes=2",
                   f"--process_id={i}", args=POPULATION) for i in range(2)]
-  outs = [finish(p) for p in [*procs, launch(single, args=POPULATION)]]  # side by side
-  assert "| nc |" in outs[0]
+  outs = [finish(p)[0] for p in [*procs, launch(single, args=POPULATION)]]  # side by side
+  assert "| nc |" in outs[0] and "| nc |" not in outs[1]
   doc, expected = (json.loads((w / "results.json").read_text()) for w in (multi, single))
   assert doc["versions"]["devices"] == "2 x cpu"
   for got, want in zip(doc["metrics"]["members"], expected["metrics"]["members"], strict=True):

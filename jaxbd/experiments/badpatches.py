@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxbd import config as config_lib
 from jaxbd import metrics as metrics_lib
-from jaxbd import models, poison
+from jaxbd import host, models, poison
 from jaxbd.data.pipeline import to_unit
 from jaxbd import train as train_lib
 from jaxbd.experiments import common, plots, results, standard
@@ -312,12 +312,12 @@ def _print_summary(doc: dict) -> None:
     rows.append((f"{name}", d["acc"], d.get("asr"), d.get("ra"), d.get("der")))
   rows += [(f"{s['attack']} @ {100 * s['rate']:g}%", s["acc"], s["asr"], s["ra"], None)
            for s in doc["sweep"]]
-  print(results.markdown_table(["model", "ACC", "ASR", "RA", "DER"], rows))
+  host.say(results.markdown_table(["model", "ACC", "ASR", "RA", "DER"], rows))
   for model, layers in doc["routing"].get("models", {}).items():
     for layer, s in layers.items():
-      print(f"routing {model} {layer}: trigger patches routed {s['trigger_routed']:.3f} "
-            f"(clean images {s['trigger_routed_clean']:.3f}), experts per trigger patch "
-            f"{s['trigger_experts']:.2f} (clean {s['trigger_experts_clean']:.2f})")
+      host.say(f"routing {model} {layer}: trigger patches routed {s['trigger_routed']:.3f} "
+               f"(clean images {s['trigger_routed_clean']:.3f}), experts per trigger patch "
+               f"{s['trigger_experts']:.2f} (clean {s['trigger_experts_clean']:.2f})")
 
 
 COMPONENT = config_lib.Component(default_config, validate, run)

@@ -25,7 +25,7 @@ from flax import traverse_util
 
 from jaxbd import config as config_lib
 from jaxbd import data as data_lib
-from jaxbd import attacks, defenses, fileio, metrics, models, poison
+from jaxbd import attacks, defenses, fileio, host, metrics, models, poison
 from jaxbd import train as train_lib
 from jaxbd.errors import CheckpointError, ConfigError
 from jaxbd.experiments import results
@@ -356,7 +356,7 @@ def _phase_id(phase: str) -> int:
 
 def save_trusted(workdir: str, trusted: defenses.Trusted) -> None:
   """Saves the trusted set's training rows as `WORKDIR/trusted_indices.npy` (process 0)."""
-  if results.is_writer():
+  if host.is_writer():
     with fileio.atomic_file(os.path.join(workdir, "trusted_indices.npy"), "wb") as f:
       np.save(f, trusted.indices)
 

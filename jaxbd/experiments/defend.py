@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from jaxbd import config as config_lib
+from jaxbd import host
 from jaxbd.errors import ConfigError
 from jaxbd.experiments import common, report, results, standard
 from jaxbd.poison import plan as plan_lib
@@ -84,7 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          metrics=metrics,
                          defenses=defended, source=config.defend.checkpoint)
   results.write_json(f"{workdir}/results.json", doc)
-  print(report.models_table(metrics, defended))
+  host.say(report.models_table(metrics, defended))
   return doc
 
 

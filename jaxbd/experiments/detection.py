@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Optional
 
@@ -38,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from jaxbd import config as config_lib
-from jaxbd import defenses, metrics, poison
+from jaxbd import defenses, host, metrics, poison
 from jaxbd import train as train_lib
 from jaxbd.defenses import detection
 from jaxbd.errors import CheckpointError, DivergedError, first_line
@@ -171,8 +170,8 @@ def diverged_row(member: dict, reason: str, count: int) -> dict:
   printed on stderr."""
   row = {"index": member["index"], "attack": member["attack"] or "none", "seed": member["seed"],
          "error": reason}
-  print(f"detection: member {row['index'] + 1}/{count} ({row['attack']}, seed {row['seed']}) "
-        f"diverged and is left out of the scores: {reason}", file=sys.stderr, flush=True)
+  host.say(f"detection: member {row['index'] + 1}/{count} ({row['attack']}, seed {row['seed']}) "
+           f"diverged and is left out of the scores: {reason}", err=True)
   return row
 
 
@@ -214,9 +213,8 @@ def scorer_summary(name: str, rows: list[dict], positive: np.ndarray) -> dict:
   out = {"suspicion": [float(v) if ok else None for v, ok in zip(values, finite)]}
   if not finite.all():
     out["left_out"] = [row["index"] for row, ok in zip(rows, finite) if not ok]
-    print(f"detection: {name} scored members {[i + 1 for i in out['left_out']]} with a suspicion "
-          "that is not a finite number; they are left out of its ROC AUC", file=sys.stderr,
-          flush=True)
+    host.say(f"detection: {name} scored members {[i + 1 for i in out['left_out']]} with a "
+             "suspicion that is not a finite number; they are left out of its ROC AUC", err=True)
   if not (finite[positive].any() and finite[~positive].any()):
     raise DivergedError(f"{name} gave no finite suspicion for any clean or for any backdoored "
                         "member, so no ROC AUC can be measured")
@@ -278,7 +276,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       results.write_json(path, row)
     rows.append(row)
     if c.log.progress:
-      print(progress_line(row, count, time.perf_counter() - t0), file=sys.stderr, flush=True)
+      host.say(progress_line(row, count, time.perf_counter() - t0), err=True)
   score_seconds = time.perf_counter() - t0
   positive = np.array([m["attack"] is not None for m in members])
   summary = {name: scorer_summary(name, rows, positive) for name in scorers}
@@ -291,7 +289,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       timing={"train_seconds": train_seconds, "score_seconds": score_seconds,
               "vmap": d.vmap, "members": len(members)})
   results.write_json(os.path.join(workdir, "results.json"), doc)
-  print(report.detection_tables(doc))
+  host.say(report.detection_tables(doc))
   return doc
 
 

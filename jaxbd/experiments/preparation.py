@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxbd import analysis, attacks, fileio, poison
+from jaxbd import analysis, attacks, fileio, host, poison
 from jaxbd import metrics as metrics_lib
 from jaxbd import train as train_lib
 from jaxbd.errors import CheckpointError, ConfigError, first_line
-from jaxbd.experiments import common, results
+from jaxbd.experiments import common
 
 
 def prepares_attack(config: ml_collections.ConfigDict) -> bool:
@@ -72,7 +72,7 @@ def perturb_poisoned_rows(r: common.Run, surrogate: dict) -> tuple[common.Run, d
     perturbed = poison.adversarial.perturb(
         r.model, surrogate, original, labels, r.config.poison.adversarial,
         r.config.eval.batch_size, lambda x: train_lib.put_replicated(x, r.mesh))
-    if results.is_writer():
+    if host.is_writer():
       with fileio.atomic_file(path, "wb") as f:
         np.savez(f, indices=rows, images=perturbed)
   x_train = ds.x_train.copy()
@@ -114,7 +114,7 @@ def fit_latent_trigger(r: common.Run, teacher: dict) -> tuple[common.Run, dict]:
   else:
     fitted = attacks.latent.fit_trigger(r.model, teacher, r.trigger, ds.x_train[others], target,
                                         c.attack.latent, common.phase_key(r, "latent"), put)
-    if results.is_writer():
+    if host.is_writer():
       with fileio.atomic_file(path, "wb") as f:
         np.savez(f, pattern=np.asarray(fitted.pattern), mask=np.asarray(fitted.mask))
   summary = attacks.latent.distances(r.model, teacher, {"before": r.trigger, "after": fitted},
@@ -178,7 +178,7 @@ def select_reflections(r: common.Run, candidates: np.ndarray,
       history.append(float(scores.mean() / len(scoring)))
       weights = poison.refool.update_weights(weights, chosen, scores)
     chosen = poison.refool.top_candidates(weights, c.count)
-    if results.is_writer():
+    if host.is_writer():
       with fileio.atomic_file(path, "wb") as f:
         np.savez(f, chosen=chosen, round_success=np.asarray(history))
   trigger = r.trigger.replace(reflections=jnp.asarray(candidates[chosen]))

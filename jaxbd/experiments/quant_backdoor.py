@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxbd import config as config_lib
 from jaxbd import metrics as metrics_lib
-from jaxbd import models
+from jaxbd import host, models
 from jaxbd import quant as quant_lib
 from jaxbd import train as train_lib
 from jaxbd.attacks import quantization as attacks
@@ -281,7 +281,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "calibration_images": len(evaluator.calibration),
                     "deployment": "integer (int8 codes, int32 accumulation)"})
   results.write_json(os.path.join(workdir, "results.json"), doc)
-  print(table(doc))
+  host.say(table(doc))
   return doc
 
 

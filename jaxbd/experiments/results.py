@@ -15,12 +15,7 @@ from typing import Any, Iterable, Sequence
 import jax
 import numpy as np
 
-from jaxbd import fileio
-
-
-def is_writer() -> bool:
-  """Whether this process writes results and logs (process 0 of a multi-host run)."""
-  return jax.process_index() == 0
+from jaxbd import fileio, host
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -28,7 +23,7 @@ def write_json(path: str, obj: Any) -> None:
 
   In a multi-host run only process 0 writes.
   """
-  if not is_writer():
+  if not host.is_writer():
     return
   with fileio.atomic_file(path) as f:
     f.write(fileio.dumps(obj, indent=1) + "\n")
@@ -36,7 +31,7 @@ def write_json(path: str, obj: Any) -> None:
 
 def write_npz(path: str, **arrays: Any) -> None:
   """Writes arrays as .npz atomically (only process 0 of a multi-host run)."""
-  if not is_writer():
+  if not host.is_writer():
     return
   with fileio.atomic_file(path, "wb") as f:
     np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})

@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxbd import config as config_lib
 from jaxbd import data as data_lib
-from jaxbd import defenses
+from jaxbd import defenses, host
 from jaxbd.data.dataset import balanced_indices
 from jaxbd.errors import ConfigError
 from jaxbd.experiments import common, preparation, results
@@ -167,7 +167,7 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
                                                cell_config.defense[name], key)
     rows.append({"cell": dict(cell), **evaluate(defended)})
     measured = ", ".join(f"{k} {v:.4f}" for k, v in rows[-1].items() if k != "cell")
-    print(f"selection: setting {i} ({i + 1}/{len(cells)}) {cell} -> {measured}", flush=True)
+    host.say(f"selection: setting {i} ({i + 1}/{len(cells)}) {cell} -> {measured}")
   chosen = choose(reference["acc"], rows, max_acc_drop)
   doc = {"defense": name, "heldout": {"size": int(len(held.labels)),
                                       "indices": held.indices.tolist()},

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from jaxbd import config as config_lib
-from jaxbd import poison
+from jaxbd import host, poison
 from jaxbd import train as train_lib
 from jaxbd.errors import ConfigError, DivergedError
 from jaxbd.experiments import common, population, preparation, report, results
@@ -71,7 +71,7 @@ def finish(r: common.Run, variables: dict, metrics: dict, timing: dict,
       r.config, dataset=r.dataset.name, model=r.config.model.name,
       attack=attack, metrics=metrics, defenses=defended, timing=timing)
   results.write_json(f"{r.workdir}/results.json", doc)
-  print(report.models_table(metrics, defended))
+  host.say(report.models_table(metrics, defended))
   return doc
 
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbd import fileio
+from jaxbd import fileio, host
 from jaxbd.errors import CheckpointError, ConfigError, DataError, first_line
 
 CLEAN, POISONED, COVER = 0, 1, 2
@@ -84,7 +84,7 @@ class PoisonPlan:
         random numbers of another JAX version), naming the first array that differs.
     """
     if not os.path.exists(path):
-      if jax.process_index() == 0:
+      if host.is_writer():
         self.save(path, trigger)
       return
     try:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxbd import host
 from jaxbd.errors import CheckpointError, first_line
 
 
@@ -121,7 +122,7 @@ class Checkpointer:
         if i == 0:
           raise CheckpointError(f"checkpoint {step_dir} is not a checkpoint jaxbd wrote (it lacks "
                                 f"{METADATA_FILE}); delete it or use a new --workdir")
-        if jax.process_index() == 0:
+        if host.is_writer():
           shutil.rmtree(step_dir, ignore_errors=True)
       self._manager = ocp.CheckpointManager(self.directory, options=self._options,
                                             item_handlers=ocp.StandardCheckpointHandler())

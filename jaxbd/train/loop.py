@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import jax
 import tqdm
 
-from jaxbd import fileio
+from jaxbd import fileio, host
 from jaxbd.data.pipeline import epoch_indices
 from jaxbd.errors import CheckpointError, DivergedError
 from jaxbd.train.checkpoint import Checkpointer
@@ -43,8 +43,7 @@ class MetricsLog:
   """
 
   def __init__(self, workdir: Optional[str]):
-    writer = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl") if workdir and writer else None
+    self.path = os.path.join(workdir, "metrics.jsonl") if workdir and host.is_writer() else None
 
   def write(self, **record: Any) -> None:
     """Appends one record to the metrics file."""
@@ -155,7 +154,7 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
     perm = epoch_permutation(perm_key, epoch, size=arrays.size, batch_size=batch_size)
     epoch_steps = min(steps, total - epoch * steps)
     bar = tqdm.tqdm(total=epoch_steps, desc=f"{phase} {epoch + 1}/{epochs}", leave=False,
-                    disable=None if progress else True,  # None: only on a terminal
+                    disable=None if progress and host.is_writer() else True,  # None: a terminal
                     file=sys.stderr, dynamic_ncols=True)
     for i in range(epoch_steps):
       state, metrics = jit_step(state, arrays, perm, i, step_key, context)
@@ -174,8 +173,8 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
       log.write(phase=phase, epoch=epoch + 1, step=epoch * steps + epoch_steps, **last_eval)
     if progress and (evaluated or last or (epoch + 1) % max(1, epochs // 10) == 0):
       # about ten lines per phase, also where the bar is off (output to a file)
-      print(epoch_line(phase, epoch + 1, epochs, {**m, **evaluated}, time.perf_counter() - t0),
-            file=sys.stderr, flush=True)
+      host.say(epoch_line(phase, epoch + 1, epochs, {**m, **evaluated},
+                          time.perf_counter() - t0), err=True)
     if ckpt is not None and (last or (checkpoint_every and (epoch + 1) % checkpoint_every == 0)):
       ckpt.save(epoch + 1, state, seconds=earlier + time.perf_counter() - t0)
   jax.block_until_ready(state)
