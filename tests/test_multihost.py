@@ -87,6 +87,8 @@ def test_a_vmapped_population_split_over_two_processes_equals_one_process(tmp_pa
   assert "| nc |" in outs[0] and "| nc |" not in outs[1]
   doc, expected = (json.loads((w / "results.json").read_text()) for w in (multi, single))
   assert doc["versions"]["devices"] == "2 x cpu"
+  assert doc["timing"]["member_splits"] == [[2, 1]]  # each process trains one member
+  assert expected["timing"]["member_splits"] == [[1, 1]]
   for got, want in zip(doc["metrics"]["members"], expected["metrics"]["members"], strict=True):
     assert {k: got[k] for k in ("index", "acc", "asr", "ra")} == {
         k: want[k] for k in ("index", "acc", "asr", "ra")}

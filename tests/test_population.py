@@ -65,6 +65,15 @@ def test_a_vmapped_population_splits_its_members_over_the_devices():
   assert [None if (m := population.member_mesh(n)) is None else m.devices.size
           for n in (1, 2, 3, 4, 5, 6, 8)] == [None, 2, 3, 4, None, 3, 4]
   assert population.member_mesh(4, jax.local_devices()[:2]).devices.size == 2  # a run's mesh
+  note = lambda n, mesh=None: population.split_note(n, mesh or population.member_mesh(n), 4)
+  assert note(4) is None and note(8) is None
+  assert note(3).endswith("1 of the 4 devices idle; a multiple of 4 members gives each device "
+                          "its own")
+  assert "3 of the 4 devices idle" in note(5)
+  copies = jax.sharding.Mesh(np.array(jax.local_devices()).reshape(2, 2),
+                             (population.MEMBERS, population.REPLICAS))
+  assert note(6, copies).endswith("over 4 devices: each part computed on 2 devices; a multiple "
+                                  "of 4 members gives each device its own")
   config = tiny_digits_config()
   ds = data.load(config.data)
   model = models.create(config, ds.num_classes, (0.5,), (0.25,))

@@ -129,31 +129,34 @@ def groups(members: list[dict]) -> list[list[dict]]:
   return list(out.values())
 
 
-def train_members(r: common.Run, members: list[dict]) -> tuple[dict, list[dict]]:
+def train_members(r: common.Run, members: list[dict]) -> tuple[dict, list[dict], list]:
   """Trains every member, a group at a time: ({member index: variables} of the members that
-  trained, `diverged_row`s of those that diverged).
+  trained, `diverged_row`s of those that diverged, each vmapped group's [ways, copies] split
+  over the devices (`population.member_mesh`; None for a group trained in a loop or diverged)).
 
   Raises:
     DivergedError: no clean or no backdoored member is left to score.
   """
-  variables, diverged = {}, []
+  variables, diverged, splits = {}, [], []
   for g, group in enumerate(groups(members)):
-    trained, failed = train_group(r, group, f"population{g}")
+    trained, summary = train_group(r, group, f"population{g}")
     variables.update((m["index"], train_lib.variables(s)) for m, s in zip(group, trained)
                      if s is not None)
-    diverged += [diverged_row(group[j], reason, len(members)) for j, reason in failed.items()]
+    diverged += [diverged_row(group[j], reason, len(members))
+                 for j, reason in summary["diverged"].items()]
+    splits.append(summary.get("member_split"))
   for backdoored, kind in ((False, "clean"), (True, "backdoored")):
     if not any((m["attack"] is not None) == backdoored and m["index"] in variables
                for m in members):
       raise DivergedError(f"every {kind} member of the detection population diverged, so no "
                           f"ROC AUC can be measured (first: {diverged[0]['error']})")
-  return variables, diverged
+  return variables, diverged, splits
 
 
-def train_group(r: common.Run, group: list[dict], phase: str) -> tuple[list, dict[int, str]]:
+def train_group(r: common.Run, group: list[dict], phase: str) -> tuple[list, dict]:
   """Trains one group of members (`jaxbd.experiments.population.train_group`): their train
-  states (None where one diverged) and {position in the group: reason} of the diverged ones (all
-  of them when the whole group diverged)."""
+  states (None where one diverged) and its summary, whose `diverged` is {position in the group:
+  reason} of the diverged ones (all of them when the whole group diverged)."""
   c = r.config
   try:
     trained, summary = population.train_group(
@@ -161,8 +164,8 @@ def train_group(r: common.Run, group: list[dict], phase: str) -> tuple[list, dic
         data_config=c.data, log_config=c.log, vmapped=c.detection.vmap, workdir=r.workdir,
         mesh=r.mesh)
   except DivergedError as e:
-    return [None] * len(group), {j: str(e) for j in range(len(group))}
-  return trained, summary["diverged"]
+    return [None] * len(group), {"diverged": {j: str(e) for j in range(len(group))}}
+  return trained, summary
 
 
 def diverged_row(member: dict, reason: str, count: int) -> dict:
@@ -244,7 +247,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   common.create_workdir(r)
   save_plans(r.workdir, members)
   t0 = time.perf_counter()
-  variables, diverged = train_members(r, members)
+  variables, diverged, splits = train_members(r, members)
   train_seconds = time.perf_counter() - t0
   count, members = len(members), [m for m in members if m["index"] in variables]
 
@@ -287,7 +290,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "target": c.poison.target, "label_mode": c.poison.label_mode},
       metrics={"members": rows, "diverged": diverged}, detection=summary,
       timing={"train_seconds": train_seconds, "score_seconds": score_seconds,
-              "vmap": d.vmap, "members": len(members)})
+              "vmap": d.vmap, "members": len(members), "member_splits": splits})
   results.write_json(os.path.join(workdir, "results.json"), doc)
   host.say(report.detection_tables(doc))
   return doc

@@ -50,6 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from jaxbd import data as data_lib
+from jaxbd import host
 from jaxbd import poison
 from jaxbd import train as train_lib
 from jaxbd.errors import DivergedError
@@ -130,6 +131,19 @@ def member_mesh(count: int, devices=None) -> Optional[jax.sharding.Mesh]:
       return None
     devices = devices[:size]
   return jax.sharding.Mesh(np.array(devices).reshape(size, -1), (MEMBERS, REPLICAS))
+
+
+def split_note(count: int, split: Optional[jax.sharding.Mesh], devices: int) -> Optional[str]:
+  """The progress line on a `member_mesh` of `count` members that leaves some of the run's
+  `devices` idle or computing copies of others' members (None where each trains its own)."""
+  ways, copies = (1, 1) if split is None else split.devices.shape
+  if ways == devices:
+    return None
+  idle = devices - ways * copies
+  waste = ([f"{idle} of the {devices} devices idle"] if idle else []) + (
+      [f"each part computed on {copies} devices"] if copies > 1 else [])
+  return (f"population of {count} members split {ways} way(s) over {devices} devices: "
+          f"{'; '.join(waste)}; a multiple of {devices} members gives each device its own")
 
 
 def population_step(model, tx, data_config, mesh: Optional[jax.sharding.Mesh] = None):
@@ -240,6 +254,9 @@ def _train_stacked(model, images, members, phase, tc, data_config, mesh, fit):
   ones, summary)."""
   tx = train_lib.make_optimizer(tc, -(-len(images) // tc.batch_size))
   split = member_mesh(len(members), mesh.devices.flat)
+  note = split_note(len(members), split, mesh.devices.size)
+  if note:
+    host.say(note, err=True)
   stack = lambda xs: split_members(jax.tree.map(lambda *a: jnp.stack(a), *xs), split)
   init_keys, train_keys = zip(*(jax.random.split(m["key"]) for m in members))
   # Initialized one by one as `supervised_setup` does (same values), then stacked.
@@ -252,6 +269,7 @@ def _train_stacked(model, images, members, phase, tc, data_config, mesh, fit):
   state, summary = fit(phase, state, population_step(model, tx, data_config, split),
                        population.split(split), key=stack(train_keys))
   summary["images_per_second"] *= len(members)
+  summary["member_split"] = [1, 1] if split is None else list(split.devices.shape)
   state = gather_members(state, split)
   out = [jax.tree.map(lambda x, j=j: x[j], state) for j in range(len(members))]
   diverged = {int(j): f"training phase {phase!r} diverged for member {j + 1} of {len(members)} "

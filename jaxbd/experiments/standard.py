@@ -90,7 +90,8 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
   Each member gets the keys, poison plan and trigger its own `run` would use, so its results
   match a run of its own up to floating-point reassociation; evaluation and defenses run per
   member. Every workdir ends up as `run` leaves it (config, poison plan, final checkpoint of each
-  phase, results.json); `timing` holds the population's wall time (`population`: its size).
+  phase, results.json); `timing` holds the population's wall time (`population`: its size;
+  `member_split`: [ways, copies] of `population.member_mesh`).
   The population's checkpoints live in `population_dir`, so a killed run resumes.
 
   Returns:
@@ -125,7 +126,8 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
       if j not in failed:
         common.save_phase(r, phase, c.train.epochs, state)
         m[phase] = r.evaluate(train_lib.variables(state))
-        t[phase] = dict(common.timing_section(summary), population=len(runs))
+        t[phase] = dict(common.timing_section(summary), population=len(runs),
+                        member_split=summary["member_split"])
   return [None if j in failed else finish(r, train_lib.variables(s), m, t)
           for j, (r, s, m, t) in enumerate(zip(runs, states, metrics, timing))]
 
