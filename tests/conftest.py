@@ -300,9 +300,12 @@ def load_config(spec: str):
   return load_config_file(str(REPO / spec))
 
 
-def compiled_while(caplog, fn, *args, **kwargs) -> list[str]:
-  """The messages of the programs JAX compiles while `fn(*args, **kwargs)` runs."""
+def compiled_while(caplog, fn, *args, xla: bool = False, **kwargs) -> list[str]:
+  """The messages of the programs JAX lowers and compiles while `fn(*args, **kwargs)` runs
+  (`xla`: of those XLA compiles, leaving out programs only lowered)."""
   import jax  # pylint: disable=g-import-not-at-top
+  caplog.clear()
   with caplog.at_level(logging.DEBUG, logger="jax"), jax.log_compiles():
     fn(*args, **kwargs)
-  return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling ")]
+  prefix = "Finished XLA compilation of " if xla else "Compiling "
+  return [r.getMessage() for r in caplog.records if r.getMessage().startswith(prefix)]

@@ -22,7 +22,7 @@ from jaxbd.errors import CheckpointError, DivergedError
 from conftest import REPO, compiled_while
 
 
-def small_setup(mesh):
+def small_setup(mesh, trigger_value=255):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (96, 16, 16, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, 96)
@@ -32,6 +32,7 @@ def small_setup(mesh):
   c.train.batch_size = 32
   c.train.epochs = 2
   c.data.crop_padding = 2
+  c.poison.badnets.value = trigger_value
   model = models.create(c, 10, (0.5,) * 3, (0.25,) * 3)
   plan = poison.make_plan(labels, 10, rate=0.2, target=0)
   trigger = poison.make_trigger(c, (16, 16, 3))
@@ -119,6 +120,28 @@ def test_a_second_phase_of_the_same_shapes_compiles_nothing(caplog):
   compiled = compiled_while(caplog, train_lib.fit, "u", state, step, arrays, epochs=2,
                             batch_size=32, key=jax.random.key(2), progress=False)
   assert not compiled, compiled
+
+
+def test_a_step_cache_runs_an_earlier_step_of_the_same_program_and_only_that(caplog):
+  """A step function built anew compiles again. With a `StepCache`, a step that compiles to the
+  program of an earlier one runs that one instead (nothing compiled, the same parameters); a
+  step closing over another trigger compiles its own."""
+  cache, out = train_lib.StepCache(), []
+
+  def fit(*setup):
+    out.append(train_lib.fit("t", *setup, epochs=1, batch_size=32, key=jax.random.key(1),
+                             progress=False, step_cache=cache)[0]["params"])
+
+  mesh = train_lib.make_mesh(1, 1)
+  fit(*small_setup(mesh))
+  assert not [m for m in compiled_while(caplog, fit, *small_setup(mesh), xla=True)
+              if "jit(step)" in m]
+  assert len(cache) == 1
+  jax.tree.map(np.testing.assert_array_equal, out[0], out[1])
+  assert [m for m in compiled_while(caplog, fit, *small_setup(mesh, 128), xla=True)
+          if "jit(step)" in m]
+  assert len(cache) == 2
+  assert not np.array_equal(out[0]["head"]["kernel"], out[2]["head"]["kernel"])
 
 
 def test_mesh_must_match_devices():

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from jaxbd import config as config_lib
+from jaxbd import train as train_lib
 from jaxbd.errors import ConfigError
 from jaxbd.poison import plan as plan_lib
 
@@ -53,6 +54,8 @@ class Context:
     workdir: run directory for the defense's checkpoints and metrics (None: none).
     evaluate: `variables -> metrics` for progress logs only (None: no logging).
     progress: show progress bars.
+    step_cache: the compiled train steps of the defenses run in this context, so that running one
+      again (a detection population's repairs) compiles nothing new (`jaxbd.train.StepCache`).
   """
 
   model: Any
@@ -62,6 +65,7 @@ class Context:
   workdir: Optional[str] = None
   evaluate: Optional[Callable[[dict], dict]] = None
   progress: bool = True
+  step_cache: train_lib.StepCache = dataclasses.field(default_factory=train_lib.StepCache)
 
 
 def trusted_pool(kind: np.ndarray, fraction: float) -> tuple[int, np.ndarray]:

@@ -281,14 +281,16 @@ def _train_stacked(model, images, members, phase, tc, data_config, mesh, fit):
 def _train_looped(model, images, members, phase, tc, data_config, mesh, fit):
   """`train_group`'s loop: each member trained as `train_classifier` trains a run's model (the
   same setup, poisoning and keys), data-parallel on `mesh`: (member states, {position: reason}
-  of the diverged ones, summary over the members)."""
-  out, runs, diverged = [], [], {}
+  of the diverged ones, summary over the members). Members whose steps compile to the same
+  program (the same trigger, or none) compile it once."""
+  out, runs, diverged, cache = [], [], {}, train_lib.StepCache()
   for j, m in enumerate(members):
     setup, train_key = common.classifier_setup(
         model, images, m["labels"], tc, data_config, mesh, m["key"],
         kind=m["kind"] if np.any(m["kind"]) else None, trigger=m["trigger"])
     try:
-      state, run = fit(f"{phase}_{j}", setup.state, setup.step, setup.arrays, key=train_key)
+      state, run = fit(f"{phase}_{j}", setup.state, setup.step, setup.arrays, key=train_key,
+                       step_cache=cache)
       runs.append(run)
     except DivergedError as e:
       state, diverged[j] = None, str(e)

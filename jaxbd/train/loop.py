@@ -10,6 +10,7 @@ step queued behind the running one (`jaxbd.train.mesh.Throttle`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 import tqdm
 
 from jaxbd import fileio, host
@@ -34,6 +36,35 @@ def epoch_permutation(key: jax.Array, epoch: int, *, size: int, batch_size: int)
   Jitted once per shape for every phase, not once per `fit`."""
   perm = lambda k: epoch_indices(jax.random.fold_in(k, epoch), size, batch_size)
   return jax.vmap(perm)(key) if key.ndim else perm(key)
+
+
+class StepCache:
+  """The jitted train steps of a run, kept by the program they compile to.
+
+  `jax.jit` keeps its compilations per Python function, and every phase builds its step function
+  anew, so a phase that runs the same program again compiles it again: the repair of each member
+  of a detection population, each member of a looped population. A `fit` given a cache runs the
+  step of an earlier phase whose program is the same instead of its own: the same lowered program
+  text, the same values of the arrays the step function closes over, and inputs with the same
+  shardings. It saves the compilation, not the tracing (each phase traces its step once).
+  """
+
+  def __init__(self):
+    self._steps: dict = {}
+
+  def __len__(self) -> int:
+    return len(self._steps)
+
+  def step(self, jit_step, *args):
+    """The step of an earlier phase with `jit_step`'s program for `args`, else `jit_step`."""
+    traced = jit_step.trace(*args)
+    digest = hashlib.sha256(traced.lower().as_text().encode())
+    for const in traced.jaxpr.consts:
+      if jax.dtypes.issubdtype(const.dtype, jax.dtypes.prng_key):
+        const = jax.random.key_data(const)
+      digest.update(np.asarray(const).tobytes())
+    key = (digest.hexdigest(), *(getattr(x, "sharding", None) for x in jax.tree.leaves(args)))
+    return self._steps.setdefault(key, jit_step)
 
 
 class MetricsLog:
@@ -93,7 +124,8 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
         key: jax.Array, workdir: Optional[str] = None, context: Any = None,
         eval_fn: Optional[Callable[[dict], dict]] = None, eval_every: int = 1,
         checkpoint_every: int = 1, log_every: int = 50, progress: bool = True,
-        max_steps: Optional[int] = None) -> tuple[dict, dict]:
+        max_steps: Optional[int] = None,
+        step_cache: Optional[StepCache] = None) -> tuple[dict, dict]:
   """Trains `state` for `epochs` epochs over `arrays` (the last one cut at `max_steps`).
 
   Args:
@@ -118,6 +150,8 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
       evaluation, the last epoch and every `epochs // 10`-th.
     max_steps: stop after this many steps in all (None: whole epochs), for defenses that count
       steps (Pivotal Tuning); `epochs` must cover them.
+    step_cache: a `StepCache` whose step runs in place of `step_fn` where it compiles to the same
+      program (None: `step_fn` is compiled).
 
   Returns:
     (final state, summary) where summary has epochs, steps, seconds (training time of the
@@ -156,6 +190,8 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
     bar = tqdm.tqdm(total=epoch_steps, desc=f"{phase} {epoch + 1}/{epochs}", leave=False,
                     disable=None if progress and host.is_writer() else True,  # None: a terminal
                     file=sys.stderr, dynamic_ncols=True)
+    if step_cache is not None and epoch == start:
+      jit_step = step_cache.step(jit_step, state, arrays, perm, 0, step_key, context)
     for i in range(epoch_steps):
       state, metrics = jit_step(state, arrays, perm, i, step_key, context)
       throttle(metrics)  # not the state: the next step consumes (donates) it
