@@ -60,6 +60,12 @@ class StepCache:
     traced = jit_step.trace(*args)
     digest = hashlib.sha256(traced.lower().as_text().encode())
     for const in traced.jaxpr.consts:
+      digest.update(f"{const.shape} {const.dtype}".encode())
+      if not getattr(const, "is_fully_addressable", True):
+        # Spread over processes, so not readable here: the array itself must be the same (its id
+        # stays unique while the cache keeps the step that closes over it).
+        digest.update(f"array {id(const)}".encode())
+        continue
       if jax.dtypes.issubdtype(const.dtype, jax.dtypes.prng_key):
         const = jax.random.key_data(const)
       digest.update(np.asarray(const).tobytes())
