@@ -133,10 +133,16 @@ def member_mesh(count: int, devices=None) -> Optional[jax.sharding.Mesh]:
   return jax.sharding.Mesh(np.array(devices).reshape(size, -1), (MEMBERS, REPLICAS))
 
 
+def split_shape(split: Optional[jax.sharding.Mesh]) -> tuple[int, int]:
+  """(ways, copies) of a `member_mesh`: the members split `ways` ways, each part on `copies`
+  devices ((1, 1) without a mesh)."""
+  return (1, 1) if split is None else tuple(split.devices.shape)
+
+
 def split_note(count: int, split: Optional[jax.sharding.Mesh], devices: int) -> Optional[str]:
   """The progress line on a `member_mesh` of `count` members that leaves some of the run's
   `devices` idle or computing copies of others' members (None where each trains its own)."""
-  ways, copies = (1, 1) if split is None else split.devices.shape
+  ways, copies = split_shape(split)
   if ways == devices:
     return None
   idle = devices - ways * copies
@@ -269,7 +275,7 @@ def _train_stacked(model, images, members, phase, tc, data_config, mesh, fit):
   state, summary = fit(phase, state, population_step(model, tx, data_config, split),
                        population.split(split), key=stack(train_keys))
   summary["images_per_second"] *= len(members)
-  summary["member_split"] = [1, 1] if split is None else list(split.devices.shape)
+  summary["member_split"] = list(split_shape(split))
   state = gather_members(state, split)
   out = [jax.tree.map(lambda x, j=j: x[j], state) for j in range(len(members))]
   diverged = {int(j): f"training phase {phase!r} diverged for member {j + 1} of {len(members)} "
