@@ -46,7 +46,9 @@ CPU recipe's lambda, learning rates and epochs, which are not measured at that s
 
 Arguments: cpu, source=..., model=cnn|preact_resnet18, attack=qb|quanti|quanti_indiscriminate,
 bits=B[/B...] (the attack's bit widths; default: the attack's own), init=clean|scratch,
-epochs=N (attack epochs; 0: the default), two_stage.
+epochs=N (attack epochs; 0: the default), two_stage, clean_from=DIR (the clean model of an
+earlier run, e.g. of configs/cifar10.py with the same `cpu` and `source`, instead of training
+one: `quant_backdoor.clean_from`).
 """
 
 from jaxbd import config as config_lib
@@ -61,7 +63,7 @@ def cifar10_config(arg: str):
 def get_config(arg=None):
   """The config for `arg` (the arguments in the module docstring)."""
   a = config_lib.parse_arg(arg, cpu=False, source="tfds:cifar10", model="", attack="qb",
-                           bits="", init="clean", epochs=0, two_stage=False)
+                           bits="", init="clean", epochs=0, two_stage=False, clean_from="")
   # The clean model is configs/cifar10.py's victim (":cpu" is the recipe of the CPU tests).
   config = cifar10_config(f"source={a.source},attack=none{',cpu' if a.cpu else ''}")
   config.experiment = "quant_backdoor"
@@ -74,6 +76,7 @@ def get_config(arg=None):
   qb = config.quant_backdoor
   qb.attack = a.attack
   qb.init = a.init
+  qb.clean_from = a.clean_from
   if a.attack == "quanti":  # Qu-ANTI-zation's white square: side h/8, h/32 from the corner
     config.poison.name = "badnets"
     config.poison.badnets.update(size=4, margin=1, corner="bottom_right", pattern="solid",

@@ -97,12 +97,13 @@ class CifarRun:
 
 
 # The CPU experiments on CIFAR-10 that tests read: fixture name -> config spec (`{cifar10}`: the
-# dataset's path).
+# dataset's path; `{NAME}`: the workdir of experiment NAME, which then runs first).
 CIFAR_RUNS = {
     # a clean and a BadNets-backdoored CNN (~1 minute alone)
     "cifar_cpu_run": "configs/cifar10.py:cpu,source=npz:{cifar10}",
-    # the clean CNN of configs/cifar10.py:cpu, two-stage QB from it, FT (~2 minutes)
-    "quant_cpu_run": "configs/quant_backdoor.py:cpu,two_stage,source=npz:{cifar10}",
+    # two-stage QB from the clean CNN of cifar_cpu_run, FT (~1 minute)
+    "quant_cpu_run": "configs/quant_backdoor.py:cpu,two_stage,source=npz:{cifar10},"
+                     "clean_from={cifar_cpu_run}",
     # the BadPatches CPU recipe: 4 image-patch pMoEs (~1 minute)
     "badpatches_cpu_run": "configs/badpatches.py:cpu,model=pmoe_patch,source=npz:{cifar10}",
     # the D3 CPU recipe with FT and D3: the backdoored victim defended with 5% clean training data
@@ -120,15 +121,23 @@ class BackgroundRuns:
   processes, on one CPU) and slows them little."""
 
   def __init__(self, names: list[str], data: str):
-    """names: the experiments, in the order the tests need them; data: CIFAR-10's path."""
+    """names: the experiments, in the order the tests need them (each after the ones its spec
+    names); data: CIFAR-10's path."""
     self.root = tempfile.mkdtemp(prefix="jaxbd-test-runs-")
-    self.specs = {name: CIFAR_RUNS[name].format(cifar10=data) for name in names}
+    names = list(dict.fromkeys(n for name in names for n in (*self.inputs(name), name)))
+    workdirs = {name: self.workdir(name) for name in CIFAR_RUNS}
+    self.specs = {name: CIFAR_RUNS[name].format(cifar10=data, **workdirs) for name in names}
     self._done = {name: threading.Event() for name in names}
     self._errors = {}
     self._lock = threading.Lock()
     self._process = None
     self._stopped = False
     threading.Thread(target=self._run_all, daemon=True).start()
+
+  @staticmethod
+  def inputs(name: str) -> list[str]:
+    """The experiments whose workdirs the spec of experiment `name` names."""
+    return [other for other in CIFAR_RUNS if "{" + other + "}" in CIFAR_RUNS[name]]
 
   def workdir(self, name: str) -> str:
     return os.path.join(self.root, name)

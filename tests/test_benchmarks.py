@@ -30,15 +30,6 @@ def script(name, *args, timeout=600):
   return proc.stdout
 
 
-def test_bench_train_reports_step_and_epoch_throughput(tmp_path):
-  out = script("bench_train.py", "--model=cnn", "--width=4", "--num_train=128", "--steps=2",
-               "--batch_sizes=32", f"--out={tmp_path / 'b.json'}")
-  assert "| 32 |" in out
-  row = json.loads((tmp_path / "b.json").read_text())["results"][0]
-  assert row["step_images_per_second"] > 0 and row["epoch_images_per_second"] > 0
-  assert row["step_tflops_per_second"] > 0  # XLA's cost analysis gave the step's FLOPs
-
-
 @pytest.mark.slow
 def test_compare_pytorch_prints_ratios(tmp_path):
   pytest.importorskip("torch")
@@ -98,12 +89,20 @@ def test_accelerator_checks_run_a_stage_and_report_a_failed_one(tmp_path):
   data = tmp_path / "data.npz"
   data.write_bytes(b"not used by the bench stage")
   # Relative paths are taken from the caller's folder, although the stages run from the repo.
-  proc = checks(tmp_path, "out", "data.npz", "bench", "trigger", "d3:badnets", "pyp:sig")
-  # bench and trigger succeed; d3 and pyp fail on the unreadable data file, are reported, and
-  # count in the status.
+  # Two runs side by side, into one folder: bench and trigger succeed; d3 and pyp fail on the
+  # unreadable data file, are reported, and count in the status.
+  proc, trigger = side_by_side([
+      lambda: checks(tmp_path, "out", "data.npz", "bench", "d3:badnets", "pyp:sig"),
+      lambda: checks(tmp_path, "out", "data.npz", "trigger")])
   assert proc.returncode == 2, proc.stdout + proc.stderr
-  assert "bench: done in" in proc.stdout and "trigger: done in" in proc.stdout
-  assert json.loads((out / "train_bf16.json").read_text())["dtype"] == "bfloat16"
+  assert trigger.returncode == 0, trigger.stdout + trigger.stderr
+  assert "bench: done in" in proc.stdout and "trigger: done in" in trigger.stdout
+  # The bench stage: scripts/bench_train.py's table and figures, step and whole epoch.
+  bench = json.loads((out / "train_bf16.json").read_text())
+  assert bench["dtype"] == "bfloat16" and "| 32 |" in (out / "bench.log").read_text()
+  row = bench["results"][0]
+  assert row["step_images_per_second"] > 0 and row["epoch_images_per_second"] > 0
+  assert row["step_tflops_per_second"] > 0  # XLA's cost analysis gave the step's FLOPs
   refool = json.loads((out / "train_refool.json").read_text())
   assert refool["trigger"] == "refool"
   assert refool["results"][0]["every_row_step_images_per_second"] > 0

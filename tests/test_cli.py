@@ -255,70 +255,93 @@ def test_missing_config_file_and_workdir(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
-def test_corrupt_checkpoint_and_changed_config_are_refused(tmp_path):
-  workdir = tmp_path / "w"
-  jaxbd(*QUICK, "--config.standard.train_clean=false", workdir=workdir, check_rc=0)
-  before = sorted(os.listdir(workdir))
-  assert_one_line_error(
-      jaxbd(*QUICK, "--config.standard.train_clean=false", "--config.train.lr=0.02",
-            workdir=workdir),
-      "holds a run with a different config (first difference: train.lr)")
-  saved = (workdir / "config.json").read_text()
-  older = json.loads(saved)
-  del older["detection"]["nc"]["score"]  # as written before the key existed
+def _older_config(workdir):
+  """config.json as an older jaxbd wrote it, without a key added since."""
+  older = json.loads((workdir / "config.json").read_text())
+  del older["detection"]["nc"]["score"]
   (workdir / "config.json").write_text(json.dumps(older))
-  assert_one_line_error(
-      jaxbd(*QUICK, "--config.standard.train_clean=false", workdir=workdir),
-      "(first difference: detection.nc.score, a key its config.json lacks (written by an older "
-      "jaxbd)); use a new --workdir")
-  os.remove(workdir / "config.json")
-  assert_one_line_error(
-      jaxbd(*QUICK, "--config.standard.train_clean=false", workdir=workdir),
-      "holds checkpoints but no config.json, so nothing says which config trained them")
-  (workdir / "config.json").write_text(saved)
+
+
+def _other_plan(workdir):
+  """The same config drawing other rows (e.g. a changed dataset file)."""
   plan = workdir / "poison_plan.npz"
-  saved_plan = plan.read_bytes()
-  with np.load(plan) as z:  # the same config drawing other rows (e.g. a changed dataset file)
+  with np.load(plan) as z:
     arrays = {k: z[k] for k in z.files}
   arrays["indices"] = arrays["indices"] + 1
   np.savez(plan, **arrays)
-  assert_one_line_error(
-      jaxbd(*QUICK, "--config.standard.train_clean=false", workdir=workdir),
-      "poison_plan.npz holds another poison plan than this run draws (first difference: "
-      "indices; the data or the random numbers changed)")
-  plan.write_bytes(saved_plan)
+
+
+def _flipped_weight_bit(workdir):
+  """One bit of one weight changed on disk in a checkpoint that still decodes (the arrays written
+  again by orbax, the saved checksum kept)."""
   ckpt = workdir / "checkpoints" / "backdoored" / "2"
-  os.remove(workdir / "results.json")
-  # One bit of one weight changed on disk in a checkpoint that still decodes (the arrays written
-  # again by orbax, the saved checksum kept): the checksum refuses it.
   state = Checkpointer(str(ckpt.parent)).restore(2)
   kernel = np.array(state["params"]["conv1"]["kernel"])
   kernel.view(np.uint32).reshape(-1)[7] ^= 1
   state["params"]["conv1"]["kernel"] = kernel
+  rewritten = workdir.parent / f"{workdir.name}_rewritten"
   with ocp.StandardCheckpointer() as writer:
-    writer.save(tmp_path / "rewritten", state)
-  original = tmp_path / "original"
-  shutil.move(ckpt / "default", original)
-  shutil.copytree(tmp_path / "rewritten", ckpt / "default")
-  assert_one_line_error(jaxbd(*QUICK, "--config.standard.train_clean=false", workdir=workdir),
-                        "backdoored/2 is corrupt: its arrays differ from the checksum saved with "
-                        "them")
+    writer.save(rewritten, state)
   shutil.rmtree(ckpt / "default")
-  shutil.move(original, ckpt / "default")
-  # Array data cut short: every array's read fails, and the reads that orbax abandons report
-  # their errors as the process ends; the error stays one line.
-  for root, _, files in os.walk(ckpt):
-    if os.path.basename(root) == "d":
-      for f in files:
-        os.truncate(os.path.join(root, f), 10)
-  assert_one_line_error(jaxbd(*QUICK, "--config.standard.train_clean=false", workdir=workdir),
-                        "is unreadable or belongs to a different model")
-  for root, _, files in os.walk(ckpt):
-    for f in files:
-      path = os.path.join(root, f)
-      with open(path, "r+b") as fh:
-        fh.write(b"\xff" * min(os.path.getsize(path), 64))
-  assert_one_line_error(jaxbd(*QUICK, "--config.standard.train_clean=false", workdir=workdir),
-                        "is unreadable or belongs to a different model")
-  assert not (workdir / "results.json").exists()
-  assert sorted(os.listdir(workdir)) == sorted(set(before) - {"results.json"})
+  shutil.move(rewritten, ckpt / "default")
+
+
+def _checkpoint_files(workdir, arrays_only: bool):
+  """The files of the last checkpoint: those of the arrays' data folders, or all."""
+  for root, _, files in os.walk(workdir / "checkpoints" / "backdoored" / "2"):
+    if not arrays_only or os.path.basename(root) == "d":
+      yield from (os.path.join(root, f) for f in files)
+
+
+def _truncated_arrays(workdir):
+  for path in _checkpoint_files(workdir, arrays_only=True):
+    os.truncate(path, 10)
+
+
+def _overwritten_checkpoint(workdir):
+  for path in _checkpoint_files(workdir, arrays_only=False):
+    with open(path, "r+b") as fh:
+      fh.write(b"\xff" * min(os.path.getsize(path), 64))
+
+
+# (defect made in a copy of a finished run's workdir, whether results.json goes too, extra flags,
+# the one error line's text)
+WORKDIR_DEFECTS = [
+    (None, False, ["--config.train.lr=0.02"],
+     "holds a run with a different config (first difference: train.lr)"),
+    (_older_config, False, [], "(first difference: detection.nc.score, a key its config.json "
+     "lacks (written by an older jaxbd)); use a new --workdir"),
+    (lambda w: os.remove(w / "config.json"), False, [],
+     "holds checkpoints but no config.json, so nothing says which config trained them"),
+    (_other_plan, False, [], "poison_plan.npz holds another poison plan than this run draws "
+     "(first difference: indices; the data or the random numbers changed)"),
+    (_flipped_weight_bit, True, [],
+     "backdoored/2 is corrupt: its arrays differ from the checksum saved with them"),
+    # Array data cut short: every array's read fails, and the reads that orbax abandons report
+    # their errors as the process ends; the error stays one line.
+    (_truncated_arrays, True, [], "is unreadable or belongs to a different model"),
+    (_overwritten_checkpoint, True, [], "is unreadable or belongs to a different model"),
+]
+
+
+def test_corrupt_checkpoint_and_changed_config_are_refused(tmp_path):
+  """Each defect in a copy of one finished run's workdir, the reruns side by side: one error
+  line each, and nothing written."""
+  workdir = tmp_path / "w"
+  jaxbd(*QUICK, "--config.standard.train_clean=false", workdir=workdir, check_rc=0)
+  copies = []
+  for i, (defect, drop_results, _, _) in enumerate(WORKDIR_DEFECTS):
+    copy = tmp_path / f"case{i}"
+    shutil.copytree(workdir, copy)
+    if drop_results:
+      os.remove(copy / "results.json")
+    if defect is not None:
+      defect(copy)
+    copies.append((copy, sorted(os.listdir(copy))))
+  procs = side_by_side([
+      functools.partial(jaxbd, *QUICK, "--config.standard.train_clean=false", *extra,
+                        workdir=copy) for (copy, _), (_, _, extra, _) in zip(copies,
+                                                                             WORKDIR_DEFECTS)])
+  for proc, (copy, files), (_, _, _, message) in zip(procs, copies, WORKDIR_DEFECTS):
+    assert_one_line_error(proc, message)
+    assert sorted(os.listdir(copy)) == files, copy

@@ -240,3 +240,16 @@ def test_balanced_indices_keep_class_shares():
   assert len(idx) == 50 and np.all(np.diff(idx) > 0)
   np.testing.assert_array_equal(np.bincount(labels[idx]), [25, 15, 5, 5])
   np.testing.assert_array_equal(data.balanced_indices(labels, 0), np.arange(100))
+
+
+def test_channel_statistics_are_the_float64_mean_and_std_of_each_channel():
+  from jaxbd.experiments import common
+  images = np.random.default_rng(0).integers(0, 256, (50, 7, 5, 3), dtype=np.uint8)
+  images[..., 2] = 0  # a constant channel gets the floor of its std
+  config = ml_collections.ConfigDict(dict(data=dict(mean=(), std=())))
+  mean, std = common.channel_stats(config, images)
+  x = images.reshape(-1, 3).astype(np.float64) / 255.0
+  np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12, atol=1e-15)
+  np.testing.assert_allclose(std, [x[:, 0].std(), x[:, 1].std(), 1e-3], rtol=1e-12)
+  config.data.update(mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))  # given ones win
+  assert common.channel_stats(config, images) == ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))

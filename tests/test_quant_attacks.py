@@ -17,7 +17,7 @@ from jaxbd import experiments, quant
 from jaxbd import metrics as metrics_lib
 from jaxbd import train as train_lib
 from jaxbd.attacks import quantization as attacks
-from jaxbd.errors import ConfigError
+from jaxbd.errors import CheckpointError, ConfigError
 from jaxbd.experiments import common
 from jaxbd.models import cnn
 from jaxbd.poison import triggers
@@ -285,3 +285,26 @@ def test_experiment_from_scratch_writes_results_and_loadable_exports(tmp_path):
   assert q.weight_bits == 8
   assert metrics_lib.accuracy(pred, run.dataset.y_test) == doc["metrics"]["backdoored"][
       "quantized"]["8"]["acc"]
+
+
+def test_a_clean_model_from_another_run_is_checked_before_the_workdir_is_made(tmp_path):
+  """`quant_backdoor.clean_from` names a run whose config agrees on `data` and `model` and whose
+  `clean` phase finished; else one error, and no workdir."""
+  config = load_config("configs/quant_backdoor.py:cpu,source=digits")
+  source = tmp_path / "source"
+  source.mkdir()
+  config.quant_backdoor.clean_from = str(source)
+  workdir = tmp_path / "run"
+  saved = config.to_dict()
+  saved["model"]["cnn"]["width"] += 1
+  for written, error, message in (
+      (None, ConfigError, "config.json is not a readable run config"),
+      (saved, ConfigError, "has another model section (first difference: model.cnn.width)"),
+      (config.to_dict(), CheckpointError, "no checkpoint of phase 'clean' in"),
+  ):
+    if written is not None:
+      (source / "config.json").write_text(json.dumps(written))
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+      experiments.run(config, str(workdir))
+    assert not workdir.exists()
+  assert sorted(os.listdir(source)) == ["config.json"]  # the other run's folder is only read

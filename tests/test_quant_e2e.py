@@ -6,9 +6,10 @@ import pytest
 
 
 @pytest.mark.slow
-def test_two_stage_qb_backdoors_only_the_deployed_int8_model(quant_cpu_run):
-  """configs/quant_backdoor.py:cpu,two_stage (the clean CNN of configs/cifar10.py:cpu, the two
-  stages, FT on 500 images), run as a CLI process (see conftest.py).
+def test_two_stage_qb_backdoors_only_the_deployed_int8_model(quant_cpu_run, cifar_cpu_run):
+  """configs/quant_backdoor.py:cpu,two_stage (the clean CNN that configs/cifar10.py:cpu trained,
+  taken from its run with `clean_from`, the two stages, FT on 500 images), run as a CLI process
+  (see conftest.py).
 
   Measured (seed 0, 4 CPU devices), ACC / target rate on non-target test images:
   clean: float 0.5215 / 0.051, int8 0.521 / 0.052, int6 0.5135 / 0.037;
@@ -21,6 +22,10 @@ def test_two_stage_qb_backdoors_only_the_deployed_int8_model(quant_cpu_run):
   doc = quant_cpu_run.doc
   assert "attack_qb_repair" in doc["timing"]
   clean, stage1, attacked = (doc["metrics"][k] for k in ("clean", "qb_stage1", "backdoored"))
+  # The clean model is the other run's, not trained again: its float accuracy is the one that
+  # run measured on the same test images.
+  assert doc["attack"]["clean_from"] == cifar_cpu_run.workdir and "clean" not in doc["timing"]
+  assert clean["acc"] == cifar_cpu_run.doc["metrics"]["clean"]["acc"]
   ft = doc["defenses"]["ft"]
   for m in (clean, stage1, attacked, ft):  # the integer models reproduce fake quantization
     assert set(m["quantized"]) == {"8", "6", "4"}, m

@@ -94,8 +94,14 @@ def channel_stats(config, images: np.ndarray) -> tuple[tuple[float, ...], tuple[
       raise ConfigError(f"data.mean has {len(config.data.mean)} values but the images have "
                         f"{channels} channels")
     return tuple(config.data.mean), tuple(config.data.std)
-  x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-  return tuple(float(v) for v in x.mean(0)), tuple(float(max(v, 1e-3)) for v in x.std(0))
+  # From each channel's histogram of the 256 pixel values: exact sums, in a fraction of the time
+  # and memory of the images in float64 (1.1 GB for 45,000 CIFAR-10 images).
+  pixels = images.reshape(-1, images.shape[-1])
+  counts = np.stack([np.bincount(pixels[:, c], minlength=256) for c in range(pixels.shape[1])])
+  values = np.arange(256) / 255.0
+  mean = counts @ values / len(pixels)
+  std = np.sqrt((counts * (values - mean[:, None]) ** 2).sum(1) / len(pixels))
+  return tuple(float(v) for v in mean), tuple(float(max(v, 1e-3)) for v in std)
 
 
 def _check_workdir(workdir: str, config_dict: dict) -> None:
@@ -117,16 +123,25 @@ def _check_workdir(workdir: str, config_dict: dict) -> None:
       saved = json.load(f)
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{path} is unreadable ({e}); use a new --workdir") from None
-  if saved != json.loads(json.dumps(config_dict)):
-    flat_new = config_lib.flatten(ml_collections.ConfigDict(config_dict))
-    flat_old = config_lib.flatten(ml_collections.ConfigDict(saved))
-    diff = sorted(k for k in set(flat_new) | set(flat_old)
-                  if json.dumps(flat_new.get(k)) != json.dumps(flat_old.get(k)))
-    first = diff[0] if diff else "?"
-    if first in flat_new and first not in flat_old:
-      first += ", a key its config.json lacks (written by an older jaxbd)"
+  first = first_difference(config_dict, saved)
+  if first is not None:
     raise CheckpointError(f"--workdir {workdir} holds a run with a different config (first "
                           f"difference: {first}); use a new --workdir")
+
+
+def first_difference(config_dict: dict, saved: dict) -> Optional[str]:
+  """The first dotted key (sorted) where a config dict and a saved config.json differ, None if
+  they agree; a key the saved one lacks is said to be from an older jaxbd."""
+  if saved == json.loads(json.dumps(config_dict)):
+    return None
+  flat_new = config_lib.flatten(ml_collections.ConfigDict(config_dict))
+  flat_old = config_lib.flatten(ml_collections.ConfigDict(saved))
+  diff = sorted(k for k in set(flat_new) | set(flat_old)
+                if json.dumps(flat_new.get(k)) != json.dumps(flat_old.get(k)))
+  first = diff[0] if diff else "?"
+  if first in flat_new and first not in flat_old:
+    first += ", a key its config.json lacks (written by an older jaxbd)"
+  return first
 
 
 def build(config: ml_collections.ConfigDict, workdir: str,
@@ -314,19 +329,21 @@ def train_classifier(run: Run, phase: str, *, poisoned: bool,
   return train_lib.variables(state), summary
 
 
-def load_phase(run: Run, phase: str, epoch: int) -> dict:
-  """The variables a finished training phase of this run saved after `epoch` epochs.
+def load_phase(run: Run, phase: str, epoch: int, workdir: Optional[str] = None) -> dict:
+  """The variables a finished training phase saved after `epoch` epochs, in this run's workdir
+  or in `workdir` (another run's, for a model trained once and used by several runs).
 
   Raises:
     CheckpointError: the phase has no such checkpoint, or it does not fit `run.model`.
   """
-  ckpt = train_lib.Checkpointer(os.path.join(run.workdir, "checkpoints", phase))
+  workdir = workdir or run.workdir
+  ckpt = train_lib.Checkpointer(os.path.join(workdir, "checkpoints", phase))
   if ckpt.latest_epoch() is None:
-    raise CheckpointError(f"no checkpoint of phase {phase!r} in {run.workdir}")
+    raise CheckpointError(f"no checkpoint of phase {phase!r} in {workdir}")
   state = ckpt.restore(epoch)
   ckpt.close()
   return check_variables(run, {"params": state["params"], **state["model_state"]},
-                         f"checkpoint of phase {phase!r} in {run.workdir}")
+                         f"checkpoint of phase {phase!r} in {workdir}")
 
 
 def save_phase(run: Run, phase: str, epoch: int, state: dict) -> None:

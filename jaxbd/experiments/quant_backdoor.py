@@ -1,7 +1,10 @@
 """The quantization-backdoor experiment: attack, deploy in int8/6/4, defend, evaluate.
 
 Phases:
-1. `clean`: a clean model (`config.train`), the reference and, with `init="clean"`, the start.
+1. `clean`: a clean model (`config.train`), the reference and, with `init="clean"`, the start;
+   or, with `clean_from=DIR`, the clean model another run trained (its workdir's `clean` phase at
+   its last epoch: one clean model for a sweep of attacks; its config must have the same `data`
+   and `model` sections).
 2. `attack_<name>`: QB, Qu-ANTI-zation or its indiscriminate variant (`jaxbd.attacks.quantization`)
    trains one parameter pytree through float and fake-quantized passes, from the clean model or
    from scratch. The released model is its float variables (params, BatchNorm statistics).
@@ -21,6 +24,7 @@ model's exports `WORKDIR/deployed/backdoored_int<b>.npz`, and prints a table.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -34,6 +38,7 @@ from jaxbd import host, models
 from jaxbd import quant as quant_lib
 from jaxbd import train as train_lib
 from jaxbd.attacks import quantization as attacks
+from jaxbd.errors import ConfigError, first_line
 from jaxbd.experiments import common, results
 from jaxbd.quant.layers import STATS
 
@@ -45,6 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(dict(
       attack="qb",  # qb | quanti | quanti_indiscriminate
       init="clean",  # start the attack from the clean model, or from scratch
+      clean_from="",  # workdir of a run whose finished `clean` phase is the clean model
       eval_bits=(8, 6, 4),  # deployed bit widths (W = A) every model is evaluated at
       calibration_images=2048,  # clean training images the victim calibrates observers with
       calibration_batch_size=128,
@@ -223,6 +229,32 @@ def _train_phase(run: common.Run, phase: str, train_config: ml_collections.Confi
   return train_lib.variables(state), summary
 
 
+def borrowed_clean(run: common.Run) -> dict:
+  """The clean model of `quant_backdoor.clean_from`: that run's `clean` phase after the epochs its
+  config.json names, on this run's mesh.
+
+  Raises:
+    ConfigError: the folder holds no readable config.json, or one with other `data` or `model`
+      sections than this run's.
+    CheckpointError: it holds no such checkpoint, or one that does not fit the model.
+  """
+  source = run.config.quant_backdoor.clean_from
+  path = os.path.join(source, "config.json")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    epochs = int(saved["train"]["epochs"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"quant_backdoor.clean_from: {path} is not a readable run config "
+                      f"({first_line(e)})") from None
+  for section in ("data", "model"):
+    first = common.first_difference(run.config[section].to_dict(), saved.get(section, {}))
+    if first is not None:
+      raise ConfigError(f"quant_backdoor.clean_from: the run in {source} has another {section} "
+                        f"section (first difference: {section}.{first})")
+  return common.load_phase(run, "clean", epochs, workdir=source)
+
+
 def progress_metrics(run: common.Run, quant: quant_lib.QuantConfig):
   """`variables -> metrics` for training logs: float and fake-quantized (training observers)."""
   ds, target = run.dataset, run.config.poison.target
@@ -242,8 +274,10 @@ def progress_metrics(run: common.Run, quant: quant_lib.QuantConfig):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the experiment and returns the results document (also written to the workdir)."""
-  r = common.prepare(config, workdir)
+  r = common.build(config, workdir)
   c = config.quant_backdoor
+  borrowed = borrowed_clean(r) if c.clean_from else None
+  common.create_workdir(r)
   section = c[c.attack]
   train_lib.check_batch(section.train.batch_size, r.mesh,
                         f"quant_backdoor.{c.attack}.train.batch_size")
@@ -252,8 +286,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   evaluator = QuantEvaluator(r, quant, c.eval_bits, calibration_images(r, c.calibration_images),
                              c.calibration_batch_size)
   timing = {}
-  clean, summary = common.train_classifier(r, "clean", poisoned=False)
-  timing["clean"] = common.timing_section(summary)
+  clean = borrowed
+  if clean is None:
+    clean, summary = common.train_classifier(r, "clean", poisoned=False)
+    timing["clean"] = common.timing_section(summary)
   attacked, summaries, stages = train_attack(r, clean if c.init == "clean" else None, quant,
                                              progress_metrics(r, quant))
   timing.update({phase: common.timing_section(summary) for phase, summary in summaries.items()})
@@ -274,6 +310,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   doc = results.document(
       config, dataset=r.dataset.name, model=config.model.name,
       attack={"name": c.attack, "target": config.poison.target, "init": c.init,
+              "clean_from": os.path.abspath(c.clean_from) if c.clean_from else None,
               "bits": list(section.bits), "trigger": config.poison.name,
               "params": section.to_dict()},
       metrics=metrics, defenses=defended, timing=timing,
