@@ -13,7 +13,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, side_by_side
+from conftest import REPO, load_config, side_by_side
+from jaxbd import config as config_lib
+from jaxbd import experiments
+from jaxbd.errors import JaxbdError
 from jaxbd.train.checkpoint import Checkpointer
 
 QUICK = ["--config=configs/quickstart.py", "--config.train.epochs=2", "--config.log.progress=false"]
@@ -174,34 +177,37 @@ def bad_npz(path, case):
   return path
 
 
+# Bad settings as a user gives them, one process each: one per stage that refuses them (the names
+# of the overrides, absl's parsing of a value and of a list, a range, the data, the model, the
+# multi-host flags, a setting only the model refutes).
 BAD_CONFIGS = [
     (["--config.poison.rtae=0.3"], "unknown config key 'poison.rtae'"),
     (["--config.poison.rate=1.5"], "'poison.rate' must be in [0, 1], got 1.5"),
-    (["--config.train.lr=-0.1"], "'train.lr' must be in (0, inf], got -0.1"),
-    (["--config.poison.badnets.size=9"], "a 9x9 trigger at row -1, col -1 does not fit a 8x8"),
     (["--config.train.epochs=abc"], "--config.train.epochs=abc"),
-    (["--config.experiment=nope"], "'experiment' must be one of"),
     (["--config.data.source=npz:/nonexistent/data.npz"], "file not found"),
-    (["--config.data.source=imagenet"], "data.source 'imagenet' is not one of"),
-    (["--config.poison.target=12"], "poison.target 12 is not a class"),
     (["--config.model.cnn.stages=4"], "8x8 images are too small for 4 stages of 2x2 max-pooling"),
     # list values from the command line: absl keeps what does not parse as a number as a string
     (["--config.data.mean=nan", "--config.data.std=0.3"],
      "'data.mean' must be a list of finite numbers, got ('nan',)"),
-    (["--config.train.step_epochs=a,b"], "'train.step_epochs' must be a list of integers"),
-    (["--config.data.mean=5", "--config.data.std=0.3"], "'data.mean' must be in [0, 1]"),
     (["--coordinator_address=notahost", "--num_processes=1", "--process_id=0"],
      "--coordinator_address must be HOST:PORT, got 'notahost'"),
-    # settings that only the model or the poison plan can refute, refused before training
     (["--config.defense.names=d3", "--config.defense.d3.layers=conv9"],
      "defense.d3.layers: module 'conv9' has no kernel"),
-    (["--config.defense.names=ft", "--config.defense.clean_fraction=0.95"],
-     "defense.clean_fraction 0.95 asks for 1365 trusted images; 1294 clean"),
-    (["--config.attack.name=pcb", "--config.poison.rate=0", "--config.attack.pcb.open_modules=hed"],
-     "attack.pcb.open_modules: no top-level module ['hed']"),
 ]
-BAD_DATASETS = [
-    ("corrupt", "not a readable .npz file"),
+BAD_DATASETS = [("corrupt", "not a readable .npz file")]
+# More of each kind, refused by the same code in this process (`test_bad_setting_...`).
+BAD_SETTINGS = [
+    ({"train.lr": -0.1}, "'train.lr' must be in (0, inf], got -0.1"),
+    ({"poison.badnets.size": 9}, "a 9x9 trigger at row -1, col -1 does not fit a 8x8"),
+    ({"experiment": "nope"}, "'experiment' must be one of"),
+    ({"data.source": "imagenet"}, "data.source 'imagenet' is not one of"),
+    ({"poison.target": 12}, "poison.target 12 is not a class"),
+    ({"train.step_epochs": ("a", "b")}, "'train.step_epochs' must be a list of integers"),
+    ({"data.mean": (5.0,), "data.std": (0.3,)}, "'data.mean' must be in [0, 1]"),
+    ({"defense.names": "ft", "defense.clean_fraction": 0.95},
+     "defense.clean_fraction 0.95 asks for 1365 trusted images; 1294 clean"),
+    ({"attack.name": "pcb", "poison.rate": 0.0, "attack.pcb.open_modules": "hed"},
+     "attack.pcb.open_modules: no top-level module ['hed']"),
     ("float", "x_train must be uint8 images in [0, 255], got dtype float64"),
     ("shape", "x_test must have shape [N, H, W] or [N, H, W, C], got [10, 64]"),
     ("labels", "y_test has labels in [-1,"),
@@ -236,6 +242,18 @@ def test_bad_dataset_exits_with_one_line(bad_input_runs, case, message):
   proc, workdir = bad_input_runs[case]
   assert_one_line_error(proc, message)
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("setting,message", BAD_SETTINGS, ids=[m for _, m in BAD_SETTINGS])
+def test_bad_setting_is_refused_before_the_workdir_is_made(tmp_path, setting, message):
+  """setting: config overrides, or the defect of a dataset file (`bad_npz`)."""
+  if isinstance(setting, str):
+    setting = {"data.source": f"npz:{bad_npz(tmp_path / 'data.npz', setting)}"}
+  config = config_lib.apply_cell(load_config("configs/quickstart.py"), setting)
+  with pytest.raises(JaxbdError) as error:
+    experiments.run(config, str(tmp_path / "w"))
+  assert message in str(error.value) and "\n" not in str(error.value), error.value
+  assert not (tmp_path / "w").exists()
 
 
 def test_missing_config_file_and_workdir(tmp_path):
