@@ -37,7 +37,8 @@ def pt_result(d3_cpu_run):
 @pytest.mark.slow
 def test_d3_with_5_percent_clean_data_removes_badnets(d3_cpu_run):
   """Measured (4 CPU devices, as the suite runs): ACC 0.5975 -> 0.5720 (2.55 points lost), ASR
-  1.0 -> 0.079, DER 0.948; on an AVX-512 CPU (the same twice): 0.5965 -> 0.5645, ASR 0.097. With the warm-up's earlier key (shared with D3's first step) on two
+  1.0 -> 0.079, DER 0.948; on an AVX-512 CPU (the same twice): 0.5965 -> 0.5645, ASR 0.097.
+  With the warm-up's earlier key (shared with D3's first step) on two
   CPUs: 0.5965 -> 0.5895, ASR 0.039; 0.5975 -> 0.5785, ASR 0.058 (float round-off differs
   between CPUs and changes what training reaches). With 2 devices the victim differs slightly
   (ACC 0.5915)."""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -304,7 +305,7 @@ def test_a_clean_model_from_another_run_is_checked_before_the_workdir_is_made(tm
   ):
     if written is not None:
       (source / "config.json").write_text(json.dumps(written))
-    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(error, match=re.escape(message)):
       experiments.run(config, str(workdir))
     assert not workdir.exists()
   assert sorted(os.listdir(source)) == ["config.json"]  # the other run's folder is only read

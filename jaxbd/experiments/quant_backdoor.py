@@ -276,17 +276,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the experiment and returns the results document (also written to the workdir)."""
   r = common.build(config, workdir)
   c = config.quant_backdoor
-  borrowed = borrowed_clean(r) if c.clean_from else None
-  common.create_workdir(r)
   section = c[c.attack]
   train_lib.check_batch(section.train.batch_size, r.mesh,
                         f"quant_backdoor.{c.attack}.train.batch_size")
   train_lib.check_batch(c.calibration_batch_size, r.mesh, "quant_backdoor.calibration_batch_size")
+  clean = borrowed_clean(r) if c.clean_from else None
+  common.create_workdir(r)  # every check above, before anything is written
   quant = quant_lib.from_config(config.quant, int(section.bits[0]))
   evaluator = QuantEvaluator(r, quant, c.eval_bits, calibration_images(r, c.calibration_images),
                              c.calibration_batch_size)
   timing = {}
-  clean = borrowed
   if clean is None:
     clean, summary = common.train_classifier(r, "clean", poisoned=False)
     timing["clean"] = common.timing_section(summary)
