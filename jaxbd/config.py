@@ -419,6 +419,10 @@ def validate(config: ConfigDict) -> None:
   require(all(s > 0 for s in config.data.std), "config key 'data.std' must be positive")
   require(all(0 <= m <= 1 for m in config.data.mean),
           "config key 'data.mean' must be in [0, 1] (images are scaled to [0, 1])")
+  for section, key in (("standard", "victim_from"), ("quant_backdoor", "clean_from")):
+    require(not config[section][key] or config.experiment == section,
+            f"config key '{section}.{key}' is for the {section} experiment, not "
+            f"{config.experiment!r}")
 
   # Every model, trigger and defense section is checked, chosen or not (each check reads only its
   # own section): a bad value there is a mistake either way. Attacks and experiments are checked

@@ -10,7 +10,9 @@ validated before the first one runs; its data and model are checked when it star
 that fails is recorded with its error while the sweep goes on. Each cell runs in
 `WORKDIR/cells/<hash>` (its own checkpoints and results.json) and its row goes into
 `WORKDIR/results.sqlite` when it finishes, keyed by the hash of its full config. Rerunning a
-killed sweep skips finished cells and resumes the interrupted one from its checkpoints.
+killed sweep skips finished cells and resumes the interrupted one from its checkpoints. Cells of
+the standard experiment that differ only in `defense` or `log` settings train their models once:
+each one after the first defends the first one's (`standard.victim_from`, `share_victims`).
 
 `--vmap_seeds` trains the cells that differ only in `seed` as one population: stacked train states
 under one `jax.vmap`-ed step (`jaxbd.experiments.population`; standard experiment with a
@@ -193,6 +195,26 @@ def cell_dir(workdir: str, digest: str) -> str:
   return os.path.join(workdir, "cells", digest)
 
 
+def share_victims(cells: Sequence[tuple], workdir: str) -> list[tuple]:
+  """Cells `(index, cell, config, digest)` in run order, where each standard-experiment cell whose
+  config equals an earlier one's outside `defense` and `log` defends that cell's models
+  (`standard.victim_from` set to its workdir) instead of training the same models again; the
+  digest stays that of the cell's own config."""
+  from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
+  owners: dict[str, str] = {}
+  shared = []
+  for index, cell, config, digest in cells:
+    if config.experiment == "standard" and not config.standard.victim_from:
+      key = json.dumps(standard.victim_part(config.to_dict()), sort_keys=True, default=list)
+      if key in owners:
+        config = config_lib.apply_cell(config, {"standard.victim_from":
+                                                cell_dir(workdir, owners[key])})
+      else:
+        owners[key] = digest
+    shared.append((index, cell, config, digest))
+  return shared
+
+
 def seed_groups(cells: Sequence[tuple], vmap_seeds: bool) -> list[list[tuple]]:
   """Cells `(index, cell, config, digest)` in run order, as groups run together: with `vmap_seeds`
   the cells whose configs differ only in `seed` (and that `run_population` can take), else one
@@ -276,6 +298,7 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
     if digest in first:
       raise ConfigError(f"sweep cells {first[digest]} and {cell} give the same config")
     first[digest] = cell
+  configs = share_victims(configs, workdir)
   os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
   counts = {"done": 0, "skipped": 0, "failed": 0}
   with store(os.path.join(workdir, "results.sqlite")) as connection:

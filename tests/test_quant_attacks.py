@@ -300,7 +300,7 @@ def test_a_clean_model_from_another_run_is_checked_before_the_workdir_is_made(tm
   saved["model"]["cnn"]["width"] += 1
   for written, error, message in (
       (None, ConfigError, "config.json is not a readable run config"),
-      (saved, ConfigError, "has another model section (first difference: model.cnn.width)"),
+      (saved, ConfigError, "has another data or model section (first difference: model.cnn.width)"),
       (config.to_dict(), CheckpointError, "no checkpoint of phase 'clean' in"),
   ):
     if written is not None:

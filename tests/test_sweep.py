@@ -14,9 +14,9 @@ import pytest
 
 from jaxbd import config as config_lib
 from jaxbd import sweep
-from jaxbd.errors import ConfigError, DataError
+from jaxbd.errors import CheckpointError, ConfigError, DataError
 
-from conftest import REPO
+from conftest import REPO, tiny_digits_config
 
 
 def test_parse_grid_types_and_product():
@@ -236,6 +236,69 @@ def test_seed_groups_join_only_cells_that_differ_in_seed():
   clean = [(0, {}, config_lib.apply_cell(base, {"poison.name": "none", "seed": s}), str(s))
            for s in (0, 1)]
   assert len(sweep.seed_groups(clean, vmap_seeds=True)) == 2  # no attack: no population
+
+
+def test_cells_that_differ_in_defense_settings_share_their_victim():
+  """Each cell after the first of its victim defends that cell's models, runs alone (a vmapped
+  population trains), and keeps the digest of its own config."""
+  base = tiny_digits_config(**{"defense.names": "ft"})
+  cells = sweep.parse_grid("seed=0,1;defense.ft.lr=0.01,0.03", base)
+  items = [(i, c, config_lib.apply_cell(base, c), str(i)) for i, c in enumerate(cells)]
+  shared = sweep.share_victims(items, "W")
+  assert [config.standard.victim_from for _, _, config, _ in shared] == [
+      "", sweep.cell_dir("W", "0"), "", sweep.cell_dir("W", "2")]
+  assert [item[:2] + item[3:] for item in shared] == [item[:2] + item[3:] for item in items]
+  groups = sweep.seed_groups(shared, vmap_seeds=True)
+  assert [[i for i, *_ in g] for g in groups] == [[0, 2], [1], [3]]
+  other = [(0, {}, config_lib.apply_cell(base, {"experiment": "detection"}), "a"),
+           (1, {}, config_lib.apply_cell(base, {"experiment": "detection"}), "b")]
+  assert sweep.share_victims(other, "W") == other  # only the standard experiment shares
+
+
+@pytest.mark.slow
+def test_a_defense_sweep_trains_each_victim_once(tmp_path):
+  """A sweep over a defense's settings trains the victim once: the other cell defends its models,
+  with the defended metrics of a run that trains its own victim. A victim run that is not this
+  config's (config, poison plan, checkpoints) is refused before the workdir is made."""
+  from jaxbd import experiments  # pylint: disable=g-import-not-at-top
+  base = tiny_digits_config(**{"defense.names": "ft", "defense.ft.epochs": 1,
+                               "defense.ft.eval_every": 0, "defense.ft.checkpoint_every": 0})
+  cells = sweep.parse_grid("defense.ft.lr=0.01,0.03", base)
+  assert sweep.run_sweep(base, cells, str(tmp_path)) == {"done": 2, "skipped": 0, "failed": 0}
+  dirs = [tmp_path / "cells" / sweep.config_hash(config_lib.apply_cell(base, c)) for c in cells]
+  docs = [json.loads((d / "results.json").read_text()) for d in dirs]
+  assert (dirs[0] / "checkpoints" / "backdoored" / "2").is_dir()
+  assert not (dirs[1] / "checkpoints" / "backdoored").exists()
+  assert docs[1]["attack"]["victim_from"] == str(dirs[0])
+  assert docs[1]["metrics"] == docs[0]["metrics"]
+  assert "backdoored" in docs[0]["timing"] and "backdoored" not in docs[1]["timing"]
+  assert docs[1]["defenses"]["ft"] != docs[0]["defenses"]["ft"]
+  alone = experiments.run(config_lib.apply_cell(base, cells[1]), str(tmp_path / "alone"))
+  assert alone["metrics"] == docs[1]["metrics"]
+  for key in ("acc", "asr", "ra", "der"):  # 360 test images: 1e-6 is far below one image
+    assert alone["defenses"]["ft"][key] == pytest.approx(docs[1]["defenses"]["ft"][key], abs=1e-6)
+
+  victim = tmp_path / "victim"
+  shutil.copytree(dirs[0], victim)
+  files = lambda: sorted(str(p.relative_to(victim)) for p in victim.rglob("*"))
+  before = files()
+  config = config_lib.apply_cell(base, {"standard.victim_from": str(victim)})
+  workdir = tmp_path / "refused"
+  other_rate = config_lib.apply_cell(config, {"poison.rate": 0.2})
+  with pytest.raises(ConfigError, match="standard.victim_from: the run in .* has another config "
+                     r"outside defense and log \(first difference: poison.rate\)"):
+    experiments.run(other_rate, str(workdir))
+  plan = dict(np.load(victim / "poison_plan.npz"))
+  plan["indices"] = plan["indices"][::-1]
+  np.savez(victim / "poison_plan.npz", **plan)
+  with pytest.raises(CheckpointError, match="holds another poison plan than this run draws "
+                     r"\(first difference: indices.*train the victim again"):
+    experiments.run(config, str(workdir))
+  assert files() == before  # the victim's folder is only read
+  shutil.rmtree(victim / "checkpoints" / "backdoored")
+  with pytest.raises(CheckpointError, match="no checkpoint of phase 'backdoored' in"):
+    experiments.run(config, str(workdir))
+  assert not workdir.exists()
 
 
 def test_store_rows_and_results_files_are_strict_json(tmp_path):

@@ -16,7 +16,7 @@ import json
 import os
 import time
 import zlib
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import ml_collections
@@ -27,7 +27,7 @@ from jaxbd import config as config_lib
 from jaxbd import data as data_lib
 from jaxbd import attacks, defenses, fileio, host, metrics, models, poison
 from jaxbd import train as train_lib
-from jaxbd.errors import CheckpointError, ConfigError
+from jaxbd.errors import CheckpointError, ConfigError, first_line
 from jaxbd.experiments import results
 
 
@@ -344,6 +344,39 @@ def load_phase(run: Run, phase: str, epoch: int, workdir: Optional[str] = None) 
   ckpt.close()
   return check_variables(run, {"params": state["params"], **state["model_state"]},
                          f"checkpoint of phase {phase!r} in {workdir}")
+
+
+def borrowed_phases(run: Run, setting: str, source: str, phases: Sequence[str], what: str,
+                    compared: Callable[[dict], dict]) -> dict[str, dict]:
+  """The variables of finished training phases of the run in workdir `source` (named by config
+  key `setting`, e.g. `standard.victim_from`), each after the epochs its config.json names, on
+  this run's mesh: models trained once and used by several runs. Only reads `source`.
+
+  Args:
+    run: this run.
+    setting: the config key that names `source`, for error messages.
+    source: the other run's workdir.
+    phases: the phases to load.
+    what: the part of the configs that must agree, in words (e.g. "data or model section").
+    compared: that part of a config dict.
+
+  Raises:
+    ConfigError: `source` holds no readable config.json, or one whose `compared` part differs.
+    CheckpointError: a phase has no checkpoint after those epochs, or one that does not fit.
+  """
+  path = os.path.join(source, "config.json")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    epochs = int(saved["train"]["epochs"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"{setting}: {path} is not a readable run config ({first_line(e)})"
+                      ) from None
+  first = first_difference(compared(run.config.to_dict()), compared(saved))
+  if first is not None:
+    raise ConfigError(f"{setting}: the run in {source} has another {what} (first difference: "
+                      f"{first})")
+  return {phase: load_phase(run, phase, epochs, workdir=source) for phase in phases}
 
 
 def save_phase(run: Run, phase: str, epoch: int, state: dict) -> None:

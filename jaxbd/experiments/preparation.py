@@ -1,5 +1,6 @@
 """Attack preparation: what the standard experiment does with trained models before it trains
-the backdoored one, each saved in the workdir so that a rerun reuses it.
+the backdoored one, each saved in the workdir so that a rerun reuses it (a run that defends
+another run's models, `standard.victim_from`, reads that run's instead).
 
 - `perturb_poisoned_rows`: label-consistent poisoning (`poison.adversarial.eps` > 0) replaces
   the poisoned rows by PGD perturbations against the clean model (`adversarial_rows.npz`);
@@ -37,6 +38,21 @@ def prepares_attack(config: ml_collections.ConfigDict) -> bool:
           or poison.refool.selects(config))
 
 
+def saved_files(config: ml_collections.ConfigDict) -> list[str]:
+  """The files the preparations of `config` save in the workdir, for a rerun to read back."""
+  return ([name for name, used in (
+      ("adversarial_rows.npz", poison.adversarial.enabled(config)),
+      ("latent_trigger.npz", config.attack.name == "latent"),
+      ("refool_selection.npz", poison.refool.selects(config))) if used])
+
+
+def saved_path(r: common.Run, name: str) -> str:
+  """Where preparation file `name` is read from, or written to where it is absent: the run's
+  workdir, or that of the run whose models it defends (`standard.victim_from`), which prepared
+  the same attack (`jaxbd.experiments.standard.borrowed_victim` checks that it is there)."""
+  return os.path.join(r.config.standard.victim_from or r.workdir, name)
+
+
 def prepare(r: common.Run, clean: Optional[dict],
             selection: Optional[tuple[np.ndarray, np.ndarray]]) -> tuple[common.Run, dict]:
   """Every preparation the run's config asks for, with the `clean` model's variables and
@@ -65,7 +81,7 @@ def perturb_poisoned_rows(r: common.Run, surrogate: dict) -> tuple[common.Run, d
   """
   ds, rows = r.dataset, r.plan.indices
   original, labels = ds.x_train[rows], ds.y_train[rows]
-  path = os.path.join(r.workdir, "adversarial_rows.npz")
+  path = saved_path(r, "adversarial_rows.npz")
   if os.path.exists(path):
     perturbed = saved_rows(path, rows, original)
   else:
@@ -80,7 +96,7 @@ def perturb_poisoned_rows(r: common.Run, surrogate: dict) -> tuple[common.Run, d
   summary = {"surrogate_acc_before": metrics_lib.accuracy(r.predict(surrogate, original), labels),
              "surrogate_acc_after": metrics_lib.accuracy(r.predict(surrogate, perturbed), labels),
              "max_change": int(np.abs(perturbed.astype(int) - original).max(initial=0)),
-             "rows": "adversarial_rows.npz"}
+             "rows": os.path.relpath(path, r.workdir)}
   return dataclasses.replace(r, dataset=dataclasses.replace(ds, x_train=x_train)), summary
 
 
@@ -108,7 +124,7 @@ def fit_latent_trigger(r: common.Run, teacher: dict) -> tuple[common.Run, dict]:
   target = jnp.asarray(analysis.penultimate_features(
       r.model, teacher, ds.x_train[is_target], batch_size=c.eval.batch_size).mean(0))
   others = np.flatnonzero(~is_target)
-  path = os.path.join(r.workdir, "latent_trigger.npz")
+  path = saved_path(r, "latent_trigger.npz")
   if os.path.exists(path):
     fitted = r.trigger.replace(pattern=saved_pattern(path, np.asarray(r.trigger.pattern)))
   else:
@@ -120,7 +136,8 @@ def fit_latent_trigger(r: common.Run, teacher: dict) -> tuple[common.Run, dict]:
   summary = attacks.latent.distances(r.model, teacher, {"before": r.trigger, "after": fitted},
                                      put(ds.x_train[others[:c.attack.latent.trigger_batch]]),
                                      target)
-  return dataclasses.replace(r, trigger=fitted), {**summary, "file": "latent_trigger.npz"}
+  return dataclasses.replace(r, trigger=fitted), {**summary,
+                                                  "file": os.path.relpath(path, r.workdir)}
 
 
 def saved_pattern(path: str, like: np.ndarray) -> np.ndarray:
@@ -161,7 +178,7 @@ def select_reflections(r: common.Run, candidates: np.ndarray,
     CheckpointError: the saved file is unreadable or does not fit the candidates.
   """
   c, target = r.config.poison.refool, r.config.poison.target
-  path = os.path.join(r.workdir, "refool_selection.npz")
+  path = saved_path(r, "refool_selection.npz")
   if os.path.exists(path):
     chosen, history = saved_selection(path, c)
   else:
@@ -184,7 +201,7 @@ def select_reflections(r: common.Run, candidates: np.ndarray,
   trigger = r.trigger.replace(reflections=jnp.asarray(candidates[chosen]))
   return dataclasses.replace(r, trigger=trigger), {
       "rounds": c.select_rounds, "candidates": c.candidates, "round_success": list(history),
-      "file": "refool_selection.npz"}
+      "file": os.path.relpath(path, r.workdir)}
 
 
 def scoring_images(r: common.Run, count: int) -> np.ndarray:

@@ -24,7 +24,6 @@ model's exports `WORKDIR/deployed/backdoored_int<b>.npz`, and prints a table.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -38,7 +37,6 @@ from jaxbd import host, models
 from jaxbd import quant as quant_lib
 from jaxbd import train as train_lib
 from jaxbd.attacks import quantization as attacks
-from jaxbd.errors import ConfigError, first_line
 from jaxbd.experiments import common, results
 from jaxbd.quant.layers import STATS
 
@@ -231,28 +229,11 @@ def _train_phase(run: common.Run, phase: str, train_config: ml_collections.Confi
 
 def borrowed_clean(run: common.Run) -> dict:
   """The clean model of `quant_backdoor.clean_from`: that run's `clean` phase after the epochs its
-  config.json names, on this run's mesh.
-
-  Raises:
-    ConfigError: the folder holds no readable config.json, or one with other `data` or `model`
-      sections than this run's.
-    CheckpointError: it holds no such checkpoint, or one that does not fit the model.
-  """
-  source = run.config.quant_backdoor.clean_from
-  path = os.path.join(source, "config.json")
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-    epochs = int(saved["train"]["epochs"])
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ConfigError(f"quant_backdoor.clean_from: {path} is not a readable run config "
-                      f"({first_line(e)})") from None
-  for section in ("data", "model"):
-    first = common.first_difference(run.config[section].to_dict(), saved.get(section, {}))
-    if first is not None:
-      raise ConfigError(f"quant_backdoor.clean_from: the run in {source} has another {section} "
-                        f"section (first difference: {section}.{first})")
-  return common.load_phase(run, "clean", epochs, workdir=source)
+  config.json names, on this run's mesh (`common.borrowed_phases`; its config must have this
+  run's `data` and `model` sections)."""
+  return common.borrowed_phases(
+      run, "quant_backdoor.clean_from", run.config.quant_backdoor.clean_from, ["clean"],
+      "data or model section", lambda d: {k: d.get(k) for k in ("data", "model")})["clean"]
 
 
 def progress_metrics(run: common.Run, quant: quant_lib.QuantConfig):

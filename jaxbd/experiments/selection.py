@@ -6,11 +6,11 @@ with the lowest held-out ASR; ties go to the higher ACC. Without an eligible set
 choice. The held-out images are class-balanced training images outside the run's
 `data.train_limit` subset: the suspect model never trained on them, and they are not test images.
 
-`select` trains (or resumes) the config's backdoored model in the workdir, runs defense `name`
-once per grid cell on the same trusted set (`defense.clean_fraction`, drawn with `config.seed`
-from rows the attack did not touch, as `python -m jaxbd.main` draws it) with the same PRNG key,
-scores every defended model on the held-out images, applies the rule, and writes
-`WORKDIR/selection.json`.
+`select` trains (or resumes) the config's backdoored model in the workdir (or takes that of
+`standard.victim_from`), runs defense `name` once per grid cell on the same trusted set
+(`defense.clean_fraction`, drawn with `config.seed` from rows the attack did not touch, as
+`python -m jaxbd.main` draws it) with the same PRNG key, scores every defended model on the
+held-out images, applies the rule, and writes `WORKDIR/selection.json`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from jaxbd import data as data_lib
 from jaxbd import defenses, host
 from jaxbd.data.dataset import balanced_indices
 from jaxbd.errors import ConfigError
-from jaxbd.experiments import common, preparation, results
+from jaxbd.experiments import common, preparation, results, standard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +154,12 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
   shapes = common.abstract_variables(run.model, run.key, run.dataset.image_shape)
   for cell_config in configs:
     common.check_components(cell_config, run.model, shapes, run.dataset, run.plan, [name])
+  victim = standard.borrowed_victim(run) if config.standard.victim_from else None
   common.create_workdir(run)
-  variables, _ = common.train_classifier(run, "backdoored", poisoned=True)
+  if victim is None:
+    variables, _ = common.train_classifier(run, "backdoored", poisoned=True)
+  else:
+    variables = victim["backdoored"]
   evaluate = lambda v: run.evaluate(v, held.images, held.labels)
   trusted = run.trusted(config.defense.clean_fraction)
   ctx = run.defense_context()

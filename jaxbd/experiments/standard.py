@@ -8,6 +8,11 @@ backdoored model with the trusted clean data. Every model is evaluated on ACC an
 trigger, ASR and RA (the clean model's ASR is the trigger's baseline); defenses also get DER. Writes
 `WORKDIR/results.json` and prints a table.
 
+With `standard.victim_from=DIR` the experiment trains nothing: it defends and evaluates the models
+that the run in DIR trained (its phases' last checkpoints, its poison plan and prepared attack),
+whose config must equal this one outside `defense` and `log`. A sweep over defense settings
+(`python -m jaxbd.sweep`) sets it for every cell after the first of each victim.
+
 `run_population` runs several such experiments that differ only in `seed` with each phase's models
 trained as one vmapped population (`python -m jaxbd.sweep --vmap_seeds`).
 """
@@ -23,14 +28,17 @@ import numpy as np
 from jaxbd import config as config_lib
 from jaxbd import host, poison
 from jaxbd import train as train_lib
-from jaxbd.errors import ConfigError, DivergedError
+from jaxbd.errors import CheckpointError, ConfigError, DivergedError
 from jaxbd.experiments import common, population, preparation, report, results
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `standard` section: whether a clean reference model is trained too."""
+  """The `standard` section: whether a clean reference model is trained too, and the run whose
+  models to defend instead of training them."""
   return ml_collections.ConfigDict(dict(
       train_clean=True,  # also train a clean model of the same architecture as the reference
+      victim_from="",  # workdir of a run with this config outside defense and log: defend its
+                       # models instead of training them
   ))
 
 
@@ -38,6 +46,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the experiment and returns the results document (also written to the workdir)."""
   r = common.build(config, workdir)
   selection = preparation.selection_inputs(r) if poison.refool.selects(config) else None
+  victim = borrowed_victim(r) if config.standard.victim_from else None
   common.create_workdir(r)  # after every check: bad input leaves no files behind
   metrics, timing, attack_extra = {}, {}, {}
   variables: Optional[dict] = None
@@ -48,10 +57,46 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       r, attack_extra = preparation.prepare(r, variables, selection)  # the clean phase's model
       if "clean" in metrics and r.trigger is not trigger:  # its ASR on the prepared trigger
         metrics["clean"] = r.evaluate(variables)
-    variables, summary = common.train_classifier(r, phase, poisoned=poisoned)
-    metrics[phase] = summary["eval"]
-    timing[phase] = common.timing_section(summary)
+    if victim is None:
+      variables, summary = common.train_classifier(r, phase, poisoned=poisoned)
+      metrics[phase] = summary["eval"]
+      timing[phase] = common.timing_section(summary)
+    else:
+      variables = victim[phase]
+      metrics[phase] = r.evaluate(variables)
+  if victim is not None:
+    attack_extra["victim_from"] = os.path.abspath(config.standard.victim_from)
   return finish(r, variables, metrics, timing, attack_extra)
+
+
+def victim_part(config_dict: dict) -> dict:
+  """The part of a standard experiment's config dict that decides its trained models: all but
+  the `defense` and `log` sections and `standard.victim_from`."""
+  part = {k: v for k, v in config_dict.items() if k not in ("defense", "log")}
+  part["standard"] = {k: v for k, v in part.get("standard", {}).items() if k != "victim_from"}
+  return part
+
+
+def borrowed_victim(r: common.Run) -> dict[str, dict]:
+  """The models of `standard.victim_from` by phase (`phases`), after checking that its run has
+  this config outside `defense` and `log`, drew the same poison plan and trigger, and saved its
+  attack's preparations (`jaxbd.experiments.preparation.saved_files`); only reads that folder.
+
+  Raises:
+    ConfigError: the folder holds no readable config.json, or another config.
+    CheckpointError: its poison plan or a prepared file is missing, unreadable or another, or a
+      phase has no final checkpoint.
+  """
+  source = r.config.standard.victim_from
+  variables = common.borrowed_phases(r, "standard.victim_from", source, phases(r.config),
+                                     "config outside defense and log", victim_part)
+  remedy = "train the victim again or point standard.victim_from elsewhere"
+  r.plan.check(os.path.join(source, "poison_plan.npz"), r.trigger, remedy)
+  for name in preparation.saved_files(r.config):
+    if not os.path.isfile(os.path.join(source, name)):
+      raise CheckpointError(f"standard.victim_from: {os.path.join(source, name)} is missing "
+                            f"(the attack's preparation did not finish there); {remedy}")
+  return variables
 
 
 def phases(config: ml_collections.ConfigDict) -> list[str]:
@@ -77,9 +122,11 @@ def finish(r: common.Run, variables: dict, metrics: dict, timing: dict,
 
 def population_ready(config: ml_collections.ConfigDict) -> bool:
   """Whether runs of `config` can train as one population (`run_population`): the standard
-  experiment with a data-poisoning attack, no training-time attack and nothing to prepare."""
+  experiment with a data-poisoning attack, no training-time attack, nothing to prepare and no
+  borrowed victim."""
   return (config.experiment == "standard" and config.poison.name != "none"
-          and config.attack.name == "none" and not preparation.prepares_attack(config))
+          and config.attack.name == "none" and not preparation.prepares_attack(config)
+          and not config.standard.victim_from)
 
 
 def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],

@@ -75,24 +75,33 @@ class PoisonPlan:
 
   def save_or_check(self, path: str, trigger=None) -> None:
     """Saves the plan at `path` (`save`; process 0 of a multi-host run), or, where an earlier run
-    in the same workdir saved one, checks that it is this plan: a rerun resumes training on the
-    rows and trigger the first run trained on, or refuses. Every process that sees the file
+    in the same workdir saved one, checks that it is this plan (`check`): a rerun resumes training
+    on the rows and trigger the first run trained on, or refuses. Every process that sees the file
     checks it, so that all of a multi-host run's processes stop, not process 0 alone.
 
     Raises:
-      CheckpointError: the saved plan is unreadable or differs (the data changed, or the
-        random numbers of another JAX version), naming the first array that differs.
+      CheckpointError: the saved plan is unreadable or differs.
     """
     if not os.path.exists(path):
       if host.is_writer():
         self.save(path, trigger)
       return
+    self.check(path, trigger)
+
+  def check(self, path: str, trigger=None, remedy: str = "use a new --workdir") -> None:
+    """Checks that the plan file at `path` holds this plan and trigger.
+
+    Raises:
+      CheckpointError("... ; <remedy>"): the file is missing or unreadable, or holds another
+        plan (the data changed, or the random numbers of another JAX version), naming the
+        first array that differs.
+    """
     try:
       with fileio.load_npz(path) as z:
         saved = {k: z[k] for k in z.files}
     except fileio.NPZ_ERRORS as e:
-      raise CheckpointError(f"poison plan {path} is unreadable ({first_line(e)}); use a new "
-                            "--workdir") from None
+      raise CheckpointError(f"poison plan {path} is unreadable ({first_line(e)}); "
+                            f"{remedy}") from None
     now = self.records(trigger)
     differ = [k for k in sorted(set(saved) | set(now))
               if k not in saved or k not in now or not same_array(saved[k], now[k])]
@@ -102,7 +111,7 @@ class PoisonPlan:
              f"the saved plan lacks {first}: an older jaxbd wrote it" if first in now else
              f"this run's plan has no {first}")
       raise CheckpointError(f"{path} holds another poison plan than this run draws (first "
-                            f"difference: {first}; {why}); use a new --workdir")
+                            f"difference: {first}; {why}); {remedy}")
 
 
 def trigger_arrays(trigger) -> dict[str, np.ndarray]:
