@@ -96,6 +96,8 @@ def borrowed_victim(r: common.Run) -> dict[str, dict]:
     if not os.path.isfile(os.path.join(source, name)):
       raise CheckpointError(f"standard.victim_from: {os.path.join(source, name)} is missing "
                             f"(the attack's preparation did not finish there); {remedy}")
+  host.say(f"standard.victim_from: the models of {source} (phases {', '.join(variables)}); "
+           "nothing is trained", err=True)
   return variables
 
 
