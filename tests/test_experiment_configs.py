@@ -114,6 +114,23 @@ def test_defense_table_from_results():
                         "| badnets (pcb) | 90.00 / 80.00 |  |"]  # no published row for PCB
 
 
+def test_defense_table_names_the_fields_that_tell_runs_of_one_attack_apart():
+  """Runs of one attack (a defense sweep) get a column per config field they differ in, except
+  `standard.victim_from` (where the models were trained); an attack with one run adds none."""
+  def run(lmd, victim_from, attack="badnets", asr=0.5):
+    return {"config": {"defense": {"d3": {"lmd": lmd}}, "standard": {"victim_from": victim_from},
+                       "poison": {"name": attack}},
+            "attack": {"name": attack}, "metrics": {"backdoored": {"acc": 0.9, "asr": 1.0}},
+            "defenses": {"d3": {"acc": 0.8, "asr": asr, "der": 0.7}}}
+  docs = [run(0.5, "", asr=0.25), run(3.0, "runs/a", asr=0.5), run(3.0, "", attack="blended")]
+  lines = report.defense_table(docs).splitlines()
+  assert lines[0] == "| attack | defense.d3.lmd | no defense | d3 |"
+  assert lines[2:] == ["| badnets | 0.5 | 90.00 / 100.00 | 80.00 / 25.00 (70.00) |",
+                       "| badnets | 3 | 90.00 / 100.00 | 80.00 / 50.00 (70.00) |",
+                       "| blended | 3 | 90.00 / 100.00 | 80.00 / 50.00 (70.00) |"]
+  assert report.distinguishing_fields(docs[1:]) == []
+
+
 def test_d3_paper_reference_names_the_table_s_runs_and_its_der_follows_from_its_rates():
   """configs/d3_paper.json: one row per attack of configs/d3.py, named as the report names the
   runs (WaNet trains in the loop: "wanet (batch)"), and every DER is SPEC's formula of the row."""

@@ -9,9 +9,10 @@ library behind `python -m jaxbd.report`) writes `out/report.md` with
   rate sweep, quantized precisions) and its plots (`jaxbd.experiments.plots.from_results`:
   routing heatmaps, ROC curves, rate and prune sweeps) under `out/runs/<name>/`;
 - across runs: `defense_table` (the D3 paper's layout: ACC / ASR (DER) in percent per attack and
-  defense; with a reference file, `read_reference`, each attack's published numbers in a row of
-  their own under the measured one) and `tradeoff.png` (ACC against ASR, an arrow from each
-  attacked model to each defended one);
+  defense, with a column for each config field in which runs of one attack differ, e.g. a
+  defense sweep's settings; with a reference file, `read_reference`, each attack's published
+  numbers in a row of their own under the measured one) and `tradeoff.png` (ACC against ASR, an
+  arrow from each attacked model to each defended one);
 - from the store: a table of its finished cells (the config fields that vary, then the metrics)
   and, when cells vary `poison.rate`, ASR and ACC against the rate, mean +- sample std over the
   cells that differ only in `seed`, one line per attack (`asr_vs_rate.png` and a table).
@@ -203,21 +204,35 @@ def attack_name(doc: dict) -> str:
 
 
 def defense_table(docs: Sequence[dict], reference: dict | None = None) -> str:
-  """One row per run: attack, the backdoored model and each defense (ACC / ASR (DER), %); with a
-  `read_reference` document, a row "<attack> (paper)" of its numbers under each attack it has."""
+  """One row per run: attack, the config fields that tell apart runs of the same attack
+  (`distinguishing_fields`, e.g. a defense's swept settings), the backdoored model and each
+  defense (ACC / ASR (DER), %); with a `read_reference` document, a row "<attack> (paper)" of its
+  numbers under each attack it has."""
   docs = [d for d in docs if "backdoored" in d["metrics"]]
   defenses = list(dict.fromkeys(name for doc in docs for name in doc.get("defenses", {})))
+  fields = distinguishing_fields(docs)
   published = reference["table"] if reference else {}
   rows = []
   for doc in docs:
-    name = attack_name(doc)
-    for label, models in ((name, {"backdoored": doc["metrics"]["backdoored"],
-                                  **doc.get("defenses", {})}),
-                          (f"{name} (paper)", published.get(name))):
+    name, flat = attack_name(doc), _flat(doc["config"]) if fields else {}
+    for label, values, models in (
+        (name, [_field(flat.get(k)) for k in fields],
+         {"backdoored": doc["metrics"]["backdoored"], **doc.get("defenses", {})}),
+        (f"{name} (paper)", [""] * len(fields), published.get(name))):
       if models:
-        rows.append([label, cell(models.get("backdoored")),
+        rows.append([label, *values, cell(models.get("backdoored")),
                      *(cell(models.get(d), der=True) for d in defenses)])
-  return markdown_table(["attack", "no defense", *defenses], rows)
+  return markdown_table(["attack", *fields, "no defense", *defenses], rows)
+
+
+def distinguishing_fields(docs: Sequence[dict]) -> list[str]:
+  """The config fields whose values differ between results documents of the same attack (none
+  where every attack has one run)."""
+  groups: dict[str, list[dict]] = {}
+  for doc in docs:
+    groups.setdefault(attack_name(doc), []).append(doc)
+  return list(dict.fromkeys(k for group in groups.values() if len(group) > 1
+                            for k in varying_fields(group)))
 
 
 def models_table(metrics: dict, defenses: dict) -> str:
@@ -288,10 +303,13 @@ def _order(value: Any) -> tuple:
 
 
 def varying_fields(rows: Sequence[dict]) -> list[str]:
-  """The config fields whose values differ between store rows (the cells' own fields first)."""
+  """The config fields whose values differ between store rows or results documents (a store
+  row's cell fields first), but for `standard.victim_from`, which names where a cell's models
+  were trained, not how."""
   flats = [_flat(r["config"]) for r in rows]
-  keys = dict.fromkeys([k for r in rows for k in r["cell"]] + sorted(set().union(*flats)))
-  return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+  keys = dict.fromkeys([k for r in rows for k in r.get("cell", {})] + sorted(set().union(*flats)))
+  return [k for k in keys if k != "standard.victim_from"
+          and len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
 
 
 def metric_values(row: dict) -> dict[str, float]:
