@@ -84,6 +84,15 @@ def test_select_scores_every_setting_on_heldout_images_and_applies_the_rule(tmp_
   # the two settings really differ: lr 0.2 moves the model further than lr 0.01
   low, high = doc["settings"]
   assert (low["acc"], low["asr"]) != (high["acc"], high["asr"])
+  # Another selection on the same suspect (standard.victim_from) trains nothing and scores the
+  # same settings the same.
+  again = select_cli(tmp_path / "again", "--defense=ft", f"--config.standard.victim_from="
+                     f"{tmp_path / 'run'}", "--grid=defense.ft.lr=0.01,0.2;defense.ft.epochs=2")
+  assert again.returncode == proc.returncode, again.stderr[-3000:]
+  redone = json.loads((tmp_path / "again" / "selection.json").read_text())
+  assert {k: redone[k] for k in ("suspect", "settings", "chosen")} == {
+      k: doc[k] for k in ("suspect", "settings", "chosen")}
+  assert not (tmp_path / "again" / "checkpoints" / "backdoored").exists()
 
 
 BAD_SELECTIONS = [

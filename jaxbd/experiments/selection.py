@@ -154,7 +154,8 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
   shapes = common.abstract_variables(run.model, run.key, run.dataset.image_shape)
   for cell_config in configs:
     common.check_components(cell_config, run.model, shapes, run.dataset, run.plan, [name])
-  victim = standard.borrowed_victim(run) if config.standard.victim_from else None
+  victim = (standard.borrowed_victim(run, ["backdoored"]) if config.standard.victim_from
+            else None)
   common.create_workdir(run)
   if victim is None:
     variables, _ = common.train_classifier(run, "backdoored", poisoned=True)

@@ -46,7 +46,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the experiment and returns the results document (also written to the workdir)."""
   r = common.build(config, workdir)
   selection = preparation.selection_inputs(r) if poison.refool.selects(config) else None
-  victim = borrowed_victim(r) if config.standard.victim_from else None
+  victim = borrowed_victim(r, phases(config)) if config.standard.victim_from else None
   common.create_workdir(r)  # after every check: bad input leaves no files behind
   metrics, timing, attack_extra = {}, {}, {}
   variables: Optional[dict] = None
@@ -77,8 +77,8 @@ def victim_part(config_dict: dict) -> dict:
   return part
 
 
-def borrowed_victim(r: common.Run) -> dict[str, dict]:
-  """The models of `standard.victim_from` by phase (`phases`), after checking that its run has
+def borrowed_victim(r: common.Run, names: Sequence[str]) -> dict[str, dict]:
+  """The models of `standard.victim_from` by phase (`names`), after checking that its run has
   this config outside `defense` and `log`, drew the same poison plan and trigger, and saved its
   attack's preparations (`jaxbd.experiments.preparation.saved_files`); only reads that folder.
 
@@ -88,7 +88,7 @@ def borrowed_victim(r: common.Run) -> dict[str, dict]:
       phase has no final checkpoint.
   """
   source = r.config.standard.victim_from
-  variables = common.borrowed_phases(r, "standard.victim_from", source, phases(r.config),
+  variables = common.borrowed_phases(r, "standard.victim_from", source, names,
                                      "config outside defense and log", victim_part)
   remedy = "train the victim again or point standard.victim_from elsewhere"
   r.plan.check(os.path.join(source, "poison_plan.npz"), r.trigger, remedy)
