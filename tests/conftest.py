@@ -96,8 +96,9 @@ class CifarRun:
     return common.load_phase(self.prepared, phase, self.config.train.epochs)
 
 
-# The CPU experiments on CIFAR-10 that tests read: fixture name -> config spec (`{cifar10}`: the
-# dataset's path; `{NAME}`: the workdir of experiment NAME, which then runs first).
+# The CPU experiments on CIFAR-10 that tests read: fixture name -> config spec, then any
+# `--config.FIELD=VALUE` overrides, space-separated (`{cifar10}`: the dataset's path; `{NAME}`: the
+# workdir of experiment NAME, which then runs first).
 CIFAR_RUNS = {
     # a clean and a BadNets-backdoored CNN (~1 minute alone)
     "cifar_cpu_run": "configs/cifar10.py:cpu,source=npz:{cifar10}",
@@ -109,6 +110,10 @@ CIFAR_RUNS = {
     # the D3 CPU recipe with FT and D3: the backdoored victim defended with 5% clean training data
     # (~2.5 minutes)
     "d3_cpu_run": "configs/d3.py:cpu,defenses=ft+d3,source=npz:{cifar10}",
+    # Pick your Poison's CPU repair: Pivotal Tuning with 1% clean data on d3_cpu_run's victim
+    # (~30 s)
+    "pt_cpu_run": "configs/pick_your_poison.py:cpu,defenses=pt,source=npz:{cifar10} "
+                  "--config.standard.train_clean=false --config.standard.victim_from={d3_cpu_run}",
 }
 # How the background experiments start: at low priority where `nice` exists.
 LOW_PRIORITY = ("nice", "-n", "10") if shutil.which("nice") else ()
@@ -151,9 +156,10 @@ class BackgroundRuns:
         with self._lock, open(self.log(name), "w") as out:
           if self._stopped:
             return
+          config, *overrides = spec.split(" ")
           self._process = subprocess.Popen(
-              [*LOW_PRIORITY, sys.executable, "-m", "jaxbd.main", f"--config={spec}",
-               "--config.log.progress=false", f"--workdir={self.workdir(name)}"],
+              [*LOW_PRIORITY, sys.executable, "-m", "jaxbd.main", f"--config={config}",
+               *overrides, "--config.log.progress=false", f"--workdir={self.workdir(name)}"],
               cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         status = self._process.wait()
         self._errors[name] = f"exit status {status}" if status else None
@@ -304,9 +310,15 @@ def side_by_side(calls) -> list:
 
 
 def load_config(spec: str):
-  """Loads `configs/FILE.py[:ARG]` (relative to the repository) as the CLI does."""
-  from jaxbd.config import load_file as load_config_file  # pylint: disable=g-import-not-at-top
-  return load_config_file(str(REPO / spec))
+  """Loads `configs/FILE.py[:ARG]` (relative to the repository), then any space-separated
+  `--config.FIELD=VALUE` flags after it, as the CLI does."""
+  from jaxbd import config as config_lib, sweep  # pylint: disable=g-import-not-at-top
+  path, *flags = spec.split(" ")
+  config = config_lib.load_file(str(REPO / path))
+  if flags:
+    grid = ";".join(flag.removeprefix("--config.") for flag in flags)
+    config = config_lib.apply_cell(config, sweep.parse_grid(grid, config)[0])
+  return config
 
 
 def compiled_while(caplog, fn, *args, xla: bool = False, **kwargs) -> list[str]:
