@@ -3,12 +3,15 @@ target's mean features on the clean model, the training loss adds exactly the la
 the poisoned rows, the standard experiment saves and reuses the fitted trigger, and settings it
 cannot run are refused before anything is written."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from jaxbd import config as config_lib
 from jaxbd import experiments, models
 from jaxbd import train as train_lib
 from jaxbd.attacks import latent
@@ -62,6 +65,18 @@ def test_standard_experiment_fits_the_trigger_inside_its_mask_and_reuses_it(tmp_
   # A rerun reads the fitted trigger back; a pattern of another shape or a broken file is refused.
   (tmp_path / "results.json").unlink()
   assert experiments.run(c, str(tmp_path))["attack"] == doc["attack"]
+  # A run that defends these models (standard.victim_from) reads the fitted trigger from here,
+  # and one whose victim lost it is refused before its workdir is made.
+  borrower = config_lib.apply_cell(c, {"standard.victim_from": str(tmp_path)})
+  again = experiments.run(borrower, str(tmp_path / "borrower"))
+  assert again["metrics"] == doc["metrics"]
+  assert again["attack"]["latent_trigger"] == {**fit, "file": "../latent_trigger.npz"}
+  assert sorted(os.listdir(tmp_path / "borrower")) == [
+      "config.json", "poison_plan.npz", "results.json"]
+  os.rename(tmp_path / "latent_trigger.npz", tmp_path / "kept.npz")
+  with pytest.raises(CheckpointError, match=r"latent_trigger.npz is missing \(the attack's"):
+    experiments.run(borrower, str(tmp_path / "refused"))
+  assert not (tmp_path / "refused").exists()
   np.savez(tmp_path / "latent_trigger.npz", pattern=pattern[:4], mask=mask)
   with pytest.raises(CheckpointError, match=r"holds a float32\[4, 8, 1\] pattern"):
     experiments.run(c, str(tmp_path))
