@@ -309,6 +309,17 @@ def side_by_side(calls) -> list:
     return list(pool.map(lambda call: call(), calls))
 
 
+def shift_plan(workdir) -> None:
+  """Rewrites the workdir's poison_plan.npz as the same config drawing other rows (e.g. from a
+  changed dataset file): its poisoned indices, each one higher."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  plan = pathlib.Path(workdir) / "poison_plan.npz"
+  with np.load(plan) as z:
+    arrays = {k: z[k] for k in z.files}
+  arrays["indices"] = arrays["indices"] + 1
+  np.savez(plan, **arrays)
+
+
 def load_config(spec: str):
   """Loads `configs/FILE.py[:ARG]` (relative to the repository), then any space-separated
   `--config.FIELD=VALUE` flags after it, as the CLI does."""

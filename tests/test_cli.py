@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, load_config, side_by_side
+from conftest import REPO, load_config, shift_plan, side_by_side
 from jaxbd import config as config_lib
 from jaxbd import experiments
 from jaxbd.errors import JaxbdError
@@ -284,15 +284,6 @@ def _older_config(workdir):
   (workdir / "config.json").write_text(json.dumps(older))
 
 
-def _other_plan(workdir):
-  """The same config drawing other rows (e.g. a changed dataset file)."""
-  plan = workdir / "poison_plan.npz"
-  with np.load(plan) as z:
-    arrays = {k: z[k] for k in z.files}
-  arrays["indices"] = arrays["indices"] + 1
-  np.savez(plan, **arrays)
-
-
 def _flipped_weight_bit(workdir):
   """One bit of one weight changed on disk in a checkpoint that still decodes (the arrays written
   again by orbax, the saved checksum kept)."""
@@ -335,7 +326,7 @@ WORKDIR_DEFECTS = [
      "lacks (written by an older jaxbd)); use a new --workdir"),
     (lambda w: os.remove(w / "config.json"), False, [],
      "holds checkpoints but no config.json, so nothing says which config trained them"),
-    (_other_plan, False, [], "poison_plan.npz holds another poison plan than this run draws "
+    (shift_plan, False, [], "poison_plan.npz holds another poison plan than this run draws "
      "(first difference: indices; the data or the random numbers changed)"),
     (_flipped_weight_bit, True, [],
      "backdoored/2 is corrupt: its arrays differ from the checksum saved with them"),

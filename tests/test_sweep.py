@@ -16,7 +16,7 @@ from jaxbd import config as config_lib
 from jaxbd import sweep
 from jaxbd.errors import CheckpointError, ConfigError, DataError
 
-from conftest import REPO, tiny_digits_config
+from conftest import REPO, shift_plan, tiny_digits_config
 
 
 def test_parse_grid_types_and_product():
@@ -288,13 +288,12 @@ def test_a_defense_sweep_trains_each_victim_once(tmp_path):
   with pytest.raises(ConfigError, match="standard.victim_from: the run in .* has another config "
                      r"outside defense and log \(first difference: poison.rate\)"):
     experiments.run(other_rate, str(workdir))
-  plan = dict(np.load(victim / "poison_plan.npz"))
-  plan["indices"] = plan["indices"][::-1]
-  np.savez(victim / "poison_plan.npz", **plan)
+  shift_plan(victim)
   with pytest.raises(CheckpointError, match="holds another poison plan than this run draws "
                      r"\(first difference: indices.*train the victim again"):
     experiments.run(config, str(workdir))
   assert files() == before  # the victim's folder is only read
+  shutil.copy(dirs[0] / "poison_plan.npz", victim)
   shutil.rmtree(victim / "checkpoints" / "backdoored")
   with pytest.raises(CheckpointError, match="no checkpoint of phase 'backdoored' in"):
     experiments.run(config, str(workdir))

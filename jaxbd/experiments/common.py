@@ -16,7 +16,7 @@ import json
 import os
 import time
 import zlib
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -346,23 +346,22 @@ def load_phase(run: Run, phase: str, epoch: int, workdir: Optional[str] = None) 
                          f"checkpoint of phase {phase!r} in {workdir}")
 
 
-def borrowed_phases(run: Run, setting: str, source: str, phases: Sequence[str], what: str,
-                    compared: Callable[[dict], dict]) -> dict[str, dict]:
-  """The variables of finished training phases of the run in workdir `source` (named by config
-  key `setting`, e.g. `standard.victim_from`), each after the epochs its config.json names, on
-  this run's mesh: models trained once and used by several runs. Only reads `source`.
+def borrowed_epochs(run: Run, setting: str, source: str, what: str,
+                    compared: Callable[[dict], dict]) -> int:
+  """Checks that the run in workdir `source` (named by config key `setting`, e.g.
+  `standard.victim_from`), whose trained models this run uses (`load_phase(..., workdir=source)`),
+  agrees with this run's config where it must, and returns the epochs its config.json names (its
+  phases' last checkpoints). Only reads `source`.
 
   Args:
     run: this run.
     setting: the config key that names `source`, for error messages.
     source: the other run's workdir.
-    phases: the phases to load.
     what: the part of the configs that must agree, in words (e.g. "data or model section").
     compared: that part of a config dict.
 
   Raises:
     ConfigError: `source` holds no readable config.json, or one whose `compared` part differs.
-    CheckpointError: a phase has no checkpoint after those epochs, or one that does not fit.
   """
   path = os.path.join(source, "config.json")
   try:
@@ -376,7 +375,7 @@ def borrowed_phases(run: Run, setting: str, source: str, phases: Sequence[str], 
   if first is not None:
     raise ConfigError(f"{setting}: the run in {source} has another {what} (first difference: "
                       f"{first})")
-  return {phase: load_phase(run, phase, epochs, workdir=source) for phase in phases}
+  return epochs
 
 
 def save_phase(run: Run, phase: str, epoch: int, state: dict) -> None:

@@ -229,11 +229,13 @@ def _train_phase(run: common.Run, phase: str, train_config: ml_collections.Confi
 
 def borrowed_clean(run: common.Run) -> dict:
   """The clean model of `quant_backdoor.clean_from`: that run's `clean` phase after the epochs its
-  config.json names, on this run's mesh (`common.borrowed_phases`; its config must have this
+  config.json names, on this run's mesh (`common.borrowed_epochs`; its config must have this
   run's `data` and `model` sections)."""
-  return common.borrowed_phases(
-      run, "quant_backdoor.clean_from", run.config.quant_backdoor.clean_from, ["clean"],
-      "data or model section", lambda d: {k: d.get(k) for k in ("data", "model")})["clean"]
+  source = run.config.quant_backdoor.clean_from
+  epochs = common.borrowed_epochs(run, "quant_backdoor.clean_from", source,
+                                  "data or model section",
+                                  lambda d: {k: d.get(k) for k in ("data", "model")})
+  return common.load_phase(run, "clean", epochs, workdir=source)
 
 
 def progress_metrics(run: common.Run, quant: quant_lib.QuantConfig):

@@ -88,14 +88,16 @@ def borrowed_victim(r: common.Run, names: Sequence[str]) -> dict[str, dict]:
       phase has no final checkpoint.
   """
   source = r.config.standard.victim_from
-  variables = common.borrowed_phases(r, "standard.victim_from", source, names,
-                                     "config outside defense and log", victim_part)
+  epochs = common.borrowed_epochs(r, "standard.victim_from", source,
+                                  "config outside defense and log", victim_part)
   remedy = "train the victim again or point standard.victim_from elsewhere"
   r.plan.check(os.path.join(source, "poison_plan.npz"), r.trigger, remedy)
   for name in preparation.saved_files(r.config):
     if not os.path.isfile(os.path.join(source, name)):
       raise CheckpointError(f"standard.victim_from: {os.path.join(source, name)} is missing "
                             f"(the attack's preparation did not finish there); {remedy}")
+  # The checkpoints last: the checks above read small files.
+  variables = {phase: common.load_phase(r, phase, epochs, workdir=source) for phase in names}
   host.say(f"standard.victim_from: the models of {source} (phases {', '.join(variables)}); "
            "nothing is trained", err=True)
   return variables
