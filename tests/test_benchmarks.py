@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from conftest import REPO, side_by_side
+from conftest import REPO, process_env, side_by_side
 
 
 def script_env(**extra):
   """The environment of a script run: one CPU device, the repository importable."""
-  return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **extra)
+  return process_env(PYTHONPATH=str(REPO), **extra)
 
 
 def run_script(name, *args, timeout=600):

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, load_config, shift_plan, side_by_side
+from conftest import REPO, load_config, process_env, shift_plan, side_by_side
 from jaxbd import config as config_lib
 from jaxbd import experiments
 from jaxbd.errors import JaxbdError
@@ -27,8 +27,7 @@ def start_jaxbd(*args, workdir=None, stdout=subprocess.PIPE) -> subprocess.Popen
   cmd = [sys.executable, "-m", "jaxbd.main", *args]
   if workdir is not None:
     cmd.append(f"--workdir={workdir}")
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.PIPE,
+  return subprocess.Popen(cmd, cwd=REPO, env=process_env(), stdout=stdout, stderr=subprocess.PIPE,
                           text=True)
 
 

@@ -116,9 +116,9 @@ def test_detection_experiment_on_a_small_population(tmp_path, capsys):
   scored by CTI and NC; the experiment reports each member as it is scored, and prints and
   writes the ROC AUC of both and a ROC plot."""
   c = digits_population(1, 2, epochs=15)
-  c.defense.pt.update(dict(steps=40, lr=0.01, batch_size=48))
-  c.detection.nc.epochs = 4
-  c.detection.cti.steps = 20
+  c.defense.pt.update(dict(steps=20, lr=0.01, batch_size=48))
+  c.detection.nc.epochs = 2
+  c.detection.cti.steps = 10
   c.log.progress = True  # bars only on a terminal; the per-member lines always
   doc = experiments.run(c, str(tmp_path))
   captured = capsys.readouterr()

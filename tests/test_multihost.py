@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, process_env
 from jaxbd.train import Checkpointer
 
 ARGS = ["--config=configs/quickstart.py", "--config.train.epochs=3",
@@ -25,10 +25,8 @@ def free_port() -> int:
 
 
 def launch(workdir, *extra, devices=1, args=tuple(ARGS)):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   return subprocess.Popen([sys.executable, "-m", "jaxbd.main", *args, f"--workdir={workdir}",
-                           *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           *extra], cwd=REPO, env=process_env(devices), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO, load_config
+from conftest import REPO, load_config, process_env
 from jaxbd import config as config_lib
 from jaxbd import experiments, quant
 from jaxbd import metrics as metrics_lib
@@ -246,7 +246,7 @@ def test_cli_refuses_a_bad_quant_value_in_one_line(tmp_path):
       [sys.executable, "-m", "jaxbd.main", "--config=configs/quant_backdoor.py:cpu,source=digits",
        "--config.quant.rounding=stochastic", f"--workdir={workdir}"],
       cwd=REPO, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+      env=process_env())
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
       "jaxbd: error: config key 'quant.rounding' must be one of ['half_away', 'half_even', "

@@ -14,7 +14,7 @@ from jaxbd import experiments, metrics
 from jaxbd.errors import DataError
 from jaxbd.experiments import report
 
-from conftest import REPO, tiny_digits_config
+from conftest import REPO, process_env, tiny_digits_config
 
 
 def tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
@@ -47,8 +47,7 @@ def assert_png(path) -> None:
 
 
 def run_cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "jaxbd.report", *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "jaxbd.report", *args], cwd=REPO, env=process_env(),
                         capture_output=True, text=True, timeout=300)
 
 

@@ -3,7 +3,6 @@ Poison's rule, held-out images outside the training subset, and the command line
 
 import functools
 import json
-import os
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from jaxbd.data.dataset import balanced_indices
 from jaxbd.errors import ConfigError
 from jaxbd.experiments import selection
 
-from conftest import REPO, side_by_side
+from conftest import REPO, process_env, side_by_side
 
 
 @pytest.mark.parametrize("rows, chosen", [
@@ -63,8 +62,8 @@ def select_cli(workdir, *args):
          "--config.train.epochs=3", "--config.model.cnn.width=8", "--config.log.progress=false",
          "--config.data.train_limit=1000", "--config.defense.clean_fraction=0.1",
          "--heldout=400", f"--workdir={workdir}", *args]
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=process_env(),
+                        timeout=600)
 
 
 @pytest.mark.slow

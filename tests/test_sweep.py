@@ -16,7 +16,7 @@ from jaxbd import config as config_lib
 from jaxbd import sweep
 from jaxbd.errors import CheckpointError, ConfigError, DataError
 
-from conftest import REPO, shift_plan, tiny_digits_config
+from conftest import REPO, process_env, shift_plan, tiny_digits_config
 
 
 def test_parse_grid_types_and_product():
@@ -94,7 +94,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_cells(tmp_path):
          "--config.train.epochs=3", "--config.standard.train_clean=false",
          "--config.log.progress=false", f"--workdir={tmp_path}",
          "--grid=poison.rate=0.05,0.1;seed=0,1"]
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = process_env()
   store = tmp_path / "results.sqlite"
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)

@@ -19,7 +19,7 @@ from jaxbd import models, poison
 from jaxbd import train as train_lib
 from jaxbd.errors import CheckpointError, DivergedError
 
-from conftest import REPO, compiled_while
+from conftest import REPO, compiled_while, process_env
 
 
 def small_setup(mesh, trigger_value=255):
@@ -231,9 +231,7 @@ def test_throttled_data_parallel_loop_does_not_deadlock_on_cpu_devices():
   throttle (every step queued at once) this loop deadlocks in an all-reduce within the first
   500 steps on jaxlib 0.10.2 (3 of 3 runs on 2 cores), and XLA aborts the process after the
   collective timeout, here 30 s."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
-                      "--xla_cpu_collective_call_terminate_timeout_seconds=30"}
+  env = process_env(2, "--xla_cpu_collective_call_terminate_timeout_seconds=30")
   proc = subprocess.run([sys.executable, "-c", THROTTLED_LOOP], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -299,8 +297,7 @@ def test_a_checkpoint_with_truncated_arrays_is_refused_without_stray_tracebacks(
   later or at exit (without the filters of `quiet_abandoned_reads`, 2 of 4 such processes print
   a few dozen tracebacks); the error must stay the only output."""
   proc = subprocess.run([sys.executable, "-c", TRUNCATED_RESTORES, str(tmp_path / "ckpt")],
-                        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                        capture_output=True, text=True, timeout=300)
+                        cwd=REPO, env=process_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.count("refused: checkpoint") == 4, proc.stdout
   assert proc.stderr == "", proc.stderr[-2000:]
