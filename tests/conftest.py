@@ -33,6 +33,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            f" {COMPILE_FLAGS} --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -325,7 +326,6 @@ def side_by_side(calls) -> list:
 def shift_plan(workdir) -> None:
   """Rewrites the workdir's poison_plan.npz as the same config drawing other rows (e.g. from a
   changed dataset file): its poisoned indices, each one higher."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   plan = pathlib.Path(workdir) / "poison_plan.npz"
   with np.load(plan) as z:
     arrays = {k: z[k] for k in z.files}

@@ -214,7 +214,8 @@ def defense_table(docs: Sequence[dict], reference: dict | None = None) -> str:
   published = reference["table"] if reference else {}
   rows = []
   for doc in docs:
-    name, flat = attack_name(doc), _flat(doc["config"]) if fields else {}
+    name = attack_name(doc)
+    flat = _flat(doc["config"]) if fields else {}  # documents without a config need no fields
     for label, values, models in (
         (name, [_field(flat.get(k)) for k in fields],
          {"backdoored": doc["metrics"]["backdoored"], **doc.get("defenses", {})}),
