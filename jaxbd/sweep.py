@@ -12,7 +12,8 @@ that fails is recorded with its error while the sweep goes on. Each cell runs in
 `WORKDIR/results.sqlite` when it finishes, keyed by the hash of its full config. Rerunning a
 killed sweep skips finished cells and resumes the interrupted one from its checkpoints. Cells of
 the standard experiment that differ only in `defense` or `log` settings train their models once:
-each one after the first defends the first one's (`standard.victim_from`, `share_victims`).
+each one after the first defends the first one's (`standard.victim_from`, `share_victims`); where
+that cell failed before saving its models, the next one trains them (`rehome`).
 
 `--vmap_seeds` trains the cells that differ only in `seed` as one population: stacked train states
 under one `jax.vmap`-ed step (`jaxbd.experiments.population`; standard experiment with a
@@ -195,6 +196,12 @@ def cell_dir(workdir: str, digest: str) -> str:
   return os.path.join(workdir, "cells", digest)
 
 
+def trains_victim(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config` is a standard experiment that trains its own models (no
+  `standard.victim_from`)."""
+  return config.experiment == "standard" and not config.standard.victim_from
+
+
 def share_victims(cells: Sequence[tuple], workdir: str) -> list[tuple]:
   """Cells `(index, cell, config, digest)` in run order, where each standard-experiment cell whose
   config equals an earlier one's outside `defense` and `log` defends that cell's models
@@ -204,7 +211,7 @@ def share_victims(cells: Sequence[tuple], workdir: str) -> list[tuple]:
   owners: dict[str, str] = {}
   shared = []
   for index, cell, config, digest in cells:
-    if config.experiment == "standard" and not config.standard.victim_from:
+    if trains_victim(config):
       key = json.dumps(standard.victim_part(config.to_dict()), sort_keys=True, default=list)
       if key in owners:
         config = config_lib.apply_cell(config, {"standard.victim_from":
@@ -213,6 +220,32 @@ def share_victims(cells: Sequence[tuple], workdir: str) -> list[tuple]:
         owners[key] = digest
     shared.append((index, cell, config, digest))
   return shared
+
+
+def rehome(item: tuple, workdir: str, moved: dict[str, str]) -> tuple:
+  """`item` (index, cell, config, digest) of `share_victims`, its borrowed victim looked up in
+  `moved`: a cell whose owner (`standard.victim_from`) failed before saving its models
+  (`moved[owner] == ""`) trains its own instead, and the owner's later cells borrow from it
+  (`moved[owner]` is set to its workdir); updates `moved`."""
+  index, cell, config, digest = item
+  owner = config.standard.victim_from if config.experiment == "standard" else ""
+  if owner not in moved:
+    return item
+  if not moved[owner]:
+    moved[owner] = cell_dir(workdir, digest)
+    host.say(f"sweep cell {digest}: the cell whose victim it would defend failed before saving "
+             "it; this cell trains it", err=True)
+  source = "" if moved[owner] == cell_dir(workdir, digest) else moved[owner]
+  return index, cell, config_lib.apply_cell(config, {"standard.victim_from": source}), digest
+
+
+def lose_victim(moved: dict[str, str], failed_dir: str) -> None:
+  """Records in `moved` (see `rehome`) that the cell in `failed_dir` failed before saving the
+  models it trains: the next cell that would borrow them trains them."""
+  for owner, source in moved.items():
+    if source == failed_dir:
+      moved[owner] = ""
+  moved[failed_dir] = ""
 
 
 def seed_groups(cells: Sequence[tuple], vmap_seeds: bool) -> list[list[tuple]]:
@@ -280,11 +313,14 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
   With `vmap_seeds`, the pending cells that differ only in `seed` train as one vmapped population
   (`jaxbd.experiments.standard.run_population`, standard experiment with a data-poisoning attack);
   each still gets its workdir, results.json and store row, whose `seconds` is its share of the
-  population's wall time. The population checkpoints in `WORKDIR/populations/<hash>`.
+  population's wall time. The population checkpoints in `WORKDIR/populations/<hash>`. Cells of
+  one victim borrow it from the first (`share_victims`), or from the next that trains it if that
+  one fails before saving it (`rehome`).
 
   Raises:
     ConfigError: a cell whose config does not validate (checked for all cells before any runs).
   """
+  from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
   configs = []
   for i, cell in enumerate(cells):
     config = config_lib.apply_cell(base, cell)
@@ -305,7 +341,9 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
     done = finished(connection)
     counts["skipped"] = sum(digest in done for *_, digest in configs)
     pending = [item for item in configs if item[3] not in done]
+    moved: dict[str, str] = {}
     for group in seed_groups(pending, vmap_seeds):
+      group = [rehome(item, workdir, moved) for item in group]
       for i, cell, _, digest in group:
         host.say(f"sweep cell {i + 1}/{len(configs)} {digest} {json.dumps(cell)}"
                  + (f" (population of {len(group)})" if len(group) > 1 else ""), err=True)
@@ -320,6 +358,9 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
         counts["failed" if error else "done"] += 1
         if error:
           print(f"sweep cell {digest} failed: {error}", file=sys.stderr)
+          if trains_victim(config) and not standard.victim_saved(config,
+                                                                cell_dir(workdir, digest)):
+            lose_victim(moved, cell_dir(workdir, digest))
   return counts
 
 

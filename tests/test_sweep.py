@@ -255,12 +255,46 @@ def test_cells_that_differ_in_defense_settings_share_their_victim():
   assert sweep.share_victims(other, "W") == other  # only the standard experiment shares
 
 
+@pytest.mark.parametrize("saved", [False, True])
+def test_a_cell_whose_victim_owner_failed_trains_the_victim(tmp_path, monkeypatch, saved):
+  """When the cell that trains a shared victim fails before saving it, the next cell of that
+  victim trains it (and, failing too, hands it on) and the others borrow from the one that does;
+  a failed owner whose models were saved (e.g. a defense failed) still lends them."""
+  from jaxbd import experiments  # pylint: disable=g-import-not-at-top
+  from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
+  base = tiny_digits_config(**{"defense.names": "ft"})
+  cells = sweep.parse_grid("defense.ft.lr=0.01,0.02,0.03,0.04", base)
+  digests = [sweep.config_hash(config_lib.apply_cell(base, c)) for c in cells]
+  ran = []
+
+  def run(config, workdir):
+    ran.append((os.path.basename(workdir), config.standard.victim_from))
+    if len(ran) <= 2:
+      raise CheckpointError("broken")
+    return {"metrics": {"backdoored": {"acc": 0.5}}}
+
+  monkeypatch.setattr(experiments, "run", run)
+  monkeypatch.setattr(standard, "victim_saved", lambda config, workdir: saved)
+  counts = sweep.run_sweep(base, cells, str(tmp_path))
+  owner = lambda i: sweep.cell_dir(str(tmp_path), digests[i])
+  if saved:
+    assert ran == [(digests[0], "")] + [(d, owner(0)) for d in digests[1:]]
+  else:
+    assert ran == [(d, "") for d in digests[:3]] + [(digests[3], owner(2))]
+  assert counts == {"done": 2, "skipped": 0, "failed": 2}
+  with sqlite3.connect(tmp_path / "results.sqlite") as db:
+    rows = dict(db.execute("SELECT config_hash, json_extract(config, '$.standard.victim_from') "
+                           "FROM runs").fetchall())
+  assert rows == dict(ran)  # each row holds the config its cell ran with
+
+
 @pytest.mark.slow
 def test_a_defense_sweep_trains_each_victim_once(tmp_path):
   """A sweep over a defense's settings trains the victim once: the other cell defends its models,
   with the defended metrics of a run that trains its own victim. A victim run that is not this
   config's (config, poison plan, checkpoints) is refused before the workdir is made."""
   from jaxbd import experiments  # pylint: disable=g-import-not-at-top
+  from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
   base = tiny_digits_config(**{"defense.names": "ft", "defense.ft.epochs": 1,
                                "defense.ft.eval_every": 0, "defense.ft.checkpoint_every": 0})
   cells = sweep.parse_grid("defense.ft.lr=0.01,0.03", base)
@@ -294,7 +328,9 @@ def test_a_defense_sweep_trains_each_victim_once(tmp_path):
     experiments.run(config, str(workdir))
   assert files() == before  # the victim's folder is only read
   shutil.copy(dirs[0] / "poison_plan.npz", victim)
+  assert standard.victim_saved(config, str(victim))
   shutil.rmtree(victim / "checkpoints" / "backdoored")
+  assert not standard.victim_saved(config, str(victim))
   with pytest.raises(CheckpointError, match="no checkpoint of phase 'backdoored' in"):
     experiments.run(config, str(workdir))
   assert not workdir.exists()

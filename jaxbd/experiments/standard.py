@@ -103,6 +103,22 @@ def borrowed_victim(r: common.Run, names: Sequence[str]) -> dict[str, dict]:
   return variables
 
 
+def victim_saved(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Whether the run of `config` in `workdir` saved the final checkpoint of every phase it trains
+  (what `borrowed_victim` loads); an unreadable checkpoint folder counts as not saved."""
+  for phase in phases(config):
+    ckpt = train_lib.Checkpointer(os.path.join(workdir, "checkpoints", phase))
+    try:
+      saved = ckpt.latest_epoch()
+    except CheckpointError:
+      saved = None
+    finally:
+      ckpt.close()
+    if saved != config.train.epochs:
+      return False
+  return True
+
+
 def phases(config: ml_collections.ConfigDict) -> list[str]:
   """The phases the experiment trains, in order: "clean" (if `standard.train_clean`), then
   "backdoored"."""
