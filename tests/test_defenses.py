@@ -42,6 +42,15 @@ def test_d3_selects_the_classifier_or_named_modules():
   assert d3.select_kernels(v["params"], "conv1, head", 5) == ["conv1/kernel", "head/kernel"]
   with pytest.raises(ConfigError, match="module 'layer9' has no kernel"):
     d3.select_kernels(v["params"], "layer9", 5)
+  k = {"kernel": np.zeros((3, 3, 2, 2))}
+  resnet = {"layer4": {"conv": k}, "layer4_0": {"conv1": k, "shortcut": k},
+            "layer4_1": {"conv1": k}, "layer40_0": {"conv1": k},
+            "layer3_1": {"conv1": k, "bn1": {"scale": np.ones(2)}}}
+  assert d3.select_kernels(resnet, "layer3", 5) == ["layer3_1/conv1/kernel"]  # a stage's blocks
+  assert d3.select_kernels(resnet, "layer4", 5) == ["layer4/conv/kernel"]  # a module comes first
+  del resnet["layer4"]
+  assert d3.select_kernels(resnet, "layer4", 5) == [
+      "layer4_0/conv1/kernel", "layer4_0/shortcut/kernel", "layer4_1/conv1/kernel"]
 
 
 def test_d3_warm_ups():

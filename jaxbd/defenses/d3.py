@@ -21,11 +21,14 @@ solved as in the authors' BackdoorBench code (`defense/d3.py`):
 
 Selected layers are named by module (`layers`, comma-separated, e.g. "linear" or "layer4_1");
 every `kernel` under those modules is selected, as the reference selects every Linear/Conv
-weight under `select_layer_name`; biases are not. Empty: the final classifier (the top-level
-module whose 2-D kernel outputs the classes).
+weight under `select_layer_name`; biases are not. A ResNet stage's PyTorch name ("layer4", whose
+blocks are "layer4_0", "layer4_1" here) selects all its blocks. Empty: the final classifier (the
+top-level module whose 2-D kernel outputs the classes).
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +88,8 @@ def select_kernels(params, layers: str, num_classes: int) -> list[str]:
     return heads
   selected = []
   for name in names:
-    found = [p for p in kernels if p.startswith(name + "/")]
+    found = ([p for p in kernels if p.startswith(name + "/")]
+             or [p for p in kernels if re.fullmatch(re.escape(name) + r"_\d+", p.split("/")[0])])
     if not found:
       top = sorted({p.split("/")[0] for p in kernels})
       raise ConfigError(f"defense.d3.layers: module {name!r} has no kernel (modules: {top})")
