@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxbd import config as config_lib
-from jaxbd import data, poison
+from jaxbd import attacks, data, poison
 from jaxbd.errors import ConfigError, DataError
 from jaxbd.poison import refool, wanet
 
@@ -372,6 +372,23 @@ def test_in_loop_attack_trains_a_backdoor_end_to_end(tmp_path):
   assert doc["attack"]["num_poisoned"] == 0
   assert doc["attack"]["training_attack"] == {"name": "batch", "batch_rate": 0.1, "augment": "run"}
   assert doc["metrics"]["backdoored"]["asr"] > 0.5 and doc["metrics"]["backdoored"]["acc"] > 0.8
+
+
+def test_in_loop_cover_rows_that_do_not_fit_a_batch_are_refused(tmp_path):
+  """WaNet's cross ratio 2 asks for two noise-mode rows per warped row: at batch_rate 0.4 the 25
+  poisoned and 50 cover rows of a batch of 64 do not fit, refused before any file is made (rather
+  than cutting the cover rows short)."""
+  from conftest import tiny_digits_config
+  from jaxbd import experiments
+  c = tiny_digits_config(**{"attack.name": "batch", "poison.rate": 0.0, "poison.name": "wanet",
+                            "train.batch_size": 64, "attack.batch.batch_rate": 0.3})
+  trigger = poison.make_trigger(c, (8, 8, 3))
+  assert attacks.batch.batch_rows(c, trigger) == (19, 38)
+  c.attack.batch.batch_rate = 0.4
+  with pytest.raises(ConfigError, match=r"attack.batch.batch_rate 0.4 gives 25 poisoned and 50 "
+                     r"cover rows \(2 per poisoned row, poison.wanet\), more than a batch of 64"):
+    experiments.run(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
 
 
 def test_pcb_trains_through_the_experiment(tmp_path):

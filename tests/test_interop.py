@@ -10,7 +10,7 @@ import pytest
 
 from jaxbd import config as config_lib
 from jaxbd import data, models
-from jaxbd.errors import CheckpointError
+from jaxbd.errors import CheckpointError, ConfigError
 
 from conftest import real_dataset, side_by_side
 from test_cli import assert_one_line_error, jaxbd
@@ -154,6 +154,23 @@ def test_bad_checkpoints_are_refused(tmp_path):
   torch.save({"model_name": "vgg19", "model": {}}, tmp_path / "vgg.pt")
   with pytest.raises(CheckpointError, match="model_name 'vgg19' is not supported"):
     backdoorbench.load(str(tmp_path / "vgg.pt"))
+
+
+def test_a_checkpoints_poison_indices_replace_the_plan_within_bounds():
+  """The defend experiment takes a checkpoint's poisoned rows, relabeled as the config's attack,
+  and refuses rows outside the training set, naming the first one that is."""
+  from jaxbd import poison  # pylint: disable=g-import-not-at-top
+  from jaxbd.experiments import defend  # pylint: disable=g-import-not-at-top
+  y = np.arange(20) % 4
+  plan = poison.make_plan(y, 4, rate=0.1, target=0, label_mode="all2one", seed=0)
+  imported = defend.imported_plan(plan, [1, 6], y, 4)
+  np.testing.assert_array_equal(imported.indices, [1, 6])
+  np.testing.assert_array_equal(np.flatnonzero(imported.labels != y), [1, 6])
+  assert (imported.labels[[1, 6]] == 0).all()
+  for bad, first in (([3, 20], 20), ([-1, 5], -1)):
+    with pytest.raises(ConfigError, match=rf"poison indices include {first}, outside the "
+                       r"training set's rows 0\.\.19"):
+      defend.imported_plan(plan, bad, y, 4)
 
 
 @pytest.mark.slow

@@ -111,13 +111,28 @@ def batch_fn(config: ml_collections.ConfigDict, trigger, num_classes: int, poiso
                            batch_fill=batch_fill)
 
 
+def batch_rows(config: ml_collections.ConfigDict, trigger) -> tuple[int, int]:
+  """(poisoned, cover): the rows of every batch that get `trigger` and its cover transform.
+
+  Raises:
+    ConfigError: they do not fit a batch (BackdoorBench would give fewer cover rows unannounced).
+  """
+  size = config.train.batch_size
+  poisoned = int(size * config.attack.batch.batch_rate)
+  cover = int(poisoned * getattr(trigger, "cover_ratio", 0.0))
+  config_lib.require(poisoned + cover <= size,
+                     f"attack.batch.batch_rate {config.attack.batch.batch_rate} gives {poisoned} "
+                     f"poisoned and {cover} cover rows ({getattr(trigger, 'cover_ratio', 0.0):g} "
+                     f"per poisoned row, poison.{config.poison.name}), more than a batch of {size}")
+  return poisoned, cover
+
+
 def build(config: ml_collections.ConfigDict, model, trigger, setup: train_lib.Setup,
           mesh: jax.sharding.Mesh, num_classes: int, key: jax.Array):
   """The train step that poisons every batch, and its context (None): the arguments and results
   of `jaxbd.attacks.ATTACKS`."""
   del key  # nothing fixed to draw: the batches' shuffles pick the rows
-  poisoned = int(config.train.batch_size * config.attack.batch.batch_rate)
-  cover = int(poisoned * getattr(trigger, "cover_ratio", 0.0))
+  poisoned, cover = batch_rows(config, trigger)
   fill = tuple(model.mean) if config.attack.batch.augment == "backdoorbench" else None
   return train_lib.make_train_step(
       train_lib.classification_loss(model), setup.tx,

@@ -47,8 +47,9 @@ def imported_plan(plan: plan_lib.PoisonPlan, indices, y_train: np.ndarray,
     return plan
   indices = np.asarray(indices, np.int64)
   if len(indices) and (indices.min() < 0 or indices.max() >= len(y_train)):
-    raise ConfigError(f"the checkpoint's poison indices reach {indices.max()} but the training "
-                      f"set has {len(y_train)} images")
+    bad = indices.min() if indices.min() < 0 else indices.max()
+    raise ConfigError(f"the checkpoint's poison indices include {bad}, outside the training set's "
+                      f"rows 0..{len(y_train) - 1}")
   labels = y_train.astype(np.int32).copy()
   labels[indices] = plan_lib.poisoned_label(y_train[indices], plan.label_mode, plan.target,
                                             num_classes)
