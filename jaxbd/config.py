@@ -295,8 +295,7 @@ def check_keys(config: ConfigDict, schema: ConfigDict) -> None:
     if isinstance(ref, str) and not isinstance(value, str):
       raise ConfigError(f"config key {path!r} must be a string, got {value!r}")
     if isinstance(ref, int) and not isinstance(ref, bool) and isinstance(value, float):
-      if not value.is_integer():
-        raise ConfigError(f"config key {path!r} must be an integer, got {value!r}")
+      raise ConfigError(f"config key {path!r} must be an integer, got {value!r}")
     if isinstance(ref, (list, tuple)):
       _check_numbers(path, value, integers=bool(ref) and all(isinstance(r, int) for r in ref))
   missing = sorted(set(known) - set(given))

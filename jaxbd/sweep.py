@@ -226,17 +226,32 @@ def rehome(item: tuple, workdir: str, moved: dict[str, str]) -> tuple:
   """`item` (index, cell, config, digest) of `share_victims`, its borrowed victim looked up in
   `moved`: a cell whose owner (`standard.victim_from`) failed before saving its models
   (`moved[owner] == ""`) trains its own instead, and the owner's later cells borrow from it
-  (`moved[owner]` is set to its workdir); updates `moved`."""
+  (`moved[owner]` is set to its workdir); updates `moved`. A cell that began to train its own in
+  a killed earlier run of the sweep goes on with it."""
   index, cell, config, digest = item
   owner = config.standard.victim_from if config.experiment == "standard" else ""
-  if owner not in moved:
+  here = cell_dir(workdir, digest)
+  if owner and began_own_victim(here):
+    source = ""  # a killed earlier run of the sweep began training it here: resume it
+  elif owner in moved:
+    if not moved[owner]:
+      moved[owner] = here
+      host.say(f"sweep cell {digest}: the cell whose victim it would defend failed before "
+               "saving it; this cell trains it", err=True)
+    source = "" if moved[owner] == here else moved[owner]
+  else:
     return item
-  if not moved[owner]:
-    moved[owner] = cell_dir(workdir, digest)
-    host.say(f"sweep cell {digest}: the cell whose victim it would defend failed before saving "
-             "it; this cell trains it", err=True)
-  source = "" if moved[owner] == cell_dir(workdir, digest) else moved[owner]
   return index, cell, config_lib.apply_cell(config, {"standard.victim_from": source}), digest
+
+
+def began_own_victim(cell_workdir: str) -> bool:
+  """Whether the cell in `cell_workdir` began to train its own victim in an earlier run of the
+  sweep (its config.json names no `standard.victim_from`)."""
+  try:
+    with open(os.path.join(cell_workdir, "config.json")) as f:
+      return not json.load(f)["standard"]["victim_from"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
 
 
 def lose_victim(moved: dict[str, str], failed_dir: str) -> None:

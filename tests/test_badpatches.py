@@ -18,7 +18,7 @@ import pytest
 from jaxbd import config as config_lib
 from jaxbd import data, experiments, metrics, poison
 from jaxbd import train as train_lib
-from jaxbd.errors import ConfigError
+from jaxbd.errors import CheckpointError, ConfigError
 from jaxbd.experiments import badpatches as experiment
 from jaxbd.experiments import common, plots, results
 from jaxbd.models import routing
@@ -395,6 +395,16 @@ def test_surrogate_guided_optimized_attack_runs_end_to_end(tmp_path, monkeypatch
   assert pattern.shape == (4, 1) and len(np.unique(pattern)) > 1  # optimized, not uniform
   assert set(doc["metrics"]) == {"clean", "backdoored"} and doc["sweep"] == []
   assert doc["routing"]["grid"] == [4, 4]
+  # A rerun reads the trigger back (its checkpoints were trained with it): no guidance again.
+  os.remove(tmp_path / "results.json")
+  for name in ("rank_cells", "optimize_pattern"):
+    monkeypatch.setattr(badpatches, name, lambda *a, **k: pytest.fail("guided again"))
+  again = experiments.run(c, str(tmp_path))
+  assert again["attack"]["trigger"] == trigger and again["metrics"] == doc["metrics"]
+  np.savez(tmp_path / "trigger.npz", **{**saved, "pattern": saved["pattern"][:2]})
+  with pytest.raises(CheckpointError, match=r"trigger.npz holds a float32\[2, 8, 1\] pattern, "
+                     r"this run's trigger has float32\[8, 8, 1\]; delete it"):
+    experiments.run(c, str(tmp_path))
 
 
 def test_bad_badpatches_config_is_refused_before_the_workdir_exists(tmp_path):

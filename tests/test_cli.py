@@ -17,7 +17,7 @@ from conftest import REPO, load_config, process_env, shift_plan, side_by_side
 from jaxbd import config as config_lib
 from jaxbd import experiments
 from jaxbd.errors import JaxbdError
-from jaxbd.train.checkpoint import Checkpointer
+from jaxbd.train.checkpoint import METADATA_FILE, Checkpointer
 
 QUICK = ["--config=configs/quickstart.py", "--config.train.epochs=2", "--config.log.progress=false"]
 
@@ -332,7 +332,10 @@ WORKDIR_DEFECTS = [
     # Array data cut short: every array's read fails, and the reads that orbax abandons report
     # their errors as the process ends; the error stays one line.
     (_truncated_arrays, True, [], "is unreadable or belongs to a different model"),
-    (_overwritten_checkpoint, True, [], "is unreadable or belongs to a different model"),
+    (_overwritten_checkpoint, True, [], "backdoored/2 has unreadable metadata ('utf-8' codec"),
+    # orbax would log its error and restore the arrays without the checksum saved beside them
+    (lambda w: (w / "checkpoints" / "backdoored" / "2" / METADATA_FILE).write_text("garbage"),
+     True, [], "backdoored/2 has unreadable metadata (Expecting value"),
 ]
 
 

@@ -90,6 +90,9 @@ def test_wrong_type_in_a_hand_built_config_is_refused():
   raw["train"]["epochs"] = "ten"
   with pytest.raises(ConfigError, match="'train.epochs' must be a number"):
     config_lib.validate(config_lib.ConfigDict(raw))
+  raw["train"]["epochs"] = 2.0  # a float reaches range() and the like: refused, even if whole
+  with pytest.raises(ConfigError, match="'train.epochs' must be an integer, got 2.0"):
+    config_lib.validate(config_lib.ConfigDict(raw))
 
 
 def test_missing_key_is_refused():

@@ -84,6 +84,12 @@ def test_npz_encoded_layout_decodes_losslessly(tmp_path, arrays):
   sub = data.load(data_config(f"npz:{path}", train_limit=9))
   idx = data.balanced_indices(y_tr, 9)
   np.testing.assert_array_equal(sub.x_train, x_tr[idx])
+  column = write_npz(tmp_path / "c.npz", train_bytes=tr_bytes, train_offsets=tr_off,
+                     train_labels=y_tr[:, None], test_bytes=te_bytes, test_offsets=te_off,
+                     test_labels=y_te[:, None])  # labels as a [N, 1] column
+  sub = data.load(data_config(f"npz:{column}", train_limit=9))
+  np.testing.assert_array_equal(sub.x_train, x_tr[idx])
+  np.testing.assert_array_equal(sub.y_train, y_tr[idx])
 
 
 def test_folder(tmp_path, arrays):
@@ -176,6 +182,8 @@ def test_real_cifar10_encoded_npz():
     ("float_labels", "must hold integer class indices"),
     ("unseen_test_labels", "test labels [2] occur in no training image"),
     ("encoded_float_offsets", "train_offsets must be integers"),
+    ("encoded_negative_offset", "train_offsets do not index train_bytes"),
+    ("encoded_float_labels", "train_labels must hold integer class indices"),
     ("encoded_missing_array", "missing array(s) ['test_labels']"),
     ("encoded_garbage", "train image 0: cannot decode an image (no image format Pillow reads)"),
     ("classes_2d", "classes must be a list of names, got an array of shape [1, 3]"),
@@ -219,6 +227,10 @@ def test_bad_npz_is_refused(tmp_path, arrays, case, message):
         bad[f"{split}_labels"] = y
       if case == "encoded_float_offsets":
         bad["train_offsets"] = bad["train_offsets"].astype(np.float64)
+      elif case == "encoded_negative_offset":
+        bad["train_offsets"] = bad["train_offsets"] - 1
+      elif case == "encoded_float_labels":
+        bad["train_labels"] = y_tr.astype(np.float32)
       elif case == "encoded_garbage":
         bad["train_bytes"] = np.full_like(bad["train_bytes"], 7)
       else:

@@ -77,6 +77,9 @@ def test_select_scores_every_setting_on_heldout_images_and_applies_the_rule(tmp_
       {"defense.ft.lr": 0.2, "defense.ft.epochs": 2}]
   assert doc["heldout"]["size"] == 400 and doc["trusted_size"] == 100
   assert doc["suspect"]["asr"] > 0.5  # the backdoor the settings are scored against
+  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  last = [r for r in records if "acc" in r][-1]  # evaluated while it trained: held-out too
+  assert {k: last[k] for k in ("acc", "asr", "ra")} == doc["suspect"]
   assert doc["chosen"] == selection.choose(doc["suspect"]["acc"], doc["settings"], 0.03)
   assert proc.returncode == (1 if doc["chosen"] is None else 0)
   assert "| setting | defense.ft.lr | defense.ft.epochs |" in proc.stdout

@@ -259,12 +259,16 @@ def test_cells_that_differ_in_defense_settings_share_their_victim():
 def test_a_cell_whose_victim_owner_failed_trains_the_victim(tmp_path, monkeypatch, saved):
   """When the cell that trains a shared victim fails before saving it, the next cell of that
   victim trains it (and, failing too, hands it on) and the others borrow from the one that does;
-  a failed owner whose models were saved (e.g. a defense failed) still lends them."""
+  a failed owner whose models were saved (e.g. a defense failed) still lends them. A cell that
+  began to train its own in a killed earlier run of the sweep goes on with it."""
   from jaxbd import experiments  # pylint: disable=g-import-not-at-top
   from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
   base = tiny_digits_config(**{"defense.names": "ft"})
-  cells = sweep.parse_grid("defense.ft.lr=0.01,0.02,0.03,0.04", base)
+  cells = sweep.parse_grid("defense.ft.lr=0.01,0.02,0.03,0.04,0.05", base)
   digests = [sweep.config_hash(config_lib.apply_cell(base, c)) for c in cells]
+  began = tmp_path / "cells" / digests[4]
+  began.mkdir(parents=True)
+  (began / "config.json").write_text(json.dumps({"standard": {"victim_from": ""}}))
   ran = []
 
   def run(config, workdir):
@@ -278,10 +282,11 @@ def test_a_cell_whose_victim_owner_failed_trains_the_victim(tmp_path, monkeypatc
   counts = sweep.run_sweep(base, cells, str(tmp_path))
   owner = lambda i: sweep.cell_dir(str(tmp_path), digests[i])
   if saved:
-    assert ran == [(digests[0], "")] + [(d, owner(0)) for d in digests[1:]]
+    assert ran[:4] == [(digests[0], "")] + [(d, owner(0)) for d in digests[1:4]]
   else:
-    assert ran == [(d, "") for d in digests[:3]] + [(digests[3], owner(2))]
-  assert counts == {"done": 2, "skipped": 0, "failed": 2}
+    assert ran[:4] == [(d, "") for d in digests[:3]] + [(digests[3], owner(2))]
+  assert ran[4] == (digests[4], "")
+  assert counts == {"done": 3, "skipped": 0, "failed": 2}
   with sqlite3.connect(tmp_path / "results.sqlite") as db:
     rows = dict(db.execute("SELECT config_hash, json_extract(config, '$.standard.victim_from') "
                            "FROM runs").fetchall())

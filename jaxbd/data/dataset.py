@@ -65,18 +65,28 @@ def _images(name: str, split: str, x: np.ndarray) -> np.ndarray:
   return x
 
 
-def _labels(name: str, split: str, y: np.ndarray, n: int) -> np.ndarray:
+def class_labels(name: str, key: str, y: np.ndarray) -> np.ndarray:
+  """int32[N] class indices from integer[N] or [N, 1] labels `y` (array `key` of source `name`).
+
+  Raises:
+    DataError: another shape, or not integers.
+  """
   y = np.asarray(y)
   if y.ndim == 2 and y.shape[1] == 1:
     y = y[:, 0]
   if y.ndim != 1:
-    raise DataError(f"{name}: y_{split} must be a 1-D array of class indices, got shape "
+    raise DataError(f"{name}: {key} must be a 1-D array of class indices, got shape "
                     f"{list(y.shape)}")
   if not np.issubdtype(y.dtype, np.integer):
-    raise DataError(f"{name}: y_{split} must hold integer class indices, got dtype {y.dtype}")
+    raise DataError(f"{name}: {key} must hold integer class indices, got dtype {y.dtype}")
+  return y.astype(np.int32)
+
+
+def _labels(name: str, split: str, y: np.ndarray, n: int) -> np.ndarray:
+  y = class_labels(name, f"y_{split}", y)
   if len(y) != n:
     raise DataError(f"{name}: x_{split} has {n} images but y_{split} has {len(y)} labels")
-  return y.astype(np.int32)
+  return y
 
 
 def make_dataset(name: str, x_train, y_train, x_test, y_test, classes=None) -> Dataset:

@@ -25,7 +25,7 @@ import os
 import numpy as np
 
 from jaxbd import fileio
-from jaxbd.data.dataset import Dataset, balanced_indices, make_dataset, subset
+from jaxbd.data.dataset import Dataset, balanced_indices, class_labels, make_dataset, subset
 from jaxbd.errors import DataError
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".webp")
@@ -82,12 +82,12 @@ def _stack(name: str, images: list[np.ndarray]) -> np.ndarray:
 def _encoded_split(name: str, arrays, split: str, limit: int):
   data = arrays[f"{split}_bytes"]
   offsets = arrays[f"{split}_offsets"]
-  labels = arrays[f"{split}_labels"]
+  labels = class_labels(name, f"{split}_labels", arrays[f"{split}_labels"])
   if offsets.ndim != 1 or len(offsets) != len(labels) + 1:
     raise DataError(f"{name}: {split}_offsets must have len({split}_labels) + 1 entries")
   if not np.issubdtype(offsets.dtype, np.integer):
     raise DataError(f"{name}: {split}_offsets must be integers, got {offsets.dtype}")
-  if offsets[-1] > len(data) or np.any(np.diff(offsets) <= 0):
+  if offsets[0] < 0 or offsets[-1] > len(data) or np.any(np.diff(offsets) <= 0):
     raise DataError(f"{name}: {split}_offsets do not index {split}_bytes")
   idx = balanced_indices(labels, limit)
   images = _stack(name, [_decode(f"{name} {split} image {i}", data[offsets[i]:offsets[i + 1]]

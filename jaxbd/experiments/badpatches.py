@@ -6,7 +6,8 @@ Phases, all in one workdir (each checkpointed, so a rerun resumes):
 2. Trigger guidance, when `poison.badpatches.position="router"` or `pattern="optimized"`: the
    guiding routers are the clean victim model's (`router="victim"`) or those of a `surrogate`
    the attacker trains with the assumed routing (`poison.badpatches.l`, and `.patch` for models
-   whose routing cell is a patch size). The final trigger is saved as `trigger.npz`.
+   whose routing cell is a patch size). The final trigger is saved as `trigger.npz`, which a
+   rerun reads back instead of guiding again (its checkpoints were trained with that trigger).
 3. `backdoored`: trained on the poisoned training set of `config.poison`.
 4. Routing statistics of both models on test images of non-target classes, clean vs triggered
    (`jaxbd.metrics.routing_statistics` per MoE layer), with heatmaps.
@@ -38,12 +39,14 @@ from jaxbd import metrics as metrics_lib
 from jaxbd import host, models, poison
 from jaxbd.data.pipeline import to_unit
 from jaxbd import train as train_lib
-from jaxbd.experiments import common, plots, results, standard
+from jaxbd.experiments import common, plots, preparation, results, standard
 from jaxbd.models import routing
 from jaxbd.poison import badpatches
 
 GUIDE_IMAGES = 2000  # clean training images the attacker runs through the guiding routers
 OPTIMIZE_STREAM = zlib.crc32(b"badpatches/optimize_pattern")  # PRNG stream of the optimization
+TRIGGER_FILE = "trigger.npz"  # the final trigger's arrays, in the workdir
+TRIGGER_FIELDS = ("pixel_cell", "pattern", "cells")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -191,6 +194,9 @@ def guide_trigger(r: common.Run, clean_variables: dict) -> tuple[common.Run, Opt
   b = c.poison.badpatches
   if c.poison.name != "badpatches" or not badpatches.guidance(b):
     return r, None
+  path = os.path.join(r.workdir, TRIGGER_FILE)
+  if os.path.exists(path):  # a rerun: the trigger that the saved checkpoints were trained with
+    return dataclasses.replace(r, trigger=saved_trigger(path, r.trigger)), b.router
   guide, variables = ((r, clean_variables) if b.router == "victim" else _surrogate(r))
   shape = r.dataset.image_shape
   cell = models.routing_cell(guide.config, shape)
@@ -208,7 +214,29 @@ def guide_trigger(r: common.Run, clean_variables: dict) -> tuple[common.Run, Opt
     trigger = badpatches.optimize_pattern(
         trigger, functools.partial(routing.router_logits, guide.model), variables, images, cell,
         steps=b.optimize_steps, lr=b.optimize_lr, key=key)
+  save_trigger(path, trigger)
   return dataclasses.replace(r, trigger=trigger), b.router
+
+
+def save_trigger(path: str, trigger: badpatches.PatchTrigger) -> None:
+  """Writes the arrays of a final trigger that a rerun reads back (`saved_trigger`)."""
+  results.write_npz(path, **{name: getattr(trigger, name) for name in TRIGGER_FIELDS})
+
+
+def saved_trigger(path: str, like: badpatches.PatchTrigger) -> badpatches.PatchTrigger:
+  """`like` with the arrays that `save_trigger` wrote to `path`.
+
+  Raises:
+    CheckpointError: the file is unreadable, lacks an array or holds one of another shape or
+      dtype than `like`'s.
+  """
+  saved = dict(zip(TRIGGER_FIELDS, preparation.read_saved(path, *TRIGGER_FIELDS)))
+  for name, array in saved.items():
+    want = np.asarray(getattr(like, name))
+    preparation.check_saved(array.shape == want.shape and array.dtype == want.dtype, path,
+                            f"holds a {array.dtype}{list(array.shape)} {name}, this run's "
+                            f"trigger has {want.dtype}{list(want.shape)}")
+  return like.replace(**{name: jnp.asarray(array) for name, array in saved.items()})
 
 
 def _rate_phase(attack: str, rate: float) -> str:
@@ -253,13 +281,14 @@ def _trigger_record(r: common.Run, guide: Optional[str]) -> dict:
   t = r.trigger
   if not isinstance(t, badpatches.PatchTrigger):
     return {}
-  results.write_npz(os.path.join(r.workdir, "trigger.npz"), pixel_cell=t.pixel_cell,
-                    pattern=t.pattern, cells=t.cells)
+  path = os.path.join(r.workdir, TRIGGER_FILE)
+  if guide is None:  # a guided trigger is saved once guided
+    save_trigger(path, t)
   b = r.config.poison.badpatches
   cell = b.patch or models.routing_cell(r.config, r.dataset.image_shape)
   rows, cols = badpatches.grid_shape(r.dataset.image_shape, cell, b.offset)
   return {"cells": np.asarray(t.cells).tolist(), "grid": [rows, cols], "cell": cell,
-          "random": t.random, "guided_by": guide, "file": "trigger.npz"}
+          "random": t.random, "guided_by": guide, "file": TRIGGER_FILE}
 
 
 def check_assumed_routing(r: common.Run) -> None:

@@ -295,7 +295,8 @@ def classifier_setup(model, images: np.ndarray, labels: np.ndarray, train_config
 
 def train_classifier(run: Run, phase: str, *, poisoned: bool,
                      train_config: Optional[ml_collections.ConfigDict] = None,
-                     key: Optional[jax.Array] = None) -> tuple[dict, dict]:
+                     key: Optional[jax.Array] = None,
+                     evaluate: Optional[Callable[[dict], dict]] = None) -> tuple[dict, dict]:
   """Trains a fresh `run.model` with cross-entropy on the training set.
 
   Args:
@@ -305,10 +306,13 @@ def train_classifier(run: Run, phase: str, *, poisoned: bool,
       attack of `config.attack`, or train clean.
     train_config: a `train`-style section (default `run.config.train`).
     key: PRNG key of the phase (default: derived from the run key and the phase name).
+    evaluate: `variables -> metrics` of the evaluations during training (default
+      `run.evaluate`, on the test set).
 
   Returns:
     (variables, summary of `jaxbd.train.fit` with the final evaluation).
   """
+  evaluate = evaluate or run.evaluate
   c = run.config
   tc = train_config or c.train
   ds = run.dataset
@@ -325,7 +329,7 @@ def train_classifier(run: Run, phase: str, *, poisoned: bool,
   state, summary = train_lib.fit(
       phase, setup.state, step, setup.arrays, epochs=tc.epochs, batch_size=tc.batch_size,
       key=train_key, workdir=run.workdir, context=context,
-      eval_fn=lambda s: run.evaluate(train_lib.variables(s)), eval_every=tc.eval_every,
+      eval_fn=lambda s: evaluate(train_lib.variables(s)), eval_every=tc.eval_every,
       checkpoint_every=tc.checkpoint_every, log_every=c.log.every_steps,
       progress=c.log.progress)
   return train_lib.variables(state), summary

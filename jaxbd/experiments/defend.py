@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from jaxbd import config as config_lib
-from jaxbd import host
+from jaxbd import defenses, host
 from jaxbd.errors import ConfigError
 from jaxbd.experiments import common, report, results, standard
 from jaxbd.poison import plan as plan_lib
@@ -77,6 +77,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   variables = common.check_variables(r, ckpt.variables, config.defend.checkpoint)
   r = dataclasses.replace(r, plan=imported_plan(r.plan, ckpt.poison_indices, r.dataset.y_train,
                                                 r.dataset.num_classes))
+  if config_lib.defense_names(config):  # the trusted set comes from the imported plan's clean rows
+    defenses.base.trusted_pool(r.plan.kind, config.defense.clean_fraction)
   common.create_workdir(r)
   metrics = {"backdoored": r.evaluate(variables)}
   defended = common.run_defenses(r, variables, metrics["backdoored"])

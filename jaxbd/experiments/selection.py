@@ -157,11 +157,11 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
   victim = (standard.borrowed_victim(run, ["backdoored"]) if config.standard.victim_from
             else None)
   common.create_workdir(run)
-  if victim is None:
-    variables, _ = common.train_classifier(run, "backdoored", poisoned=True)
+  evaluate = lambda v: run.evaluate(v, held.images, held.labels)
+  if victim is None:  # its evaluations during training are on the held-out images too
+    variables, _ = common.train_classifier(run, "backdoored", poisoned=True, evaluate=evaluate)
   else:
     variables = victim["backdoored"]
-  evaluate = lambda v: run.evaluate(v, held.images, held.labels)
   trusted = run.trusted(config.defense.clean_fraction)
   ctx = run.defense_context()
   key = common.phase_key(run, f"defense/{name}")

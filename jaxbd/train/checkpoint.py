@@ -10,6 +10,7 @@ arrays (`digest`), which the restore verifies.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -110,7 +111,8 @@ class Checkpointer:
 
     Raises:
       CheckpointError: the latest step folder lacks orbax's metadata file: not a checkpoint that
-        `save` wrote (orbax would log a warning and then fail to read it).
+        `save` wrote (orbax would log a warning and then fail to read it); or a metadata file is
+        unreadable (`info`; orbax would log an error and read the checkpoint without it).
     """
     if self._manager is None:
       os.makedirs(self.directory, exist_ok=True)
@@ -118,6 +120,7 @@ class Checkpointer:
       for i, step in enumerate(steps):
         step_dir = os.path.join(self.directory, str(step))
         if os.path.isfile(os.path.join(step_dir, METADATA_FILE)):
+          self.info(step)
           continue
         if i == 0:
           raise CheckpointError(f"checkpoint {step_dir} is not a checkpoint jaxbd wrote (it lacks "
@@ -143,16 +146,24 @@ class Checkpointer:
     manager.wait_until_finished()
 
   def info(self, epoch: int) -> dict:
-    """The `info` that `save` stored with epoch `epoch` ({} for a checkpoint without any).
+    """The `info` that `save` stored with epoch `epoch`, with its "digest".
+
+    Read from orbax's metadata file directly: orbax logs an error for a corrupt one and carries
+    on without the info, which would skip the checksum.
 
     Raises:
-      CheckpointError: the checkpoint's metadata is unreadable.
+      CheckpointError: the checkpoint's metadata is unreadable or holds no checksum.
     """
+    path = os.path.join(self.directory, str(epoch), METADATA_FILE)
     try:
-      return dict(self._get().metadata(epoch).custom_metadata or {})
-    except Exception as e:  # Orbax raises many types for a corrupt metadata file.
+      with open(path) as f:
+        info = json.load(f)["custom_metadata"]
+      if not isinstance(info, dict) or "digest" not in info:
+        raise ValueError("no checksum")
+    except (OSError, ValueError, KeyError, TypeError) as e:
       raise CheckpointError(f"checkpoint {self.directory}/{epoch} has unreadable metadata "
                             f"({first_line(e)[:200]}); delete it or use a new --workdir") from None
+    return info
 
   def restore(self, epoch: int, template: Any = None) -> Any:
     """Restores epoch `epoch` into the structure, dtypes and shardings of `template`.
@@ -165,6 +176,7 @@ class Checkpointer:
         differ from the digest saved with them (changed on disk).
     """
     quiet_abandoned_reads()
+    saved = self.info(epoch)["digest"]  # first: orbax would log a corrupt metadata file's error
     try:
       if template is None:
         local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -178,8 +190,7 @@ class Checkpointer:
       raise CheckpointError(
           f"checkpoint {self.directory}/{epoch} is unreadable or belongs to a different model "
           f"({first[:200]}); delete it or use a new --workdir") from None
-    saved = self.info(epoch).get("digest")
-    if saved is not None and np.asarray(digest(state)).tolist() != saved:
+    if np.asarray(digest(state)).tolist() != saved:
       raise CheckpointError(f"checkpoint {self.directory}/{epoch} is corrupt: its arrays differ "
                             "from the checksum saved with them; delete it or use a new --workdir")
     return state
