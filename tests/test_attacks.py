@@ -252,6 +252,22 @@ def test_adaptive_blend_pieces_tile_the_image_and_are_kept_at_random():
   assert trigger.cover_ratio == 1.0  # conservatism 0.5: as many cover as payload rows
 
 
+@pytest.mark.parametrize("name", ["adaptive_blend", "adaptive_patch"])
+def test_fixed_sampling_keeps_the_same_number_of_pieces_on_every_image(name):
+  """sampling=fixed (Qi et al.'s code): round(keep_prob * P) pieces per training image, at least
+  one, every subset of that size drawn; no image goes without a piece."""
+  x = np.asarray(images(256))
+  for keep_prob, count in ((0.5, 2), (0.1, 1)):
+    trigger = poison.make_trigger(trigger_config(name, sampling="fixed", keep_prob=keep_prob),
+                                  (32, 32, 3))
+    kept = piece_state(trigger, np.asarray(trigger(jnp.asarray(x), jax.random.key(4),
+                                                   train=True)), x)
+    np.testing.assert_array_equal(kept.sum(1), count)
+    assert len({tuple(k) for k in kept}) == (6 if count == 2 else 4)  # 4 choose count
+  with pytest.raises(ConfigError, match=f"'poison.{name}.sampling' must be one of"):
+    trigger_config(name, sampling="one")
+
+
 def test_adaptive_patch_patches_are_disjoint_and_applied_fully_at_test():
   trigger = poison.make_trigger(trigger_config("adaptive_patch", size=5), (32, 32, 3))
   regions = np.asarray(trigger.test_masks)[..., 0]

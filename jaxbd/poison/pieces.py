@@ -18,10 +18,11 @@ The adaptive attacks add regularization ("cover") samples: training images that 
 trigger but keep their label, so that the latent representations of poisoned and clean samples do
 not separate. `conservatism` is the fraction of triggered training images that are such cover
 samples (Pick-your-Poison: 0.5, i.e. as many cover as payload samples); the poison plan draws
-`conservatism / (1 - conservatism)` cover rows per poisoned row. The reference code masks a fixed
-number of pieces per image; following Pick-your-Poison each piece is kept independently, so
-a fraction (1 - keep_prob)^P of the poisoned rows (6% at P = 4, keep_prob 0.5) carries no piece
-at all and is relabeled all the same. With a poison plan a row's pieces are drawn once for the
+`conservatism / (1 - conservatism)` cover rows per poisoned row. `sampling="independent"` (the
+default, following Pick-your-Poison) keeps each piece independently, so a fraction
+(1 - keep_prob)^P of the poisoned rows (6% at P = 4, keep_prob 0.5) carries no piece at all and
+is relabeled all the same; `sampling="fixed"` keeps exactly round(keep_prob * P) pieces (at least
+one), drawn uniformly, as Qi et al.'s code masks a fixed number of pieces per image. With a poison plan a row's pieces are drawn once for the
 whole run (`jaxbd.poison.poison_fn` with a row key), as the references build their poisoned
 training sets before training; an in-loop attack (`attack.name=batch`) draws them at every step.
 No image ships with jaxbd: patterns are seeded noise unless a file is given.
@@ -41,7 +42,8 @@ from jaxbd import config as config_lib
 from jaxbd.errors import ConfigError
 from jaxbd.poison import triggers
 
-INDEPENDENT, ONE = "independent", "one"
+INDEPENDENT, FIXED, ONE = "independent", "fixed", "one"
+SAMPLINGS = (INDEPENDENT, FIXED)  # the adaptive attacks' choices (TSB: ONE)
 
 
 @flax.struct.dataclass
@@ -52,8 +54,9 @@ class PiecewiseTrigger:
     masks: f32[P, H, W, 1] training blend weight of each piece (region * alpha).
     test_masks: f32[P, H, W, 1] test-time blend weight of each piece.
     patterns: f32[P, H, W, C] in [0, 1].
-    sampling: "independent" (each piece kept w.p. keep_prob) or "one" (exactly one piece).
-    keep_prob: keep probability of a piece under "independent" sampling.
+    sampling: "independent" (each piece kept w.p. keep_prob), "fixed" (round(keep_prob * P)
+      pieces, at least one, drawn uniformly) or "one" (exactly one piece).
+    keep_prob: keep probability of a piece ("independent"), or the share kept ("fixed").
     cover_ratio: cover rows per poisoned row in the poison plan.
   """
 
@@ -74,6 +77,10 @@ class PiecewiseTrigger:
     if self.sampling == ONE:
       choice = jax.random.randint(key, (batch,), 0, self.num_pieces)
       return jax.nn.one_hot(choice, self.num_pieces, dtype=jnp.float32)
+    if self.sampling == FIXED:
+      count = max(1, round(self.keep_prob * self.num_pieces))
+      ranks = jnp.argsort(jax.random.uniform(key, (batch, self.num_pieces)), axis=1).argsort(1)
+      return (ranks < count).astype(jnp.float32)
     return jax.random.bernoulli(key, self.keep_prob, (batch, self.num_pieces)).astype(jnp.float32)
 
   def apply(self, images: jax.Array, keep: jax.Array, masks: jax.Array) -> jax.Array:
@@ -153,7 +160,8 @@ def adaptive_blend_config() -> ml_collections.ConfigDict:
   """Adaptive-Blend defaults (Pick-your-Poison: 4 pieces kept w.p. 0.5, conservatism 0.5)."""
   return ml_collections.ConfigDict(dict(
       pieces=4,  # a square number: the trigger is tiled sqrt(pieces) x sqrt(pieces)
-      keep_prob=0.5,  # probability a piece is kept on a training image
+      keep_prob=0.5,  # probability a piece is kept on a training image ("fixed": share kept)
+      sampling=INDEPENDENT,  # independent: each piece on its own; fixed: a fixed count per image
       alpha=0.15,  # training opacity
       test_alpha=0.2,  # test opacity
       conservatism=0.5,  # fraction of triggered training images that keep their label
@@ -174,7 +182,7 @@ def adaptive_blend(c: ml_collections.ConfigDict, image_shape: tuple[int, int, in
              triggers.patch_pattern(image_shape, "noise", 0, seed))
   patterns = np.broadcast_to(pattern, (c.pieces, *image_shape))
   return PiecewiseTrigger(jnp.asarray(regions * c.alpha), jnp.asarray(regions * c.test_alpha),
-                          jnp.asarray(patterns), INDEPENDENT, float(c.keep_prob),
+                          jnp.asarray(patterns), c.sampling, float(c.keep_prob),
                           cover_ratio(c.conservatism))
 
 
@@ -186,7 +194,8 @@ def adaptive_patch_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       pieces=4,  # number of patches
       size=4,  # side of each patch in pixels
-      keep_prob=0.5,  # probability a patch is applied to a training image
+      keep_prob=0.5,  # probability a patch is applied to a training image ("fixed": share)
+      sampling=INDEPENDENT,  # independent: each patch on its own; fixed: a fixed count per image
       alpha=0.5,  # training opacity
       test_alpha=1.0,  # test opacity
       conservatism=0.5,  # fraction of triggered training images that keep their label
@@ -204,7 +213,7 @@ def adaptive_patch(c: ml_collections.ConfigDict, image_shape: tuple[int, int, in
   """The Adaptive-Patch trigger of section `c` for images of `image_shape` (H, W, C)."""
   regions = scattered_regions(image_shape, c.pieces, c.size, seed)
   return PiecewiseTrigger(jnp.asarray(regions * c.alpha), jnp.asarray(regions * c.test_alpha),
-                          jnp.asarray(noise_patterns(image_shape, c.pieces, seed)), INDEPENDENT,
+                          jnp.asarray(noise_patterns(image_shape, c.pieces, seed)), c.sampling,
                           float(c.keep_prob), cover_ratio(c.conservatism))
 
 
@@ -238,6 +247,7 @@ def tsb(c: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
 def _check_common(config: ml_collections.ConfigDict, name: str) -> None:
   config_lib.check_range(config, f"poison.{name}.pieces", 1)
   config_lib.check_range(config, f"poison.{name}.keep_prob", 0, 1, low_open=True)
+  config_lib.check_choice(config.poison[name].sampling, f"poison.{name}.sampling", SAMPLINGS)
   config_lib.check_range(config, f"poison.{name}.alpha", 0, 1, low_open=True)
   config_lib.check_range(config, f"poison.{name}.test_alpha", 0, 1, low_open=True)
   config_lib.check_range(config, f"poison.{name}.conservatism", 0, 0.95)
