@@ -292,7 +292,7 @@ def test_triggered_patches_are_routed_to_more_experts(badpatches_cpu_run):
 
 
 @pytest.mark.slow
-def test_results_files_and_router_guidance(badpatches_cpu_run):
+def test_results_files_and_router_guidance(badpatches_cpu_run, tmp_path):
   run = badpatches_cpu_run
   workdir = run.workdir
   doc = json.loads(open(os.path.join(workdir, "results.json")).read())
@@ -307,8 +307,10 @@ def test_results_files_and_router_guidance(badpatches_cpu_run):
   r, clean = run.prepared, run.variables("clean")
   config = ml_collections.ConfigDict(r.config.to_dict())
   config.poison.badpatches.position = "router"
-  guided, guide = experiment.guide_trigger(dataclasses.replace(r, config=config), clean)
+  guided, guide = experiment.guide_trigger(  # in a workdir of its own, where it saves its trigger
+      dataclasses.replace(r, config=config, workdir=str(tmp_path)), clean)
   guided = guided.trigger
+  np.testing.assert_array_equal(np.load(tmp_path / "trigger.npz")["cells"], guided.cells)
   clean_rows = np.flatnonzero(r.plan.kind == poison.CLEAN)[:experiment.GUIDE_IMAGES]
   layers, _ = experiment.collect_routing(r.model, clean, r.dataset.x_train[clean_rows], 500)
   scores = np.asarray(badpatches.position_scores(layers))

@@ -196,7 +196,8 @@ def invert_additive(model, suspect, repaired, images, labels, batches: jax.Array
 @functools.partial(jax.jit, static_argnums=0)
 def trigger_success(model, variables, images, labels, deltas) -> jax.Array:
   """f32[K]: for each t, the fraction of images of classes != t that `clip(x + delta_t)` sends
-  to t.  images: uint8[M, H, W, C]; labels: int32[M]; deltas: f32[K, H, W, C]."""
+  to t.  images: uint8[M, H, W, C]; labels: int32[M]; deltas: f32[K, H, W, C]. One class at a
+  time (`lax.map`), so memory grows with M, not K * M."""
 
   def rate(t, delta):
     pred = jnp.argmax(_logits(model, variables, AdditiveTrigger(delta)(data_lib.to_unit(images))),
@@ -204,7 +205,7 @@ def trigger_success(model, variables, images, labels, deltas) -> jax.Array:
     keep = labels != t
     return jnp.sum((pred == t) & keep) / jnp.maximum(jnp.sum(keep), 1)
 
-  return jax.vmap(rate)(jnp.arange(deltas.shape[0]), deltas)
+  return jax.lax.map(lambda td: rate(*td), (jnp.arange(deltas.shape[0]), deltas))
 
 
 def calibrated_trigger_inversion(ctx: base.Context, variables: dict, trusted: base.Trusted,
