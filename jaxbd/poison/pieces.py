@@ -22,9 +22,10 @@ samples (Pick-your-Poison: 0.5, i.e. as many cover as payload samples); the pois
 default, following Pick-your-Poison) keeps each piece independently, so a fraction
 (1 - keep_prob)^P of the poisoned rows (6% at P = 4, keep_prob 0.5) carries no piece at all and
 is relabeled all the same; `sampling="fixed"` keeps exactly round(keep_prob * P) pieces (at least
-one), drawn uniformly, as Qi et al.'s code masks a fixed number of pieces per image. With a poison plan a row's pieces are drawn once for the
-whole run (`jaxbd.poison.poison_fn` with a row key), as the references build their poisoned
-training sets before training; an in-loop attack (`attack.name=batch`) draws them at every step.
+one), drawn uniformly, as Qi et al.'s code masks a fixed number of pieces per image. With a
+poison plan a row's pieces are drawn once for the whole run (`jaxbd.poison.poison_fn` with a row
+key), as the references build their poisoned training sets before training; an in-loop attack
+(`attack.name=batch`) draws them at every step.
 No image ships with jaxbd: patterns are seeded noise unless a file is given.
 """
 
