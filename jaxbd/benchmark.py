@@ -85,13 +85,16 @@ def poisoned_setup(config: ml_collections.ConfigDict, ds: data.Dataset, rate: fl
 
 
 def _flops(compiled) -> Optional[float]:
+  """The FLOPs of one call of a compiled program over all its devices (XLA's cost analysis
+  counts one device's share of a sharded program), or None where the backend gives none."""
   try:
     cost = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except  # some backends have no cost analysis
     return None
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = (cost or {}).get("flops")
-  return float(flops) if flops else None
+  devices = len(jax.tree.leaves(compiled.input_shardings)[0].device_set)
+  return float(flops) * devices if flops else None
 
 
 def time_steps(setup: train_lib.Setup, batch_size: int, steps: int,

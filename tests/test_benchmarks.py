@@ -12,6 +12,22 @@ import pytest
 from conftest import REPO, process_env, side_by_side
 
 
+def test_flops_count_every_device_of_a_sharded_program():
+  """XLA's cost analysis gives one device's share of a program split over the mesh; TFLOP/s and
+  MFU need the whole step's FLOPs: a matmul split over the session's 4 devices counts 2 M K N."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  from jaxbd import benchmark  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  spec = lambda shape, *axes: jax.ShapeDtypeStruct(
+      shape, jnp.float32, sharding=NamedSharding(mesh, PartitionSpec(*axes)))
+  x, w = spec((64, 32), "data"), spec((32, 16))
+  compiled = jax.jit(jnp.matmul).lower(x, w).compile()
+  assert jax.device_count() > 1
+  assert benchmark._flops(compiled) == 2 * 64 * 32 * 16  # pylint: disable=protected-access
+
+
 def script_env(**extra):
   """The environment of a script run: one CPU device, the repository importable."""
   return process_env(PYTHONPATH=str(REPO), **extra)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxbd import experiments, metrics
+from jaxbd import experiments, metrics, sweep
 from jaxbd.errors import DataError
 from jaxbd.experiments import report
 
@@ -164,7 +164,10 @@ def test_missing_and_corrupt_inputs_are_one_line_and_write_nothing(tmp_path):
       ({"routing": {"models": {"pmoe": {"layer0": 3}}}}, "a structure the report cannot read"),
       ({"detection": {"cti": {"auc": 0.5}}}, r"cannot read \(KeyError: 'members'\)"),
       # a figure that fails after the report folder was made: the folder goes again
-      ({"defenses": {"fp": {"acc": 0.5, "stages": {"pruned@0.2": 3}}}}, r"read \(TypeError")]:
+      ({"defenses": {"fp": {"acc": 0.5, "stages": {"pruned@0.2": 3}}}},
+       r"read \(AttributeError"),
+      ({"attack": {"name": "a", "adversarial": {"x": 1}}}, r"read \(KeyError: 'eps'\)"),
+      ({"attack": {"name": "a", "training_attack": "wanet"}}, r"read \(TypeError")]:
     (bad / "results.json").write_text(json.dumps({**valid, **change}))
     with pytest.raises(DataError, match=message):
       report.write_report([str(bad)], None, str(tmp_path / "out"))
@@ -208,6 +211,36 @@ def test_reference_numbers_sit_under_the_measured_ones_and_a_bad_reference_is_on
   line, = result.stderr.strip().splitlines()
   assert line.startswith(f"jaxbd: error: {bad} is not a reference")
   assert not (tmp_path / "out2").exists()
+
+
+def test_runs_of_one_attack_stand_together_and_null_rates_are_left_out(tmp_path):
+  """The defense table groups the runs of an attack (the paper's row once, after them); a run
+  named by several paths is read once; a null ASR (undefined or diverged) is left out of the
+  trade-off figure; a store path with URI characters is opened as it is, read-only."""
+  result = lambda attack, asr, d3: {
+      "config": {"experiment": "standard", "seed": asr is None}, "attack": {"name": attack},
+      "metrics": {"backdoored": {"acc": 0.9, "asr": asr}},
+      "defenses": {"d3": {"acc": 0.88, "asr": d3, "der": None}}}
+  for name, doc in (("a", result("badnets", 0.97, 0.02)), ("b", result("blended", 0.99, 0.01)),
+                    ("c", result("badnets", None, None))):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "results.json").write_text(json.dumps(doc))
+  inputs = [str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"),
+            str(tmp_path / "a" / "results.json"), f"{tmp_path}/./a"]
+  path = report.write_report(inputs, None, str(tmp_path / "out"),
+                             str(REPO / "configs" / "d3_paper.json"))
+  text = open(path).read()
+  assert [r["attack"] for r in table_with(text, "attack", "no defense", "d3")] == [
+      "badnets", "badnets", "badnets (paper)", "blended", "blended (paper)"]
+  assert text.count("## run") == 3
+  assert_png(tmp_path / "out" / "tradeoff.png")
+  odd = tmp_path / "we#ird?%"
+  odd.mkdir()
+  with sweep.store(str(odd / "results.sqlite")):
+    pass
+  before = sorted(os.listdir(tmp_path))
+  report.write_report([], str(odd / "results.sqlite"), str(tmp_path / "out2"))
+  assert sorted(os.listdir(tmp_path)) == sorted(before + ["out2"])  # no stray file
 
 
 def test_attack_names_say_how_the_backdoor_was_planted():

@@ -91,7 +91,8 @@ def asr_vs_rate(sweep: Sequence[dict], path: str, title: str = "") -> str:
     rows = sorted((r for r in sweep if r["attack"] == attack), key=lambda r: r["rate"])
     rates = [100 * r["rate"] for r in rows]
     for key, style, alpha in (("asr", "o-", 1.0), ("acc", "x--", 0.6)):
-      ax.errorbar(rates, [r[key] for r in rows], yerr=[r.get(f"{key}_std", 0.0) for r in rows],
+      ax.errorbar(rates, [value(r, key) for r in rows],
+                  yerr=[value(r, f"{key}_std", 0.0) for r in rows],
                   fmt=style, color=f"C{i}", alpha=alpha, capsize=3,
                   label=f"{attack} {key.upper()}")
   ax.set_xscale("log")
@@ -104,6 +105,13 @@ def asr_vs_rate(sweep: Sequence[dict], path: str, title: str = "") -> str:
   ax.legend(fontsize=8)
   ax.set_title(title or "ASR against poisoning rate", fontsize=10)
   return _save(fig, path)
+
+
+def value(metrics: dict, key: str, missing: float = float("nan")) -> float:
+  """`metrics[key]` for a plot: NaN (not drawn) where results.json holds null (an undefined or
+  diverged metric), `missing` where the key is absent."""
+  v = metrics.get(key, missing)
+  return float("nan") if v is None else v
 
 
 def prune_sweep(stages: dict, reference: dict, path: str) -> str:
@@ -123,7 +131,7 @@ def prune_sweep(stages: dict, reference: dict, path: str) -> str:
   fig = _figure((5, 3.6))
   ax = fig.subplots()
   for key, style in (("acc", "o-"), ("asr", "s-")):
-    ax.plot([p for p, _ in points], [m[key] for _, m in points], style, label=key.upper())
+    ax.plot([p for p, _ in points], [value(m, key) for _, m in points], style, label=key.upper())
   ax.set_xlabel("fraction of channels pruned")
   ax.set_ylim(-0.02, 1.02)
   ax.grid(alpha=0.3)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pathlib
 import shutil
 import sqlite3
 from typing import Any, Callable, Iterable, Sequence
@@ -65,7 +66,10 @@ def find_results(paths: Iterable[str]) -> list[str]:
       found += inside
     else:
       raise DataError(f"input {path} does not exist")
-  return list(dict.fromkeys(found))
+  unique: dict[str, str] = {}  # one file named by several paths is read once
+  for p in found:
+    unique.setdefault(os.path.realpath(p), p)
+  return list(unique.values())
 
 
 def read_json(path: str, what: str) -> Any:
@@ -132,7 +136,7 @@ def read_store(path: str) -> list[dict]:
     raise DataError(f"store {path} does not exist")
   columns = ("cell", "config", "seed", "workdir", "metrics", "defenses", "attack")
   try:
-    connection = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
+    connection = sqlite3.connect(f"{pathlib.Path(path).resolve().as_uri()}?mode=ro", uri=True)
     try:
       rows = connection.execute(f"SELECT {', '.join(columns)} FROM runs WHERE status = 'done' "
                                 "ORDER BY finished_at").fetchall()
@@ -207,22 +211,25 @@ def defense_table(docs: Sequence[dict], reference: dict | None = None) -> str:
   """One row per run: attack, the config fields that tell apart runs of the same attack
   (`distinguishing_fields`, e.g. a defense's swept settings), the backdoored model and each
   defense (ACC / ASR (DER), %); with a `read_reference` document, a row "<attack> (paper)" of its
-  numbers under each attack it has."""
+  numbers once, after the last run of each attack it has. The runs of one attack stand together,
+  in the order of each attack's first run."""
   docs = [d for d in docs if "backdoored" in d["metrics"]]
   defenses = list(dict.fromkeys(name for doc in docs for name in doc.get("defenses", {})))
   fields = distinguishing_fields(docs)
   published = reference["table"] if reference else {}
-  rows = []
+  by_attack: dict[str, list[dict]] = {}
   for doc in docs:
-    name = attack_name(doc)
-    flat = _flat(doc["config"]) if fields else {}  # documents without a config need no fields
-    for label, values, models in (
-        (name, [_field(flat.get(k)) for k in fields],
-         {"backdoored": doc["metrics"]["backdoored"], **doc.get("defenses", {})}),
-        (f"{name} (paper)", [""] * len(fields), published.get(name))):
-      if models:
-        rows.append([label, *values, cell(models.get("backdoored")),
-                     *(cell(models.get(d), der=True) for d in defenses)])
+    by_attack.setdefault(attack_name(doc), []).append(doc)
+  row = lambda label, values, models: [label, *values, cell(models.get("backdoored")),
+                                       *(cell(models.get(d), der=True) for d in defenses)]
+  rows = []
+  for name, runs in by_attack.items():
+    for doc in runs:
+      flat = _flat(doc["config"]) if fields else {}  # documents without a config need no fields
+      rows.append(row(name, [_field(flat.get(k)) for k in fields],
+                      {"backdoored": doc["metrics"]["backdoored"], **doc.get("defenses", {})}))
+    if published.get(name):
+      rows.append(row(f"{name} (paper)", [""] * len(fields), published[name]))
   return markdown_table(["attack", *fields, "no defense", *defenses], rows)
 
 
@@ -368,11 +375,14 @@ def rate_curves(rows: Sequence[dict]) -> list[dict]:
 
 def tradeoff_runs(named: dict[str, dict]) -> list[dict]:
   """`plots.defense_tradeoff` points of the runs that have a backdoored model and defenses."""
+  def measured(m: dict) -> bool:  # ACC and ASR are numbers (null: undefined or diverged)
+    return all(isinstance(m.get(k), (int, float)) for k in ("acc", "asr"))
+
   runs = []
   for name, doc in named.items():
     attacked = doc["metrics"].get("backdoored") or {}
-    defended = {k: d for k, d in (doc.get("defenses") or {}).items() if "asr" in d}
-    if "asr" in attacked and defended:
+    defended = {k: d for k, d in (doc.get("defenses") or {}).items() if measured(d)}
+    if measured(attacked) and defended:
       runs.append({"label": name, "attacked": attacked, "defenses": defended})
   return runs
 
@@ -412,6 +422,8 @@ def write_report(inputs: Sequence[str], store: str | None, out: str,
   rows = read_store(store) if store else []
   published = read_reference(reference) if reference else None
   tables = {path: readable(path, experiment_tables, doc) for path, doc in docs.items()}
+  for path, doc in docs.items():
+    readable(path, attack_name, doc)  # every table names the run's attack
   created = not os.path.exists(out)
   os.makedirs(out, exist_ok=True)
   try:
