@@ -81,6 +81,20 @@ def test_sparse_patch_moe_equals_the_dense_reference():
                              atol=2e-5)
 
 
+def test_bfloat16_experts_compute_and_return_bfloat16():
+  """The expert layers' float32 biases are cast to the compute dtype: adding them as they are
+  would promote the activations, and V-MoE's next matmul, to float32."""
+  x = randn(0, 2, 3, 4, 8).astype(jnp.bfloat16)  # [E, G, C, D]
+  mlp = vmoe.MlpExperts(hidden=16, dtype=jnp.bfloat16)
+  params = mlp.init(jax.random.key(0), x, jnp.ones(x.shape[:3], bool))
+  params = jax.tree.map(lambda p: p + 0.5, params)  # nonzero biases
+  assert mlp.apply(params, x, jnp.ones(x.shape[:3], bool)).dtype == jnp.bfloat16
+  conv = pmoe.ConvExperts(features=6, num_positions=16, dtype=jnp.bfloat16)
+  v = conv.init(jax.random.key(0), x, train=False)
+  out, at_zero = conv.apply(v, x, train=False)
+  assert out.dtype == jnp.bfloat16 and at_zero.dtype == jnp.float32
+
+
 def moe_layers():
   """(name, layer, input f32[B, S, D]) of a pMoE and a V-MoE layer with 4 and 8 experts."""
   x4 = randn(3, 8, 4, 4, 16)

@@ -122,6 +122,21 @@ def test_ema_observer_updates_only_when_mutable():
                                     -top * 128 / 127.5]], rtol=1e-5)
 
 
+def test_an_ema_observer_without_a_range_is_refused_or_reads_the_batch():
+  """Float variables hold no observer range: a fake-quant pass says to calibrate (rather than a
+  Flax scope error); an observer that has seen no batch (count 0) quantizes with the batch's own
+  range, as its first update would, not the all-zero range (which zeroes every output)."""
+  model = layers.QuantAct(quant.QuantConfig())
+  x = jnp.array([[0.0, 2.0, -1.0]])
+  with pytest.raises(ValueError, match="the ema observer has no quant_stats to read; calibrate"):
+    model.apply({}, x)
+  fresh = model.init(jax.random.key(0), x)
+  assert int(fresh["quant_stats"]["count"]) == 0
+  batch = layers.QuantAct(quant.QuantConfig(observer="batch")).apply({}, x)
+  np.testing.assert_array_equal(model.apply(fresh, x), batch)
+  assert float(jnp.abs(batch).max()) > 1.9
+
+
 def test_quant_layers_match_flax_layers_in_float():
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
   for ours, theirs in (

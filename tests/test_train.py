@@ -49,6 +49,18 @@ def train(mesh):
   return state
 
 
+def test_a_model_normalizing_other_channels_than_the_images_is_refused():
+  """A model built with CIFAR-10's three channel means on 1-channel images would broadcast them
+  to three channels and train on the wrong input without a word."""
+  c = config_lib.defaults()
+  model = models.create(c, 10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+  with pytest.raises(ValueError, match=r"the model normalizes 3 channels \(mean \(0.49, 0.48, "
+                     r"0.45\)\) but the images have 1"):
+    train_lib.init_variables(model, jax.random.key(0), (28, 28, 1))
+  train_lib.init_variables(models.create(c, 10, mean=(0.5,), std=(0.25,)), jax.random.key(0),
+                           (28, 28, 3))  # one value serves every channel
+
+
 def test_four_device_data_parallel_step_equals_one_device():
   """Data parallel on 4 (fake CPU) devices = 1 device, to float32 reduction-order tolerance.
 

@@ -31,7 +31,16 @@ CIFAR10_STD = (0.247, 0.243, 0.261)
 
 
 def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float], dtype: Any) -> jax.Array:
-  """(x - mean) / std per channel, cast to the compute dtype.  x: f32[B, H, W, C]."""
+  """(x - mean) / std per channel, cast to the compute dtype.  x: f32[B, H, W, C].
+
+  Raises:
+    ValueError: mean or std has neither one value nor one per channel of x (a 1-channel image
+      would otherwise be broadcast to the model's channel count).
+  """
+  for name, values in (("mean", mean), ("std", std)):
+    if len(values) not in (1, x.shape[-1]):
+      raise ValueError(f"the model normalizes {len(values)} channels ({name} {tuple(values)}) "
+                       f"but the images have {x.shape[-1]}")
   x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
   return x.astype(dtype)
 

@@ -95,7 +95,8 @@ class ConvExperts(nn.Module):
     rows = jnp.concatenate([h.reshape(e, -1, d), nn.relu(shift)[:, None].astype(self.dtype)], 1)
     kernel = self.param("kernel", routing.stacked_init(), (e, d, self.features))
     out_bias = self.param("out_bias", nn.initializers.zeros, (e, self.features))
-    out = expert_product(self, rows, kernel, self.quant, self.dtype) + out_bias[:, None]
+    out = (expert_product(self, rows, kernel, self.quant, self.dtype)
+           + out_bias[:, None].astype(self.dtype))
     return out[:, :-1].reshape(e, g, -1, self.features), out[:, -1].astype(jnp.float32)
 
 

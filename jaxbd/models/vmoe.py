@@ -52,7 +52,8 @@ class MlpExperts(nn.Module):
     bi = self.param("bi", nn.initializers.zeros, (e, self.hidden))
     wo = self.param("wo", init, (e, self.hidden, d))
     bo = self.param("bo", nn.initializers.zeros, (e, d))
-    h = nn.gelu(jnp.einsum("egcd,edh->egch", x, wi.astype(self.dtype)) + bi[:, None, None])
+    h = nn.gelu(jnp.einsum("egcd,edh->egch", x, wi.astype(self.dtype))
+                + bi[:, None, None].astype(self.dtype))
     if self.prunable:
       mask = common.prune_mask(self)
       if mask is not None:
@@ -60,7 +61,8 @@ class MlpExperts(nn.Module):
       slots = valid[..., None].astype(jnp.float32)
       mean = jnp.sum(h * slots, axis=2) / jnp.maximum(jnp.sum(slots, axis=2), 1.0)  # [E, G, H]
       common.sow_prune_activations(self, jnp.swapaxes(mean, 0, 1))
-    return jnp.einsum("egch,ehd->egcd", h, wo.astype(self.dtype)) + bo[:, None, None]
+    return (jnp.einsum("egch,ehd->egcd", h, wo.astype(self.dtype))
+            + bo[:, None, None].astype(self.dtype))
 
 
 @dataclasses.dataclass(frozen=True)

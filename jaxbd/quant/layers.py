@@ -8,6 +8,9 @@ fake-quantized and (after `jaxbd.quant.export`) the integer forward pass:
     model.apply(variables, x)                                   # float
     model.clone(quant=QuantConfig()).apply(variables, x)         # fake-quantized (W8A8)
 
+(the default `ema` observer reads the input ranges of `quant_stats`, which quantization-aware
+training or `jaxbd.quant.calibrate` put into `variables`).
+
 With `quant.mode == "fake"` the layer fake-quantizes its input (per tensor, range from an
 observer) and its kernel (per output channel by default), with a straight-through gradient to the
 shared float parameters. With `quant.mode == "integer"` the kernel in `params` holds int8 codes,
@@ -54,10 +57,18 @@ def observed_range(module: nn.Module, x: jax.Array,
 
   The `batch` observer returns x's own range. The `ema` observer keeps its range in
   `quant_stats` and, when that collection is mutable (and not at init), first folds x's range in
-  with `quantizer.ema`.
+  with `quantizer.ema`; an observer that has seen no batch yet (count 0) gives x's own range, as
+  its first update would.
+
+  Raises:
+    ValueError: the `ema` observer has no `quant_stats` to read (float variables: train or
+      calibrate first, `jaxbd.quant.calibrate`, or use the `batch` observer).
   """
   if q.observer == "batch":
     return quantizer.tensor_range(x, per_channel=False)
+  if not (module.has_variable(STATS, "input_min") or module.is_mutable_collection(STATS)):
+    raise ValueError(f"{module.path}: the ema observer has no quant_stats to read; calibrate the "
+                     "float variables first (jaxbd.quant.calibrate) or use observer='batch'")
   lo = module.variable(STATS, "input_min", jnp.zeros, (), jnp.float32)
   hi = module.variable(STATS, "input_max", jnp.zeros, (), jnp.float32)
   count = module.variable(STATS, "count", jnp.zeros, (), jnp.int32)
@@ -66,7 +77,10 @@ def observed_range(module: nn.Module, x: jax.Array,
     lo.value = quantizer.ema(lo.value, batch_lo, count.value, q.momentum)
     hi.value = quantizer.ema(hi.value, batch_hi, count.value, q.momentum)
     count.value = count.value + 1
-  return lo.value, hi.value
+    return lo.value, hi.value
+  batch_lo, batch_hi = quantizer.tensor_range(x, per_channel=False)
+  seen = count.value > 0
+  return jnp.where(seen, lo.value, batch_lo), jnp.where(seen, hi.value, batch_hi)
 
 
 def _exporting(module: nn.Module) -> bool:
