@@ -366,16 +366,15 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
       outcomes = _run_group(group, workdir)
       seconds = (time.perf_counter() - t0) / len(group)
       for (_, cell, config, digest), (doc, error) in zip(group, outcomes):
+        here = cell_dir(workdir, digest)
         if host.is_writer():
-          record(connection, digest=digest, cell=cell, config=config,
-                 workdir=cell_dir(workdir, digest), doc=doc, error=error,
-                 seconds=seconds)
+          record(connection, digest=digest, cell=cell, config=config, workdir=here, doc=doc,
+                 error=error, seconds=seconds)
         counts["failed" if error else "done"] += 1
         if error:
           print(f"sweep cell {digest} failed: {error}", file=sys.stderr)
-          if trains_victim(config) and not standard.victim_saved(config,
-                                                                cell_dir(workdir, digest)):
-            lose_victim(moved, cell_dir(workdir, digest))
+          if trains_victim(config) and not standard.victim_saved(config, here):
+            lose_victim(moved, here)
   return counts
 
 

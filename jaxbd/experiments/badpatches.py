@@ -230,12 +230,7 @@ def saved_trigger(path: str, like: badpatches.PatchTrigger) -> badpatches.PatchT
     CheckpointError: the file is unreadable, lacks an array or holds one of another shape or
       dtype than `like`'s.
   """
-  saved = dict(zip(TRIGGER_FIELDS, preparation.read_saved(path, *TRIGGER_FIELDS)))
-  for name, array in saved.items():
-    want = np.asarray(getattr(like, name))
-    preparation.check_saved(array.shape == want.shape and array.dtype == want.dtype, path,
-                            f"holds a {array.dtype}{list(array.shape)} {name}, this run's "
-                            f"trigger has {want.dtype}{list(want.shape)}")
+  saved = preparation.saved_like(path, {name: getattr(like, name) for name in TRIGGER_FIELDS})
   return like.replace(**{name: jnp.asarray(array) for name, array in saved.items()})
 
 

@@ -143,11 +143,23 @@ def fit_latent_trigger(r: common.Run, teacher: dict) -> tuple[common.Run, dict]:
 def saved_pattern(path: str, like: np.ndarray) -> np.ndarray:
   """The fitted pattern of `latent_trigger.npz`, f32 of `like`'s shape (CheckpointError
   otherwise)."""
-  pattern, = read_saved(path, "pattern")
-  check_saved(pattern.shape == like.shape and pattern.dtype == like.dtype, path,
-              f"holds a {pattern.dtype}{list(pattern.shape)} pattern, this run's trigger is "
-              f"{like.dtype}{list(like.shape)}")
-  return pattern
+  return saved_like(path, {"pattern": like})["pattern"]
+
+
+def saved_like(path: str, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The arrays of `path` named as in `like`, each of its counterpart's shape and dtype.
+
+  Raises:
+    CheckpointError: the file is unreadable, lacks an array, or holds one of another shape or
+      dtype.
+  """
+  saved = dict(zip(like, read_saved(path, *like)))
+  for name, array in saved.items():
+    want = np.asarray(like[name])
+    check_saved(array.shape == want.shape and array.dtype == want.dtype, path,
+                f"holds a {array.dtype}{list(array.shape)} {name}, this run's trigger has "
+                f"{want.dtype}{list(want.shape)}")
+  return saved
 
 
 def selection_inputs(r: common.Run) -> tuple[np.ndarray, np.ndarray]:
