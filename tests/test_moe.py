@@ -43,7 +43,7 @@ def dense_reference(params, stats, x, capacity, train):
                                                                    stats["var"][j])
     means.append(mean)
     variances.append(var)
-    h = nn.relu((xe - mean) / jnp.sqrt(var + 1e-5) * p["scale"][j] + p["bias"][j])
+    h = nn.relu((xe - mean) / jnp.sqrt(var + 1e-3) * p["scale"][j] + p["bias"][j])
     outs.append(h @ p["kernel"][j] + p["out_bias"][j])
   return jnp.concatenate(outs, -1), jnp.stack(means), jnp.stack(variances)
 
@@ -75,8 +75,8 @@ def test_sparse_patch_moe_equals_the_dense_reference():
   (y, state), (y_ref, mean, var) = out[True], ref[True]
   np.testing.assert_allclose(y.reshape(b, h * w, -1), y_ref, rtol=2e-4, atol=2e-5)
   new = state["batch_stats"]["experts"]
-  np.testing.assert_allclose(new["mean"], 0.1 * mean, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(new["var"], 0.9 + 0.1 * var, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(new["mean"], 0.01 * mean, rtol=1e-4, atol=1e-7)  # Keras momentum
+  np.testing.assert_allclose(new["var"], 0.99 + 0.01 * var, rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(out[False][0].reshape(b, h * w, -1), ref[False][0], rtol=2e-4,
                              atol=2e-5)
 
@@ -93,6 +93,52 @@ def test_bfloat16_experts_compute_and_return_bfloat16():
   v = conv.init(jax.random.key(0), x, train=False)
   out, at_zero = conv.apply(v, x, train=False)
   assert out.dtype == jnp.bfloat16 and at_zero.dtype == jnp.float32
+
+
+def test_wrn_moe_has_the_keras_reference_initializers_and_batchnorm():
+  """Every WRN-MoE kernel but the router's is Glorot-uniform (inside +-sqrt(6 / (fan_in +
+  fan_out)) and reaching near it; LeCun-normal kernels pass the bound), and its BatchNorm has
+  Keras's epsilon 1e-3 and momentum 0.99 (a training step moves the statistics by 1% of the
+  batch's)."""
+  model = pmoe.WRNMoE(10, widen=1, num_experts=2, capacity=4)
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 32, 32, 3)), jnp.float32)
+  variables = model.init(jax.random.key(0), x)
+  kernels = {"/".join(k.key for k in path): v for path, v in
+             jax.tree_util.tree_leaves_with_path(variables["params"]) if path[-1].key == "kernel"}
+  assert len(kernels) == 11  # conv1, 3 + 3 in the blocks, conv2, router, experts, head
+  for name, kernel in kernels.items():
+    if name == "moe/router/dense/kernel":
+      assert float(jnp.std(kernel)) < 1e-3  # N(0, 1e-4), the reference's gate init
+      continue
+    # Conv [kh, kw, in, out] and Dense [in, out]: fans times the receptive field; experts
+    # [E, in, out]: per expert.
+    field = np.prod(kernel.shape[:-2]) if kernel.ndim != 3 else 1
+    bound = np.sqrt(6 / (field * (kernel.shape[-2] + kernel.shape[-1])))
+    assert bound * 0.9 < float(jnp.max(jnp.abs(kernel))) <= bound, name
+  capture = lambda m, _: m.name in ("block2", "bn")  # the top BatchNorm's input and output
+  _, state = model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"],
+                         capture_intermediates=capture)
+  inputs = state["intermediates"]["block2"]["__call__"][0]
+  mean, var = jnp.mean(inputs, (0, 1, 2)), jnp.var(inputs, (0, 1, 2))
+  stats = state["batch_stats"]["bn"]
+  np.testing.assert_allclose(stats["mean"], 0.01 * mean, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(stats["var"], 0.99 + 0.01 * var, rtol=1e-4, atol=1e-7)
+  # Running statistics of mean 0 and variance 1e-3: epsilon 1e-3 halves the normalized square.
+  small = {"mean": jnp.zeros_like(stats["mean"]), "var": jnp.full_like(stats["var"], 1e-3)}
+  variables = {**variables, "batch_stats": {**variables["batch_stats"], "bn": small}}
+  _, state = model.apply(variables, x, mutable=["intermediates"], capture_intermediates=capture)
+  got = state["intermediates"]
+  np.testing.assert_allclose(got["bn"]["__call__"][0], got["block2"]["__call__"][0] / np.sqrt(2e-3),
+                             rtol=1e-4, atol=1e-4)
+  # `bn_momentum` reaches every BatchNorm, the experts' too: each statistic moves 50 times
+  # further from its initial value at momentum 0.5 than at 0.99.
+  init = variables["batch_stats"] = model.init(jax.random.key(0), x)["batch_stats"]
+  moved = {m: jax.tree.map(jnp.subtract, model.clone(bn_momentum=m).apply(
+      variables, x, train=True, mutable=["batch_stats"])[1]["batch_stats"], init)
+           for m in (0.5, 0.99)}
+  assert len(jax.tree.leaves(init)) == 14  # 6 BatchNorms and the experts', mean and var each
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 50 * b, rtol=1e-3, atol=1e-6),
+               moved[0.5], moved[0.99])
 
 
 def moe_layers():
@@ -211,6 +257,10 @@ def test_moe_block_placement_and_config_errors():
   model = models.create(c, 10, (0.5,) * 3, (0.25,) * 3)
   with pytest.raises(ValueError, match="l = 65 is more than the 64 routing positions of the 8x8"):
     jax.eval_shape(lambda k: train_lib.init_variables(model, k, (32, 32, 3)), jax.random.key(0))
+  c.model.pmoe.update(dict(l=16, bn_momentum=1.5))
+  with pytest.raises(ConfigError, match=r"'model.pmoe.bn_momentum' must be in \[0, 1\], got 1.5"):
+    config_lib.validate(c)
+  c.model.pmoe.bn_momentum = 0.99
   c.model.name = "vmoe"
   c.model.vmoe.update(dict(experts=4, k=5))
   with pytest.raises(ConfigError, match=r"'model.vmoe.k' must be in \[1, 4\], got 5"):

@@ -14,7 +14,7 @@ Without that collection the model is unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -50,16 +50,18 @@ def sow_features(module: nn.Module, features: jax.Array) -> None:
   module.sow("intermediates", "features", features.astype(jnp.float32))
 
 
-def classifier(module: nn.Module, features: jax.Array, name: str = "head") -> jax.Array:
+def classifier(module: nn.Module, features: jax.Array, name: str = "head",
+               kernel_init: Callable = nn.initializers.lecun_normal()) -> jax.Array:
   """The final classifier of `module` on its penultimate features [B, D]: logits f32[B, K].
 
   Sows the features (see `sow_features`) and applies a Dense layer named `name` with
-  `module.num_classes` outputs in `module.dtype`, quantized only with `module.quant.quantize_head`
-  (the QB reference keeps the classifier in float).
+  `module.num_classes` outputs in `module.dtype` and the given kernel initializer, quantized only
+  with `module.quant.quantize_head` (the QB reference keeps the classifier in float).
   """
   sow_features(module, features)
   quant = quantizer.head_quant(getattr(module, "quant", None))
-  head = qlayers.QuantDense(module.num_classes, dtype=module.dtype, quant=quant, name=name)
+  head = qlayers.QuantDense(module.num_classes, dtype=module.dtype, quant=quant,
+                            kernel_init=kernel_init, name=name)
   return head(features).astype(jnp.float32)
 
 

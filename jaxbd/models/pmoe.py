@@ -9,8 +9,13 @@ selected position vectors are multiplied by their gates, unselected positions ar
 expert BN -> ReLU -> conv1x1(16k) runs on that map; the E outputs are concatenated -> BN-ReLU ->
 global average pool -> dense. The reference has k = 10 (160/320/640 channels), E = 4, l = 16;
 `widen` is k, the width multiplier. As in the reference (Keras), convolutions have biases, the
-first block of each group has a 1x1 projection shortcut on its input, and "SAME" padding is
-TensorFlow's (extra padding bottom/right on stride 2).
+first block of each group has a 1x1 projection shortcut on its input, "SAME" padding is
+TensorFlow's (extra padding bottom/right on stride 2), and the layers have Keras's defaults:
+Glorot-uniform kernels (the experts' per expert; the routers N(0, 1e-4)) and BatchNorm epsilon
+1e-3 and momentum 0.99 (`bn_momentum`, an option: its running statistics trail a model that lr 0.1
+still moves fast, and on the 390 steps of the CPU recipe the eval-mode model loses 15 points of
+ACC to that lag). The reference feeds images in [0, 1] unnormalized; the BadPatches config sets
+`data.mean` 0 and `data.std` 1 for this model to do the same.
 
 The experts only compute on the C = l selected positions, yet give exactly the reference's dense
 result: an expert's BatchNorm takes its batch statistics over all B * n positions (the unselected
@@ -36,6 +41,7 @@ per-tensor activation scale. BatchNorm, the gates and the float classifier stay 
 
 from __future__ import annotations
 
+import types
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -48,13 +54,16 @@ from jaxbd.models import common, routing
 from jaxbd.quant import layers as qlayers
 from jaxbd.quant.quantizer import QuantConfig
 
-_BN = dict(momentum=0.9, epsilon=1e-5)
+KERAS_BN_MOMENTUM, KERAS_BN_EPSILON = 0.99, 1e-3  # Keras's BatchNormalization: the WRN-MoE's
+_BN = types.MappingProxyType(dict(momentum=0.9, epsilon=1e-5))  # the image-patch pMoE's (ours)
+_GLOROT = nn.initializers.glorot_uniform()  # Keras's Conv2D / Dense kernel default
 
 
 class ConvExperts(nn.Module):
   """E experts BN -> ReLU -> conv1x1 applied to the selected positions of a map of S positions.
 
-  Parameters and BatchNorm statistics are stacked on a leading expert axis.
+  Parameters and BatchNorm statistics are stacked on a leading expert axis; the BatchNorm has
+  Keras's epsilon, the kernels are Glorot-uniform per expert (the WRN-MoE's Keras defaults).
 
   Attributes:
     features: output channels per expert.
@@ -62,12 +71,14 @@ class ConvExperts(nn.Module):
       are zero).
     dtype: compute dtype.
     quant: None (float) or the quantization of the conv1x1.
+    bn_momentum: the BatchNorm's running-average momentum.
   """
 
   features: int
   num_positions: int
   dtype: Any = jnp.float32
   quant: Optional[QuantConfig] = None
+  bn_momentum: float = KERAS_BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
@@ -83,17 +94,18 @@ class ConvExperts(nn.Module):
       mean = jnp.sum(x32, axis=(1, 2)) / total
       var = jnp.maximum(jnp.sum(x32 * x32, axis=(1, 2)) / total - mean * mean, 0.0)
       if not self.is_initializing():
-        m = _BN["momentum"]
+        m = self.bn_momentum
         ra_mean.value = m * ra_mean.value + (1 - m) * mean
         ra_var.value = m * ra_var.value + (1 - m) * var
     else:
       mean, var = ra_mean.value, ra_var.value
-    mul = scale * jax.lax.rsqrt(var + _BN["epsilon"])
+    mul = scale * jax.lax.rsqrt(var + KERAS_BN_EPSILON)
     shift = bias - mean * mul  # the normalized value of a zero (unselected) position
     h = nn.relu(x32 * mul[:, None, None] + shift[:, None, None]).astype(self.dtype)
     # The selected positions and, as one more row per expert, the zero position's input.
     rows = jnp.concatenate([h.reshape(e, -1, d), nn.relu(shift)[:, None].astype(self.dtype)], 1)
-    kernel = self.param("kernel", routing.stacked_init(), (e, d, self.features))
+    kernel = self.param("kernel", routing.stacked_init(nn.initializers.glorot_uniform),
+                        (e, d, self.features))
     out_bias = self.param("out_bias", nn.initializers.zeros, (e, self.features))
     out = (expert_product(self, rows, kernel, self.quant, self.dtype)
            + out_bias[:, None].astype(self.dtype))
@@ -161,6 +173,7 @@ class PatchMoE(nn.Module):
       patches).
     dtype: compute dtype.
     quant: None (float) or the quantization of the router and the experts.
+    bn_momentum: the `bn_relu_conv` experts' BatchNorm momentum.
   """
 
   num_experts: int = 4
@@ -171,6 +184,7 @@ class PatchMoE(nn.Module):
   expert: str = "bn_relu_conv"
   dtype: Any = jnp.float32
   quant: Optional[QuantConfig] = None
+  bn_momentum: float = KERAS_BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -186,7 +200,7 @@ class PatchMoE(nn.Module):
     gated = (routing.dispatch(tokens, decision, self.impl) *
              jnp.swapaxes(decision.gates, 0, 1)[..., None])  # [E, G, C, D]
     if self.expert == "bn_relu_conv":
-      y, y0 = ConvExperts(self.features, h * w, self.dtype, self.quant,
+      y, y0 = ConvExperts(self.features, h * w, self.dtype, self.quant, self.bn_momentum,
                           name="experts")(gated, train)
     elif self.expert == "conv_relu":
       y, y0 = PatchExperts(self.features, self.dtype, self.quant, name="experts")(gated)
@@ -219,6 +233,12 @@ def _prunable_experts(module: nn.Module, y: jax.Array, y0: jax.Array,
   return y, y0
 
 
+def keras_batchnorm(train: bool, momentum: float, dtype: Any, name: str) -> nn.BatchNorm:
+  """A BatchNorm with Keras's epsilon and the given momentum, batch statistics in training."""
+  return nn.BatchNorm(use_running_average=not train, momentum=momentum,
+                      epsilon=KERAS_BN_EPSILON, dtype=dtype, name=name)
+
+
 class WideBlock(nn.Module):
   """Pre-activation wide residual block of the pMoE reference (Keras layout).
 
@@ -228,6 +248,7 @@ class WideBlock(nn.Module):
     project: 1x1 conv shortcut on the block's input (the first block of every group).
     dtype: compute dtype.
     quant: None (float) or the quantization of the convs.
+    bn_momentum: the BatchNorms' running-average momentum (epsilon: Keras's).
   """
 
   features: int
@@ -235,14 +256,15 @@ class WideBlock(nn.Module):
   project: bool = True
   dtype: Any = jnp.float32
   quant: Optional[QuantConfig] = None
+  bn_momentum: float = KERAS_BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """x: [B, H, W, C] -> [B, H / stride, W / stride, features]."""
-    bn = lambda name: nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name=name,
-                                   **_BN)
+    bn = lambda name: keras_batchnorm(train, self.bn_momentum, self.dtype, name)
     conv = lambda k, s, name: qlayers.QuantConv(self.features, (k, k), s, "SAME",
-                                                dtype=self.dtype, quant=self.quant, name=name)
+                                                dtype=self.dtype, quant=self.quant,
+                                                kernel_init=_GLOROT, name=name)
     out = conv(3, self.stride, "conv1")(nn.relu(bn("bn1")(x)))
     out = conv(3, 1, "conv2")(nn.relu(bn("bn2")(out)))
     shortcut = conv(1, self.stride, "shortcut")(x) if self.project else x
@@ -264,6 +286,7 @@ class WRNMoE(nn.Module):
     dtype: compute dtype.
     quant: None (float) or the quantization of every conv, router, expert and pooling input; the
       classifier is quantized only with `quant.quantize_head`.
+    bn_momentum: every BatchNorm's running-average momentum (reference: Keras's 0.99).
   """
 
   num_classes: int
@@ -276,23 +299,25 @@ class WRNMoE(nn.Module):
   std: Sequence[float] = common.CIFAR10_STD
   dtype: Any = jnp.float32
   quant: Optional[QuantConfig] = None
+  bn_momentum: float = KERAS_BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: f32[B, H, W, C] in [0, 1] -> logits f32[B, num_classes]."""
-    k, q = self.widen, self.quant
+    k, q, m = self.widen, self.quant, self.bn_momentum
     x = common.normalize(x, self.mean, self.std, self.dtype)
-    x = qlayers.QuantConv(16, (3, 3), padding="SAME", dtype=self.dtype, quant=q, name="conv1")(x)
-    x = WideBlock(16 * k, 1, dtype=self.dtype, quant=q, name="block1")(x, train)
-    x = WideBlock(32 * k, 2, dtype=self.dtype, quant=q, name="block2")(x, train)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn", **_BN)(x))
-    x = qlayers.QuantConv(64 * k, (3, 3), 2, "SAME", dtype=self.dtype, quant=q, name="conv2")(x)
+    x = qlayers.QuantConv(16, (3, 3), padding="SAME", dtype=self.dtype, quant=q,
+                          kernel_init=_GLOROT, name="conv1")(x)
+    x = WideBlock(16 * k, 1, dtype=self.dtype, quant=q, bn_momentum=m, name="block1")(x, train)
+    x = WideBlock(32 * k, 2, dtype=self.dtype, quant=q, bn_momentum=m, name="block2")(x, train)
+    x = nn.relu(keras_batchnorm(train, m, self.dtype, "bn")(x))
+    x = qlayers.QuantConv(64 * k, (3, 3), 2, "SAME", dtype=self.dtype, quant=q,
+                          kernel_init=_GLOROT, name="conv2")(x)
     x = PatchMoE(self.num_experts, self.capacity, 16 * k, self.normalize, self.impl,
-                 "bn_relu_conv", self.dtype, q, name="moe")(x, train)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn_moe",
-                             **_BN)(x))
+                 "bn_relu_conv", self.dtype, q, m, name="moe")(x, train)
+    x = nn.relu(keras_batchnorm(train, m, self.dtype, "bn_moe")(x))
     x = jnp.mean(qlayers.QuantAct(q, name="avgpool")(x), axis=(1, 2))
-    return common.classifier(self, x)
+    return common.classifier(self, x, kernel_init=_GLOROT)
 
 
 def patchify(x: jax.Array, patch: int) -> jax.Array:
@@ -362,6 +387,7 @@ def pmoe_config() -> ml_collections.ConfigDict:
       normalize="tokens",  # tokens: softmax over all positions, then top-l (reference code);
       # selected: softmax over the l selected (paper)
       dispatch=routing.DEFAULT_IMPL,  # gather | einsum (gather: the faster on CPU)
+      bn_momentum=KERAS_BN_MOMENTUM,  # running-average momentum of every BatchNorm (Keras's)
   ))
 
 
@@ -389,6 +415,7 @@ def pmoe_validate(config: ml_collections.ConfigDict) -> None:
   """Checks `model.pmoe` (ConfigError on a bad value)."""
   _validate_common(config, "pmoe")
   config_lib.check_range(config, "model.pmoe.widen", 1)
+  config_lib.check_range(config, "model.pmoe.bn_momentum", 0, 1)
 
 
 def pmoe_patch_validate(config: ml_collections.ConfigDict) -> None:
@@ -402,7 +429,7 @@ def pmoe_build(config, num_classes: int, mean, std) -> WRNMoE:
   """The WRN-MoE of `config.model.pmoe` with the given input normalization."""
   c = config.model.pmoe
   return WRNMoE(num_classes, c.widen, c.experts, c.l, c.normalize, c.dispatch, tuple(mean),
-                tuple(std), common.DTYPES[config.model.dtype])
+                tuple(std), common.DTYPES[config.model.dtype], bn_momentum=c.bn_momentum)
 
 
 def pmoe_patch_build(config, num_classes: int, mean, std) -> ImagePatchMoE:
