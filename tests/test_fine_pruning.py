@@ -133,3 +133,22 @@ def test_fine_pruning_on_the_badpatches_backdoor(badpatches_cpu_run):
   np.testing.assert_array_equal(np.asarray(acts["moe"]["mask"])[mask == 0], 0.0)
   assert np.abs(np.asarray(tuned["params"]["head"]["kernel"]) -
                 np.asarray(backdoored["params"]["head"]["kernel"])).max() > 1e-3
+
+
+def test_a_prune_rate_that_rounds_down_to_no_channel_says_so(tiny_model, capsys):
+  """10% of each expert's 8 channels is 0.8, rounded down: nothing is pruned, and the run says so
+  on stderr; 20% prunes one channel per expert and says nothing."""
+  c, model, variables = tiny_model("pmoe_patch")
+  ctx = defenses.Context(model, train_lib.make_mesh(), c.data, 10, progress=False)
+  rng = np.random.default_rng(0)
+  trusted = defenses.Trusted(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+                             rng.integers(0, 10, 8).astype(np.int32), np.arange(8))
+  for rate, pruned in ((0.1, 0), (0.2, 4)):
+    config = config_lib.defaults().defense.fine_pruning
+    config.prune_rate = rate
+    config.finetune.update(dict(epochs=1, batch_size=8))
+    _, report = fine_pruning.fine_prune(ctx, variables, trusted, config, jax.random.key(0))
+    assert report["pruned_channels"] == pruned
+    said = capsys.readouterr().err
+    assert ("prune_rate 0.1 of 8 channels rounds down to none: nothing is pruned" in said) == (
+        not pruned)

@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from jaxbd import config as config_lib
+from jaxbd import host
 from jaxbd import train as train_lib
 from jaxbd.data.pipeline import to_unit
 from jaxbd.defenses import base, fine_tuning
@@ -170,14 +171,18 @@ def fine_prune(ctx: base.Context, variables: dict, trusted: base.Trusted,
   if not acts:
     raise no_layer(ctx.model)
   masks = prune_masks(acts, config.prune_rate)
+  leaves = jax.tree.leaves(masks)
+  pruned_channels = int(sum(np.sum(np.asarray(m) == 0) for m in leaves))
+  if config.prune_rate > 0 and not pruned_channels:
+    host.say(f"fine-pruning: prune_rate {config.prune_rate:g} of "
+             f"{min(m.shape[-1] for m in leaves)} channels rounds down to none: nothing is pruned",
+             err=True)
   pruned = with_masks(variables, masks)
   stages = {"pruned": pruned}
   stages.update({f"pruned@{r:g}": with_masks(variables, prune_masks(acts, r))
                  for r in config.sweep})
   tuned, report = fine_tuning.fine_tune(ctx, pruned, trusted, config.finetune, key,
                                         phase="fine_pruning")
-  leaves = jax.tree.leaves(masks)
   return tuned, {**report, "stages": stages, "prune_rate": config.prune_rate,
-                 "activation_images": len(images),
-                 "pruned_channels": int(sum(np.sum(np.asarray(m) == 0) for m in leaves)),
+                 "activation_images": len(images), "pruned_channels": pruned_channels,
                  "channels": int(sum(np.size(m) for m in leaves))}
