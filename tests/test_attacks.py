@@ -407,6 +407,25 @@ def test_in_loop_cover_rows_that_do_not_fit_a_batch_are_refused(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_in_loop_cover_rows_are_counted_as_the_plan_counts_them_and_pcb_refuses_them(tmp_path):
+  """Conservatism 0.6 is 0.6 / 0.4 = 1.4999999999999998 cover rows per poisoned row: 18 for 12
+  poisoned rows of 128, as the poison plan counts them (not 17). PCB and the Latent Backdoor make
+  no cover rows, so a trigger that asks for them is refused, before any file is made."""
+  from conftest import tiny_digits_config
+  from jaxbd import experiments
+  c = tiny_digits_config(**{"attack.name": "batch", "poison.rate": 0.0,
+                            "poison.name": "adaptive_blend", "train.batch_size": 128,
+                            "attack.batch.batch_rate": 0.1,
+                            "poison.adaptive_blend.conservatism": 0.6})
+  assert attacks.batch.batch_rows(c, poison.make_trigger(c, (8, 8, 3))) == (12, 18)
+  c = tiny_digits_config(**{"attack.name": "pcb", "poison.rate": 0.0, "poison.name": "wanet",
+                            "poison.wanet.cross_ratio": 2.0})
+  with pytest.raises(ConfigError, match=r"attack.name='pcb' makes no cover rows, but "
+                     r"poison.wanet asks for 2 per poisoned row"):
+    experiments.run(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
 def test_pcb_trains_through_the_experiment(tmp_path):
   """attack.name=pcb on the offline digits (16-wide CNN, 30 epochs): with every parameter open to
   the poisoned batches, 10% of every second batch teaches the backdoor (ASR 0.975); the 10% mask

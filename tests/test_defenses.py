@@ -194,6 +194,16 @@ def test_pivotal_tuning_without_labels_runs_and_stays_near_the_pivot(caplog):
   jax.tree.map(np.testing.assert_array_equal, raw[0], out)
 
 
+
+def test_pivotal_tuning_refuses_an_epoch_count():
+  """Its length is `steps`: an `epochs` it would overwrite is refused, not ignored."""
+  c = config_lib.defaults()
+  c.defense.names = "pt"
+  c.defense.pt.epochs = 50
+  with pytest.raises(ConfigError, match=r"'defense.pt.epochs' must be 0: Pivotal Tuning runs "
+                     r"defense.pt.steps \(2000\) steps, got 50"):
+    config_lib.validate(c)
+
 # PCB ------------------------------------------------------------------------------------------
 
 

@@ -40,7 +40,8 @@ def test_cti_holds_out_a_random_part_of_the_trusted_set_for_its_scores():
   again = base.holdout(trusted, 0.25, jax.random.key(3))[1]
   other = base.holdout(trusted, 0.25, jax.random.key(4))[1]
   assert again.indices.tolist() == scored.indices.tolist() != other.indices.tolist()
-  with pytest.raises(ConfigError, match="empty part"):
+  with pytest.raises(ConfigError,
+                     match="a held-out fraction 0.01 of 40 trusted images holds out 0"):
     base.holdout(trusted, 0.01, jax.random.key(0))
 
 
@@ -295,6 +296,9 @@ def test_a_repair_that_does_not_fit_the_model_is_refused_before_training(tmp_pat
     ({"attack.name": "pcb", "poison.rate": 0.0}, "attack.name must be 'none', got 'pcb'"),
     # the trusted set comes from rows no member poisoned: 2 members at 10% leave about 81%
     ({"defense.clean_fraction": 0.85}, "defense.clean_fraction 0.85 asks for"),
+    # one trusted image (of the 1,617 digits) cannot be split into CTI's repair and score parts
+    ({"defense.clean_fraction": 0.0007}, r"config key 'detection.cti.score_fraction' 0.5 of 1 "
+     r"trusted images holds out 0: one part would be empty"),
 ])
 def test_a_population_that_cannot_be_scored_is_refused_before_training(tmp_path, overrides,
                                                                         message):

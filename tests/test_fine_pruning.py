@@ -152,3 +152,16 @@ def test_a_prune_rate_that_rounds_down_to_no_channel_says_so(tiny_model, capsys)
     said = capsys.readouterr().err
     assert ("prune_rate 0.1 of 8 channels rounds down to none: nothing is pruned" in said) == (
         not pruned)
+
+
+def test_ranking_images_are_a_random_draw_of_a_larger_trusted_set():
+  """A trusted set of 10 classes in class order, 100 rows each: 50 ranking rows come from every
+  class (the first 50 rows would all be class 0), the same for the same key; a set no larger than
+  `num_images` is taken whole."""
+  labels = np.repeat(np.arange(10), 100)
+  rows = fine_pruning.ranking_rows(1000, 50, jax.random.key(0))
+  assert len(set(rows)) == 50 and np.all(np.diff(rows) > 0)
+  assert len(np.unique(labels[rows])) >= 8
+  np.testing.assert_array_equal(rows, fine_pruning.ranking_rows(1000, 50, jax.random.key(0)))
+  np.testing.assert_array_equal(fine_pruning.ranking_rows(40, 50, jax.random.key(0)),
+                                np.arange(40))

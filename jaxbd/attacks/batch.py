@@ -47,16 +47,24 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
-def check_in_loop(config: ml_collections.ConfigDict, name: str, rows: int) -> None:
-  """Checks what an attack that poisons rows inside the training loop (`batch`, `pcb`) needs:
-  `rows` >= 1 poisoned rows per poisoned batch, a trigger, no poison plan, relabeled rows.
+def poisoned_rows(config: ml_collections.ConfigDict) -> int:
+  """The poisoned rows of a poisoned batch of the in-loop attack `config.attack.name`:
+  `int(batch_rate * batch_size)`, rounded down as the references (e.g. 12 of 128 at 10%)."""
+  return int(config.attack[config.attack.name].batch_rate * config.train.batch_size)
+
+
+def check_in_loop(config: ml_collections.ConfigDict) -> None:
+  """Checks what an attack that poisons rows inside the training loop (`batch`, `pcb`,
+  `latent`: `config.attack.name`) needs: a poisoned row per poisoned batch, a trigger, no poison
+  plan, relabeled rows.
 
   Raises:
     ConfigError: naming `attack.<name>.batch_rate` or the poison setting at fault.
   """
+  name = config.attack.name
   rate = config.attack[name].batch_rate
-  config_lib.require(rows >= 1, f"attack.{name}.batch_rate {rate} poisons no row of a batch of "
-                     f"{config.train.batch_size}")
+  config_lib.require(poisoned_rows(config) >= 1, f"attack.{name}.batch_rate {rate} poisons no "
+                     f"row of a batch of {config.train.batch_size}")
   config_lib.require(config.poison.name != "none",
                      f"attack.name={name!r} needs a trigger: set poison.name (e.g. badnets)")
   config_lib.require(config.poison.rate == 0,
@@ -71,7 +79,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks `attack.batch` against the trigger and batch size (ConfigError otherwise)."""
   config_lib.check_range(config, "attack.batch.batch_rate", 0, 1, low_open=True)
   config_lib.check_choice(config.attack.batch.augment, "attack.batch.augment", AUGMENTS)
-  check_in_loop(config, "batch", int(config.train.batch_size * config.attack.batch.batch_rate))
+  check_in_loop(config)
 
 
 def poisoned_batch(arrays: data_lib.TrainArrays, idx: jax.Array, key: jax.Array, *, trigger,
@@ -112,18 +120,26 @@ def batch_fn(config: ml_collections.ConfigDict, trigger, num_classes: int, poiso
 
 
 def batch_rows(config: ml_collections.ConfigDict, trigger) -> tuple[int, int]:
-  """(poisoned, cover): the rows of every batch that get `trigger` and its cover transform.
+  """(poisoned, cover): the rows of every poisoned batch of the in-loop attack
+  `config.attack.name` that get `trigger` and its cover transform (`trigger.cover_ratio` per
+  poisoned row, rounded down after float error, as the poison plan counts them; only the `batch`
+  attack has cover rows).
 
   Raises:
-    ConfigError: they do not fit a batch (BackdoorBench would give fewer cover rows unannounced).
+    ConfigError: they do not fit a batch (BackdoorBench would give fewer cover rows unannounced),
+      or the trigger asks for cover rows that the attack would not make.
   """
-  size = config.train.batch_size
-  poisoned = int(size * config.attack.batch.batch_rate)
-  cover = int(poisoned * getattr(trigger, "cover_ratio", 0.0))
+  name, size = config.attack.name, config.train.batch_size
+  poisoned, ratio = poisoned_rows(config), getattr(trigger, "cover_ratio", 0.0)
+  config_lib.require(name == "batch" or not ratio,
+                     f"attack.name={name!r} makes no cover rows, but poison.{config.poison.name} "
+                     f"asks for {ratio:g} per poisoned row (its conservatism or cross ratio): "
+                     "set that to 0, or use attack.name='batch'")
+  cover = poison.plan.fraction_count(ratio, poisoned)
   config_lib.require(poisoned + cover <= size,
-                     f"attack.batch.batch_rate {config.attack.batch.batch_rate} gives {poisoned} "
-                     f"poisoned and {cover} cover rows ({getattr(trigger, 'cover_ratio', 0.0):g} "
-                     f"per poisoned row, poison.{config.poison.name}), more than a batch of {size}")
+                     f"attack.{name}.batch_rate {config.attack[name].batch_rate} gives {poisoned} "
+                     f"poisoned and {cover} cover rows ({ratio:g} per poisoned row, "
+                     f"poison.{config.poison.name}), more than a batch of {size}")
   return poisoned, cover
 
 

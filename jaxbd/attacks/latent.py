@@ -55,11 +55,6 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
-def poisoned_rows(config: ml_collections.ConfigDict) -> int:
-  """The poisoned rows of every batch: `int(batch_rate * batch_size)`."""
-  return int(config.attack.latent.batch_rate * config.train.batch_size)
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks `attack.latent` and what it needs of the rest of the config (ConfigError)."""
   config_lib.check_range(config, "attack.latent.batch_rate", 0, 1, low_open=True)
@@ -67,7 +62,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_range(config, "attack.latent.trigger_steps", 0)
   config_lib.check_range(config, "attack.latent.trigger_lr", 0, low_open=True)
   config_lib.check_range(config, "attack.latent.trigger_batch", 1)
-  batch.check_in_loop(config, "latent", poisoned_rows(config))
+  batch.check_in_loop(config)
   need = "attack.name='latent' needs"
   config_lib.require(config.poison.name in TRIGGERS,
                      f"{need} a mask trigger to fit, poison.name in {TRIGGERS}, got "
@@ -137,7 +132,7 @@ def build(config: ml_collections.ConfigDict, model, trigger, setup: train_lib.Se
   """The latent-backdoor train step (with the already fitted `trigger`) and its context (None):
   the arguments and results of `jaxbd.attacks.ATTACKS`."""
   del key
-  rows = poisoned_rows(config)
+  rows, _ = batch.batch_rows(config, trigger)
   loss_fn = latent_loss(model, rows, config.poison.target, config.attack.latent.weight)
   return train_lib.make_train_step(
       loss_fn, setup.tx, batch.batch_fn(config, trigger, num_classes, rows, 0),

@@ -59,13 +59,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_range(config, "attack.pcb.every", 1)
   config_lib.check_range(config, "attack.pcb.param_fraction", 0, 1, low_open=True)
   config_lib.check_choice(config.attack.pcb.mask, "attack.pcb.mask", MASKS)
-  batch.check_in_loop(config, "pcb", poisoned_rows(config))
-
-
-def poisoned_rows(config: ml_collections.ConfigDict) -> int:
-  """The poisoned rows of a poisoned batch: `int(batch_rate * batch_size)`, rounded down as the
-  reference (e.g. 12 of 128 at 10%)."""
-  return int(config.attack.pcb.batch_rate * config.train.batch_size)
+  batch.check_in_loop(config)
 
 
 def parameter_mask(params, fraction: float, key: jax.Array):
@@ -158,7 +152,7 @@ def build(config: ml_collections.ConfigDict, model, trigger, setup: train_lib.Se
     its context: the parameter mask, a bool pytree like the parameters, on the mesh).
   """
   c = config.attack.pcb
-  rows = poisoned_rows(config)
+  rows, _ = batch.batch_rows(config, trigger)
   loss_fn, sharding = train_lib.classification_loss(model), train_lib.batch_sharding(mesh)
 
   def step(state, arrays, perm, i, step_key, mask):

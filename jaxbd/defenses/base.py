@@ -102,16 +102,28 @@ def trusted_split(images: np.ndarray, labels: np.ndarray, kind: np.ndarray, frac
   return Trusted(images[idx], np.asarray(labels)[idx].astype(np.int32), idx)
 
 
-def holdout(trusted: Trusted, fraction: float, key: jax.Array) -> tuple[Trusted, Trusted]:
+def holdout_count(size: int, fraction: float, name: str = "a held-out fraction") -> int:
+  """`round(fraction * size)`, the held-out part of `size` trusted images.
+
+  Raises:
+    ConfigError: either part would be empty (the message names the setting `name`).
+  """
+  count = int(round(fraction * size))
+  if not 0 < count < size:
+    raise ConfigError(f"{name} {fraction} of {size} trusted images holds out {count}: one part "
+                      "would be empty")
+  return count
+
+
+def holdout(trusted: Trusted, fraction: float, key: jax.Array,
+            name: str = "a held-out fraction") -> tuple[Trusted, Trusted]:
   """Splits the trusted set at random into (kept, held out), `round(fraction * M)` held out.
 
   Raises:
-    ConfigError: either part would be empty.
+    ConfigError: either part would be empty (see `holdout_count`).
   """
   m = len(trusted.labels)
-  count = int(round(fraction * m))
-  if not 0 < count < m:
-    raise ConfigError(f"holding out {fraction} of {m} trusted images leaves an empty part")
+  count = holdout_count(m, fraction, name)
   order = np.asarray(jax.random.permutation(key, m))
 
   def part(rows):

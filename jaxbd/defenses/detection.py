@@ -217,7 +217,7 @@ def calibrated_trigger_inversion(ctx: base.Context, variables: dict, trusted: ba
 
   `repair(variables, trusted, key) -> variables` makes f_R (the paper: Pivotal Tuning)."""
   k_split, k_repair, k_batches, k_invert = jax.random.split(key, 4)
-  fit, scored = (base.holdout(trusted, config.score_fraction, k_split)
+  fit, scored = (base.holdout(trusted, config.score_fraction, k_split, "CTI's score_fraction")
                  if config.score_fraction else (trusted, trusted))
   repaired = repair(variables, fit, k_repair)
   batches = class_batches(k_batches, fit.labels, ctx.num_classes, config.steps, config.batch_size)

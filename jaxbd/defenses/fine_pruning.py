@@ -15,10 +15,11 @@ as BackdoorBench's fine-pruning drops it from layer4's output), the CNN's last s
 V-MoE's last MoE layer's expert hidden units (per expert).
 Channels are switched off with masks in the variables' `prune` collection, not by editing
 parameters, so fine-tuning cannot revive them. Defaults: activations over up to 10,000 clean
-images (the defender's trusted set; the BadPatches setting uses `defense.clean_fraction=0.2` of
-CIFAR-10), prune rate 10%, then 5 epochs of fine-tuning (SGD lr 0.01, momentum 0.9, wd 5e-4,
-cosine per epoch: *open* in the thesis, FT's defaults). `sweep` lists extra prune rates whose
-pruned-only models are reported as stages `pruned@RATE` (ACC and ASR against fraction pruned).
+images (the defender's trusted set, or as many of its images drawn at random when it is larger;
+the BadPatches setting uses `defense.clean_fraction=0.2` of CIFAR-10), prune rate 10%, then 5
+epochs of fine-tuning (SGD lr 0.01, momentum 0.9, wd 5e-4, cosine per epoch: *open* in the
+thesis, FT's defaults). `sweep` lists extra prune rates whose pruned-only models are reported
+as stages `pruned@RATE` (ACC and ASR against fraction pruned).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
   """The `defense.fine_pruning` section: prune rate, ranking images, extra rates, fine-tuning."""
   return ml_collections.ConfigDict(dict(
       prune_rate=0.1,  # fraction of the layer's channels switched off (per expert for MoE)
-      num_images=10000,  # clean images whose activations rank the channels (at most the trusted)
+      num_images=10000,  # clean images whose activations rank the channels (a random draw of
+      # the trusted set when it is larger)
       batch_size=500,  # images per activation batch
       sweep=(0.2, 0.4, 0.6, 0.8),  # extra prune rates reported as pruned-only stages
       finetune=base.train_section(epochs=5, batch_size=128, lr=0.01, schedule_unit="epoch",
@@ -121,6 +123,15 @@ def mean_activations(model, variables: dict, images: np.ndarray, batch_size: int
                                             for k, v in jax.device_get(sums).items()})
 
 
+def ranking_rows(size: int, count: int, key: jax.Array) -> np.ndarray:
+  """int[min(size, count)]: the trusted rows whose activations rank the channels, all of them or
+  `count` drawn without replacement (sorted), so that a trusted set in class order is not ranked
+  on its first classes."""
+  if size <= count:
+    return np.arange(size)
+  return np.sort(np.asarray(jax.random.choice(key, size, (count,), replace=False)))
+
+
 def prune_masks(activations: dict, rate: float) -> dict:
   """Masks switching off the rate * C (rounded down) lowest-activation channels of the last axis.
 
@@ -157,7 +168,7 @@ def fine_prune(ctx: base.Context, variables: dict, trusted: base.Trusted,
     variables: the suspect model's variables.
     trusted: the defender's clean images and labels.
     config: the `defense.fine_pruning` section.
-    key: PRNG key of the fine-tuning stage.
+    key: PRNG key of the fine-tuning stage (and, folded, of the ranking images' draw).
 
   Returns:
     (pruned and fine-tuned variables, report). The report's stages hold the pruned-only model
@@ -166,7 +177,8 @@ def fine_prune(ctx: base.Context, variables: dict, trusted: base.Trusted,
   Raises:
     ConfigError: the model has no fine-pruning layer.
   """
-  images = trusted.images[:config.num_images]
+  images = trusted.images[ranking_rows(len(trusted.labels), config.num_images,
+                                       jax.random.fold_in(key, 1))]
   acts = mean_activations(ctx.model, variables, images, config.batch_size)
   if not acts:
     raise no_layer(ctx.model)

@@ -56,7 +56,11 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks `defense.pt` (ConfigError on a bad value)."""
-  config_lib.check_train_section(config, "defense.pt", min_epochs=0)  # steps count
+  config_lib.check_train_section(config, "defense.pt", min_epochs=0)
+  config_lib.require(config.defense.pt.epochs == 0,
+                     "config key 'defense.pt.epochs' must be 0: Pivotal Tuning runs "
+                     f"defense.pt.steps ({config.defense.pt.steps}) steps, got "
+                     f"{config.defense.pt.epochs}")
   config_lib.check_range(config, "defense.pt.steps", 1)
   config_lib.check_range(config, "defense.pt.slol", 0)
   config_lib.check_range(config, "defense.pt.param", 0)

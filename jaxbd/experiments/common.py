@@ -174,7 +174,7 @@ def build(config: ml_collections.ConfigDict, workdir: str,
   config_lib.require(trigger is None or config.poison.rate == 0 or len(plan.indices) > 0,
                      f"poison.rate {config.poison.rate} poisons no image of the {n} training "
                      "images")
-  if config.attack.name == "batch":
+  if config.attack.name != "none":  # the in-loop attacks: their rows fit a batch
     attacks.batch.batch_rows(config, trigger)
   model = models.create(config, dataset.num_classes, mean, std)
   key = jax.random.key(config.seed)

@@ -243,7 +243,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   c, ds = r.config, r.dataset
   members = build_members(r)
   kind_any = np.max(np.stack([m["kind"] for m in members]), 0)
-  defenses.base.trusted_pool(kind_any, c.defense.clean_fraction)  # before anything is trained
+  size, _ = defenses.base.trusted_pool(kind_any, c.defense.clean_fraction)  # before training
+  if cti and d.cti.score_fraction:
+    defenses.base.holdout_count(size, d.cti.score_fraction,
+                                "config key 'detection.cti.score_fraction'")
   common.create_workdir(r)
   save_plans(r.workdir, members)
   t0 = time.perf_counter()
