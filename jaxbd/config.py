@@ -29,6 +29,11 @@ from jaxbd.errors import ConfigError, JaxbdError
 ConfigDict = ml_collections.ConfigDict
 
 
+# Larger evaluation batches are padding or an allocation failure (the last batch is padded to
+# the full size).
+MAX_EVAL_BATCH = 2**16
+
+
 def defaults() -> ConfigDict:
   """Returns the full schema: every key jaxbd accepts, with its default value."""
   # Imported here: the registries import modules that use this file's helpers.
@@ -76,7 +81,7 @@ def defaults() -> ConfigDict:
   c.quant = quant.default_config()  # quantization scheme (quantized evaluation, deployment)
 
   c.eval = ConfigDict()
-  c.eval.batch_size = 500
+  c.eval.batch_size = 500  # images per jitted evaluation batch (the last one padded)
 
   c.mesh = ConfigDict()
   c.mesh.data = -1  # devices on the data axis; -1: all devices / mesh.expert
@@ -403,7 +408,7 @@ def validate(config: ConfigDict) -> None:
   check_range(config, "poison.rate", 0, 1)
   check_range(config, "poison.target", 0)
   check_train_section(config, "train")
-  check_range(config, "eval.batch_size", 1)
+  check_range(config, "eval.batch_size", 1, MAX_EVAL_BATCH)
   check_range(config, "log.every_steps", 1)
   check_range(config, "defense.clean_fraction", 0, 1, low_open=True)
   require(config.mesh.data == -1 or config.mesh.data >= 1,

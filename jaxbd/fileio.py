@@ -8,6 +8,7 @@ it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -23,7 +24,13 @@ def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
   """Opens a temporary file beside `path`, renamed to `path` only when the block succeeds.
 
   The file gets the permissions of a plain `open` (0666 less the umask), not mkstemp's 0600.
+
+  Raises:
+    IsADirectoryError: `path` is a directory (checked first: the rename would fail naming the
+      temporary file).
   """
+  if os.path.isdir(path):
+    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
   try:

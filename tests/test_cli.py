@@ -316,6 +316,13 @@ def _overwritten_checkpoint(workdir):
       fh.write(b"\xff" * min(os.path.getsize(path), 64))
 
 
+def _metadata_seconds(workdir):
+  path = workdir / "checkpoints" / "backdoored" / "2" / METADATA_FILE
+  meta = json.loads(path.read_text())
+  meta["custom_metadata"]["seconds"] = "abc"
+  path.write_text(json.dumps(meta))
+
+
 # (defect made in a copy of a finished run's workdir, whether results.json goes too, extra flags,
 # the one error line's text)
 WORKDIR_DEFECTS = [
@@ -336,6 +343,10 @@ WORKDIR_DEFECTS = [
     # orbax would log its error and restore the arrays without the checksum saved beside them
     (lambda w: (w / "checkpoints" / "backdoored" / "2" / METADATA_FILE).write_text("garbage"),
      True, [], "backdoored/2 has unreadable metadata (Expecting value"),
+    (_metadata_seconds, True, [], "backdoored/2 has unreadable metadata (seconds 'abc' is not a "
+     "number)"),
+    (lambda w: (w / "config.json").write_text("[1, 2]"), False, [],
+     "config.json is unreadable (a JSON list, not an object)"),
 ]
 
 

@@ -27,6 +27,7 @@ def test_shared_field_names_exist():
     ("train.lr", 0.0, "'train.lr' must be in (0, inf]"),
     ("train.batch_size", 0, "'train.batch_size' must be in [1, inf]"),
     ("train.epochs", 0, "'train.epochs' must be in [1, inf], got 0"),
+    ("eval.batch_size", 3_000_000_000, "'eval.batch_size' must be in [1, 65536], got 3000000000"),
     ("defense.ft.epochs", 0, "'defense.ft.epochs' must be in [1, inf]"),
     ("defense.fine_pruning.finetune.epochs", -1,
      "'defense.fine_pruning.finetune.epochs' must be in [0, inf]"),

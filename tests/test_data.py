@@ -1,5 +1,8 @@
 """Data sources return the same validated Dataset; malformed data is refused with one line."""
 
+import struct
+import zlib
+
 import ml_collections
 import numpy as np
 import pytest
@@ -186,6 +189,7 @@ def test_real_cifar10_encoded_npz():
     ("encoded_float_labels", "train_labels must hold integer class indices"),
     ("encoded_missing_array", "missing array(s) ['test_labels']"),
     ("encoded_garbage", "train image 0: cannot decode an image (no image format Pillow reads)"),
+    ("encoded_huge_header", "train image 0: cannot decode an image (Image size (900000000 pixels)"),
     ("classes_2d", "classes must be a list of names, got an array of shape [1, 3]"),
 ])
 def test_bad_npz_is_refused(tmp_path, arrays, case, message):
@@ -233,6 +237,12 @@ def test_bad_npz_is_refused(tmp_path, arrays, case, message):
         bad["train_labels"] = y_tr.astype(np.float32)
       elif case == "encoded_garbage":
         bad["train_bytes"] = np.full_like(bad["train_bytes"], 7)
+      elif case == "encoded_huge_header":  # a PNG whose header claims 30000 x 30000 pixels
+        png = bytearray(bad["train_bytes"][:bad["train_offsets"][1]].tobytes())
+        png[16:24] = struct.pack(">II", 30000, 30000)
+        png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+        bad["train_bytes"] = np.concatenate([np.frombuffer(bytes(png), np.uint8),
+                                             bad["train_bytes"][bad["train_offsets"][1]:]])
       else:
         del bad["test_labels"]
     np.savez(path, **bad)

@@ -265,15 +265,17 @@ def test_fit_prints_about_ten_epoch_lines_where_the_bar_is_off(capsys):
 
 def test_metrics_log_truncation_drops_later_epochs_and_a_cut_last_line(tmp_path):
   """A rerun drops its phase's records after the restored epoch (all of them without a
-  checkpoint) and the half-written line a kill can leave; other phases' records stay."""
+  checkpoint), the half-written line a kill can leave and lines that are not records; other
+  phases' records stay."""
   import json
   from jaxbd.train import MetricsLog
   log = MetricsLog(str(tmp_path))
   for phase, epoch in [("clean", 1), ("clean", 2), ("backdoored", 1), ("backdoored", 2)]:
     log.write(phase=phase, epoch=epoch, loss=1.0)
   path = tmp_path / "metrics.jsonl"
-  with open(path, "a") as f:
-    f.write('{"phase": "backdoored", "epo')
+  with open(path, "ab") as f:  # lines that are not records: dropped too
+    f.write(b'5\n\x00\xff\xfe\n{"phase": "backdoored", "epoch": "x"}\n')
+    f.write(b'{"phase": "backdoored", "epo')
   log.truncate("backdoored", 1)
   kept = [json.loads(line) for line in path.read_text().splitlines()]
   assert [(r["phase"], r["epoch"]) for r in kept] == [("clean", 1), ("clean", 2),
@@ -365,3 +367,49 @@ def test_an_old_step_that_a_kill_left_half_removed_is_removed_and_the_latest_res
     np.testing.assert_array_equal(resumed.restore(3)["w"], np.arange(3.0) + 3)
   assert not caplog.records, [r.getMessage() for r in caplog.records]
   assert sorted(os.listdir(directory)) == ["3"]
+
+
+def test_more_steps_than_an_int32_holds_are_refused_before_any_file(tmp_path):
+  """600 million epochs of a 1,617-image set in batches of 64 are 15.6 billion steps: one line
+  naming the key, before the workdir exists (the optimizer's schedule takes the count as int32)."""
+  from conftest import tiny_digits_config
+  from jaxbd import experiments
+  from jaxbd.errors import ConfigError
+  c = tiny_digits_config(**{"train.epochs": 600_000_000})
+  with pytest.raises(ConfigError, match=r"config key 'train.epochs': 600000000 epochs of \d+ "
+                     r"steps \(\d+ examples, batch \d+\) are \d+ steps, more than a step count "
+                     r"holds \(2147483647\)"):
+    experiments.run(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  train_lib.check_steps("x", 2**31 - 1, 64, 64)  # exactly the most
+  with pytest.raises(ConfigError, match="x: 2147483647 epochs of 2 steps"):
+    train_lib.check_steps("x", 2**31 - 1, 65, 64)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_checkpoint_error(tmp_path, monkeypatch):
+  """Orbax reports a full disk as a ValueError ("RESOURCE_EXHAUSTED ... No space left on
+  device"), which is not an OSError: `save` makes it one CheckpointError line."""
+  import orbax.checkpoint as ocp
+  from jaxbd.errors import CheckpointError
+
+  def full(*args, **kwargs):
+    raise ValueError("RESOURCE_EXHAUSTED: No space left on device\nmore detail")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+  ckpt = train_lib.Checkpointer(str(tmp_path / "c"))
+  with pytest.raises(CheckpointError, match=r"^could not save checkpoint .*/c/1 \("
+                     r"RESOURCE_EXHAUSTED: No space left on device\)$"):
+    ckpt.save(1, {"w": jnp.ones(3)})
+
+
+def test_an_atomic_write_over_a_directory_names_the_directory(tmp_path):
+  """`results.json` that is a directory: the error names it (the CLI's one line prints the
+  filename), not the temporary file, and no temporary file is left."""
+  from jaxbd import fileio
+  target = tmp_path / "results.json"
+  target.mkdir()
+  with pytest.raises(IsADirectoryError) as err:
+    with fileio.atomic_file(str(target)) as f:
+      f.write("{}")
+  assert err.value.filename == str(target)
+  assert os.listdir(tmp_path) == ["results.json"]

@@ -67,7 +67,7 @@ def _decode(name: str, blob: bytes):
     return np.asarray(Image.open(io.BytesIO(blob)))
   except UnidentifiedImageError:
     raise DataError(f"{name}: cannot decode an image (no image format Pillow reads)") from None
-  except OSError as e:
+  except (OSError, Image.DecompressionBombError) as e:  # the latter: a header of huge size
     raise DataError(f"{name}: cannot decode an image ({e})") from None
 
 

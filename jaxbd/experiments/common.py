@@ -121,6 +121,8 @@ def _check_workdir(workdir: str, config_dict: dict) -> None:
   try:
     with open(path) as f:
       saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError(f"a JSON {type(saved).__name__}, not an object")
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{path} is unreadable ({e}); use a new --workdir") from None
   first = first_difference(config_dict, saved)
@@ -171,6 +173,8 @@ def build(config: ml_collections.ConfigDict, workdir: str,
   n = len(dataset.y_train)
   config_lib.require(config.train.batch_size <= n, f"config key 'train.batch_size' "
                      f"({config.train.batch_size}) exceeds the {n} training images")
+  train_lib.check_steps("config key 'train.epochs'", config.train.epochs, n,
+                        config.train.batch_size)
   config_lib.require(trigger is None or config.poison.rate == 0 or len(plan.indices) > 0,
                      f"poison.rate {config.poison.rate} poisons no image of the {n} training "
                      "images")

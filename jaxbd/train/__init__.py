@@ -3,7 +3,7 @@
 from jaxbd.train.checkpoint import Checkpointer
 from jaxbd.train.evaluate import (Predictor, backdoor_metrics, batch_key, padded_batches,
                                   test_targets)
-from jaxbd.train.loop import MetricsLog, StepCache, fit
+from jaxbd.train.loop import MetricsLog, StepCache, check_steps, fit
 from jaxbd.train.mesh import (Throttle, batch_shards, batch_sharding, check_batch, make_mesh,
                               put, put_replicated, put_state, replicated, state_sharding)
 from jaxbd.train.optim import lr_schedule, make_optimizer

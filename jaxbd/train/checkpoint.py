@@ -141,9 +141,13 @@ class Checkpointer:
     """Saves `state` as epoch `epoch`, with its `digest` and the JSON-able `info` (`info`), and
     waits until it is on disk."""
     manager = self._get()
-    manager.save(epoch, args=ocp.args.StandardSave(state),
-                 custom_metadata={**info, "digest": np.asarray(digest(state)).tolist()})
-    manager.wait_until_finished()
+    try:
+      manager.save(epoch, args=ocp.args.StandardSave(state),
+                   custom_metadata={**info, "digest": np.asarray(digest(state)).tolist()})
+      manager.wait_until_finished()
+    except Exception as e:  # Orbax reports a full disk as a ValueError (RESOURCE_EXHAUSTED).
+      raise CheckpointError(f"could not save checkpoint {self.directory}/{epoch} "
+                            f"({first_line(e)[:200]})") from None
 
   def info(self, epoch: int) -> dict:
     """The `info` that `save` stored with epoch `epoch`, with its "digest".
@@ -152,7 +156,8 @@ class Checkpointer:
     on without the info, which would skip the checksum.
 
     Raises:
-      CheckpointError: the checkpoint's metadata is unreadable or holds no checksum.
+      CheckpointError: the checkpoint's metadata is unreadable, holds no checksum, or a
+        "seconds" that is not a number.
     """
     path = os.path.join(self.directory, str(epoch), METADATA_FILE)
     try:
@@ -160,6 +165,9 @@ class Checkpointer:
         info = json.load(f)["custom_metadata"]
       if not isinstance(info, dict) or "digest" not in info:
         raise ValueError("no checksum")
+      seconds = info.get("seconds", 0.0)
+      if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise ValueError(f"seconds {seconds!r} is not a number")
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise CheckpointError(f"checkpoint {self.directory}/{epoch} has unreadable metadata "
                             f"({first_line(e)[:200]}); delete it or use a new --workdir") from None

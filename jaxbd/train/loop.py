@@ -24,9 +24,22 @@ import tqdm
 
 from jaxbd import fileio, host
 from jaxbd.data.pipeline import epoch_indices
-from jaxbd.errors import CheckpointError, DivergedError
+from jaxbd.errors import CheckpointError, ConfigError, DivergedError
 from jaxbd.train.checkpoint import Checkpointer
 from jaxbd.train.mesh import Throttle
+
+
+MAX_STEPS = 2**31 - 1  # the step count and schedule position are int32 on device
+
+
+def check_steps(what: str, epochs: int, size: int, batch_size: int) -> None:
+  """Raises ConfigError (naming `what`) when `epochs` epochs over `size` examples in batches of
+  `batch_size` are more steps than `MAX_STEPS`."""
+  per_epoch = -(-size // batch_size)
+  if epochs * per_epoch > MAX_STEPS:
+    raise ConfigError(f"{what}: {epochs} epochs of {per_epoch} steps ({size} examples, batch "
+                      f"{batch_size}) are {epochs * per_epoch} steps, more than a step count "
+                      f"holds ({MAX_STEPS})")
 
 
 @functools.partial(jax.jit, static_argnames=("size", "batch_size"))
@@ -91,17 +104,22 @@ class MetricsLog:
 
   def truncate(self, phase: str, epoch: int) -> None:
     """Drops records of `phase` after `epoch` (left by a run killed after its last checkpoint, or
-    before its first when `epoch` is 0) and a last line cut short by a kill mid-write."""
+    before its first when `epoch` is 0), a last line cut short by a kill mid-write, and any line
+    that is not a record (a JSON object; of `phase`, with a numeric epoch)."""
     if self.path is None or not os.path.exists(self.path):
       return
     keep = []
-    with open(self.path) as f:
+    with open(self.path, errors="replace") as f:
       for line in f:
         try:
           rec = json.loads(line)
         except json.JSONDecodeError:
           continue
-        if not (rec.get("phase") == phase and rec.get("epoch", 0) > epoch):
+        if not isinstance(rec, dict):
+          continue
+        at = rec.get("epoch", 0)
+        numeric = isinstance(at, (int, float)) and not isinstance(at, bool)
+        if rec.get("phase") != phase or (numeric and at <= epoch):
           keep.append(line)
     with fileio.atomic_file(self.path) as f:
       f.writelines(keep)
@@ -166,8 +184,10 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
 
   Raises:
     CheckpointError: an existing checkpoint is unreadable or from a longer run.
+    ConfigError: more steps than `MAX_STEPS`.
     DivergedError: the train loss became NaN or inf (checked where it is logged).
   """
+  check_steps(f"training phase {phase!r}", epochs, arrays.size, batch_size)
   log = MetricsLog(workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", phase)) if workdir else None
   start, earlier = 0, 0.0  # earlier: training seconds of the runs this one resumes
