@@ -9,6 +9,7 @@ argument, a `JaxbdError`, a file system failure) is one line `jaxbd: error: ...`
 from __future__ import annotations
 
 import contextlib
+import logging as pylogging
 import os
 import sys
 from typing import Callable, Iterator
@@ -18,6 +19,21 @@ from absl import app, flags, logging
 from jaxbd.errors import JaxbdError
 
 RESUMABLE = "interrupted; rerun the same command to resume from the last checkpoint"
+
+
+class _Interrupted(pylogging.Filter):
+  """Drops log records of a KeyboardInterrupt: orbax logs Ctrl-C during a checkpoint save as an
+  error with its traceback before the command's own one line (`one_line_errors`)."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
+def quiet_interrupts() -> None:
+  """Keeps Ctrl-C's one line the only output (see `_Interrupted`; set up once per process)."""
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _Interrupted) for f in absl_logger.filters):
+    absl_logger.addFilter(_Interrupted())
 
 
 def die(message: str) -> None:
@@ -65,6 +81,7 @@ def run(main: Callable[[], None], *,
     if len(argv) > 1:
       die(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
+    quiet_interrupts()
     with one_line_errors(interrupted):
       main()
 

@@ -145,6 +145,22 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path):
   assert "Traceback" not in err and "Fatal Python error" not in err
 
 
+def test_a_logged_keyboard_interrupt_is_dropped_and_other_errors_kept(caplog):
+  """Ctrl-C during a checkpoint save: orbax logs the KeyboardInterrupt with its traceback
+  (`logging.exception`) before the command's own line; only that record is dropped."""
+  from absl import logging
+  from jaxbd import cli
+  cli.quiet_interrupts()
+  cli.quiet_interrupts()  # once per process, however often it is called
+  assert len(logging.get_absl_logger().filters) == 1
+  for error in (KeyboardInterrupt(), ValueError("disk full")):
+    try:
+      raise error
+    except BaseException:  # pylint: disable=broad-exception-caught
+      logging.exception("Save Finalize thread failed.")
+  assert [r.exc_info[0] for r in caplog.records] == [ValueError]
+
+
 def assert_one_line_error(proc, message):
   assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
   assert "Traceback" not in proc.stderr
