@@ -12,13 +12,14 @@ no augmentation. Attack: BadPatches, one 4x4 checkerboard patch on the victim's 
 bottom-right cell), all-to-one target 0, 1% of the training set (drawn from the non-target
 classes, jaxbd's `poison.exclude_target` default; False draws from every class). Poison-rate
 sweep 0.01%, 0.1%, 1%, 2% against BadNets (the same checkerboard as a 3x3 square in the
-bottom-right corner, not grid-aligned: the comparison isolates the placement) and Blend (alpha
-0.2, seeded noise).
+bottom-right corner, not grid-aligned: the comparison isolates the placement), Blend (alpha
+0.2, seeded noise) and WaNet (k 4, s 0.5, two noise-mode cover rows per poisoned row), SPEC's
+routing-agnostic baselines.
 Defense: fine-pruning on 10,000 clean training images (`defense.clean_fraction=0.2`), 10% of each
 expert's last-conv channels, then 5 epochs of fine-tuning with the training routine (SGD 0.1),
 with the prune-rate sweep. The paper reports ASR > 80% at 0.01% on pMoE, up to 100% at 2% with
 ~1 point of ACC lost, pruning alone ineffective and fine-tuning bringing ASR to ~2.1% for ~1.4
-points of ACC. Work: 13 models of 25 epochs on 50,000 images (clean, backdoored, 11 more in the
+points of ACC. Work: 17 models of 25 epochs on 50,000 images (clean, backdoored, 15 more in the
 sweep) and the fine-pruning; not yet run on an accelerator, so no runtime or result is claimed.
 
 `cpu`: the CPU recipe of the test suite, with `model=pmoe_patch`: the image-patch pMoE (4x4
@@ -35,7 +36,8 @@ Arguments:
   model=pmoe|pmoe_patch|vmoe   victim (pmoe: WRN-MoE; pmoe_patch: image patches; vmoe: V-MoE
                                ViT, patch 4, E = 8, K = 2, MoE every 2nd block)
   source=...                   data source (default tfds:cifar10; npz:PATH for the encoded files)
-  trigger=badpatches|badnets|blended   the attack of the main model (and first line of the sweep)
+  trigger=badpatches|badnets|blended|wanet   the attack of the main model (and first line of
+                               the sweep)
   rate=0.01                    poisoning rate of the main model
   knowledge=full|patch|offset|l   the attacker's knowledge of the victim's routing: full; patch
                                (assumes cells of half the victim's side: 2 pixels); offset (grid
@@ -98,7 +100,7 @@ def get_config(arg=None):
   config.train.eval_every = 5
 
   config.badpatches.rates = (0.0001, 0.001, 0.01, 0.02)
-  config.badpatches.baselines = "badnets,blended"
+  config.badpatches.baselines = "badnets,blended,wanet"
   config.defense.names = "fine_pruning"
   config.defense.clean_fraction = 0.2  # 10,000 CIFAR-10 training images
   # Fine-tuning stage: 5 epochs with the victim's own training routine (*open* in the thesis).

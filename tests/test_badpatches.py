@@ -427,3 +427,20 @@ def test_bad_badpatches_config_is_refused_before_the_workdir_exists(tmp_path):
   c.badpatches.baselines = "lira"
   with pytest.raises(ConfigError, match="'badpatches.baselines' must be one of"):
     experiments.run(c, str(tmp_path / "run"))
+
+
+def test_trigger_pixels_find_a_patch_and_a_warp():
+  """The routing statistics' covered pixels: BadNets' 3x3 corner patch exactly, and WaNet's warp,
+  which changes no flat image, over most of the image (the noise probe)."""
+  c = config_lib.defaults()
+  c.poison.name = "badnets"
+  c.poison.badnets.update(dict(size=3, corner="bottom_right"))
+  patch = experiment.trigger_pixels(poison.make_trigger(c, (32, 32, 3)), 2, (32, 32, 3),
+                                    jax.random.key(0))
+  expected = np.zeros((2, 32, 32, 1), np.float32)
+  expected[:, -3:, -3:] = 1
+  np.testing.assert_array_equal(patch, expected)
+  c.poison.name = "wanet"
+  warp = experiment.trigger_pixels(poison.make_trigger(c, (32, 32, 3)), 2, (32, 32, 3),
+                                   jax.random.key(0))
+  assert float(jnp.mean(warp)) > 0.5

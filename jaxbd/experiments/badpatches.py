@@ -14,7 +14,7 @@ Phases, all in one workdir (each checkpointed, so a rerun resumes):
 5. The defenses of `defense.names` (the BadPatches setting runs `fine_pruning`: both stages and
    the prune-rate sweep).
 6. Poison-rate sweep: for each rate of `badpatches.rates`, the attack of `config.poison` and each
-   routing-agnostic baseline of `badpatches.baselines` (BadNets, Blend) poison the same rows
+   routing-agnostic baseline of `badpatches.baselines` (BadNets, Blend, WaNet) poison the same rows
    (same seed) of a fresh model, each plan drawn as the main run's (`common.poison_plan`, with
    the cover rows its trigger asks for); ASR against rate is plotted (`asr_vs_rate.png`).
 
@@ -53,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
   """The `badpatches` section: poison-rate sweep, baseline attacks, routing images."""
   return ml_collections.ConfigDict(dict(
       rates=(0.0001, 0.001, 0.01, 0.02),  # poison-rate sweep (empty: none)
-      baselines="badnets,blended",  # routing-agnostic attacks of the sweep (comma-separated)
+      baselines="badnets,blended,wanet",  # routing-agnostic attacks of the sweep (SPEC's)
       routing_images=2000,  # non-target test images of the routing statistics (0: all)
   ))
 
@@ -85,11 +85,14 @@ def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def trigger_pixels(trigger, batch: int, image_shape, key: jax.Array) -> jax.Array:
   """f32[B, H, W, 1]: the pixels `trigger` (with PRNG `key`) changes in a batch of `batch`
-  images."""
-  changed = 0.0
-  for level in (0.3, 0.7):
-    x = jnp.full((batch, *image_shape), level, jnp.float32)
-    changed = changed + jnp.any(jnp.abs(trigger(x, key) - x) > 1e-6, axis=-1, keepdims=True)
+  images, on probes that do not depend on the images: two flat greys (a patch or blend changes
+  its pixels whatever their value) and fixed noise (a warp, which moves pixels, changes no flat
+  image)."""
+  shape = (batch, *image_shape)
+  probes = (jnp.full(shape, 0.3, jnp.float32), jnp.full(shape, 0.7, jnp.float32),
+            jax.random.uniform(jax.random.key(0), shape, jnp.float32))
+  changed = sum(jnp.any(jnp.abs(trigger(x, key) - x) > 1e-6, axis=-1, keepdims=True)
+                for x in probes)
   return (changed > 0).astype(jnp.float32)
 
 
