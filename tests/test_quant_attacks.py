@@ -309,3 +309,15 @@ def test_a_clean_model_from_another_run_is_checked_before_the_workdir_is_made(tm
       experiments.run(config, str(workdir))
     assert not workdir.exists()
   assert sorted(os.listdir(source)) == ["config.json"]  # the other run's folder is only read
+
+
+def test_quantized_der_takes_the_trigger_asr_where_the_attack_has_a_trigger():
+  """A defense that only makes the float model wrong on triggered images drops the QB rule's ASR
+  to 0 but leaves the deployed model's triggered ASR at 1: with a trigger, DER reads the
+  latter (0.5: no gain); without one (QB), the QB rule's."""
+  from jaxbd.experiments import quant_backdoor
+  before = {"acc": 0.9, "asr": 1.0, "asr_qb": 1.0}
+  after = {"acc": 0.9, "asr": 1.0, "asr_qb": 0.0}
+  assert quant_backdoor.quantized_der(before, after) == pytest.approx(0.5)
+  drop = lambda d: {k: v for k, v in d.items() if k != "asr"}
+  assert quant_backdoor.quantized_der(drop(before), drop(after)) == pytest.approx(1.0)

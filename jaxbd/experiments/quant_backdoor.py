@@ -140,6 +140,16 @@ class QuantEvaluator:
     return out
 
 
+def quantized_der(backdoored: dict, defended: dict) -> float:
+  """DER of a defended model's quantized metrics against the backdoored model's: on the
+  deployed model's triggered-image ASR where the attack has a trigger (Qu-ANTI-zation: the
+  attacker wins when the quantized model sends triggered images to the target, whatever the float
+  model does), else on the QB rule's ASR (`asr_qb`)."""
+  key = "asr" if "asr" in backdoored else "asr_qb"
+  return metrics_lib.defense_effectiveness_rating(backdoored["acc"], backdoored[key],
+                                                  defended["acc"], defended[key])
+
+
 def _trigger_metrics(pred: np.ndarray, labels: np.ndarray, target: int) -> dict:
   """ASR and RA of predictions on triggered images (all-to-one)."""
   wanted = np.full_like(labels, target)
@@ -286,9 +296,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   defended = common.run_defenses(r, attacked, metrics["backdoored"], evaluate=evaluator)
   for m in defended.values():
     for b, q in m["quantized"].items():
-      ref = metrics["backdoored"]["quantized"][b]
-      q["der"] = metrics_lib.defense_effectiveness_rating(ref["acc"], ref["asr_qb"], q["acc"],
-                                                          q["asr_qb"])
+      q["der"] = quantized_der(metrics["backdoored"]["quantized"][b], q)
   doc = results.document(
       config, dataset=r.dataset.name, model=config.model.name,
       attack={"name": c.attack, "target": config.poison.target, "init": c.init,
