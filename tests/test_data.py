@@ -1,5 +1,6 @@
 """Data sources return the same validated Dataset; malformed data is refused with one line."""
 
+import io
 import struct
 import zlib
 
@@ -95,14 +96,29 @@ def test_npz_encoded_layout_decodes_losslessly(tmp_path, arrays):
   np.testing.assert_array_equal(sub.y_train, y_tr[idx])
 
 
+def saved_image(x: np.ndarray, mode: str) -> Image.Image:
+  """uint8[H, W, 3] as a Pillow image of `mode`: RGB, RGBA (half-transparent) or P (a palette
+  of its colors)."""
+  if mode == "P":
+    colors, index = np.unique(x.reshape(-1, 3), axis=0, return_inverse=True)
+    image = Image.fromarray(index.reshape(x.shape[:2]).astype(np.uint8), "P")
+    image.putpalette(colors.astype(np.uint8).ravel().tolist())
+    return image
+  if mode == "RGBA":
+    return Image.fromarray(np.concatenate([x, np.full((*x.shape[:2], 1), 128, np.uint8)], -1))
+  return Image.fromarray(x)
+
+
 def test_folder(tmp_path, arrays):
+  """Files of every mode are read as their colors: palette images as colors (not indices),
+  RGBA without its alpha."""
   x_tr, y_tr, x_te, y_te = arrays
   names = ["cat", "dog", "emu"]
   for split, xs, ys in (("train", x_tr, y_tr), ("test", x_te, y_te)):
     for i, (x, y) in enumerate(zip(xs, ys)):
       d = tmp_path / split / names[y]
       d.mkdir(parents=True, exist_ok=True)
-      Image.fromarray(x).save(d / f"{i:03d}.png")
+      saved_image(x, ("RGB", "P", "RGBA")[i % 3]).save(d / f"{i:03d}.png")
   ds = data.load(data_config(f"folder:{tmp_path}"))
   assert ds.classes == tuple(names)
   # Files are read class by class: compare as multisets of (image, label).
@@ -189,6 +205,7 @@ def test_real_cifar10_encoded_npz():
     ("encoded_float_labels", "train_labels must hold integer class indices"),
     ("encoded_missing_array", "missing array(s) ['test_labels']"),
     ("encoded_garbage", "train image 0: cannot decode an image (no image format Pillow reads)"),
+    ("encoded_16bit", "train image 0: a 'I;16' image is not 8-bit gray or color"),
     ("encoded_huge_header", "train image 0: cannot decode an image (Image size (900000000 pixels)"),
     ("classes_2d", "classes must be a list of names, got an array of shape [1, 3]"),
 ])
@@ -237,6 +254,12 @@ def test_bad_npz_is_refused(tmp_path, arrays, case, message):
         bad["train_labels"] = y_tr.astype(np.float32)
       elif case == "encoded_garbage":
         bad["train_bytes"] = np.full_like(bad["train_bytes"], 7)
+      elif case == "encoded_16bit":  # every train image a 16-bit gray PNG
+        png = io.BytesIO()
+        Image.fromarray(np.full((6, 5), 40000, np.uint16)).save(png, format="PNG")
+        blobs = [np.frombuffer(png.getvalue(), np.uint8)] * len(y_tr)
+        bad["train_bytes"] = np.concatenate(blobs)
+        bad["train_offsets"] = np.arange(len(y_tr) + 1) * len(blobs[0])
       elif case == "encoded_huge_header":  # a PNG whose header claims 30000 x 30000 pixels
         png = bytearray(bad["train_bytes"][:bad["train_offsets"][1]].tobytes())
         png[16:24] = struct.pack(">II", 30000, 30000)

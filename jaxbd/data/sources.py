@@ -61,10 +61,25 @@ def _digits() -> Dataset:
   return make_dataset("digits", x_tr, y_tr, x_te, y_te, [str(i) for i in range(10)])
 
 
-def _decode(name: str, blob: bytes):
+# Pillow modes of 8-bit images and the gray or RGB mode each is read as: palette images as their
+# colors (not their indices), alpha dropped, other color spaces as RGB.
+_READ_AS = {"L": "L", "1": "L", "LA": "L", "RGB": "RGB", "P": "RGB", "PA": "RGB", "RGBA": "RGB",
+            "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB"}
+
+
+def _decode(name: str, blob: bytes) -> np.ndarray:
+  """uint8[H, W] (gray) or uint8[H, W, 3] (color) of an encoded image.
+
+  Raises:
+    DataError: not an image Pillow reads, a corrupt or huge one, or one that is not 8-bit.
+  """
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   try:
-    return np.asarray(Image.open(io.BytesIO(blob)))
+    image = Image.open(io.BytesIO(blob))
+    if image.mode not in _READ_AS:
+      raise DataError(f"{name}: a {image.mode!r} image is not 8-bit gray or color; convert it "
+                      "first")
+    return np.asarray(image.convert(_READ_AS[image.mode]))
   except UnidentifiedImageError:
     raise DataError(f"{name}: cannot decode an image (no image format Pillow reads)") from None
   except (OSError, Image.DecompressionBombError) as e:  # the latter: a header of huge size
@@ -162,10 +177,9 @@ def _folder(path: str) -> Dataset:
 
 
 def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
-  """uint8[H, W(, C)] -> uint8[H, W, channels] (drops alpha, repeats gray)."""
+  """uint8[H, W] (gray) or uint8[H, W, 3] -> uint8[H, W, channels] (repeats gray)."""
   if image.ndim == 2:
     image = image[..., None]
-  image = image[..., :3] if channels == 3 else image[..., :1]
   return np.repeat(image, channels, axis=-1) if image.shape[-1] == 1 else image
 
 
