@@ -12,8 +12,9 @@ that fails is recorded with its error while the sweep goes on. Each cell runs in
 `WORKDIR/results.sqlite` when it finishes, keyed by the hash of its full config. Rerunning a
 killed sweep skips finished cells and resumes the interrupted one from its checkpoints. Cells of
 the standard experiment that differ only in `defense` or `log` settings train their models once:
-each one after the first defends the first one's (`standard.victim_from`, `share_victims`); where
-that cell failed before saving its models, the next one trains them (`rehome`).
+the others defend one cell's (`standard.victim_from`, `share_victims`): one that saved them in an
+earlier run of the sweep, else the first that runs; where that cell fails before saving its
+models, the next one trains them (`rehome`).
 
 `--vmap_seeds` trains the cells that differ only in `seed` as one population: stacked train states
 under one `jax.vmap`-ed step (`jaxbd.experiments.population`; standard experiment with a
@@ -50,7 +51,7 @@ import sqlite3
 import sys
 import time
 import traceback
-from typing import Any, Callable, Iterator, Sequence
+from typing import AbstractSet, Any, Callable, Iterator, Sequence
 
 from absl import flags
 import ml_collections
@@ -202,24 +203,32 @@ def trains_victim(config: ml_collections.ConfigDict) -> bool:
   return config.experiment == "standard" and not config.standard.victim_from
 
 
-def share_victims(cells: Sequence[tuple], workdir: str) -> list[tuple]:
-  """Cells `(index, cell, config, digest)` in run order, where each standard-experiment cell whose
-  config equals an earlier one's outside `defense` and `log` defends that cell's models
-  (`standard.victim_from` set to its workdir) instead of training the same models again; the
-  digest stays that of the cell's own config."""
+def share_victims(cells: Sequence[tuple], workdir: str,
+                  done: AbstractSet[str] = frozenset()) -> list[tuple]:
+  """Cells `(index, cell, config, digest)` in run order, where the standard-experiment cells whose
+  configs agree outside `defense` and `log` train their models once: all but one (the owner)
+  defend the owner's (`standard.victim_from` set to its workdir); the digest stays that of the
+  cell's own config.
+
+  The owner is the first of them whose workdir holds the saved models (from an earlier run of the
+  sweep), else the first not in `done` (the digests of finished cells: a finished cell that
+  borrowed its victim holds none), which runs before the others.
+  """
   from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
-  owners: dict[str, str] = {}
-  shared = []
-  for index, cell, config, digest in cells:
-    if trains_victim(config):
-      key = json.dumps(standard.victim_part(config.to_dict()), sort_keys=True, default=list)
-      if key in owners:
-        config = config_lib.apply_cell(config, {"standard.victim_from":
-                                                cell_dir(workdir, owners[key])})
-      else:
-        owners[key] = digest
-    shared.append((index, cell, config, digest))
-  return shared
+  victims: dict[str, list[tuple]] = {}
+  for item in cells:
+    if trains_victim(item[2]):
+      key = json.dumps(standard.victim_part(item[2].to_dict()), sort_keys=True, default=list)
+      victims.setdefault(key, []).append(item)
+  owners = {}
+  for items in victims.values():
+    saved = (it for it in items if standard.victim_saved(it[2], cell_dir(workdir, it[3])))
+    owner = next(saved, None) or next((it for it in items if it[3] not in done), None)
+    owners.update({it[3]: owner[3] for it in items if owner is not None and it is not owner})
+  return [(index, cell, config_lib.apply_cell(config, {
+      "standard.victim_from": cell_dir(workdir, owners[digest])}), digest)
+          if digest in owners else (index, cell, config, digest)
+          for index, cell, config, digest in cells]
 
 
 def rehome(item: tuple, workdir: str, moved: dict[str, str]) -> tuple:
@@ -349,11 +358,11 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
     if digest in first:
       raise ConfigError(f"sweep cells {first[digest]} and {cell} give the same config")
     first[digest] = cell
-  configs = share_victims(configs, workdir)
   os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
   counts = {"done": 0, "skipped": 0, "failed": 0}
   with store(os.path.join(workdir, "results.sqlite")) as connection:
     done = finished(connection)
+    configs = share_victims(configs, workdir, done)
     counts["skipped"] = sum(digest in done for *_, digest in configs)
     pending = [item for item in configs if item[3] not in done]
     moved: dict[str, str] = {}

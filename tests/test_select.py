@@ -40,6 +40,18 @@ def test_a_loss_of_exactly_the_allowed_points_is_kept_despite_float_rounding():
   assert selection.choose(999 / 2000, [{"acc": 938 / 2000, "asr": 0.0}], 0.03) is None
 
 
+def test_the_table_shows_swept_values_in_full():
+  """Learning rates 1e-4, 5e-5 and 1e-5 stay readable (4 decimals would show 0.0001, 0.0001,
+  0.0000); the metrics keep 4 decimals."""
+  doc = {"suspect": {"acc": 0.6, "asr": 1.0, "ra": 0.0}, "max_acc_drop": 0.03, "chosen": 1,
+         "settings": [{"cell": {"defense.pt.lr": lr}, "acc": 0.59, "asr": asr, "ra": 0.1}
+                      for lr, asr in ((1e-4, 0.9), (5e-5, 0.5), (1e-5, 0.95))]}
+  lines = selection.table(doc).splitlines()
+  assert lines[3] == "| 0 | 0.0001 | 0.5900 | 0.9000 | 0.1000 | yes |  |"
+  assert lines[4] == "| 1 | 5e-05 | 0.5900 | 0.5000 | 0.1000 | yes | <- |"
+  assert lines[5].startswith("| 2 | 1e-05 |")
+
+
 def test_heldout_images_are_balanced_training_images_outside_the_subset():
   c = config_lib.defaults()
   c.data.train_limit = 1000

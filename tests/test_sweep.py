@@ -255,6 +255,32 @@ def test_cells_that_differ_in_defense_settings_share_their_victim():
   assert sweep.share_victims(other, "W") == other  # only the standard experiment shares
 
 
+def test_the_victim_owner_is_a_cell_that_saved_it_else_the_first_that_runs(monkeypatch,
+                                                                            tmp_path):
+  """A finished cell that borrowed its victim (from a cell no longer in the grid) holds none:
+  the first cell that runs trains it. A cell whose workdir holds the saved victim lends it, also
+  to the cells before it. A workdir whose run borrowed from elsewhere resumes: `victim_from` is
+  not part of the config a rerun must match."""
+  from jaxbd.experiments import common, standard  # pylint: disable=g-import-not-at-top
+  base = tiny_digits_config(**{"defense.names": "ft"})
+  cells = sweep.parse_grid("defense.ft.lr=0.01,0.02,0.03", base)
+  items = [(i, c, config_lib.apply_cell(base, c), str(i)) for i, c in enumerate(cells)]
+  holder = {}
+  monkeypatch.setattr(standard, "victim_saved", lambda config, workdir: workdir in holder)
+  sources = lambda shared: [config.standard.victim_from for _, _, config, _ in shared]
+  assert sources(sweep.share_victims(items, "W", done={"0"})) == [
+      sweep.cell_dir("W", "1"), "", sweep.cell_dir("W", "1")]
+  holder[sweep.cell_dir("W", "2")] = True
+  assert sources(sweep.share_victims(items, "W")) == [sweep.cell_dir("W", "2")] * 2 + [""]
+  config = items[0][2].to_dict()
+  (tmp_path / "config.json").write_text(json.dumps(
+      {**config, "standard": {**config["standard"], "victim_from": "/elsewhere"}}))
+  common._check_workdir(str(tmp_path), config)  # pylint: disable=protected-access
+  with pytest.raises(CheckpointError, match=r"different config \(first difference: "
+                     r"defense.ft.lr\)"):
+    common._check_workdir(str(tmp_path), items[1][2].to_dict())  # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize("saved", [False, True])
 def test_a_cell_whose_victim_owner_failed_trains_the_victim(tmp_path, monkeypatch, saved):
   """When the cell that trains a shared victim fails before saving it, the next cell of that

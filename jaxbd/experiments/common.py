@@ -107,6 +107,10 @@ def channel_stats(config, images: np.ndarray) -> tuple[tuple[float, ...], tuple[
 def _check_workdir(workdir: str, config_dict: dict) -> None:
   """Refuses a workdir whose earlier run had another config, or whose config is lost.
 
+  `standard.victim_from` may differ: every run it may name holds the same models (its config,
+  poison plan and preparations are checked against this one's), so a sweep may move a cell's
+  victim to another cell, or have it train its own, between runs.
+
   Raises:
     CheckpointError: config.json is unreadable or differs from `config_dict`, or is missing
       where checkpoints are.
@@ -125,7 +129,9 @@ def _check_workdir(workdir: str, config_dict: dict) -> None:
       raise ValueError(f"a JSON {type(saved).__name__}, not an object")
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{path} is unreadable ({e}); use a new --workdir") from None
-  first = first_difference(config_dict, saved)
+  unborrowed = lambda d: {**d, "standard": {k: v for k, v in d.get("standard", {}).items()
+                                            if k != "victim_from"}} if "standard" in d else d
+  first = first_difference(unborrowed(config_dict), unborrowed(saved))
   if first is not None:
     raise CheckpointError(f"--workdir {workdir} holds a run with a different config (first "
                           f"difference: {first}); use a new --workdir")

@@ -37,7 +37,7 @@ import numpy as np
 from jaxbd import config as config_lib
 from jaxbd.errors import ConfigError, DataError, first_line
 from jaxbd.experiments import plots
-from jaxbd.experiments.results import markdown_table
+from jaxbd.experiments.results import config_cell, markdown_table
 from jaxbd.fileio import atomic_file
 
 SECTIONS = ("config", "attack", "metrics")  # what a results.json must have to be reported
@@ -226,7 +226,7 @@ def defense_table(docs: Sequence[dict], reference: dict | None = None) -> str:
   for name, runs in by_attack.items():
     for doc in runs:
       flat = _flat(doc["config"]) if fields else {}  # documents without a config need no fields
-      rows.append(row(name, [_field(flat.get(k)) for k in fields],
+      rows.append(row(name, [config_cell(flat.get(k)) for k in fields],
                       {"backdoored": doc["metrics"]["backdoored"], **doc.get("defenses", {})}))
     if published.get(name):
       rows.append(row(f"{name} (paper)", [""] * len(fields), published[name]))
@@ -284,7 +284,7 @@ def experiment_tables(doc: dict) -> list[str]:
   if doc.get("sweep"):
     tables.append(markdown_table(
         ["attack", "poison rate", "ACC", "ASR", "RA"],
-        [(s["attack"], _field(s["rate"]), s["acc"], s["asr"], s.get("ra"))
+        [(s["attack"], config_cell(s["rate"]), s["acc"], s["asr"], s.get("ra"))
          for s in doc["sweep"]]))
   for model, layers in ((doc.get("routing") or {}).get("models") or {}).items():
     tables.append(markdown_table(
@@ -297,11 +297,6 @@ def experiment_tables(doc: dict) -> list[str]:
 
 def _flat(tree: dict) -> dict[str, Any]:
   return config_lib.flatten(ml_collections.ConfigDict(tree))
-
-
-def _field(value: Any) -> str:
-  """A config value as a table cell (floats in full, not rounded like the metrics)."""
-  return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _order(value: Any) -> tuple:
@@ -338,7 +333,7 @@ def cells_table(rows: Sequence[dict]) -> str:
   flats = [_flat(r["config"]) for r in rows]
   order = sorted(range(len(rows)), key=lambda i: [_order(flats[i].get(k)) for k in fields])
   return markdown_table([*fields, *columns],
-                        [[_field(flats[i].get(k)) for k in fields]
+                        [[config_cell(flats[i].get(k)) for k in fields]
                          + [values[i].get(c) for c in columns] for i in order])
 
 
@@ -360,7 +355,7 @@ def rate_curves(rows: Sequence[dict]) -> list[dict]:
     if "asr" not in m or rate <= 0:
       continue
     flat = _flat(r["config"])
-    label = " ".join([attack_name(r)] + [f"{k}={_field(flat[k])}" for k in fields
+    label = " ".join([attack_name(r)] + [f"{k}={config_cell(flat[k])}" for k in fields
                                          if k not in ("poison.name", "attack.name")])
     groups.setdefault((label, rate), []).append(m)
   out = []
@@ -475,7 +470,7 @@ def _write(docs: dict[str, dict], tables: dict[str, list[str]], rows: list[dict]
       lines += ["", "### ASR against poisoning rate (mean, sample std over seeds)", "",
                 markdown_table(["attack", "poison rate", "seeds", "ASR", "ASR std", "ACC",
                                 "ACC std"],
-                               [(c["attack"], _field(c["rate"]), c["n"], c["asr"], c["asr_std"],
+                               [(c["attack"], config_cell(c["rate"]), c["n"], c["asr"], c["asr_std"],
                                  c["acc"], c["acc_std"]) for c in curves]), "",
                 _figure(plots.asr_vs_rate(curves, os.path.join(out, "asr_vs_rate.png")), out,
                         "ASR against poisoning rate")]

@@ -56,6 +56,11 @@ def document(config, *, dataset: str, model: str, attack: dict, metrics: dict,
           "timing": timing or {}, "versions": versions(), **extra}
 
 
+def config_cell(value: Any) -> str:
+  """A config value as a table cell (floats in full, `:g`, not rounded like the metrics)."""
+  return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
   """A markdown table; floats are shown with 4 decimals, None as an empty cell."""
   fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))

@@ -190,7 +190,8 @@ def table(doc: dict) -> str:
           [doc["suspect"][k] for k in ("acc", "asr", "ra")] + ["", ""]]
   for i, r in enumerate(doc["settings"]):
     eligible = keeps_accuracy(r, doc["suspect"]["acc"], doc["max_acc_drop"])
-    rows.append([str(i)] + [r["cell"][f] for f in fields] + [r[k] for k in ("acc", "asr", "ra")]
+    rows.append([str(i)] + [results.config_cell(r["cell"][f]) for f in fields]
+                + [r[k] for k in ("acc", "asr", "ra")]
                 + ["yes" if eligible else "no", "<-" if i == doc["chosen"] else ""])
   return results.markdown_table(["setting", *fields, "ACC", "ASR", "RA", "eligible", "chosen"],
                                 rows)
