@@ -470,8 +470,8 @@ def _write(docs: dict[str, dict], tables: dict[str, list[str]], rows: list[dict]
       lines += ["", "### ASR against poisoning rate (mean, sample std over seeds)", "",
                 markdown_table(["attack", "poison rate", "seeds", "ASR", "ASR std", "ACC",
                                 "ACC std"],
-                               [(c["attack"], config_cell(c["rate"]), c["n"], c["asr"], c["asr_std"],
-                                 c["acc"], c["acc_std"]) for c in curves]), "",
+                               [(c["attack"], config_cell(c["rate"]), c["n"], c["asr"],
+                                 c["asr_std"], c["acc"], c["acc_std"]) for c in curves]), "",
                 _figure(plots.asr_vs_rate(curves, os.path.join(out, "asr_vs_rate.png")), out,
                         "ASR against poisoning rate")]
   with contextlib.suppress(OSError):  # no run had per-run figures
