@@ -75,6 +75,22 @@ def encode(images, fmt="PNG"):
   return np.concatenate(blobs), offsets
 
 
+def test_encoded_and_plain_layouts_give_the_same_subset(tmp_path, arrays):
+  """A training subset too small for every class (2 of 30 images, 3 classes): both layouts
+  check the whole splits' labels and keep 3 classes, then take the same subset."""
+  x_tr, y_tr, x_te, y_te = arrays
+  tr_bytes, tr_off = encode(x_tr)
+  te_bytes, te_off = encode(x_te)
+  encoded = write_npz(tmp_path / "e.npz", train_bytes=tr_bytes, train_offsets=tr_off,
+                      train_labels=y_tr, test_bytes=te_bytes, test_offsets=te_off,
+                      test_labels=y_te)
+  plain = write_npz(tmp_path / "p.npz", x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
+  a, b = (data.load(data_config(f"npz:{path}", train_limit=2)) for path in (encoded, plain))
+  assert a.classes == b.classes == ("0", "1", "2") and len(np.unique(a.y_train)) < 3
+  for field in ("x_train", "y_train", "x_test", "y_test"):
+    np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
 def test_npz_encoded_layout_decodes_losslessly(tmp_path, arrays):
   x_tr, y_tr, x_te, y_te = arrays
   tr_bytes, tr_off = encode(x_tr)

@@ -89,7 +89,8 @@ def _labels(name: str, split: str, y: np.ndarray, n: int) -> np.ndarray:
   return y
 
 
-def make_dataset(name: str, x_train, y_train, x_test, y_test, classes=None) -> Dataset:
+def make_dataset(name: str, x_train, y_train, x_test, y_test, classes=None,
+                 whole_labels=None) -> Dataset:
   """Validates arrays and returns a Dataset.
 
   Args:
@@ -99,6 +100,9 @@ def make_dataset(name: str, x_train, y_train, x_test, y_test, classes=None) -> D
     x_test: uint8[M, H, W(, C)].
     y_test: integer[M].
     classes: class names; default: "0" .. str(max label).
+    whole_labels: None, or (int[N'], int[M']) the labels of the whole splits of which the arrays
+      are class-balanced subsets (the encoded npz layout decodes only a subset's images): the
+      label checks and default class names then read them, as for `subset` of the whole dataset.
 
   Raises:
     DataError: wrong dtype or shape, mismatched lengths, labels outside [0, K), or test labels
@@ -114,14 +118,15 @@ def make_dataset(name: str, x_train, y_train, x_test, y_test, classes=None) -> D
   if classes is not None and np.ndim(classes) != 1:
     raise DataError(f"{name}: classes must be a list of names, got an array of shape "
                     f"{list(np.shape(classes))}")
+  all_train, all_test = (y_train, y_test) if whole_labels is None else whole_labels
   if classes is None or len(classes) == 0:
-    classes = [str(i) for i in range(int(max(y_train.max(), y_test.max())) + 1)]
+    classes = [str(i) for i in range(int(max(all_train.max(), all_test.max())) + 1)]
   classes = tuple(str(c) for c in classes)
-  for split, y in (("train", y_train), ("test", y_test)):
+  for split, y in (("train", all_train), ("test", all_test)):
     if y.min() < 0 or y.max() >= len(classes):
       raise DataError(f"{name}: y_{split} has labels in [{y.min()}, {y.max()}] but the dataset "
                       f"has {len(classes)} classes (labels must be in [0, {len(classes) - 1}])")
-  unseen = np.setdiff1d(y_test, y_train)
+  unseen = np.setdiff1d(all_test, all_train)
   if unseen.size:
     raise DataError(f"{name}: test labels {unseen[:5].tolist()} occur in no training image; "
                     "the splits' labels do not match")
