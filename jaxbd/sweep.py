@@ -220,11 +220,12 @@ def share_victims(cells: Sequence[tuple], workdir: str,
     if trains_victim(item[2]):
       key = json.dumps(standard.victim_part(item[2].to_dict()), sort_keys=True, default=list)
       victims.setdefault(key, []).append(item)
-  owners = {}
+  owners = {}  # borrower digest -> owner digest
   for items in victims.values():
     saved = (it for it in items if standard.victim_saved(it[2], cell_dir(workdir, it[3])))
     owner = next(saved, None) or next((it for it in items if it[3] not in done), None)
-    owners.update({it[3]: owner[3] for it in items if owner is not None and it is not owner})
+    if owner is not None:
+      owners.update({it[3]: owner[3] for it in items if it is not owner})
   return [(index, cell, config_lib.apply_cell(config, {
       "standard.victim_from": cell_dir(workdir, owners[digest])}), digest)
           if digest in owners else (index, cell, config, digest)

@@ -129,12 +129,19 @@ def _check_workdir(workdir: str, config_dict: dict) -> None:
       raise ValueError(f"a JSON {type(saved).__name__}, not an object")
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{path} is unreadable ({e}); use a new --workdir") from None
-  unborrowed = lambda d: {**d, "standard": {k: v for k, v in d.get("standard", {}).items()
-                                            if k != "victim_from"}} if "standard" in d else d
   first = first_difference(unborrowed(config_dict), unborrowed(saved))
   if first is not None:
     raise CheckpointError(f"--workdir {workdir} holds a run with a different config (first "
                           f"difference: {first}); use a new --workdir")
+
+
+def unborrowed(config_dict: dict) -> dict:
+  """A config dict without `standard.victim_from` (which of the runs that hold the same models
+  a standard experiment defends)."""
+  if "standard" not in config_dict:
+    return config_dict
+  standard = {k: v for k, v in config_dict["standard"].items() if k != "victim_from"}
+  return {**config_dict, "standard": standard}
 
 
 def first_difference(config_dict: dict, saved: dict) -> Optional[str]:

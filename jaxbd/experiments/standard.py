@@ -72,9 +72,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def victim_part(config_dict: dict) -> dict:
   """The part of a standard experiment's config dict that decides its trained models: all but
   the `defense` and `log` sections and `standard.victim_from`."""
-  part = {k: v for k, v in config_dict.items() if k not in ("defense", "log")}
-  part["standard"] = {k: v for k, v in part.get("standard", {}).items() if k != "victim_from"}
-  return part
+  return {k: v for k, v in common.unborrowed(config_dict).items() if k not in ("defense", "log")}
 
 
 def borrowed_victim(r: common.Run, names: Sequence[str]) -> dict[str, dict]:
