@@ -27,6 +27,7 @@ from jaxbd import config as config_lib
 from jaxbd import data, models, poison
 from jaxbd import cli
 from jaxbd import train as train_lib
+from jaxbd.errors import DataError
 from jaxbd.experiments import results
 
 # Compute dtypes the scripts measure (PEAK_FLOPS knows both).
@@ -54,12 +55,22 @@ def random_dataset(num_train: int, image_shape=(32, 32, 3), num_classes: int = 1
 
 def training_data(data_config: ml_collections.ConfigDict, source: str,
                   num_train: int) -> data.Dataset:
-  """The first `num_train` (class-balanced) images of a jaxbd source, or random data if empty."""
+  """The first `num_train` (class-balanced) images of a jaxbd source, or random data if empty.
+
+  Raises:
+    DataError: the source's images are not CIFAR-shaped (uint8[32, 32, 3]) or it has more than
+      10 classes: the benchmarks' models and PyTorch loaders are those of CIFAR-10.
+  """
   if not source:
     return random_dataset(num_train)
   c = data_config.copy_and_resolve_references()
   c.source, c.train_limit = source, num_train
-  return data.load(c)
+  ds = data.load(c)
+  if ds.image_shape != (32, 32, 3) or ds.num_classes > 10:
+    raise DataError(f"{source}: the benchmarks train CIFAR-10's models on 32x32 RGB images of at "
+                    f"most 10 classes, not {'x'.join(map(str, ds.image_shape))} images of "
+                    f"{ds.num_classes} classes")
+  return ds
 
 
 def device_name() -> str:

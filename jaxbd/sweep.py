@@ -100,7 +100,7 @@ def _convert(path: str, text: str, reference: Any) -> Any:
     if isinstance(reference, (int, float, str)):
       return type(reference)(text)
     return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
     raise ConfigError(f"sweep value {text!r} of {path!r} is not "
                       f"{config_lib.kind(reference)}") from None
 
@@ -359,9 +359,10 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
     if digest in first:
       raise ConfigError(f"sweep cells {first[digest]} and {cell} give the same config")
     first[digest] = cell
-  os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
   counts = {"done": 0, "skipped": 0, "failed": 0}
+  os.makedirs(workdir, exist_ok=True)
   with store(os.path.join(workdir, "results.sqlite")) as connection:
+    os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
     done = finished(connection)
     configs = share_victims(configs, workdir, done)
     counts["skipped"] = sum(digest in done for *_, digest in configs)
@@ -388,6 +389,22 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
   return counts
 
 
+def file_cells(cells: Any) -> list[dict[str, Any]]:
+  """The cells a config file's `get_sweep()` returned, checked to be a list of dicts.
+
+  Raises:
+    ConfigError: anything else (a cell's keys and values are checked by `run_sweep`).
+  """
+  if not isinstance(cells, (list, tuple)):
+    raise ConfigError(f"get_sweep() returned {type(cells).__name__}, not a list of cells "
+                      "(dicts of config field to value)")
+  for cell in cells:
+    if not isinstance(cell, dict) or not all(isinstance(k, str) for k in cell):
+      raise ConfigError(f"get_sweep() returned a cell {cell!r} that is not a dict of config "
+                        "field to value")
+  return list(cells)
+
+
 def main() -> None:
   """`python -m jaxbd.sweep`: the flags of `python -m jaxbd.main` plus --grid."""
   run_command.init_distributed()
@@ -395,7 +412,7 @@ def main() -> None:
   if _GRID.value:
     cells = parse_grid(_GRID.value, base)
   else:
-    cells = list(config_lib.call_file(run_command.config_spec(), "get_sweep"))
+    cells = file_cells(config_lib.call_file(run_command.config_spec(), "get_sweep"))
   if not cells:
     raise ConfigError("the sweep has no cells")
   counts = run_sweep(base, cells, workdir, _VMAP_SEEDS.value)

@@ -39,7 +39,10 @@ data=$2
 shift 2
 stages=("$@")
 [[ ${#stages[@]} -gt 0 ]] || stages=(bench trigger compare moe d3:badnets)
+[[ ! -d $data ]] || die "data file $data is a folder"
 [[ -f $data ]] || die "data file $data does not exist"
+[[ ! $out$data${WORKDIR:-} =~ [[:space:]] ]] ||
+  die "OUT, DATA and WORKDIR must be paths without spaces (the stages' commands split on them)"
 limit=${LIMIT_S:-900}
 quick=${QUICK:-0}
 [[ $limit =~ ^[0-9]+$ && $limit -gt 0 ]] || die "LIMIT_S must be a positive integer, got '$limit'"
@@ -68,15 +71,18 @@ stage_command() {
           --out="$out/moe_bf16.json"
       quick_args="--widen=1 --steps=2 --batch_size=16 --num_train=64 --models=pmoe,vmoe" ;;
     d3:* | pyp:*)
-      # The experiment's config, and the defense that QUICK=1 runs (the paper's own).
-      local config=d3.py defense=d3 args="epochs=${EPOCHS:-0}"
-      [[ $stage == pyp:* ]] && config=pick_your_poison.py defense=pt
-      [[ $quick == 1 ]] && args="cpu,epochs=1,defenses=$defense"
-      echo python -m jaxbd.main \
-          "--config=configs/$config:attack=${stage#*:},source=npz:$data,$args" \
+      echo python -m jaxbd.main "--config=$(stage_config "$stage")" \
           --config.model.dtype="${DTYPE:-float32}" --workdir="$workdir/$(stage_name "$stage")" ;;
   esac
   if [[ $quick == 1 ]]; then echo "$quick_args"; fi
+}
+
+# The config of an experiment stage (d3:ATTACK, pyp:ATTACK); QUICK=1 runs the paper's own defense.
+stage_config() {
+  local config=d3.py defense=d3 args="epochs=${EPOCHS:-0}"
+  [[ $1 == pyp:* ]] && config=pick_your_poison.py defense=pt
+  [[ $quick == 1 ]] && args="cpu,epochs=1,defenses=$defense"
+  echo "configs/$config:attack=${1#*:},source=npz:$data,$args"
 }
 
 # A stage's name in files: d3:badnets -> d3_badnets.
@@ -112,10 +118,25 @@ absolute_folder() {
 }
 
 # Absolute paths, since the stages run from the repository root.
-out=$(absolute_folder "$out" OUT) || exit 2
 data=$(cd "$(dirname "$data")" && pwd)/$(basename "$data")
+repo=$(cd "$(dirname "$0")/.." && pwd) || die "cannot enter the repository folder"
+
+# The experiment stages' configs (an attack the experiment lacks, say) are checked before any runs.
+configs=()
+for stage in "${stages[@]}"; do
+  [[ $stage == *:* ]] && configs+=("$(stage_config "$stage")")
+done
+if [[ ${#configs[@]} -gt 0 ]]; then
+  (cd "$repo" && python -c 'import sys
+from jaxbd import cli, config
+with cli.one_line_errors():
+  for spec in sys.argv[1:]:
+    config.validate(config.call_file(spec))' "${configs[@]}") || exit 2
+fi
+
+out=$(absolute_folder "$out" OUT) || exit 2
 workdir=$(absolute_folder "${WORKDIR:-$out/runs}" WORKDIR) || exit 2
-cd "$(dirname "$0")/.." || die "cannot enter the repository folder"
+cd "$repo" || die "cannot enter the repository folder"
 
 failed=0
 for stage in "${stages[@]}"; do

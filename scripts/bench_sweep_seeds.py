@@ -45,9 +45,13 @@ def run_mode(vmap: bool) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    lines = proc.stderr.strip().splitlines()
+    last = (lines or [""])[-1]
     if proc.returncode == 2 and last.startswith("jaxbd: error: "):
       raise JaxbdError(last.removeprefix("jaxbd: error: "))
+    failed = [line for line in lines if line.startswith("sweep cell ") and " failed: " in line]
+    if proc.returncode == 1 and failed:  # a cell's run failed (bad data, a diverged model)
+      raise JaxbdError(failed[0])
     if proc.returncode:
       sys.exit(proc.stderr[-3000:])
     docs = {}

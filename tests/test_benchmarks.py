@@ -28,6 +28,16 @@ def test_flops_count_every_device_of_a_sharded_program():
   assert benchmark._flops(compiled) == 2 * 64 * 32 * 16  # pylint: disable=protected-access
 
 
+def test_a_source_not_shaped_like_cifar10_is_refused():
+  """The benchmarks build CIFAR-10's models (and PyTorch's loaders): 8x8 grey digits are refused
+  with the source's shape, before any model is built."""
+  from jaxbd import benchmark, config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxbd.errors import DataError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(DataError, match="digits: .* 32x32 RGB images .* not 8x8x1 images of 10"):
+    benchmark.training_data(config_lib.defaults().data, "digits", 256)
+  assert benchmark.training_data(config_lib.defaults().data, "", 16).image_shape == (32, 32, 3)
+
+
 def script_env(**extra):
   """The environment of a script run: one CPU device, the repository importable."""
   return process_env(PYTHONPATH=str(REPO), **extra)
@@ -74,6 +84,8 @@ def test_bad_flags_are_one_line_errors_and_bench_population_runs(tmp_path):
       ("bench_moe.py", "--expert=3", "'mesh.expert' (3) must divide model.pmoe.experts"),
       ("bench_quant.py", "--batch_size=0", "flag --batch_size=0: 0 is not a positive integer"),
       ("bench_sweep_seeds.py", "--seeds=0", "flag --seeds=0: 0 is not a positive integer"),
+      ("bench_sweep_seeds.py", "--overrides=--config.data.source=npz:/nonexistent.npz",
+       "failed: npz:/nonexistent.npz: file not found"),
   ]
   if importlib.util.find_spec("torch"):
     bad.append(("compare_pytorch.py", "--variants=eager,foo", "expected one or more of eager,"))
@@ -138,6 +150,9 @@ def test_accelerator_checks_refuse_bad_arguments(tmp_path):
       (("out", "data.npz", "train"), {}, "unknown stage train"),
       (("data.npz", "data.npz"), {}, "cannot write to the folder OUT=data.npz"),  # a file
       (("out", "data.npz"), {"LIMIT_S": "abc"}, "LIMIT_S must be a positive integer"),
+      (("out b", "data.npz"), {}, "OUT, DATA and WORKDIR must be paths without spaces"),
+      (("out", "data.npz", "bench", "d3:nosuch"), {},  # before the bench stage runs
+       "configs/d3.py: attack must be one of ('badnets', 'blended', 'wanet', 'sig'), got 'nosuch'"),
   ):
     proc = checks(tmp_path, *args, **env)
     assert proc.returncode == 2 and proc.stderr.startswith(f"jaxbd: error: {message}"), proc.stderr

@@ -64,6 +64,8 @@ def test_heldout_images_are_balanced_training_images_outside_the_subset():
   assert np.bincount(held.labels).min() >= 29  # 300 images over 10 classes
   with pytest.raises(ConfigError, match=r"--heldout 500 must be in \[1, 437\]"):
     selection.heldout_split(full, 1000, 500)
+  with pytest.raises(ConfigError, match="train_limit 5000 takes all 1437 training images"):
+    selection.heldout_split(full, 5000, 100)
   c.data.train_limit = 0
   with pytest.raises(ConfigError, match="needs data.train_limit > 0"):
     selection.load_full(c.data)

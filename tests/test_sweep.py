@@ -39,6 +39,19 @@ def test_parse_grid_types_and_product():
     sweep.parse_grid("seed=0,1,0", config_lib.defaults())
   with pytest.raises(ConfigError, match="'poison' is a section: name a field, e.g. 'poison."):
     sweep.parse_grid("poison=1,2", config_lib.defaults())
+  with pytest.raises(ConfigError, match=r"value '\{\[1\]:2\}' of 'train.step_epochs' is not"):
+    sweep.parse_grid("train.step_epochs={[1]:2}", config_lib.defaults())  # unhashable key
+
+
+@pytest.mark.parametrize("cells,message", [
+    (5, "get_sweep\\(\\) returned int, not a list of cells"),
+    ([5], "get_sweep\\(\\) returned a cell 5 that is not a dict"),
+    ([{1: 0.1}], "a cell \\{1: 0.1\\} that is not a dict of config field"),
+])
+def test_a_malformed_get_sweep_result_is_refused(cells, message):
+  with pytest.raises(ConfigError, match=message):
+    sweep.file_cells(cells)
+  assert sweep.file_cells(({"seed": 1},)) == [{"seed": 1}]
 
 
 @pytest.mark.parametrize("content", ["garbage", "table"])
@@ -52,6 +65,9 @@ def test_a_file_that_is_not_a_sweep_store_is_refused(tmp_path, content):
   with pytest.raises(DataError, match="is not a sweep store"):
     with sweep.store(str(path)):
       pass
+  with pytest.raises(DataError, match="is not a sweep store"):
+    sweep.run_sweep(config_lib.defaults(), [{"seed": 1}], str(tmp_path))
+  assert os.listdir(tmp_path) == ["results.sqlite"]  # no cells/ folder left behind
 
 
 def test_config_files_can_declare_their_sweep():

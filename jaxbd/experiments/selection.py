@@ -67,6 +67,9 @@ def heldout_split(full: data_lib.Dataset, train_limit: int, size: int) -> Heldou
   """
   outside = np.setdiff1d(np.arange(len(full.y_train)),
                          balanced_indices(full.y_train, train_limit))
+  if not len(outside):
+    raise ConfigError(f"data.train_limit {train_limit} takes all {len(full.y_train)} training "
+                      "images, so none is left to hold out: lower it")
   if not 0 < size <= len(outside):
     raise ConfigError(f"--heldout {size} must be in [1, {len(outside)}] (training images "
                       "outside the subset)")
