@@ -252,17 +252,19 @@ def apply_cell(config: ConfigDict, cell: dict[str, Any]) -> ConfigDict:
   """A copy of `config` with a cell's overrides `{"a.b": value}` (type-checked by ConfigDict); the
   cells of sweeps and of held-out selections."""
   out = ConfigDict(config.to_dict())
+  fields = flatten(out)
   for path, value in cell.items():
+    if path not in fields:
+      raise unknown_key(path, fields, f"cell {cell}")
     *parents, key = path.split(".")
     node = out
     for part in parents:
       node = node[part]
-    if key not in node:
-      raise ConfigError(f"unknown config key {path!r} in cell {cell}")
     try:
       node[key] = value
-    except (TypeError, ValueError) as e:
-      raise ConfigError(f"cell {cell}: {str(e).splitlines()[0]}") from None
+    except (TypeError, ValueError):
+      raise ConfigError(f"cell {cell}: {path!r} must be {kind(fields[path])}, got "
+                        f"{value!r}") from None
   return out
 
 
@@ -276,6 +278,13 @@ def flatten(config: ConfigDict, prefix: str = "") -> dict[str, Any]:
     else:
       out[path] = value
   return out
+
+
+def unknown_key(path: str, fields: dict[str, Any], where: str) -> ConfigError:
+  """The error for a `path` that is none of the `fields` (`flatten`'s keys), given in `where`."""
+  inside = [k for k in fields if k.startswith(path + ".")]
+  hint = f" ({path!r} is a section: name a field, e.g. {inside[0]!r})" if inside else ""
+  return ConfigError(f"unknown config key {path!r} in {where}{hint}")
 
 
 def kind(value: Any) -> str:

@@ -125,9 +125,7 @@ def parse_grid(grid: str, config: ml_collections.ConfigDict) -> list[dict[str, A
     if not eq or not values.strip():
       raise ConfigError(f"sweep group {group!r} must look like field=v1,v2")
     if path not in flat:
-      fields = [k for k in flat if k.startswith(path + ".")]
-      hint = f" ({path!r} is a section: name a field, e.g. {fields[0]!r})" if fields else ""
-      raise ConfigError(f"unknown config key {path!r} in --grid{hint}")
+      raise config_lib.unknown_key(path, flat, "--grid")
     if any(axis[0][0] == path for axis in axes):
       raise ConfigError(f"config key {path!r} appears twice in --grid; list its values once")
     typed = [_convert(path, v, flat[path]) for v in values.split(",")]

@@ -84,6 +84,13 @@ def test_bad_cell_is_refused_before_anything_runs(tmp_path):
     sweep.run_sweep(base, [{"poison.rate": 0.1}, {"poison.rate": 1.5}], str(tmp_path))
   with pytest.raises(ConfigError, match=r"cells \{'seed': 1\} and \{'seed': 1\} give the same"):
     sweep.run_sweep(base, [{"seed": 1}, {"seed": 2}, {"seed": 1}], str(tmp_path))
+  with pytest.raises(ConfigError, match=r"cell \{'train.epochs': 1.5\}: 'train.epochs' must be "
+                     "an integer, got 1.5$"):
+    sweep.run_sweep(base, [{"seed": 1}, {"train.epochs": 1.5}], str(tmp_path))
+  with pytest.raises(ConfigError, match="unknown config key 'nosuch.x' in cell"):
+    sweep.run_sweep(base, [{"nosuch.x": 1}], str(tmp_path))
+  with pytest.raises(ConfigError, match="'train' is a section: name a field, e.g. 'train."):
+    sweep.run_sweep(base, [{"train": 1}], str(tmp_path))
   assert not (tmp_path / "results.sqlite").exists()
 
 
