@@ -280,6 +280,20 @@ def flatten(config: ConfigDict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def source_parts(source: str, field: str = "data.source") -> tuple[str, str]:
+  """(kind, argument) of a data source (the config `field` holding it): ("digits", ""), ("npz",
+  PATH), ("folder", PATH) or ("tfds", NAME[/CONFIG][:VERSION]), whose data `jaxbd.data.load` reads.
+
+  Raises:
+    ConfigError: any other form (checked with the config, before a sweep's first cell runs).
+  """
+  kind, _, arg = source.partition(":")
+  if kind not in ("digits", "npz", "folder", "tfds") or (kind == "digits") == bool(arg):
+    raise ConfigError(f"{field} {source!r} is not one of: digits, npz:PATH, folder:PATH, "
+                      "tfds:NAME")
+  return kind, arg
+
+
 def unknown_key(path: str, fields: dict[str, Any], where: str) -> ConfigError:
   """The error for a `path` that is none of the `fields` (`flatten`'s keys), given in `where`."""
   inside = [k for k in fields if k.startswith(path + ".")]
@@ -411,6 +425,7 @@ def validate(config: ConfigDict) -> None:
     require(name not in names[:i], f"config key 'defense.names' names {name!r} twice")
 
   check_range(config, "seed", 0, 2**31 - 1)
+  source_parts(config.data.source)
   check_range(config, "data.train_limit", 0)
   check_range(config, "data.test_limit", 0)
   check_range(config, "data.crop_padding", 0, 64)

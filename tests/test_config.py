@@ -46,6 +46,8 @@ def test_shared_field_names_exist():
     ("model.vmoe.heads", 0, "'model.vmoe.heads' must be in [1, inf]"),
     ("defense.ft.step_epochs", (0, 5), "'defense.ft.step_epochs' must hold epochs >= 1"),
     ("badpatches.rates", (0.1, float("inf")), "'badpatches.rates' must be a list of finite"),
+    ("data.source", "cifar10", "data.source 'cifar10' is not one of: digits, npz:PATH"),
+    ("poison.refool.images", "npz", "poison.refool.images 'npz' is not one of: digits, npz:"),
 ])
 def test_out_of_range_values_are_refused(path, value, message):
   config = config_lib.defaults()

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from jaxbd import data
-from jaxbd.errors import DataError
+from jaxbd.errors import ConfigError, DataError
 
 from conftest import real_dataset
 
@@ -290,9 +290,10 @@ def test_bad_npz_is_refused(tmp_path, arrays, case, message):
   assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_unknown_source_is_refused():
-  with pytest.raises(DataError, match="is not one of"):
-    data.load(data_config("imagenet"))
+@pytest.mark.parametrize("source", ["imagenet", "digits:x", "npz:", "folder:", "tfds:"])
+def test_a_source_of_no_known_form_is_refused(source):
+  with pytest.raises(ConfigError, match=f"data.source '{source}' is not one of: digits, npz:PATH"):
+    data.load(data_config(source))
 
 
 def test_balanced_indices_keep_class_shares():

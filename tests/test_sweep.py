@@ -87,6 +87,8 @@ def test_bad_cell_is_refused_before_anything_runs(tmp_path):
   with pytest.raises(ConfigError, match=r"cell \{'train.epochs': 1.5\}: 'train.epochs' must be "
                      "an integer, got 1.5$"):
     sweep.run_sweep(base, [{"seed": 1}, {"train.epochs": 1.5}], str(tmp_path))
+  with pytest.raises(ConfigError, match="data.source 'cifar' is not one of: digits, npz:PATH"):
+    sweep.run_sweep(base, [{"seed": 1}, {"data.source": "cifar"}], str(tmp_path))
   with pytest.raises(ConfigError, match="unknown config key 'nosuch.x' in cell"):
     sweep.run_sweep(base, [{"nosuch.x": 1}], str(tmp_path))
   with pytest.raises(ConfigError, match="'train' is a section: name a field, e.g. 'train."):

@@ -25,6 +25,7 @@ import os
 import numpy as np
 
 from jaxbd import fileio
+from jaxbd.config import source_parts
 from jaxbd.data.dataset import Dataset, balanced_indices, class_labels, make_dataset, subset
 from jaxbd.errors import DataError
 
@@ -35,21 +36,20 @@ def load(data_config) -> Dataset:
   """Loads the dataset named by `data_config.source`, subset by the limits in `data_config`.
 
   Raises:
-    DataError: unknown source, missing or corrupt files, malformed arrays.
+    ConfigError: a source of no known form.
+    DataError: missing or corrupt files, malformed arrays.
   """
-  source = data_config.source
-  kind, _, arg = source.partition(":")
+  kind, arg = source_parts(data_config.source)
   limits = (data_config.train_limit, data_config.test_limit)
-  if kind == "digits" and not arg:
-    return subset(_digits(), *limits)
-  if kind == "npz" and arg:
-    return _npz(arg, *limits)
-  if kind == "folder" and arg:
-    return subset(_folder(arg), *limits)
-  if kind == "tfds" and arg:
-    return subset(_tfds(arg, data_config.tfds_data_dir, data_config.download), *limits)
-  raise DataError(f"data.source {source!r} is not one of: digits, npz:PATH, folder:PATH, "
-                  "tfds:NAME")
+  if kind == "npz":
+    return _npz(arg, *limits)  # its encoded layout decodes only the images the limits keep
+  if kind == "digits":
+    whole = _digits()
+  elif kind == "folder":
+    whole = _folder(arg)
+  else:
+    whole = _tfds(arg, data_config.tfds_data_dir, data_config.download)
+  return subset(whole, *limits)
 
 
 def _digits() -> Dataset:

@@ -360,6 +360,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_range(config, "poison.refool.select_epochs", 1)
   config_lib.check_range(config, "poison.refool.select_images", 1)
   config_lib.check_range(config, "poison.refool.tries", 1)
+  if c.images:
+    config_lib.source_parts(c.images, "poison.refool.images")
   if not selects(config):
     return
   need = "poison.refool.select_rounds > 0 (reflection selection) needs"
@@ -407,8 +409,8 @@ def reflection_pool(c: ml_collections.ConfigDict, image_shape: tuple[int, int, i
   smaller one (the trigger's default pool is the first `count` selection candidates).
 
   Raises:
-    DataError: the source is unknown, missing or corrupt.
-    ConfigError: it has fewer than `size` training images.
+    DataError: the source is missing or corrupt.
+    ConfigError: it has fewer than `size` training images (its form is checked by `validate`).
   """
   size = size or c.count
   if not c.images:
