@@ -11,7 +11,8 @@ runs (with `--reference`, a JSON file of published numbers such as configs/d3_pa
 attack's published row under its measured one), and the store's cells and ASR against poisoning
 rate (mean +- std over seeds); see
 `jaxbd.experiments.report`. A missing or corrupt input is one line `jaxbd: error: ...` with exit
-status 2, and nothing is written.
+status 2, and nothing is written: the report is drawn in a hidden folder and moved into --out only
+once complete, so one that fails leaves an existing --out as it was.
 """
 
 from __future__ import annotations

@@ -156,9 +156,8 @@ def test_bad_checkpoints_are_refused(tmp_path):
     backdoorbench.load(str(tmp_path / "vgg.pt"))
 
 
-def test_a_checkpoints_poison_indices_replace_the_plan_within_bounds():
-  """The defend experiment takes a checkpoint's poisoned rows, relabeled as the config's attack,
-  and refuses rows outside the training set, naming the first one that is."""
+def test_a_checkpoints_poison_indices_replace_the_plan():
+  """The defend experiment takes a checkpoint's poisoned rows, relabeled as the config's attack."""
   from jaxbd import poison  # pylint: disable=g-import-not-at-top
   from jaxbd.experiments import defend  # pylint: disable=g-import-not-at-top
   y = np.arange(20) % 4
@@ -167,10 +166,97 @@ def test_a_checkpoints_poison_indices_replace_the_plan_within_bounds():
   np.testing.assert_array_equal(imported.indices, [1, 6])
   np.testing.assert_array_equal(np.flatnonzero(imported.labels != y), [1, 6])
   assert (imported.labels[[1, 6]] == 0).all()
-  for bad, first in (([3, 20], 20), ([-1, 5], -1)):
-    with pytest.raises(ConfigError, match=rf"poison indices include {first}, outside the "
-                       r"training set's rows 0\.\.19"):
-      defend.imported_plan(plan, bad, y, 4)
+  np.testing.assert_array_equal(np.flatnonzero(imported.kind == 0),
+                                np.setdiff1d(np.arange(20), [1, 6]))
+
+
+def assert_refused(error, call, message):
+  """`call()` raises `error` with a one-line message containing `message`."""
+  with pytest.raises(error) as info:
+    call()
+  text = str(info.value)
+  assert "\n" not in text and message in text, text
+
+
+def test_poison_rows_outside_the_whole_split_are_refused():
+  """Poisoned rows index the whole training split: an indicator of another length, or a row
+  outside the split, is refused in one line naming it."""
+  from jaxbd.experiments import defend  # pylint: disable=g-import-not-at-top
+  rows = np.arange(0, 20, 2)
+  for indices, num_train, message in (
+      ([3], 7, "bd_train.poison_indicator has 7 entries but the training split has 20 images"),
+      ([3, 20], None, "poison indices include 20, outside the training split's rows 0..19"),
+      ([-1, 5], None, "poison indices include -1, outside the training split's rows 0..19")):
+    assert_refused(ConfigError, functools.partial(defend.subset_positions, np.array(indices),
+                                                  num_train, 20, rows), message)
+  np.testing.assert_array_equal(defend.subset_positions(np.array([2, 3, 19, 18]), 20, 20, rows),
+                                [1, 9])
+
+
+def test_malformed_checkpoint_fields_are_refused(tmp_path):
+  """num_classes, bd_train.poison_indicator and poison_indices of the wrong type, shape or values
+  raise CheckpointError in one line naming the field; BackdoorBench's float indicator loads."""
+  state = torch_model(width=4).state_dict()
+  path = str(tmp_path / "bad.pt")
+
+  def load(**fields):
+    torch.save({"model_name": "preactresnet18", "num_classes": 10, "model": state, **fields},
+               path)
+    return backdoorbench.load(path)
+
+  cases = [
+      (dict(num_classes="abc"), "num_classes must be a positive integer, got 'abc'"),
+      (dict(num_classes=0), "num_classes must be a positive integer, got 0"),
+      (dict(num_classes=7), "num_classes is 7 but the model's linear layer has 10 outputs"),
+      (dict(model="x"), "'model' must be a state_dict, got str"),
+      (dict(bd_train={"poison_indicator": "x"}), "bd_train.poison_indicator must be a 1-D array "
+       "of 0/1 values, one per training image, got str"),
+      (dict(bd_train={"poison_indicator": np.zeros((7, 1))}), "bd_train.poison_indicator must "
+       "be a 1-D array of 0/1 values, one per training image, got ndarray of shape [7, 1]"),
+      (dict(bd_train={"poison_indicator": np.array([0, 1, 2])}),
+       "bd_train.poison_indicator must hold only 0 and 1, got 2"),
+      (dict(poison_indices=np.array([4, -2])), "poison_indices must be a 1-D array of "
+       "non-negative integers, got row -2"),
+      (dict(poison_indices=np.array([1.0])), "poison_indices must be a 1-D array of "
+       "non-negative integers, got ndarray of shape [1]"),
+      (dict(poison_indices=np.array([3, 1, 3])), "poison_indices lists row 3 more than once"),
+      (dict(poison_indices=np.array([1]), bd_train={"poison_indicator": np.array([0, 0, 1])}),
+       "poison_indices (1 rows) and bd_train.poison_indicator (1 rows) disagree"),
+  ]
+  for fields, message in cases:
+    assert_refused(CheckpointError, functools.partial(load, **fields), message)
+  ckpt = load(bd_train={"poison_indicator": np.array([0.0, 1.0, 0.0, 1.0])})
+  np.testing.assert_array_equal(ckpt.poison_indices, [1, 3])
+  assert ckpt.num_train == 4
+  ckpt = load(num_classes=np.int64(10), bd_train=None)
+  assert (ckpt.num_classes, ckpt.poison_indices, ckpt.num_train) == (10, None, None)
+
+
+def test_a_subsets_poisoned_rows_are_the_images_the_checkpoint_poisoned(tmp_path):
+  """With data.train_limit, the checkpoint's whole-split rows mark exactly the subset images
+  that are those rows' images (image i of the file is filled with the value i)."""
+  from jaxbd.experiments import defend  # pylint: disable=g-import-not-at-top
+  n = 40
+  x = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 8, 8, 1))
+  y = np.arange(n)[::-1] % 4
+  np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
+  c = config_lib.defaults().data
+  c.source, c.train_limit = f"npz:{tmp_path / 'd.npz'}", 12
+  poisoned = np.arange(10)  # rows 0..9 of the whole split
+  ds, positions = defend.load_data(c, poisoned, n)
+  plain = data.load(c)
+  np.testing.assert_array_equal(ds.x_train, plain.x_train)
+  np.testing.assert_array_equal(ds.y_train, plain.y_train)
+  ids = ds.x_train[:, 0, 0, 0].astype(np.int64)  # the whole-split row of every subset image
+  assert len(ids) == 12 and not np.array_equal(ids, np.arange(12))
+  np.testing.assert_array_equal(positions, np.flatnonzero(np.isin(ids, poisoned)))
+  assert 0 < len(positions) < len(poisoned)  # some poisoned images are outside the subset
+  assert_refused(ConfigError, lambda: defend.load_data(c, poisoned, 7),
+                 "bd_train.poison_indicator has 7 entries but the training split has 40 images")
+  c.train_limit = 0
+  ds, positions = defend.load_data(c, poisoned, n)
+  assert len(ds.y_train) == n
+  np.testing.assert_array_equal(positions, poisoned)
 
 
 @pytest.mark.slow
@@ -179,8 +265,11 @@ def test_cli_defends_a_pytorch_trained_model(tmp_path):
   source = f"npz:{real_dataset('cifar10')}"
   net = torch_model(width=16, seed=2)
   path = tmp_path / "attack_result.pt"
-  poisoned = np.arange(0, 500, 10)
-  save_backdoorbench(path, net, poisoned, 500)
+  with np.load(real_dataset("cifar10")) as z:  # the 500-image subset's rows of the whole split
+    rows = data.balanced_indices(z["train_labels"], 500)
+  poisoned = np.union1d(rows[::10], np.arange(1, 50_000, 97))  # in and outside the subset
+  save_backdoorbench(path, net, poisoned, 50_000)
+  positions = np.flatnonzero(np.isin(rows, poisoned))
   base = [f"--config=configs/defend_backdoorbench.py:checkpoint={path},source={source},width=16",
           "--config.data.train_limit=500", "--config.data.test_limit=200",
           "--config.log.progress=false"]
@@ -196,8 +285,8 @@ def test_cli_defends_a_pytorch_trained_model(tmp_path):
   assert set(doc["metrics"]["backdoored"]) == {"acc", "asr", "ra"}
   assert doc["defenses"]["ft"]["trusted_size"] == 50
   trusted = np.load(workdir / "trusted_indices.npy")
-  assert not set(trusted) & set(poisoned)
-  np.testing.assert_array_equal(np.load(workdir / "poison_plan.npz")["indices"], poisoned)
+  assert not set(trusted) & set(positions)
+  np.testing.assert_array_equal(np.load(workdir / "poison_plan.npz")["indices"], positions)
   assert doc["attack"]["plan_from"] == "checkpoint"
 
   assert_one_line_error(wrong_proc, "does not fit model 'preact_resnet18': variable "

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from jaxbd import experiments, metrics, sweep
-from jaxbd.errors import DataError
+from jaxbd.errors import ConfigError, DataError
 from jaxbd.experiments import report
 
 from conftest import REPO, process_env, tiny_digits_config
@@ -49,6 +49,39 @@ def assert_png(path) -> None:
 def run_cli(*args):
   return subprocess.run([sys.executable, "-m", "jaxbd.report", *args], cwd=REPO, env=process_env(),
                         capture_output=True, text=True, timeout=300)
+
+
+# A run with a BadPatches-style rate sweep: its report draws runs/<name>/asr_vs_rate.png.
+SWEPT = {"config": {"experiment": "badpatches"}, "attack": {"name": "badpatches"}, "defenses": {},
+         "metrics": {"backdoored": {"acc": 0.9, "asr": 0.95, "ra": 0.05}},
+         "sweep": [{"attack": "badnets", "rate": r, "acc": 0.9, "asr": a, "ra": 1 - a}
+                   for r, a in ((0.01, 0.5), (0.1, 0.9))]}
+
+
+def results_dir(path, doc: dict) -> str:
+  """A run directory `path` holding `doc` as its results.json."""
+  path.mkdir(parents=True)
+  (path / "results.json").write_text(json.dumps(doc))
+  return str(path)
+
+
+def listing(folder) -> dict[str, bytes | None]:
+  """Every folder (None) and file (its bytes) under `folder`, hidden ones too, by relative path."""
+  found = {}
+  for directory, folders, files in os.walk(folder):
+    for name in folders + files:
+      path = os.path.join(directory, name)
+      found[os.path.relpath(path, folder)] = None if name in folders else open(path, "rb").read()
+  return found
+
+
+def earlier_report(path) -> dict[str, bytes | None]:
+  """An --out folder `path` holding an earlier report (report.md "OLD" and a figure); returns its
+  `listing`."""
+  (path / "runs" / "old").mkdir(parents=True)
+  (path / "report.md").write_text("OLD\n")
+  (path / "runs" / "old" / "roc.png").write_bytes(b"old figure")
+  return listing(path)
 
 
 @pytest.mark.slow
@@ -252,3 +285,96 @@ def test_attack_names_say_how_the_backdoor_was_planted():
       "badnets (clean-label PGD, eps 8)")
   assert report.attack_name({"attack": {"names": ["badnets", "blended"]}}) == (
       "badnets,blended")
+
+
+def test_sweep_entries_are_checked_like_the_other_rates(tmp_path, recwarn):
+  """A results.json's `sweep` rows need a string attack, a poisoning rate in [0, 1] and rates
+  in [0, 1] (or null): anything else is one line, exit status 2, and no report; a sweep of rate 0
+  only is drawn without matplotlib's warnings."""
+  run = results_dir(tmp_path / "run", dict(SWEPT, sweep=[
+      {"attack": "b", "rate": 0.1, "acc": 0.5, "asr": 2.0, "ra": -3}]))
+  result = run_cli(f"--inputs={run}", f"--out={tmp_path / 'out'}")
+  assert result.returncode == 2
+  line, = result.stderr.strip().splitlines()
+  assert line == (f"jaxbd: error: {run}/results.json is not a results.json: sweep[0].asr is 2.0, "
+                  "not a rate in [0, 1]")
+  assert not (tmp_path / "out").exists()
+  entry = SWEPT["sweep"][0]
+  for rows, message in [
+      ([entry, {**entry, "ra": -3}], r"sweep\[1\]\.ra is -3, not a rate in \[0, 1\]"),
+      ([{**entry, "acc": "high"}], r"sweep\[0\]\.acc is 'high', not a rate"),
+      ([{**entry, "rate": "x"}], r"sweep\[0\]\.rate is 'x', not a poisoning rate in \[0, 1\]"),
+      ([{**entry, "rate": 1.5}], r"sweep\[0\]\.rate is 1\.5, not a poisoning rate"),
+      ([{**entry, "rate": None}], r"sweep\[0\]\.rate is None, not a poisoning rate"),
+      ([{**entry, "rate": True}], r"sweep\[0\]\.rate is True, not a poisoning rate"),
+      ([{k: v for k, v in entry.items() if k != "rate"}], r"sweep\[0\]\.rate is None"),
+      ([{**entry, "attack": 3}], r"sweep\[0\]\.attack is 3, not a name"),
+      ([entry, [0.1, 0.5]], r"sweep\[1\] is a JSON list, not an object"),
+      ({"rate": 0.1}, "its 'sweep' section is a JSON dict, not a list")]:
+    (tmp_path / "run" / "results.json").write_text(json.dumps(dict(SWEPT, sweep=rows)))
+    with pytest.raises(DataError, match=message):
+      report.write_report([run], None, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+  zero = [{**entry, "rate": 0, "asr": None}]
+  (tmp_path / "run" / "results.json").write_text(json.dumps(dict(SWEPT, sweep=zero)))
+  report.write_report([run], None, str(tmp_path / "out"))
+  assert_png(tmp_path / "out" / "runs" / "run1_run" / "asr_vs_rate.png")
+  assert not [str(w.message) for w in recwarn.list if "positive values" in str(w.message)]
+
+
+def test_a_failing_report_leaves_an_existing_out_folder_as_it_was(tmp_path):
+  """Bad input found before anything is written (a bad sweep rate, a store cell without a poison
+  rate, a directory report.md) or while drawing (a figure that cannot be drawn, a file where the
+  report needs a folder) is one line, exit status 2, and --out keeps exactly its earlier report;
+  a report that succeeds replaces it and leaves no staging folder behind."""
+  good = results_dir(tmp_path / "good", SWEPT)
+  bad = results_dir(tmp_path / "bad", dict(SWEPT, sweep=[{**SWEPT["sweep"][0], "rate": "x"}]))
+  out = tmp_path / "R"
+  before = earlier_report(out)
+  store = str(tmp_path / "results.sqlite")
+  with sweep.store(store) as db:  # a finished cell whose config has no poison.rate
+    db.execute("INSERT INTO runs (config_hash, cell, experiment, seed, status, workdir, metrics, "
+               "defenses, attack, config, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               ("0" * 16, "{}", "standard", 0, "done", str(tmp_path / "cell"),
+                json.dumps({"backdoored": {"acc": 0.9, "asr": 0.8}}), "{}",
+                json.dumps({"name": "badnets"}), json.dumps({"experiment": "standard"}), "now"))
+  for args, message in [
+      ([f"--inputs={good},{bad}"], f"{bad}/results.json is not a results.json: sweep[0].rate is "
+                                   "'x', not a poisoning rate in [0, 1]"),
+      ([f"--inputs={good}", f"--store={store}"],
+       f"{store} has a structure the report cannot read (KeyError: 'poison')")]:
+    result = run_cli(*args, f"--out={out}")
+    assert result.returncode == 2
+    line, = result.stderr.strip().splitlines()
+    assert line == f"jaxbd: error: {message}"
+    assert listing(out) == before
+  (out / "report.md").unlink()
+  (out / "report.md").mkdir()
+  before = listing(out)
+  result = run_cli(f"--inputs={good}", f"--out={out}")
+  assert result.returncode == 2
+  line, = result.stderr.strip().splitlines()
+  assert line.startswith(f"jaxbd: error: {out}/report.md is a directory, not a file"), line
+  assert listing(out) == before
+  (out / "report.md").rmdir()
+  (out / "report.md").write_text("OLD\n")
+  unprunable = dict(SWEPT, defenses={"fp": {"acc": 0.5, "stages": {"pruned@0.2": 3}}})
+  results_dir(tmp_path / "unprunable", unprunable)
+  before = listing(out)
+  with pytest.raises(DataError, match=r"read \(AttributeError"):  # its figure fails, drawn last
+    report.write_report([good, str(tmp_path / "unprunable")], None, str(out))
+  assert listing(out) == before
+  os.rename(out / "runs", tmp_path / "runs")
+  (out / "runs").write_text("")  # a file where the figures' folder goes
+  before = listing(out)
+  with pytest.raises(ConfigError, match=f"{out}/runs is not a directory"):
+    report.write_report([good], None, str(out))
+  assert listing(out) == before
+  (out / "runs").unlink()
+  os.rename(tmp_path / "runs", out / "runs")
+  report.write_report([good], None, str(out))
+  after = listing(out)
+  assert set(after) == {"report.md", "runs", "runs/old", "runs/old/roc.png", "runs/run1_good",
+                        "runs/run1_good/asr_vs_rate.png"}
+  assert b"![asr_vs_rate.png](runs/run1_good/asr_vs_rate.png)" in after["report.md"]
+  assert_png(out / "runs" / "run1_good" / "asr_vs_rate.png")

@@ -6,20 +6,25 @@ architecture and width must match), evaluated with the trigger of `config.poison
 describe the attack the model was trained with), then every defense of `defense.names` runs on it
 with trusted data drawn from training rows the file does not mark as poisoned (a file without
 poison indices: rows the config's own plan leaves clean; `attack.plan_from` in results.json says
-which). Writes `results.json` (metrics.backdoored, defenses) like the standard experiment.
+which). The file's poisoned rows are rows of the whole training split (BackdoorBench's
+`poison_indicator` has one entry per image); with `data.train_limit` they are mapped to the
+subset's rows, and poisoned images outside the subset are not in the run. Writes `results.json`
+(metrics.backdoored, defenses) like the standard experiment.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import ml_collections
 import numpy as np
 
 from jaxbd import config as config_lib
+from jaxbd import data as data_lib
 from jaxbd import defenses, host
 from jaxbd.errors import ConfigError
-from jaxbd.experiments import common, report, results, standard
+from jaxbd.experiments import common, report, results, selection, standard
 from jaxbd.poison import plan as plan_lib
 
 
@@ -36,20 +41,69 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "config key 'defend.checkpoint' must name a BackdoorBench .pt file")
 
 
+def subset_positions(indices: np.ndarray, num_train: Optional[int], split_size: int,
+                     rows: np.ndarray) -> np.ndarray:
+  """The positions in the run's training set of the checkpoint's poisoned rows it holds.
+
+  Args:
+    indices: int[P] poisoned rows of the whole training split.
+    num_train: the length of the checkpoint's `bd_train.poison_indicator`, or None (no indicator).
+    split_size: N, the number of images in the whole training split.
+    rows: int[n] sorted rows of the whole split that are the run's n training images (the
+      `data.train_limit` subset; `arange(N)` without one).
+
+  Returns:
+    int64[P'] sorted positions i in [0, n) with rows[i] in `indices` (poisoned images outside the
+    subset are not in the run).
+
+  Raises:
+    ConfigError: the indicator's length is not N, or a row lies outside the split.
+  """
+  if num_train is not None and num_train != split_size:
+    raise ConfigError(f"the checkpoint's bd_train.poison_indicator has {num_train} entries but "
+                      f"the training split has {split_size} images (it needs one per image of "
+                      "the whole split)")
+  if len(indices) and (indices.min() < 0 or indices.max() >= split_size):
+    bad = indices.min() if indices.min() < 0 else indices.max()
+    raise ConfigError(f"the checkpoint's poison indices include {bad}, outside the training "
+                      f"split's rows 0..{split_size - 1}")
+  return np.flatnonzero(np.isin(rows, indices)).astype(np.int64)
+
+
+def load_data(data_config: ml_collections.ConfigDict, indices: Optional[np.ndarray],
+              num_train: Optional[int]) -> tuple[data_lib.Dataset, Optional[np.ndarray]]:
+  """The run's dataset and the checkpoint's poisoned rows as positions in its training set.
+
+  Args:
+    data_config: `config.data`.
+    indices: int[P] the checkpoint's poisoned rows of the whole training split, or None.
+    num_train: the length of its `bd_train.poison_indicator`, or None.
+
+  Returns:
+    (the dataset, `data.train_limit` applied; `subset_positions` of `indices`, or None).
+
+  Raises:
+    JaxbdError: unreadable data, or indices that do not fit its training split.
+  """
+  if indices is None:
+    return data_lib.load(data_config), None
+  limit = data_config.train_limit
+  full = selection.load_full(data_config) if limit > 0 else data_lib.load(data_config)
+  rows = data_lib.balanced_indices(full.y_train, limit)
+  return (data_lib.subset(full, limit),
+          subset_positions(indices, num_train, len(full.y_train), rows))
+
+
 def imported_plan(plan: plan_lib.PoisonPlan, indices, y_train: np.ndarray,
                   num_classes: int) -> plan_lib.PoisonPlan:
   """The run's plan with the checkpoint's poisoned rows (relabeled as the config's attack).
 
-  indices: int[P] training rows the checkpoint's attack poisoned, or None (keep `plan`);
-  y_train: int[N] training labels.
+  indices: int[P] rows of the run's training set the checkpoint's attack poisoned (see
+  `subset_positions`), or None (keep `plan`); y_train: int[N] training labels.
   """
   if indices is None:
     return plan
   indices = np.asarray(indices, np.int64)
-  if len(indices) and (indices.min() < 0 or indices.max() >= len(y_train)):
-    bad = indices.min() if indices.min() < 0 else indices.max()
-    raise ConfigError(f"the checkpoint's poison indices include {bad}, outside the training set's "
-                      f"rows 0..{len(y_train) - 1}")
   labels = y_train.astype(np.int32).copy()
   labels[indices] = plan_lib.poisoned_label(y_train[indices], plan.label_mode, plan.target,
                                             num_classes)
@@ -66,8 +120,10 @@ def plan_source(indices) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Loads, evaluates and defends the checkpoint; returns the results document."""
   from jaxbd.interop import backdoorbench  # pylint: disable=g-import-not-at-top
-  r = common.build(config, workdir)
+  config_lib.validate(config)
   ckpt = backdoorbench.load(config.defend.checkpoint)
+  dataset, poisoned = load_data(config.data, ckpt.poison_indices, ckpt.num_train)
+  r = common.build(config, workdir, dataset)
   if ckpt.model != config.model.name:
     raise ConfigError(f"the checkpoint holds a {ckpt.model!r} model but config.model.name is "
                       f"{config.model.name!r}")
@@ -75,7 +131,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"the checkpoint has {ckpt.num_classes} classes but the dataset has "
                       f"{r.dataset.num_classes}")
   variables = common.check_variables(r, ckpt.variables, config.defend.checkpoint)
-  r = dataclasses.replace(r, plan=imported_plan(r.plan, ckpt.poison_indices, r.dataset.y_train,
+  r = dataclasses.replace(r, plan=imported_plan(r.plan, poisoned, r.dataset.y_train,
                                                 r.dataset.num_classes))
   if config_lib.defense_names(config):  # the trusted set comes from the imported plan's clean rows
     defenses.base.trusted_pool(r.plan.kind, config.defense.clean_fraction)

@@ -17,8 +17,9 @@ library behind `python -m jaxbd.report`) writes `out/report.md` with
   and, when cells vary `poison.rate`, ASR and ACC against the rate, mean +- sample std over the
   cells that differ only in `seed`, one line per attack (`asr_vs_rate.png` and a table).
 
-All inputs are read and checked before anything is written; a missing or corrupt input raises
-`DataError` with one line. Figures and the report are written atomically.
+All inputs are read and checked, and every table made, before anything is written; a missing or
+corrupt input raises `DataError` with one line. The report is drawn in a hidden folder and moved
+into `out` once complete: a report that fails leaves `out` as it was.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import os
 import pathlib
 import shutil
 import sqlite3
-from typing import Any, Callable, Iterable, Sequence
+import uuid
+import warnings
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import ml_collections
 import numpy as np
@@ -98,9 +101,15 @@ def read_results(path: str) -> dict:
     if doc.get(key) is not None and not isinstance(doc[key], kind):
       raise DataError(f"{path} is not a results.json: its {key!r} section is a JSON "
                       f"{type(doc[key]).__name__}, not {'a list' if kind is list else 'an object'}")
-  for section in ("metrics", "defenses"):
+  for section in ("metrics", "defenses", "sweep"):
     _check_rates(f"{path} is not a results.json", section, doc.get(section))
+  _check_sweep(f"{path} is not a results.json", doc.get("sweep") or [])
   return doc
+
+
+def _is_rate(value: Any) -> bool:
+  """Whether `value` is a number in [0, 1] (not a bool)."""
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 def _check_rates(context: str, where: str, tree: Any) -> None:
@@ -112,10 +121,22 @@ def _check_rates(context: str, where: str, tree: Any) -> None:
   if not isinstance(tree, dict):
     return
   for key, value in tree.items():
-    rate = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
-    if key in RATES and not (value is None or rate):
+    if key in RATES and not (value is None or _is_rate(value)):
       raise DataError(f"{context}: {where}.{key} is {value!r}, not a rate in [0, 1]")
     _check_rates(context, f"{where}.{key}", value)
+
+
+def _check_sweep(context: str, sweep: list) -> None:
+  """DataError "<context>: sweep[i]..." unless every entry of a `sweep` section (its rates checked
+  by `_check_rates`) is an object with a string `attack` and a poisoning `rate` in [0, 1]."""
+  for i, entry in enumerate(sweep):
+    if not isinstance(entry, dict):
+      raise DataError(f"{context}: sweep[{i}] is a JSON {type(entry).__name__}, not an object")
+    if not isinstance(entry.get("attack"), str):
+      raise DataError(f"{context}: sweep[{i}].attack is {entry.get('attack')!r}, not a name")
+    if not _is_rate(entry.get("rate")):
+      raise DataError(f"{context}: sweep[{i}].rate is {entry.get('rate')!r}, not a poisoning "
+                      "rate in [0, 1]")
 
 
 def load(paths: Iterable[str]) -> dict[str, dict]:
@@ -396,87 +417,179 @@ def readable(what: str, render: Callable[..., Any], *args: Any) -> Any:
                     f"{first_line(e)})") from None
 
 
+class _Contents(NamedTuple):
+  """What a report shows, read and computed from its inputs before anything is written (every
+  table, `rate_curves`, the trade-off points); `_write` adds the figures."""
+  runs: dict[str, tuple[str, dict, list[str]]]  # run name: (results.json, document, its tables)
+  store: str | None
+  cells: int  # the store's finished cells
+  cells_table: str
+  curves: list[dict]  # `rate_curves` of the store
+  tradeoff: list[dict]  # `tradeoff_runs` of the runs and the store's other cells
+  defenses: list[str]  # the defense table with its caption (none where no run has defenses)
+
+
+def _contents(docs: dict[str, dict], rows: list[dict], store: str | None,
+              published: dict | None) -> _Contents:
+  """The `_Contents` of results documents `{path: doc}` and store rows.
+
+  Raises:
+    DataError: an input has a structure a table cannot read.
+  """
+  runs = {}
+  for k, (path, doc) in enumerate(docs.items()):
+    readable(path, attack_name, doc)  # every table names the run's attack
+    name = f"run{k + 1}_{os.path.basename(os.path.dirname(os.path.abspath(path)))}"
+    runs[name] = (path, doc, readable(path, experiment_tables, doc))
+  named = {name: doc for name, (_, doc, _) in runs.items()}
+  # Cells of the store whose results.json is among the inputs are drawn once.
+  seen = {os.path.realpath(p) for p in docs}
+  for r in rows:
+    if os.path.realpath(os.path.join(r["workdir"], "results.json")) not in seen:
+      named[f"cell {os.path.basename(r['workdir'])}"] = r
+  inputs = "the inputs" + (f" or {store}" if store else "")
+  tradeoff = readable(inputs, tradeoff_runs, named)
+  defenses = []
+  if tradeoff and any(doc.get("defenses") for doc in docs.values()):
+    defenses = ["ACC / ASR (DER) in %" + (f"; paper: {published['source']}" if published else "")
+                + ":", "", readable(inputs, defense_table, list(docs.values()), published), ""]
+  return _Contents(runs, store, len(rows), readable(store, cells_table, rows) if rows else "",
+                   readable(store, rate_curves, rows) if store else [], tradeoff, defenses)
+
+
+def _check_writable(path: str) -> None:
+  """ConfigError unless the file `path` can be written: no folder stands at `path`, and its
+  nearest existing parent is a folder.
+
+  Raises:
+    ConfigError: naming what is in the way.
+  """
+  folder = os.path.dirname(os.path.abspath(path))
+  while not os.path.lexists(folder):
+    folder = os.path.dirname(folder)
+  if os.path.isdir(path):
+    raise ConfigError(f"{path} is a directory, not a file the report can write (move it away or "
+                      "choose another --out)")
+  if not os.path.isdir(folder):
+    raise ConfigError(f"{folder} is not a directory, so the report cannot write {path} (move it "
+                      "away or choose another --out)")
+
+
+@contextlib.contextmanager
+def _staged(out: str) -> Iterator[str]:
+  """A new hidden folder to write a report into, in `out` when that exists, else beside it; once
+  the block succeeds, `_publish` moves its files into `out`. It is removed in any case."""
+  parent = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  staging = os.path.join(parent, f".report-{uuid.uuid4().hex[:12]}")
+  os.mkdir(staging)  # not tempfile.mkdtemp: `out` gets a plain folder's permissions, not 0700
+  try:
+    yield staging
+    _publish(staging, out)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: str, out: str) -> None:
+  """Moves a report from `staging` into `out`: renames the folder where `out` does not exist,
+  else moves each file into place (report.md last) once none is blocked (`_check_writable`);
+  when a move fails, the files and folders it added to `out` are removed again."""
+  if not os.path.lexists(out):
+    os.rename(staging, out)
+    return
+  files = sorted((os.path.relpath(os.path.join(d, f), staging) for d, _, names in
+                  os.walk(staging) for f in names), key=lambda f: (f == "report.md", f))
+  for name in files:
+    _check_writable(os.path.join(out, name))
+  added = []
+  try:
+    for name in files:
+      target = os.path.join(out, name)
+      missing, folder = [], os.path.dirname(target)
+      while not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+      added += reversed(missing)  # outermost first: removed last
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      if not os.path.lexists(target):
+        added.append(target)
+      os.replace(os.path.join(staging, name), target)
+  except BaseException:
+    for path in reversed(added):
+      with contextlib.suppress(OSError):
+        (os.rmdir if os.path.isdir(path) else os.unlink)(path)
+    raise
+
+
 def write_report(inputs: Sequence[str], store: str | None, out: str,
                  reference: str | None = None) -> str:
   """Writes `out/report.md` and its figures; returns the report's path.
 
+  The inputs are read and checked and every table made (`_contents`) before anything is written;
+  the report is then drawn into a hidden folder and moved into `out` only once complete, so a
+  failing report leaves `out` as it was (or absent).
+
   Args:
     inputs: results.json files or directories holding them (searched recursively).
     store: a sweep's `results.sqlite`, or None.
-    out: the report directory (created; removed again when it was created and the report fails).
+    out: the report directory (created with its parents; an earlier report's files in it are
+      replaced).
     reference: a file of published numbers for the defense table (`read_reference`), or None.
 
   Raises:
-    ConfigError: neither inputs nor a store.
-    DataError: a missing or corrupt input (the files are read and their tables made before
-      anything is written).
+    ConfigError: neither inputs nor a store, or something in `out` in the way of the report (a
+      folder `out/report.md`, a file where a folder must be).
+    DataError: a missing or corrupt input.
   """
   if not inputs and not store:
     raise ConfigError("nothing to report: give --inputs, --store or both")
   docs = load(inputs)
   rows = read_store(store) if store else []
   published = read_reference(reference) if reference else None
-  tables = {path: readable(path, experiment_tables, doc) for path, doc in docs.items()}
-  for path, doc in docs.items():
-    readable(path, attack_name, doc)  # every table names the run's attack
-  created = not os.path.exists(out)
-  os.makedirs(out, exist_ok=True)
-  try:
-    return _write(docs, tables, rows, store, published, out)
-  except BaseException:
-    if created:
-      shutil.rmtree(out, ignore_errors=True)
-    raise
+  contents = _contents(docs, rows, store, published)
+  _check_writable(os.path.join(out, "report.md"))
+  with warnings.catch_warnings(), _staged(out) as staging:
+    # A sweep whose rates are all 0 has nothing to draw on asr_vs_rate's logarithmic axis.
+    warnings.filterwarnings("ignore", "Data has no positive values")
+    _write(contents, staging)
+  return os.path.join(out, "report.md")
 
 
-def _write(docs: dict[str, dict], tables: dict[str, list[str]], rows: list[dict],
-           store: str | None, published: dict | None, out: str) -> str:
-  """The report of `write_report` from what it has read; returns the report's path."""
+def _write(c: _Contents, out: str) -> None:
+  """Draws the figures of a report's `_Contents` into `out` and writes `out/report.md`.
+
+  Raises:
+    DataError: a run's figures cannot be drawn from its document.
+  """
   lines = ["# jaxbd report", ""]
-  lines += [f"- results: `{p}`" for p in docs] + ([f"- sweep store: `{store}`"] if store else [])
-  names = {}
-  for k, (path, doc) in enumerate(docs.items()):
-    name = f"run{k + 1}_{os.path.basename(os.path.dirname(os.path.abspath(path)))}"
-    names[name] = doc
+  lines += [f"- results: `{path}`" for path, _, _ in c.runs.values()]
+  lines += [f"- sweep store: `{c.store}`"] if c.store else []
+  for name, (path, doc, tables) in c.runs.items():
     lines += ["", f"## {name}", "",
               f"`{path}`: experiment {doc['config'].get('experiment')}, dataset "
               f"{doc.get('dataset')}, model {doc.get('model')}, attack {attack_name(doc)}", ""]
-    lines += [t + "\n" for t in tables[path]]
+    lines += [t + "\n" for t in tables]
     figures = os.path.join(out, "runs", name)
     os.makedirs(figures, exist_ok=True)
     drawn = readable(path, plots.from_results, path, figures, doc)
     if not drawn:
       os.rmdir(figures)
     lines += [_figure(os.path.join(figures, f), out, f) for f in drawn]
-  # Cells of the store whose results.json is among the inputs are drawn once.
-  seen = {os.path.realpath(p) for p in docs}
-  for r in rows:
-    if os.path.realpath(os.path.join(r["workdir"], "results.json")) not in seen:
-      names[f"cell {os.path.basename(r['workdir'])}"] = r
-  inputs = "the inputs" + (f" or {store}" if store else "")
-  runs = readable(inputs, tradeoff_runs, names)
-  if runs:
-    lines += ["", "## Defenses across runs", ""]
-    if any(doc.get("defenses") for doc in docs.values()):
-      lines += ["ACC / ASR (DER) in %" + (f"; paper: {published['source']}" if published else "")
-                + ":", "", readable(inputs, defense_table, list(docs.values()), published), ""]
-    lines += [_figure(plots.defense_tradeoff(runs, os.path.join(out, "tradeoff.png")), out,
+  if c.tradeoff:
+    lines += ["", "## Defenses across runs", "", *c.defenses]
+    lines += [_figure(plots.defense_tradeoff(c.tradeoff, os.path.join(out, "tradeoff.png")), out,
                       "defense trade-off")]
-  if store:
-    lines += ["", "## Sweep store", "", f"{len(rows)} finished cells.", "",
-              readable(store, cells_table, rows) if rows else ""]
-    curves = readable(store, rate_curves, rows)
-    if len({c["rate"] for c in curves}) > 1:
+  if c.store:
+    lines += ["", "## Sweep store", "", f"{c.cells} finished cells.", "", c.cells_table]
+    if len({curve["rate"] for curve in c.curves}) > 1:
       lines += ["", "### ASR against poisoning rate (mean, sample std over seeds)", "",
                 markdown_table(["attack", "poison rate", "seeds", "ASR", "ASR std", "ACC",
                                 "ACC std"],
-                               [(c["attack"], config_cell(c["rate"]), c["n"], c["asr"],
-                                 c["asr_std"], c["acc"], c["acc_std"]) for c in curves]), "",
-                _figure(plots.asr_vs_rate(curves, os.path.join(out, "asr_vs_rate.png")), out,
+                               [(r["attack"], config_cell(r["rate"]), r["n"], r["asr"],
+                                 r["asr_std"], r["acc"], r["acc_std"]) for r in c.curves]), "",
+                _figure(plots.asr_vs_rate(c.curves, os.path.join(out, "asr_vs_rate.png")), out,
                         "ASR against poisoning rate")]
   with contextlib.suppress(OSError):  # no run had per-run figures
     os.rmdir(os.path.join(out, "runs"))
-  path = os.path.join(out, "report.md")
-  with atomic_file(path) as f:
+  with atomic_file(os.path.join(out, "report.md")) as f:
     f.write("\n".join(lines).rstrip() + "\n")
-  return path

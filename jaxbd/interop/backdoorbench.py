@@ -2,10 +2,11 @@
 
 BackdoorBench saves an attack's result with `torch.save` as a dict:
 `{"model_name": "preactresnet18", "num_classes": 10, "model": state_dict, ...,
-"bd_train": {..., "poison_indicator": int[N] (1 = poisoned)}, ...}`. `load` reads such a file (or
-one with a top-level `poison_indices` array) into jaxbd variables for `jaxbd.models` (BatchNorm
-running statistics included) plus the poisoned training indices; `save` writes jaxbd variables
-back in the same layout, so either side can evaluate and defend the other's models.
+"bd_train": {..., "poison_indicator": [N] of 0/1 (1 = poisoned)}, ...}`, the indicator over the
+N images of the whole training split. `load` reads such a file (or one with a top-level
+`poison_indices` array of rows of that split) into jaxbd variables for `jaxbd.models` (BatchNorm
+running statistics included) plus the poisoned training rows; `save` writes jaxbd variables back
+in the same layout, so either side can evaluate and defend the other's models.
 
 Tensors are converted by name: PyTorch module paths `layer1.0.bn1` / `shortcut.0` / `shortcut.1`
 are Flax `layer1_0/bn1` / `shortcut` / `shortcut_bn` (the last in the post-activation ResNet-18);
@@ -43,7 +44,10 @@ class Checkpoint:
     num_classes: K.
     width: channels of the first layer (64 for BackdoorBench's PreAct-ResNet18).
     variables: Flax variables {"params": ..., "batch_stats": ...} of numpy arrays.
-    poison_indices: int64[P] poisoned training rows, or None if the file has none.
+    poison_indices: int64[P] sorted poisoned rows of the whole training split, or None if the
+      file has none.
+    num_train: N, the length of the file's `bd_train.poison_indicator` (the size of the training
+      split it was made for), or None if it has no indicator.
   """
 
   model: str
@@ -51,6 +55,18 @@ class Checkpoint:
   width: int
   variables: dict
   poison_indices: Optional[np.ndarray]
+  num_train: Optional[int]
+
+
+def _numpy(value) -> np.ndarray:
+  """A tensor, array or (nested) list as a numpy array."""
+  return np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+
+
+def _describe(value) -> str:
+  """A value's type, and shape if it has one, for messages (e.g. "ndarray of shape [7, 1]")."""
+  shape = getattr(value, "shape", None)
+  return type(value).__name__ + ("" if shape is None else f" of shape {list(shape)}")
 
 
 def torch_to_flax(state_dict: Mapping[str, Any]) -> dict:
@@ -61,7 +77,7 @@ def torch_to_flax(state_dict: Mapping[str, Any]) -> dict:
   """
   flat = {}
   for key, value in state_dict.items():
-    array = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+    array = _numpy(value)
     *modules, leaf = key.split(".")
     if leaf == "num_batches_tracked":
       continue
@@ -104,20 +120,102 @@ def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return out
 
 
-def _poison_indices(blob: Mapping[str, Any]) -> Optional[np.ndarray]:
-  if blob.get("poison_indices") is not None:
-    return np.sort(np.asarray(blob["poison_indices"], np.int64))
+def _numeric_vector(value, kinds: str) -> Optional[np.ndarray]:
+  """`value` as a 1-D numpy array whose dtype kind is one of `kinds` ("b", "i", "u", "f"), or None
+  if it is not one (an empty list counts as any kind)."""
+  try:
+    array = _numpy(value)
+  except (ValueError, TypeError):  # ragged lists, objects numpy cannot convert
+    return None
+  if array.ndim != 1 or (array.dtype.kind not in kinds and array.size):
+    return None
+  return array
+
+
+def _indicator_rows(path: str, indicator) -> tuple[np.ndarray, int]:
+  """(int64[P] the rows marked 1, N) of BackdoorBench's `bd_train.poison_indicator` ([N] of 0/1,
+  int or float as BackdoorBench writes it).
+
+  Raises:
+    CheckpointError: not a 1-D array of 0/1 values.
+  """
+  array = _numeric_vector(indicator, "biuf")
+  if array is None:
+    raise CheckpointError(f"{path!r}: bd_train.poison_indicator must be a 1-D array of 0/1 values, "
+                          f"one per training image, got {_describe(indicator)}")
+  bad = array[(array != 0) & (array != 1)]
+  if bad.size:
+    raise CheckpointError(f"{path!r}: bd_train.poison_indicator must hold only 0 and 1, got "
+                          f"{bad[0].item()!r}")
+  return np.flatnonzero(array == 1).astype(np.int64), len(array)
+
+
+def _index_rows(path: str, indices) -> np.ndarray:
+  """int64[P] the sorted rows of a top-level `poison_indices` array.
+
+  Raises:
+    CheckpointError: not a 1-D array of distinct non-negative integers.
+  """
+  array = _numeric_vector(indices, "iu")
+  rows = None if array is None else np.sort(array.astype(np.int64))
+  if rows is None or (rows.size and rows[0] < 0):
+    got = _describe(indices) if rows is None else f"row {rows[0]}"
+    raise CheckpointError(f"{path!r}: poison_indices must be a 1-D array of non-negative "
+                          f"integers, got {got}")
+  twice = rows[1:][np.diff(rows) == 0]
+  if twice.size:
+    raise CheckpointError(f"{path!r}: poison_indices lists row {twice[0]} more than once")
+  return rows
+
+
+def _poison_rows(path: str, blob: Mapping[str, Any]) -> tuple[Optional[np.ndarray],
+                                                              Optional[int]]:
+  """(the file's poisoned rows or None, the length of its indicator or None): from
+  `bd_train.poison_indicator` and/or a top-level `poison_indices`, which must then agree.
+
+  Raises:
+    CheckpointError: a malformed indicator or index array, or the two disagree.
+  """
   bd_train = blob.get("bd_train")
-  if isinstance(bd_train, Mapping) and bd_train.get("poison_indicator") is not None:
-    return np.flatnonzero(np.asarray(bd_train["poison_indicator"]) == 1).astype(np.int64)
-  return None
+  indicator = bd_train.get("poison_indicator") if isinstance(bd_train, Mapping) else None
+  indices = blob.get("poison_indices")
+  rows = None if indices is None else _index_rows(path, indices)
+  if indicator is None:
+    return rows, None
+  marked, num_train = _indicator_rows(path, indicator)
+  if rows is not None and not np.array_equal(rows, marked):
+    raise CheckpointError(f"{path!r}: poison_indices ({len(rows)} rows) and "
+                          f"bd_train.poison_indicator ({len(marked)} rows) disagree")
+  return marked, num_train
+
+
+def _num_classes(path: str, blob: Mapping[str, Any], variables: Mapping[str, Any]) -> int:
+  """K: the file's `num_classes`, else the length of the classifier's bias.
+
+  Raises:
+    CheckpointError: `num_classes` is not a positive integer, differs from the classifier's
+      outputs, or is missing with no classifier bias to read it from.
+  """
+  bias = variables.get("params", {}).get("linear", {}).get("bias")
+  value = blob.get("num_classes")
+  if value is None:
+    if bias is None:
+      raise CheckpointError(f"{path!r}: has no num_classes and no linear.bias to infer it from")
+    return len(bias)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise CheckpointError(f"{path!r}: num_classes must be a positive integer, got {value!r}")
+  if bias is not None and len(bias) != value:
+    raise CheckpointError(f"{path!r}: num_classes is {value} but the model's linear layer has "
+                          f"{len(bias)} outputs")
+  return int(value)
 
 
 def load(path: str) -> Checkpoint:
   """Reads a BackdoorBench-style `torch.save` file.
 
   Raises:
-    CheckpointError: missing or unreadable file, missing keys, an unknown model.
+    CheckpointError: missing or unreadable file, missing keys, an unknown model, a malformed
+      `num_classes`, `bd_train.poison_indicator` or `poison_indices`.
   """
   import torch  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
@@ -137,12 +235,14 @@ def load(path: str) -> Checkpoint:
                           f"{sorted(MODELS)})")
   model, width_key = MODELS[name]
   state_dict = blob["model"]
+  if not isinstance(state_dict, Mapping):
+    raise CheckpointError(f"{path!r}: 'model' must be a state_dict, got {_describe(state_dict)}")
   if width_key not in state_dict:
     raise CheckpointError(f"{path!r}: state_dict lacks {width_key!r}")
   variables = torch_to_flax(state_dict)
-  num_classes = int(blob.get("num_classes") or variables["params"]["linear"]["bias"].shape[0])
+  num_classes = _num_classes(path, blob, variables)
   width = int(np.shape(state_dict[width_key])[0])
-  return Checkpoint(model, num_classes, width, variables, _poison_indices(blob))
+  return Checkpoint(model, num_classes, width, variables, *_poison_rows(path, blob))
 
 
 def save(path: str, variables: Mapping[str, Any], *, num_classes: int,
@@ -155,8 +255,9 @@ def save(path: str, variables: Mapping[str, Any], *, num_classes: int,
     variables: Flax variables of a model with a PyTorch twin (see MODELS).
     num_classes: K.
     model_name: BackdoorBench model name.
-    poison_indices: poisoned training rows to record.
-    num_train: training set size, to record the indices as BackdoorBench's `poison_indicator`.
+    poison_indices: poisoned rows of the whole training split to record.
+    num_train: the whole training split's size, to record the indices as BackdoorBench's
+      `poison_indicator`.
   """
   import torch  # pylint: disable=g-import-not-at-top
   state_dict = {k: torch.from_numpy(np.ascontiguousarray(v))
