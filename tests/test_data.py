@@ -87,8 +87,10 @@ def test_encoded_and_plain_layouts_give_the_same_subset(tmp_path, arrays):
   plain = write_npz(tmp_path / "p.npz", x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
   a, b = (data.load(data_config(f"npz:{path}", train_limit=2)) for path in (encoded, plain))
   assert a.classes == b.classes == ("0", "1", "2") and len(np.unique(a.y_train)) < 3
-  for field in ("x_train", "y_train", "x_test", "y_test"):
+  for field in ("x_train", "y_train", "x_test", "y_test", "train_rows"):
     np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+  assert a.train_split == b.train_split == 30 and len(a.train_rows) == 2
+  np.testing.assert_array_equal(a.x_train, x_tr[a.train_rows])  # the rows of the whole split
 
 
 def test_npz_encoded_layout_decodes_losslessly(tmp_path, arrays):

@@ -26,6 +26,10 @@ class Dataset:
     x_test: uint8[M, H, W, C] test images.
     y_test: int32[M] test labels.
     classes: the K class names; labels index into it.
+    train_rows: int64[N] the rows of the source's whole training split that x_train holds
+      (`arange(N)` unless a `data.train_limit` subset), so that rows named by the whole split
+      (a BackdoorBench poison indicator) find their images.
+    train_split: the size of the whole training split.
   """
 
   name: str
@@ -34,6 +38,8 @@ class Dataset:
   x_test: np.ndarray
   y_test: np.ndarray
   classes: tuple[str, ...]
+  train_rows: np.ndarray
+  train_split: int
 
   @property
   def num_classes(self) -> int:
@@ -90,7 +96,7 @@ def _labels(name: str, split: str, y: np.ndarray, n: int) -> np.ndarray:
 
 
 def make_dataset(name: str, x_train, y_train, x_test, y_test, classes=None,
-                 whole_labels=None) -> Dataset:
+                 whole_labels=None, train_rows=None) -> Dataset:
   """Validates arrays and returns a Dataset.
 
   Args:
@@ -103,6 +109,8 @@ def make_dataset(name: str, x_train, y_train, x_test, y_test, classes=None,
     whole_labels: None, or (int[N'], int[M']) the labels of the whole splits of which the arrays
       are class-balanced subsets (the encoded npz layout decodes only a subset's images): the
       label checks and default class names then read them, as for `subset` of the whole dataset.
+    train_rows: with `whole_labels`, int[N] the rows of the whole training split that x_train
+      holds (default: all of them, in order).
 
   Raises:
     DataError: wrong dtype or shape, mismatched lengths, labels outside [0, K), or test labels
@@ -130,7 +138,9 @@ def make_dataset(name: str, x_train, y_train, x_test, y_test, classes=None,
   if unseen.size:
     raise DataError(f"{name}: test labels {unseen[:5].tolist()} occur in no training image; "
                     "the splits' labels do not match")
-  return Dataset(name, x_train, y_train, x_test, y_test, classes)
+  rows = np.arange(len(y_train)) if train_rows is None else np.asarray(train_rows)
+  return Dataset(name, x_train, y_train, x_test, y_test, classes, rows.astype(np.int64),
+                 len(all_train))
 
 
 def balanced_indices(labels: np.ndarray, limit: int) -> np.ndarray:
@@ -156,4 +166,5 @@ def subset(ds: Dataset, train_limit: int = 0, test_limit: int = 0) -> Dataset:
   tr = balanced_indices(ds.y_train, train_limit)
   te = balanced_indices(ds.y_test, test_limit)
   return dataclasses.replace(ds, x_train=ds.x_train[tr], y_train=ds.y_train[tr],
-                             x_test=ds.x_test[te], y_test=ds.y_test[te])
+                             x_test=ds.x_test[te], y_test=ds.y_test[te],
+                             train_rows=ds.train_rows[tr])

@@ -24,7 +24,7 @@ from jaxbd import config as config_lib
 from jaxbd import data as data_lib
 from jaxbd import defenses, host
 from jaxbd.errors import ConfigError
-from jaxbd.experiments import common, report, results, selection, standard
+from jaxbd.experiments import common, report, results, standard
 from jaxbd.poison import plan as plan_lib
 
 
@@ -41,16 +41,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "config key 'defend.checkpoint' must name a BackdoorBench .pt file")
 
 
-def subset_positions(indices: np.ndarray, num_train: Optional[int], split_size: int,
-                     rows: np.ndarray) -> np.ndarray:
+def subset_positions(indices: np.ndarray, num_train: Optional[int], rows: np.ndarray,
+                     split_size: int) -> np.ndarray:
   """The positions in the run's training set of the checkpoint's poisoned rows it holds.
 
   Args:
     indices: int[P] poisoned rows of the whole training split.
     num_train: the length of the checkpoint's `bd_train.poison_indicator`, or None (no indicator).
-    split_size: N, the number of images in the whole training split.
-    rows: int[n] sorted rows of the whole split that are the run's n training images (the
-      `data.train_limit` subset; `arange(N)` without one).
+    rows: int[n] sorted rows of the whole split that are the run's n training images
+      (`Dataset.train_rows`: the `data.train_limit` subset, or `arange(N)`).
+    split_size: N, the number of images in the whole training split (`Dataset.train_split`).
 
   Returns:
     int64[P'] sorted positions i in [0, n) with rows[i] in `indices` (poisoned images outside the
@@ -68,30 +68,6 @@ def subset_positions(indices: np.ndarray, num_train: Optional[int], split_size: 
     raise ConfigError(f"the checkpoint's poison indices include {bad}, outside the training "
                       f"split's rows 0..{split_size - 1}")
   return np.flatnonzero(np.isin(rows, indices)).astype(np.int64)
-
-
-def load_data(data_config: ml_collections.ConfigDict, indices: Optional[np.ndarray],
-              num_train: Optional[int]) -> tuple[data_lib.Dataset, Optional[np.ndarray]]:
-  """The run's dataset and the checkpoint's poisoned rows as positions in its training set.
-
-  Args:
-    data_config: `config.data`.
-    indices: int[P] the checkpoint's poisoned rows of the whole training split, or None.
-    num_train: the length of its `bd_train.poison_indicator`, or None.
-
-  Returns:
-    (the dataset, `data.train_limit` applied; `subset_positions` of `indices`, or None).
-
-  Raises:
-    JaxbdError: unreadable data, or indices that do not fit its training split.
-  """
-  if indices is None:
-    return data_lib.load(data_config), None
-  limit = data_config.train_limit
-  full = selection.load_full(data_config) if limit > 0 else data_lib.load(data_config)
-  rows = data_lib.balanced_indices(full.y_train, limit)
-  return (data_lib.subset(full, limit),
-          subset_positions(indices, num_train, len(full.y_train), rows))
 
 
 def imported_plan(plan: plan_lib.PoisonPlan, indices, y_train: np.ndarray,
@@ -122,7 +98,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from jaxbd.interop import backdoorbench  # pylint: disable=g-import-not-at-top
   config_lib.validate(config)
   ckpt = backdoorbench.load(config.defend.checkpoint)
-  dataset, poisoned = load_data(config.data, ckpt.poison_indices, ckpt.num_train)
+  dataset = data_lib.load(config.data)
+  poisoned = (None if ckpt.poison_indices is None else subset_positions(
+      ckpt.poison_indices, ckpt.num_train, dataset.train_rows, dataset.train_split))
   r = common.build(config, workdir, dataset)
   if ckpt.model != config.model.name:
     raise ConfigError(f"the checkpoint holds a {ckpt.model!r} model but config.model.name is "
