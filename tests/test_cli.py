@@ -1,5 +1,7 @@
-"""The command line: the quickstart job, results.json schema, resume after kill, bad input."""
+"""The command line: the quickstart job, results.json schema, resume after kill, bad input; the
+README's Python block."""
 
+import ast
 import functools
 import json
 import os
@@ -38,6 +40,26 @@ def jaxbd(*args, workdir=None, check_rc=None) -> subprocess.CompletedProcess:
   if check_rc is not None:
     assert proc.returncode == check_rc, err[-3000:]
   return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def readme_python_block() -> str:
+  """The code of the README's "From Python" section (its indented block)."""
+  text = (REPO / "README.md").read_text()
+  section = text.split("### From Python", 1)[1].split("\n### ", 1)[0]
+  return "\n".join(line[4:] for line in section.splitlines() if line.startswith("    "))
+
+
+def test_the_readmes_python_block_trains_a_backdoor_and_d3_removes_it(tmp_path):
+  code = readme_python_block().replace("/tmp/jaxbd/library", str(tmp_path / "library"))
+  assert "common.prepare" in code and "/tmp/jaxbd" not in code
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=process_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  printed = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+  backdoored, repaired = (ast.literal_eval(printed[k]) for k in ("backdoored", "D3"))
+  assert backdoored["acc"] > 0.95 and backdoored["asr"] > 0.95  # README: 0.981 / 0.991
+  assert repaired["asr"] < 0.05 and repaired["acc"] > 0.5  # README: 0.656 / 0.000
+  assert (tmp_path / "library" / "metrics.jsonl").exists()
 
 
 def test_quickstart_writes_results_in_the_design_schema(tmp_path):
