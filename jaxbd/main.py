@@ -93,9 +93,11 @@ def preflight(argv: list[str]) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flags parser of the run commands: the config checks of `preflight`, `parse_absl`."""
-  with cli.one_line_errors():
-    preflight(argv[1:])
+  """absl flags parser of the run commands: the config checks of `preflight`, `parse_absl`
+  (which answers --help and --helpfull without them)."""
+  if not {"-h", "-?", "--help", "--helpshort", "--helpfull"} & set(argv[1:]):
+    with cli.one_line_errors():
+      preflight(argv[1:])
   rest = cli.parse_absl(argv)
   if not _WORKDIR.value:
     cli.die("--workdir is required")

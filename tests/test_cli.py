@@ -62,6 +62,14 @@ def test_the_readmes_python_block_trains_a_backdoor_and_d3_removes_it(tmp_path):
   assert (tmp_path / "library" / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("module", ["jaxbd.main", "jaxbd.sweep"])
+def test_help_lists_the_flags_without_a_config(module):
+  proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=process_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert "--workdir" in proc.stdout and "--config" in proc.stdout, proc.stdout + proc.stderr
+  assert "error" not in proc.stderr
+
+
 def test_quickstart_writes_results_in_the_design_schema(tmp_path):
   workdir = tmp_path / "run"
   proc = jaxbd(*QUICK, "--config.defense.names=ft", "--config.defense.ft.epochs=2",
