@@ -62,7 +62,7 @@ def test_the_readmes_python_block_trains_a_backdoor_and_d3_removes_it(tmp_path):
   assert (tmp_path / "library" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("module", ["jaxbd.main", "jaxbd.sweep"])
+@pytest.mark.parametrize("module", ["jaxbd.main", "jaxbd.sweep", "jaxbd.select"])
 def test_help_lists_the_flags_without_a_config(module):
   proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=process_env(),
                         capture_output=True, text=True, timeout=120)
