@@ -393,6 +393,16 @@ def split_names(text: str) -> list[str]:
   return [n.strip() for n in text.split(",") if n.strip()]
 
 
+def check_names(text: str, path: str, choices: Iterable[str], required: bool = False) -> None:
+  """Raises ConfigError unless the comma-separated list `text` (at config key `path`) names
+  each of `choices` at most once, and at least one of them if `required`."""
+  names = split_names(text)
+  require(bool(names) or not required, f"config key {path!r} names none of {list(choices)}")
+  for i, name in enumerate(names):
+    check_choice(name, path, choices)
+    require(name not in names[:i], f"config key {path!r} names {name!r} twice")
+
+
 def defense_names(config: ConfigDict) -> list[str]:
   """The defenses named by `config.defense.names`, in order."""
   return split_names(config.defense.names)
@@ -418,11 +428,7 @@ def validate(config: ConfigDict) -> None:
   check_choice(config.poison.label_mode, "poison.label_mode",
                ("all2one", "all2all", "clean_label"))
   check_choice(config.attack.name, "attack.name", ["none", *attacks.ATTACKS])
-  names = defense_names(config)
-  for name in names:
-    check_choice(name, "defense.names", defenses.DEFENSES)
-  for i, name in enumerate(names):
-    require(name not in names[:i], f"config key 'defense.names' names {name!r} twice")
+  check_names(config.defense.names, "defense.names", defenses.DEFENSES)
 
   check_range(config, "seed", 0, 2**31 - 1)
   source_parts(config.data.source)

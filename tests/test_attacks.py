@@ -49,6 +49,9 @@ def test_wanet_grids_stay_in_bounds_and_noise_mode_differs():
   assert float(jnp.abs(noisy - warped).max()) > 0.01  # fresh per-pixel noise on the grid
   assert 0.0 <= float(noisy.min()) and float(noisy.max()) <= 1.0
   assert trigger.cover_ratio == 2.0
+  poison.make_trigger(trigger_config("wanet", k=8), (8, 8, 1))  # one control point per pixel
+  with pytest.raises(ConfigError, match="poison.wanet.k 9 is more control points than the 8x8"):
+    poison.make_trigger(trigger_config("wanet", k=9), (8, 8, 1))
 
 
 def test_wanet_matches_torch_interpolate_and_grid_sample():

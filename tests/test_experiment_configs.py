@@ -1,5 +1,7 @@
 """The D3-table, Pick-your-Poison and detection configs validate for every argument; tables."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -77,10 +79,16 @@ def test_detection_config():
   assert c.model.name == "cnn"
   assert c.experiment == "detection" and c.detection.num_clean == 2
   assert c.detection.num_backdoored == 3 and c.detection.attacks == "badnets,blended"
-  c.detection.scorers = "cti,strip"
-  with pytest.raises(ConfigError, match="'detection.scorers' must be one of"):
+  for scorers, message in (("cti,strip", "'detection.scorers' must be one of"),
+                           ("", "'detection.scorers' names none of ['cti', 'nc']"),
+                           ("nc,nc", "'detection.scorers' names 'nc' twice")):
+    c.detection.scorers = scorers
+    with pytest.raises(ConfigError, match=re.escape(message)):
+      config_lib.validate(c)
+  c.detection.scorers, c.detection.attacks = "cti", "badnets,badnets"
+  with pytest.raises(ConfigError, match="'detection.attacks' names 'badnets' twice"):
     config_lib.validate(c)
-  c.detection.scorers = "cti"
+  c.detection.attacks = "badnets,blended"
   c.detection.cti.repair = "d3"
   config_lib.validate(c)
   c.defense.d3.lmd = 0.0  # the repair's own section is checked

@@ -226,6 +226,7 @@ def test_config_arguments_and_bad_values():
       ("quant.momentum", 0.0, "quant.momentum"),
       ("poison.rate", 0.1, "does not poison"),
       ("poison.name", "none", "needs an input trigger"),
+      ("poison.label_mode", "all2all", "set poison.label_mode='all2one' \\(got 'all2all'\\)"),
       ("quant_backdoor.qb.repair.lr", 0.0, "qb.repair.lr"),
       ("model.name", "preact_resnet18", "implemented for model.name=cnn"),
       ("model.name", "vmoe", "needs a model with fake-quantization layers"),
@@ -309,6 +310,13 @@ def test_a_clean_model_from_another_run_is_checked_before_the_workdir_is_made(tm
       experiments.run(config, str(workdir))
     assert not workdir.exists()
   assert sorted(os.listdir(source)) == ["config.json"]  # the other run's folder is only read
+  killed = train_lib.Checkpointer(str(source / "checkpoints" / "clean"))
+  killed.save(1, {"step": np.zeros((), np.int32)})  # a run killed after its first epoch
+  killed.close()
+  with pytest.raises(CheckpointError, match=re.escape(
+      f"phase 'clean' in {source} stopped at epoch 1 of {config.train.epochs}: rerun")):
+    experiments.run(config, str(workdir))
+  assert not workdir.exists()
 
 
 def test_quantized_der_takes_the_trigger_asr_where_the_attack_has_a_trigger():

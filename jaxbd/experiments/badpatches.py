@@ -69,8 +69,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "experiment 'badpatches' needs an attack (poison.name is 'none')")
   config_lib.require(all(0 < r <= 1 for r in config.badpatches.rates),
                      "config key 'badpatches.rates' must hold rates in (0, 1]")
-  for name in baselines(config):
-    config_lib.check_choice(name, "badpatches.baselines", poison.TRIGGERS)
+  config_lib.check_names(config.badpatches.baselines, "badpatches.baselines", poison.TRIGGERS)
   config_lib.check_range(config, "badpatches.routing_images", 0)
   guided = badpatches.guidance(config.poison.badpatches)
   config_lib.require(not guided or config.poison.name != "badpatches"

@@ -357,12 +357,17 @@ def load_phase(run: Run, phase: str, epoch: int, workdir: Optional[str] = None) 
   or in `workdir` (another run's, for a model trained once and used by several runs).
 
   Raises:
-    CheckpointError: the phase has no such checkpoint, or it does not fit `run.model`.
+    CheckpointError: the phase has no such checkpoint (none, or it stopped before `epoch`: the
+      run was killed), or it does not fit `run.model`.
   """
   workdir = workdir or run.workdir
   ckpt = train_lib.Checkpointer(os.path.join(workdir, "checkpoints", phase))
-  if ckpt.latest_epoch() is None:
+  latest = ckpt.latest_epoch()
+  if latest is None:
     raise CheckpointError(f"no checkpoint of phase {phase!r} in {workdir}")
+  if latest < epoch:
+    raise CheckpointError(f"phase {phase!r} in {workdir} stopped at epoch {latest} of {epoch}: "
+                          "rerun that run's command to finish it first")
   state = ckpt.restore(epoch)
   ckpt.close()
   return check_variables(run, {"params": state["params"], **state["model_state"]},

@@ -66,12 +66,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   c = config.detection
   config_lib.check_range(config, "detection.num_clean", 1)
   config_lib.check_range(config, "detection.num_backdoored", 1)
-  attacks = config_lib.split_names(c.attacks)
-  config_lib.require(bool(attacks), "config key 'detection.attacks' names no attack")
-  for name in attacks:
-    config_lib.check_choice(name, "detection.attacks", poison.TRIGGERS)
-  for name in config_lib.split_names(c.scorers):
-    config_lib.check_choice(name, "detection.scorers", detection.SCORERS)
+  config_lib.check_names(c.attacks, "detection.attacks", poison.TRIGGERS, required=True)
+  config_lib.check_names(c.scorers, "detection.scorers", detection.SCORERS, required=True)
   config_lib.require(config.attack.name == "none", "the detection experiment trains data-"
                      f"poisoning attacks only; attack.name must be 'none', got "
                      f"{config.attack.name!r}")

@@ -72,6 +72,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.require(config.poison.rate == 0,
                      "the quant_backdoor experiment does not poison the training set; set "
                      f"poison.rate=0 (got {config.poison.rate})")
+  config_lib.require(config.poison.label_mode == "all2one",
+                     "the quant_backdoor experiment's attacks send every input to poison.target; "
+                     f"set poison.label_mode='all2one' (got {config.poison.label_mode!r})")
   config_lib.require(c.attack != "quanti" or config.poison.name != "none",
                      "the quanti attack needs an input trigger: set poison.name (e.g. badnets)")
   attacks.validate(config, "quant_backdoor")

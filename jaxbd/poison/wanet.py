@@ -158,6 +158,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def build(c: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
           seed: int) -> WarpTrigger:
-  """The WaNet trigger of section `c` for images of `image_shape` (H, W, C)."""
+  """The WaNet trigger of section `c` for images of `image_shape` (H, W, C).
+
+  Raises:
+    ConfigError: a control grid (k x k) finer than the image, which its upsampling would shrink.
+  """
+  config_lib.require(c.k <= min(image_shape[:2]), f"poison.wanet.k {c.k} is more control points "
+                     f"than the {image_shape[0]}x{image_shape[1]} images have pixels per side")
   grid = warp_grid(image_shape, c.k, c.s, c.grid_rescale, seed)
   return WarpTrigger(jnp.asarray(grid), float(c.cross_ratio))
