@@ -299,9 +299,13 @@ def test_a_clean_model_from_another_run_is_checked_before_the_workdir_is_made(tm
   workdir = tmp_path / "run"
   saved = config.to_dict()
   saved["model"]["cnn"]["width"] += 1
+  borrower = config.to_dict()
+  borrower["standard"]["victim_from"] = "/runs/lender"
   for written, error, message in (
       (None, ConfigError, "config.json is not a readable run config"),
       (saved, ConfigError, "has another data or model section (first difference: model.cnn.width)"),
+      (borrower, ConfigError, "trained no models of its own (its standard.victim_from is "
+       "/runs/lender); point quant_backdoor.clean_from there"),
       (config.to_dict(), CheckpointError, "no checkpoint of phase 'clean' in"),
   ):
     if written is not None:

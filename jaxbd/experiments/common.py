@@ -389,16 +389,21 @@ def borrowed_epochs(run: Run, setting: str, source: str, what: str,
     compared: that part of a config dict.
 
   Raises:
-    ConfigError: `source` holds no readable config.json, or one whose `compared` part differs.
+    ConfigError: `source` holds no readable config.json, one whose `compared` part differs, or
+      one of a run that borrowed its models too (they are in its `standard.victim_from`).
   """
   path = os.path.join(source, "config.json")
   try:
     with open(path) as f:
       saved = json.load(f)
     epochs = int(saved["train"]["epochs"])
-  except (OSError, ValueError, KeyError, TypeError) as e:
+    lender = saved.get("standard", {}).get("victim_from")
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise ConfigError(f"{setting}: {path} is not a readable run config ({first_line(e)})"
                       ) from None
+  if lender:
+    raise ConfigError(f"{setting}: the run in {source} trained no models of its own (its "
+                      f"standard.victim_from is {lender}); point {setting} there")
   first = first_difference(compared(run.config.to_dict()), compared(saved))
   if first is not None:
     raise ConfigError(f"{setting}: the run in {source} has another {what} (first difference: "
