@@ -96,7 +96,7 @@ def _labels(name: str, split: str, y: np.ndarray, n: int) -> np.ndarray:
 
 
 def make_dataset(name: str, x_train, y_train, x_test, y_test, classes=None,
-                 whole_labels=None, train_rows=None) -> Dataset:
+                 whole_labels=None) -> Dataset:
   """Validates arrays and returns a Dataset.
 
   Args:
@@ -108,9 +108,8 @@ def make_dataset(name: str, x_train, y_train, x_test, y_test, classes=None,
     classes: class names; default: "0" .. str(max label).
     whole_labels: None, or (int[N'], int[M']) the labels of the whole splits of which the arrays
       are class-balanced subsets (the encoded npz layout decodes only a subset's images): the
-      label checks and default class names then read them, as for `subset` of the whole dataset.
-    train_rows: with `whole_labels`, int[N] the rows of the whole training split that x_train
-      holds (default: all of them, in order).
+      label checks and default class names then read them, as for `subset` of the whole dataset,
+      and `train_rows` are the subset's rows (`balanced_indices`).
 
   Raises:
     DataError: wrong dtype or shape, mismatched lengths, labels outside [0, K), or test labels
@@ -138,9 +137,8 @@ def make_dataset(name: str, x_train, y_train, x_test, y_test, classes=None,
   if unseen.size:
     raise DataError(f"{name}: test labels {unseen[:5].tolist()} occur in no training image; "
                     "the splits' labels do not match")
-  rows = np.arange(len(y_train)) if train_rows is None else np.asarray(train_rows)
-  return Dataset(name, x_train, y_train, x_test, y_test, classes, rows.astype(np.int64),
-                 len(all_train))
+  rows = balanced_indices(all_train, len(y_train)).astype(np.int64)  # arange(N): whole split
+  return Dataset(name, x_train, y_train, x_test, y_test, classes, rows, len(all_train))
 
 
 def balanced_indices(labels: np.ndarray, limit: int) -> np.ndarray:

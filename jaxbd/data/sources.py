@@ -96,7 +96,7 @@ def _stack(name: str, images: list[np.ndarray]) -> np.ndarray:
 
 def _encoded_split(name: str, arrays, split: str, limit: int):
   """(uint8 images, int32 labels) of a split's class-balanced subset of `limit` (0: all), only
-  its images decoded, the int32 labels of the whole split, and the subset's rows in it."""
+  its images decoded, and the int32 labels of the whole split."""
   data = arrays[f"{split}_bytes"]
   offsets = arrays[f"{split}_offsets"]
   labels = class_labels(name, f"{split}_labels", arrays[f"{split}_labels"])
@@ -109,7 +109,7 @@ def _encoded_split(name: str, arrays, split: str, limit: int):
   idx = balanced_indices(labels, limit)
   images = _stack(name, [_decode(f"{name} {split} image {i}", data[offsets[i]:offsets[i + 1]]
                                  .tobytes()) for i in idx])
-  return images, labels[idx], labels, idx
+  return images, labels[idx], labels
 
 
 def _npz(path: str, train_limit: int, test_limit: int) -> Dataset:
@@ -130,9 +130,9 @@ def _npz(path: str, train_limit: int, test_limit: int) -> Dataset:
       ds = make_dataset(name, *(arrays[k] for k in plain), classes)
       return subset(ds, train_limit, test_limit)
     if all(k in keys for k in encoded):
-      x_tr, y_tr, all_tr, rows = _encoded_split(name, arrays, "train", train_limit)
-      x_te, y_te, all_te, _ = _encoded_split(name, arrays, "test", test_limit)
-      return make_dataset(name, x_tr, y_tr, x_te, y_te, classes, (all_tr, all_te), rows)
+      x_tr, y_tr, all_tr = _encoded_split(name, arrays, "train", train_limit)
+      x_te, y_te, all_te = _encoded_split(name, arrays, "test", test_limit)
+      return make_dataset(name, x_tr, y_tr, x_te, y_te, classes, (all_tr, all_te))
   except fileio.NPZ_ERRORS as e:
     raise DataError(f"{name}: corrupt array in the .npz file ({e})") from None
   layout = encoded if any(k.endswith(("_bytes", "_offsets")) for k in keys) else plain

@@ -21,7 +21,6 @@ import ml_collections
 import numpy as np
 
 from jaxbd import config as config_lib
-from jaxbd import data as data_lib
 from jaxbd import defenses, host
 from jaxbd.errors import ConfigError
 from jaxbd.experiments import common, report, results, standard
@@ -96,12 +95,8 @@ def plan_source(indices) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Loads, evaluates and defends the checkpoint; returns the results document."""
   from jaxbd.interop import backdoorbench  # pylint: disable=g-import-not-at-top
-  config_lib.validate(config)
+  r = common.build(config, workdir)
   ckpt = backdoorbench.load(config.defend.checkpoint)
-  dataset = data_lib.load(config.data)
-  poisoned = (None if ckpt.poison_indices is None else subset_positions(
-      ckpt.poison_indices, ckpt.num_train, dataset.train_rows, dataset.train_split))
-  r = common.build(config, workdir, dataset)
   if ckpt.model != config.model.name:
     raise ConfigError(f"the checkpoint holds a {ckpt.model!r} model but config.model.name is "
                       f"{config.model.name!r}")
@@ -109,6 +104,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"the checkpoint has {ckpt.num_classes} classes but the dataset has "
                       f"{r.dataset.num_classes}")
   variables = common.check_variables(r, ckpt.variables, config.defend.checkpoint)
+  poisoned = (None if ckpt.poison_indices is None else subset_positions(
+      ckpt.poison_indices, ckpt.num_train, r.dataset.train_rows, r.dataset.train_split))
   r = dataclasses.replace(r, plan=imported_plan(r.plan, poisoned, r.dataset.y_train,
                                                 r.dataset.num_classes))
   if config_lib.defense_names(config):  # the trusted set comes from the imported plan's clean rows
