@@ -5,12 +5,14 @@ r"""`python -m jaxbd.select`: choose a defense's hyper-parameters on held-out tr
 
 Trains (or resumes) the config's backdoored model in DIR, runs the defense once per cell of
 `--grid` (cartesian product of `defense.<name>.field=v1,v2` groups) on the run's trusted set,
-scores each defended model on `--heldout` training images outside the `data.train_limit`
-subset, and picks the setting with Pick your Poison's rule: lowest held-out ASR among those
-whose held-out ACC is at most `--max_acc_drop` below the suspect model's (ties: higher ACC).
-Test data is never read. Prints a table and writes DIR/selection.json
-(`jaxbd.experiments.selection`). Exit status 1 when no setting is eligible; bad input is one
-line `jaxbd: error: ...` with exit status 2.
+scores each defended model on `--heldout` held-out training images, and picks the setting with
+Pick your Poison's rule: lowest held-out ASR among those whose held-out ACC is at most
+`--max_acc_drop` below the suspect model's (ties: higher ACC). The held-out images are training
+images outside the `data.train_limit` subset (`--heldout_from=outside`, the default) or
+`--heldout` of the trusted images, the defense running on the others (`--heldout_from=trusted`,
+the paper's way, which needs no subset). Test data is never read. Prints a table and writes
+DIR/selection.json (`jaxbd.experiments.selection`). Exit status 1 when no setting is
+eligible; bad input is one line `jaxbd: error: ...` with exit status 2.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from jaxbd.errors import ConfigError
 
 _DEFENSE = flags.DEFINE_string("defense", None, "The defense to tune (ft, d3, pt, fine_pruning).")
 _HELDOUT = flags.DEFINE_integer("heldout", 2000, "Held-out training images.")
+_HELDOUT_FROM = flags.DEFINE_enum(
+    "heldout_from", "outside", ["outside", "trusted"],
+    "Where the held-out images come from: training images outside the data.train_limit subset, "
+    "or a part of the trusted set (the defense then runs on the rest).")
 _MAX_ACC_DROP = flags.DEFINE_float("max_acc_drop", 0.03,
                                    "Largest held-out ACC loss a setting may cost.")
 
@@ -40,7 +46,8 @@ def main() -> None:
   workdir = run_command.workdir_value()
   doc = selection.select(config, workdir, _DEFENSE.value,
                          sweep.parse_grid(sweep.grid_value(), config),
-                         heldout=_HELDOUT.value, max_acc_drop=_MAX_ACC_DROP.value)
+                         heldout=_HELDOUT.value, heldout_from=_HELDOUT_FROM.value,
+                         max_acc_drop=_MAX_ACC_DROP.value)
   print(selection.table(doc))
   print(f"selection: {os.path.join(workdir, 'selection.json')}")
   if doc["chosen"] is None:

@@ -74,6 +74,7 @@ def test_detection_config():
   full = load_config("configs/detection.py")
   config_lib.validate(full)
   assert full.model.name == "resnet18" and full.detection.num_clean == 8
+  assert (full.train.lr, full.train.schedule_unit, full.train.momentum) == (0.1, "step", 0.9)
   c = load_config("configs/detection.py:cpu,clean=2,backdoored=3")
   config_lib.validate(c)
   assert c.model.name == "cnn"

@@ -3,6 +3,8 @@ round-trip."""
 
 import functools
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -12,7 +14,7 @@ from jaxbd import config as config_lib
 from jaxbd import data, models
 from jaxbd.errors import CheckpointError, ConfigError
 
-from conftest import real_dataset, side_by_side
+from conftest import REPO, process_env, real_dataset, side_by_side, tiny_digits_config
 from test_cli import assert_one_line_error, jaxbd
 
 torch = pytest.importorskip("torch")
@@ -290,3 +292,48 @@ def test_cli_defends_a_pytorch_trained_model(tmp_path):
                               "batch_stats/layer1_0/bn1/mean has shape (16,), the model expects "
                               "(32,)")
   assert not wrong.exists()
+
+
+def test_a_trained_run_exports_to_a_file_its_pytorch_twin_reads(tmp_path):
+  """`python -m jaxbd.export`: a PreAct-ResNet18 trained by jaxbd on a digits subset, written as
+  a BackdoorBench file, gives the PyTorch twin the run's logits (and test ACC) with the file's
+  normalization; its poison indicator marks the plan's rows of the whole training split."""
+  from jaxbd import experiments, poison  # pylint: disable=g-import-not-at-top
+  from jaxbd.interop import export  # pylint: disable=g-import-not-at-top
+  config = tiny_digits_config(**{"model.name": "preact_resnet18", "model.preact_resnet18.width": 4,
+                                 "data.train_limit": 1000, "train.epochs": 1})
+  workdir, out = tmp_path / "run", tmp_path / "victim.pt"
+  doc = experiments.run(config, str(workdir))
+  proc = subprocess.run([sys.executable, "-m", "jaxbd.export", f"--workdir={workdir}",
+                         f"--out={out}"], cwd=REPO, env=process_env(), capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "100 of the 1437 training rows marked poisoned" in proc.stdout
+  blob = torch.load(out, weights_only=False)
+  ds = data.load(config.data)
+  plan = poison.load_plan(str(workdir / "poison_plan.npz"))
+  rows = ds.train_rows[plan.indices]
+  assert len(rows) == 100 and rows.max() >= 1000  # subset rows are not whole-split rows
+  np.testing.assert_array_equal(np.flatnonzero(blob["bd_train"]["poison_indicator"]), rows)
+  np.testing.assert_array_equal(backdoorbench.load(str(out)).poison_indices, rows)
+  net = torch_models.PreActResNet18(10, 4, in_channels=1)
+  net.load_state_dict(blob["model"], strict=True)
+  mean, std = (torch.tensor(blob["normalization"][k])[:, None, None] for k in ("mean", "std"))
+  with torch.no_grad():
+    logits = net.eval()((torch_unit(ds.x_test) - mean) / std).numpy()
+  model = models.create(config, 10, blob["normalization"]["mean"], blob["normalization"]["std"])
+  want = np.asarray(model.apply(backdoorbench.load(str(out)).variables,
+                                ds.x_test.astype(np.float32) / 255.0))
+  assert np.abs(want).max() > 0.1
+  np.testing.assert_allclose(logits, want, rtol=0, atol=1e-4)
+  assert (logits.argmax(-1) == ds.y_test).mean() == doc["metrics"]["backdoored"]["acc"]
+
+  with pytest.raises(ConfigError, match="trained backdoored only"):
+    export.export_run(str(workdir), "clean", str(tmp_path / "clean.pt"))
+  saved = json.loads((workdir / "config.json").read_text())
+  saved["model"]["name"] = "cnn"
+  (tmp_path / "cnn").mkdir()
+  (tmp_path / "cnn" / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ConfigError, match="model 'cnn' has no BackdoorBench twin"):
+    export.export_run(str(tmp_path / "cnn"), "backdoored", str(tmp_path / "cnn.pt"))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn", "run", "victim.pt"]

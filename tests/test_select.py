@@ -1,5 +1,6 @@
 """Held-out selection of a defense's hyper-parameters (`python -m jaxbd.select`): Pick your
-Poison's rule, held-out images outside the training subset, and the command line."""
+Poison's rule, held-out images outside the training subset or from the trusted set, and the
+command line."""
 
 import functools
 import json
@@ -15,7 +16,7 @@ from jaxbd.data.dataset import balanced_indices
 from jaxbd.errors import ConfigError
 from jaxbd.experiments import selection
 
-from conftest import REPO, process_env, side_by_side
+from conftest import REPO, process_env, side_by_side, tiny_digits_config
 
 
 @pytest.mark.parametrize("rows, chosen", [
@@ -67,8 +68,39 @@ def test_heldout_images_are_balanced_training_images_outside_the_subset():
   with pytest.raises(ConfigError, match="train_limit 5000 takes all 1437 training images"):
     selection.heldout_split(full, 5000, 100)
   c.data.train_limit = 0
-  with pytest.raises(ConfigError, match="needs data.train_limit > 0"):
+  with pytest.raises(ConfigError, match="needs data.train_limit > 0.*--heldout_from=trusted"):
     selection.load_full(c.data)
+
+
+def test_trusted_heldout_scores_settings_on_trusted_images_the_defense_does_not_train_on(
+    tmp_path):
+  """--heldout_from=trusted on the whole training split: the held-out images are part of the
+  trusted set the run draws (never a poisoned row), the defense gets the rest, and a size that
+  leaves either part empty is refused before any file."""
+  from jaxbd import defenses, experiments, poison, sweep  # pylint: disable=g-import-not-at-top
+  c = tiny_digits_config(**{"defense.clean_fraction": 0.2})
+  assert c.data.train_limit == 0
+  cells = sweep.parse_grid("defense.ft.lr=0.01,0.2;defense.ft.epochs=2", c)
+  with pytest.raises(ConfigError, match=r"--heldout 287 must be in \[1, 286\] with "
+                     "--heldout_from=trusted"):
+    selection.select(c, str(tmp_path / "bad"), "ft", cells, heldout=287, heldout_from="trusted")
+  assert not (tmp_path / "bad").exists()
+  doc = selection.select(c, str(tmp_path / "run"), "ft", cells, heldout=100,
+                         heldout_from="trusted")
+  held = np.array(doc["heldout"]["indices"])
+  assert doc["heldout"]["from"] == "trusted" and len(set(held)) == 100
+  assert doc["trusted_size"] == 287 - 100
+  ds = data_lib.load(c.data)
+  plan = poison.load_plan(str(tmp_path / "run" / "poison_plan.npz"))
+  drawn = defenses.trusted_split(ds.x_train, ds.y_train, plan.kind, 0.2, c.seed)
+  assert set(held) <= set(drawn.indices) and not set(held) & set(plan.indices)
+  low, high = doc["settings"]
+  assert (low["acc"], low["asr"]) != (high["acc"], high["asr"])
+  assert doc["chosen"] == selection.choose(doc["suspect"]["acc"], doc["settings"], 0.03)
+  # The suspect's held-out metrics are its metrics on those trusted images.
+  run = experiments.common.build(c, str(tmp_path / "run"), ds, [])
+  variables = experiments.common.load_phase(run, "backdoored", c.train.epochs)
+  assert run.evaluate(variables, ds.x_train[held], ds.y_train[held]) == doc["suspect"]
 
 
 def select_cli(workdir, *args):

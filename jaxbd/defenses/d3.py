@@ -11,8 +11,9 @@ solved as in the authors' BackdoorBench code (`defense/d3.py`):
 1. Warm-up re-initialization of W: `random` (U(-0.5, 0.5) rescaled to ||W0||, the default),
    `far` (-W0), `middle` (0), `noise` (W0 + N(0, 1) * std(W0)) or `near` (W0).
 2. Train all parameters with SGD (lr 0.01, momentum 0.9, no weight decay, cosine schedule per
-   epoch, 100 epochs, batch 256) on the trusted clean data with crop + flip, BatchNorm in train
-   mode, on the per-batch loss
+   epoch, 100 epochs, batch 256) on the trusted clean data with the run's augmentation
+   (`data.crop_padding`, `data.flip`: crop + flip in the D3 and Pick-your-Poison configs, as
+   the reference's RandomCrop(32, 4) + flip), BatchNorm in train mode, on the per-batch loss
    `hinge = mean_i relu(CE_i - eps)`, `dist = sum_layers ||W - W0||_F` (not squared),
    `loss = (lmd * hinge - dist) / (lmd + 1)` if lmd > 1 else `lmd * hinge - dist`
    (lmd 0.5, eps 0.1).

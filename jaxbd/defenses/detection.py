@@ -36,7 +36,9 @@ about 1e12), which flags a model above 2. Both are reported. The reference's ear
 stop (`early_stop`): once a mask is kept, a class stops after `early_stop_patience` (25) epochs in
 a row whose kept mean L1 is not below `early_stop_threshold` (1.0) times the smallest so far,
 provided its cost has been both raised and lowered since it was started; its state is frozen
-from then on, and the run ends when every class has stopped or after `epochs` epochs.
+from then on, and the run ends when every class has stopped or after `epochs` epochs (100 by
+default, the reference's 1,000 cut to a tenth: with the early stop most classes end well
+before either).
 
 Both optimize all K candidates at once with `jax.vmap` over classes inside one jitted program.
 """
@@ -74,7 +76,8 @@ def cti_config() -> ml_collections.ConfigDict:
 
 
 def nc_config() -> ml_collections.ConfigDict:
-  """Neural Cleanse defaults (epochs reduced from the reference's 1,000; see the docstring)."""
+  """Neural Cleanse defaults (epochs reduced from the reference's 1,000; see the module
+  docstring)."""
   return ml_collections.ConfigDict(dict(
       epochs=100,
       batch_size=32,

@@ -276,21 +276,27 @@ def abstract_variables(model, key: jax.Array, image_shape) -> dict:
   return jax.eval_shape(lambda k: train_lib.init_variables(model, k, image_shape), key)
 
 
-def check_variables(run: Run, variables: dict, source: str) -> dict:
-  """Returns `variables` replicated on the run's mesh if their tree and shapes fit `run.model`.
+def check_fit(model, model_name: str, image_shape, variables: dict, source: str) -> None:
+  """Checks that the tree and shapes of `variables` (from `source`, in words) fit `model`
+  (config name `model_name`) on images of `image_shape`.
 
   Raises:
     CheckpointError: naming the first variable whose path or shape differs.
   """
   expected = traverse_util.flatten_dict(
-      abstract_variables(run.model, run.key, run.dataset.image_shape), sep="/")
+      abstract_variables(model, jax.random.key(0), image_shape), sep="/")
   given = traverse_util.flatten_dict(dict(variables), sep="/")
   for name in sorted(set(expected) | set(given)):
     want = tuple(expected[name].shape) if name in expected else None
     got = tuple(np.shape(given[name])) if name in given else None
     if want != got:
-      raise CheckpointError(f"{source} does not fit model {run.config.model.name!r}: variable "
+      raise CheckpointError(f"{source} does not fit model {model_name!r}: variable "
                             f"{name} has shape {got}, the model expects {want}")
+
+
+def check_variables(run: Run, variables: dict, source: str) -> dict:
+  """Returns `variables` replicated on the run's mesh if they fit `run.model` (`check_fit`)."""
+  check_fit(run.model, run.config.model.name, run.dataset.image_shape, variables, source)
   return train_lib.put_replicated(dict(variables), run.mesh)
 
 
@@ -361,17 +367,25 @@ def load_phase(run: Run, phase: str, epoch: int, workdir: Optional[str] = None) 
       run was killed), or it does not fit `run.model`.
   """
   workdir = workdir or run.workdir
-  ckpt = train_lib.Checkpointer(os.path.join(workdir, "checkpoints", phase))
-  latest = ckpt.latest_epoch()
-  if latest is None:
-    raise CheckpointError(f"no checkpoint of phase {phase!r} in {workdir}")
-  if latest < epoch:
-    raise CheckpointError(f"phase {phase!r} in {workdir} stopped at epoch {latest} of {epoch}: "
-                          "rerun that run's command to finish it first")
-  state = ckpt.restore(epoch)
-  ckpt.close()
-  return check_variables(run, {"params": state["params"], **state["model_state"]},
+  return check_variables(run, restore_phase(workdir, phase, epoch),
                          f"checkpoint of phase {phase!r} in {workdir}")
+
+
+def restore_phase(workdir: str, phase: str, epoch: int) -> dict:
+  """The variables (params and model state, as saved, on one device) of phase `phase` of the
+  run in `workdir` after `epoch` epochs; see `load_phase`."""
+  ckpt = train_lib.Checkpointer(os.path.join(workdir, "checkpoints", phase))
+  try:
+    latest = ckpt.latest_epoch()
+    if latest is None:
+      raise CheckpointError(f"no checkpoint of phase {phase!r} in {workdir}")
+    if latest < epoch:
+      raise CheckpointError(f"phase {phase!r} in {workdir} stopped at epoch {latest} of {epoch}:"
+                            " rerun that run's command to finish it first")
+    state = ckpt.restore(epoch)
+  finally:
+    ckpt.close()
+  return {"params": state["params"], **state["model_state"]}
 
 
 def borrowed_epochs(run: Run, setting: str, source: str, what: str,
@@ -392,6 +406,22 @@ def borrowed_epochs(run: Run, setting: str, source: str, what: str,
     ConfigError: `source` holds no readable config.json, one whose `compared` part differs, or
       one of a run that borrowed its models too (they are in its `standard.victim_from`).
   """
+  saved, epochs = trained_run(source, setting)
+  first = first_difference(compared(run.config.to_dict()), compared(saved))
+  if first is not None:
+    raise ConfigError(f"{setting}: the run in {source} has another {what} (first difference: "
+                      f"{first})")
+  return epochs
+
+
+def trained_run(source: str, setting: str) -> tuple[dict, int]:
+  """(config dict, epochs) of the run in workdir `source` (named by `setting` in messages), whose
+  phases' last checkpoints are after that many epochs; only reads its config.json.
+
+  Raises:
+    ConfigError: `source` holds no readable config.json, or one of a run that borrowed its
+      models (they are in its `standard.victim_from`).
+  """
   path = os.path.join(source, "config.json")
   try:
     with open(path) as f:
@@ -404,11 +434,7 @@ def borrowed_epochs(run: Run, setting: str, source: str, what: str,
   if lender:
     raise ConfigError(f"{setting}: the run in {source} trained no models of its own (its "
                       f"standard.victim_from is {lender}); point {setting} there")
-  first = first_difference(compared(run.config.to_dict()), compared(saved))
-  if first is not None:
-    raise ConfigError(f"{setting}: the run in {source} has another {what} (first difference: "
-                      f"{first})")
-  return epochs
+  return saved, epochs
 
 
 def save_phase(run: Run, phase: str, epoch: int, state: dict) -> None:

@@ -3,14 +3,21 @@
 Pick your Poison's rule (Lukas & Kerschbaum, arXiv 2305.09671): among the settings whose held-out
 ACC is at least the suspect model's held-out ACC minus `max_acc_drop` (3 points), take the one
 with the lowest held-out ASR; ties go to the higher ACC. Without an eligible setting there is no
-choice. The held-out images are class-balanced training images outside the run's
-`data.train_limit` subset: the suspect model never trained on them, and they are not test images.
+choice. The held-out images come from one of two places (`heldout_from`):
 
-`select` trains (or resumes) the config's backdoored model in the workdir (or takes that of
-`standard.victim_from`), runs defense `name` once per grid cell on the same trusted set
-(`defense.clean_fraction`, drawn with `config.seed` from rows the attack did not touch, as
-`python -m jaxbd.main` draws it) with the same PRNG key, scores every defended model on the
-held-out images, applies the rule, and writes `WORKDIR/selection.json`.
+- `trusted` (the paper's): a random part of the trusted set (`defense.clean_fraction`, drawn with
+  `config.seed` from rows the attack did not touch, as `python -m jaxbd.main` draws it); the
+  defense runs on the rest. No image beyond the defender's clean budget is used, and it works on
+  the whole training split.
+- `outside`: class-balanced training images outside the run's `data.train_limit` subset (the
+  suspect never trained on them); the defense runs on the whole trusted set. This scores
+  settings on more clean images than the budget (the CPU recipes' choices were made this way,
+  with 5,000).
+
+Neither is test data. `select` trains (or resumes) the config's backdoored model in the workdir
+(or takes that of `standard.victim_from`), runs defense `name` once per grid cell on the same
+trusted images with the same PRNG key, scores every defended model on the held-out images,
+applies the rule, and writes `WORKDIR/selection.json`.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from jaxbd.errors import ConfigError
 from jaxbd.experiments import common, preparation, results, standard
 
 
+HELDOUT_FROM = ("trusted", "outside")
+
+
 @dataclasses.dataclass(frozen=True)
 class Heldout:
   """Held-out training images.
@@ -37,7 +47,8 @@ class Heldout:
   Attributes:
     images: uint8[M, H, W, C].
     labels: int[M].
-    indices: int64[M] their rows in the full training split.
+    indices: int64[M] their rows in the full training split (`outside`) or in the run's
+      training set (`trusted`).
   """
 
   images: np.ndarray
@@ -52,8 +63,9 @@ def load_full(data_config: ml_collections.ConfigDict) -> data_lib.Dataset:
     ConfigError: the run trains on the whole training split (no image is held out).
   """
   if data_config.train_limit <= 0:
-    raise ConfigError("held-out selection needs data.train_limit > 0: the held-out images are "
-                      "training images outside that subset")
+    raise ConfigError("--heldout_from=outside needs data.train_limit > 0 (the held-out images "
+                      "are training images outside that subset); or hold out trusted images "
+                      "with --heldout_from=trusted")
   full_config = ml_collections.ConfigDict(data_config.to_dict())
   full_config.train_limit = 0
   return data_lib.load(full_config)
@@ -75,6 +87,21 @@ def heldout_split(full: data_lib.Dataset, train_limit: int, size: int) -> Heldou
                       "outside the subset)")
   rows = outside[balanced_indices(full.y_train[outside], size)]
   return Heldout(full.x_train[rows], full.y_train[rows], rows)
+
+
+def trusted_heldout(trusted: defenses.Trusted, size: int,
+                    key) -> tuple[defenses.Trusted, Heldout]:
+  """(the trusted images a defense runs on, the `size` ones held out), split at random by `key`.
+
+  Raises:
+    ConfigError: `size` leaves either part empty.
+  """
+  m = len(trusted.labels)
+  if not 0 < size < m:
+    raise ConfigError(f"--heldout {size} must be in [1, {m - 1}] with --heldout_from=trusted "
+                      f"(the {m} trusted images; defense.clean_fraction sets them)")
+  kept, held = defenses.base.holdout(trusted, size / m, key, "--heldout")
+  return kept, Heldout(held.images, held.labels, held.indices)
 
 
 def keeps_accuracy(row: dict[str, float], reference_acc: float, max_acc_drop: float) -> bool:
@@ -121,15 +148,17 @@ def defense_cells(config: ml_collections.ConfigDict, name: str,
 
 def select(config: ml_collections.ConfigDict, workdir: str, name: str,
            cells: Sequence[dict[str, Any]], *, heldout: int = 2000,
-           max_acc_drop: float = 0.03) -> dict:
+           heldout_from: str = "outside", max_acc_drop: float = 0.03) -> dict:
   """Runs defense `name` for each grid cell and chooses one on held-out images.
 
   Args:
-    config: a standard-experiment config with a data-poisoning attack and `data.train_limit`.
+    config: a standard-experiment config with a data-poisoning attack (and `data.train_limit`
+      for `heldout_from="outside"`).
     workdir: run directory of the suspect model (resumed if it exists).
     name: the defense (a key of `jaxbd.defenses.DEFENSES`).
     cells: grid cells `{"defense.<name>.field": value}`.
     heldout: number of held-out images.
+    heldout_from: where they come from, "trusted" or "outside" (see the module docstring).
     max_acc_drop: the rule's ACC tolerance.
 
   Returns:
@@ -148,12 +177,21 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
                       "train models first")
   if not 0 <= max_acc_drop <= 1:
     raise ConfigError(f"--max_acc_drop must be in [0, 1], got {max_acc_drop}")
+  if heldout_from not in HELDOUT_FROM:
+    raise ConfigError(f"--heldout_from must be one of {list(HELDOUT_FROM)}, got {heldout_from!r}")
   configs = defense_cells(config, name, cells)
-  full = load_full(config.data)
-  held = heldout_split(full, config.data.train_limit, heldout)
+  if heldout_from == "outside":
+    full = load_full(config.data)
+    held = heldout_split(full, config.data.train_limit, heldout)
+    dataset = data_lib.subset(full, config.data.train_limit)
+  else:
+    dataset = None
   # The defense is checked per cell (the base config's own section is never run) before the
   # suspect trains, e.g. a D3 layer the model lacks.
-  run = common.build(config, workdir, data_lib.subset(full, config.data.train_limit), [])
+  run = common.build(config, workdir, dataset, [])
+  trusted = run.trusted(config.defense.clean_fraction)
+  if heldout_from == "trusted":
+    trusted, held = trusted_heldout(trusted, heldout, common.phase_key(run, "selection/heldout"))
   shapes = common.abstract_variables(run.model, run.key, run.dataset.image_shape)
   for cell_config in configs:
     common.check_components(cell_config, run.model, shapes, run.dataset, run.plan, [name])
@@ -165,7 +203,6 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
     variables, _ = common.train_classifier(run, "backdoored", poisoned=True, evaluate=evaluate)
   else:
     variables = victim["backdoored"]
-  trusted = run.trusted(config.defense.clean_fraction)
   ctx = run.defense_context()
   key = common.phase_key(run, f"defense/{name}")
   reference = evaluate(variables)
@@ -177,7 +214,7 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
     measured = ", ".join(f"{k} {v:.4f}" for k, v in rows[-1].items() if k != "cell")
     host.say(f"selection: setting {i} ({i + 1}/{len(cells)}) {cell} -> {measured}")
   chosen = choose(reference["acc"], rows, max_acc_drop)
-  doc = {"defense": name, "heldout": {"size": int(len(held.labels)),
+  doc = {"defense": name, "heldout": {"from": heldout_from, "size": int(len(held.labels)),
                                       "indices": held.indices.tolist()},
          "trusted_size": int(len(trusted.labels)), "max_acc_drop": max_acc_drop,
          "suspect": reference, "settings": rows, "chosen": chosen,

@@ -247,7 +247,7 @@ def load(path: str) -> Checkpoint:
 
 def save(path: str, variables: Mapping[str, Any], *, num_classes: int,
          model_name: str = "preactresnet18", poison_indices: Optional[np.ndarray] = None,
-         num_train: Optional[int] = None) -> None:
+         num_train: Optional[int] = None, extra: Optional[Mapping[str, Any]] = None) -> None:
   """Writes jaxbd variables as a BackdoorBench-style `torch.save` dict (atomically).
 
   Args:
@@ -258,12 +258,13 @@ def save(path: str, variables: Mapping[str, Any], *, num_classes: int,
     poison_indices: poisoned rows of the whole training split to record.
     num_train: the whole training split's size, to record the indices as BackdoorBench's
       `poison_indicator`.
+    extra: further entries of the dict (e.g. `img_size`).
   """
   import torch  # pylint: disable=g-import-not-at-top
-  state_dict = {k: torch.from_numpy(np.ascontiguousarray(v))
+  state_dict = {k: torch.from_numpy(np.array(v))  # a writable copy
                 for k, v in flax_to_torch(variables).items()}
   blob: dict[str, Any] = {"model_name": model_name, "num_classes": num_classes,
-                          "model": state_dict}
+                          "model": state_dict, **(extra or {})}
   if poison_indices is not None:
     blob["poison_indices"] = np.asarray(poison_indices, np.int64)
     if num_train is not None:

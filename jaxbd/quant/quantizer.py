@@ -9,7 +9,10 @@ arXiv 2412.01369, whose quantizer is micronet's IAO W8A8):
 - activations: symmetric per tensor, scale = max|x| / ((qmax - qmin) / 2) with the full range
   [-2^(b-1), 2^(b-1) - 1] (max|x| / 127.5 at 8 bits), the range from an observer (the current
   batch, or micronet's moving average, which keeps EMAs of the batch min and max and takes
-  max|x| = max(|EMA min|, |EMA max|): EMA(max|x|) for the non-negative inputs after a ReLU);
+  max|x| = max(|EMA min|, |EMA max|): EMA(max|x|) for the non-negative inputs after a ReLU;
+  for inputs of both signs, the first layer's normalized image, PreAct-ResNet18's pooled
+  residual sum, the WRN-MoE's shortcut and router inputs, it can be below EMA(max|x|) when the
+  batches' extremes alternate in sign, though an image's extremes recur in nearly every batch);
 - asymmetric: scale = (max - min) / (2^b - 1) over a range widened to contain 0, codes in
   [0, 2^b - 1], zero_point = round(-min / scale);
 - rounding half away from zero (micronet's `sign(x) * floor(|x| + 0.5)`); also half to even
