@@ -336,4 +336,9 @@ def test_a_trained_run_exports_to_a_file_its_pytorch_twin_reads(tmp_path):
   (tmp_path / "cnn" / "config.json").write_text(json.dumps(saved))
   with pytest.raises(ConfigError, match="model 'cnn' has no BackdoorBench twin"):
     export.export_run(str(tmp_path / "cnn"), "backdoored", str(tmp_path / "cnn.pt"))
+  saved["model"]["name"], saved["train"]["bogus"] = "preact_resnet18", 1
+  (tmp_path / "cnn" / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ConfigError, match=r"config.json does not validate \(unknown config key "
+                     "'train.bogus'\)"):
+    export.export_run(str(tmp_path / "cnn"), "backdoored", str(tmp_path / "cnn.pt"))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn", "run", "victim.pt"]

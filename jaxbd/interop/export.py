@@ -26,6 +26,7 @@ import ml_collections
 
 from jaxbd import config as config_lib
 from jaxbd import data, models, poison
+from jaxbd.errors import ConfigError
 from jaxbd.experiments import common, standard
 from jaxbd.interop import backdoorbench
 
@@ -57,7 +58,10 @@ def export_run(workdir: str, phase: str, out: str) -> dict:
   config_lib.require(bool(workdir), "--workdir is required")
   saved, epochs = common.trained_run(workdir, "--workdir")
   config = ml_collections.ConfigDict(saved)
-  config_lib.validate(config)
+  try:
+    config_lib.validate(config)
+  except ConfigError as e:
+    raise ConfigError(f"--workdir {workdir}: its config.json does not validate ({e})") from None
   twins = {name: bb_name for bb_name, (name, _) in backdoorbench.MODELS.items()}
   config_lib.require(config.experiment == "standard",
                      f"--workdir {workdir} holds a {config.experiment!r} run; only the standard "
