@@ -25,7 +25,11 @@ recipe, shared by both: 600 steps at batch 64, l_slol 0.01, the paper's other se
 configs/pick_your_poison.py). Both CPU victims fine-tune (FT) 20 epochs at batch 128, not
 BackdoorBench's 100 at 256.
 
-Arguments: cpu, cpu_defense, source=..., attack=badnets|none, rate=0.1, epochs=N (0: the
+`pyp` (without `cpu`): Pick your Poison's victim instead, the post-activation CIFAR ResNet-18
+(`resnet18`) trained with SGD lr 0.1, momentum 0.9, wd 5e-4, cosine per step, batch 128, 100
+epochs (configs/pick_your_poison.py, configs/detection.py).
+
+Arguments: cpu, cpu_defense, pyp, source=..., attack=badnets|none, rate=0.1, epochs=N (0: the
 default).
 
 Sweep (poison rates x seeds, `get_sweep`), results in DIR/results.sqlite:
@@ -38,8 +42,10 @@ from jaxbd import config as config_lib
 
 def get_config(arg=None):
   """The config for `arg` (the arguments in the module docstring)."""
-  a = config_lib.parse_arg(arg, cpu=False, cpu_defense=False, source="tfds:cifar10",
+  a = config_lib.parse_arg(arg, cpu=False, cpu_defense=False, pyp=False, source="tfds:cifar10",
                            attack="badnets", rate=0.1, epochs=0)
+  config_lib.require(not (a.pyp and (a.cpu or a.cpu_defense)),
+                     "config argument pyp is a full-scale victim; it does not go with cpu")
   config = config_lib.defaults()
   config.data.source = a.source
   config.data.crop_padding = 4
@@ -77,6 +83,10 @@ def get_config(arg=None):
     config.train.lr = 0.01
     config.train.schedule_unit = "epoch"
     config.train.eval_every = 10
+    if a.pyp:
+      config.model.name = "resnet18"
+      config.train.lr = 0.1
+      config.train.schedule_unit = "step"
   if a.epochs:
     config.train.epochs = a.epochs
   return config

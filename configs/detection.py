@@ -61,7 +61,7 @@ def get_config(arg=None):
   a = config_lib.parse_arg(arg, cpu=False, source="tfds:cifar10", clean=0, backdoored=0,
                            attacks="badnets+blended")
   config = config_lib.load_beside(__file__, "cifar10.py",
-                                  f"source={a.source}" + (",cpu" if a.cpu else ""))
+                                  f"source={a.source}" + (",cpu" if a.cpu else ",pyp"))
   config.experiment = "detection"
   # 2%: CTI repairs and inverts on half of it (the paper's 1%, 500 images) and measures s_t on
   # the other half (detection.cti.score_fraction), where the reference takes test images.
@@ -69,10 +69,6 @@ def get_config(arg=None):
   d = config.detection
   d.attacks = a.attacks.replace("+", ",")
   d.num_clean, d.num_backdoored = 8, 8
-  if not a.cpu:  # the paper's victims: SGD 0.1, momentum 0.9, wd 5e-4, cosine, batch 128
-    config.model.name = "resnet18"
-    config.train.lr = 0.1
-    config.train.schedule_unit = "step"
   if a.cpu:
     config.data.test_limit = 1000
     config.train.checkpoint_every = 0

@@ -101,7 +101,7 @@ def get_config(arg=None):
   """The config for `arg` (the arguments in the module docstring)."""
   a = config_lib.parse_arg(arg, attack="badnets", cpu=False, source="tfds:cifar10", rate=0.1,
                            epochs=0, defenses="pt+ft")
-  config = config_lib.load_victim(__file__, a, ATTACKS)
+  config = config_lib.load_victim(__file__, a, ATTACKS, full_scale="pyp")
   config.poison.rate = a.rate
   config.poison.target = 0
   if a.attack == "pcb":
@@ -123,8 +123,4 @@ def get_config(arg=None):
                               "all2one")
   config.defense.names = a.defenses.replace("+", ",")
   config.defense.clean_fraction = 0.01
-  if not a.cpu:
-    config.model.name = "resnet18"
-    config.train.lr = 0.1
-    config.train.schedule_unit = "step"
   return config

@@ -237,15 +237,17 @@ def load_beside(config_file: str, name: str, arg: str = "") -> ConfigDict:
   return load_file(f"{path}:{arg}" if arg else path)
 
 
-def load_victim(config_file: str, args: ConfigDict, attacks: Iterable[str]) -> ConfigDict:
+def load_victim(config_file: str, args: ConfigDict, attacks: Iterable[str],
+                full_scale: str = "") -> ConfigDict:
   """configs/cifar10.py (beside `config_file`) for the parsed arguments `args` of a config built
-  on it (attack, source, epochs, cpu: its cpu_defense victim); ConfigError on an attack not in
-  `attacks`."""
+  on it (attack, source, epochs, cpu: its cpu_defense victim, else with the cifar10.py argument
+  `full_scale` if given, e.g. "pyp"); ConfigError on an attack not in `attacks`."""
   if args.attack not in attacks:
     raise ConfigError(f"configs/{os.path.basename(config_file)}: attack must be one of "
                       f"{tuple(attacks)}, got {args.attack!r}")
+  scale = ",cpu_defense" if args.cpu else (f",{full_scale}" if full_scale else "")
   return load_beside(config_file, "cifar10.py", f"source={args.source},epochs={args.epochs}"
-                     + (",cpu_defense" if args.cpu else ""))
+                     + scale)
 
 
 def apply_cell(config: ConfigDict, cell: dict[str, Any]) -> ConfigDict:

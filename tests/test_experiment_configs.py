@@ -75,6 +75,11 @@ def test_detection_config():
   config_lib.validate(full)
   assert full.model.name == "resnet18" and full.detection.num_clean == 8
   assert (full.train.lr, full.train.schedule_unit, full.train.momentum) == (0.1, "step", 0.9)
+  pyp = load_config("configs/pick_your_poison.py")  # both take cifar10.py's `pyp` victim
+  assert {k: full.train[k] for k in pyp.train} == pyp.train.to_dict()
+  assert pyp.model.name == "resnet18"
+  with pytest.raises(ConfigError, match="pyp is a full-scale victim; it does not go with cpu"):
+    load_config("configs/cifar10.py:cpu,pyp")
   c = load_config("configs/detection.py:cpu,clean=2,backdoored=3")
   config_lib.validate(c)
   assert c.model.name == "cnn"

@@ -122,9 +122,12 @@ def holdout(trusted: Trusted, fraction: float, key: jax.Array,
   Raises:
     ConfigError: either part would be empty (see `holdout_count`).
   """
-  m = len(trusted.labels)
-  count = holdout_count(m, fraction, name)
-  order = np.asarray(jax.random.permutation(key, m))
+  return split_off(trusted, holdout_count(len(trusted.labels), fraction, name), key)
+
+
+def split_off(trusted: Trusted, count: int, key: jax.Array) -> tuple[Trusted, Trusted]:
+  """Splits the trusted set at random into (kept, `count` held out), each in row order."""
+  order = np.asarray(jax.random.permutation(key, len(trusted.labels)))
 
   def part(rows):
     rows = np.sort(rows)

@@ -100,7 +100,7 @@ def trusted_heldout(trusted: defenses.Trusted, size: int,
   if not 0 < size < m:
     raise ConfigError(f"--heldout {size} must be in [1, {m - 1}] with --heldout_from=trusted "
                       f"(the {m} trusted images; defense.clean_fraction sets them)")
-  kept, held = defenses.base.holdout(trusted, size / m, key, "--heldout")
+  kept, held = defenses.base.split_off(trusted, size, key)
   return kept, Heldout(held.images, held.labels, held.indices)
 
 
