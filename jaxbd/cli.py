@@ -62,10 +62,13 @@ def one_line_errors(interrupted: str = RESUMABLE) -> Iterator[None]:
 
 
 def parse_absl(argv: list[str]) -> list[str]:
-  """absl's flag parsing with every error as one line (exit status 2)."""
+  """absl's flag parsing with every error as one line (exit status 2); the usage that --help
+  (--helpshort, --helpfull) asks for ends with status 0, not absl's 1."""
   try:
     with one_line_errors():
       return flags.FLAGS(argv)
+  except SystemExit as e:  # only absl's help flags exit while parsing
+    sys.exit(0 if e.code == 1 else e.code)
   except flags.Error as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     die(lines[-1] if lines else type(e).__name__)

@@ -66,6 +66,7 @@ def test_the_readmes_python_block_trains_a_backdoor_and_d3_removes_it(tmp_path):
 def test_help_lists_the_flags_without_a_config(module):
   proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=process_env(),
                         capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   assert "--workdir" in proc.stdout and "--config" in proc.stdout, proc.stdout + proc.stderr
   assert "error" not in proc.stderr
 
