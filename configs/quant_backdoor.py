@@ -98,4 +98,3 @@ def get_config(arg=None):
   if a.epochs:
     qb[a.attack].train.epochs = a.epochs
   return config
-

@@ -90,4 +90,3 @@ def export_run(workdir: str, phase: str, out: str) -> dict:
   return {"model": twins[config.model.name], "num_classes": dataset.num_classes,
           "img_size": list(dataset.image_shape), "poisoned": None if rows is None else len(rows),
           "train_split": dataset.train_split, "out": out}
-
