@@ -14,7 +14,10 @@ import pytest
 from conftest import REPO, process_env
 from jaxbd.train import Checkpointer
 
-ARGS = ["--config=configs/quickstart.py", "--config.train.epochs=3",
+# One epoch: the 2 processes sum their gradients in another order than 1 process does, and that
+# round-off (about 1e-7 of a parameter after one epoch) grows as training goes on, by how much
+# depends on the CPU (up to 1e-3 of a BatchNorm statistic after three epochs on some).
+ARGS = ["--config=configs/quickstart.py", "--config.train.epochs=1",
         "--config.standard.train_clean=false"]
 
 
@@ -47,11 +50,11 @@ def test_two_processes_equal_one_process(tmp_path):
                   f"--process_id={i}") for i in range(2)] + [launch(single)]  # side by side
   (out0, err0), (out1, err1), (out_single, _) = (finish(p) for p in procs)
   assert "| backdoored |" in out_single and out_single in out0  # gloo logs to stdout too
-  assert "backdoored epoch 3/3:" in err0
+  assert "backdoored epoch 1/1:" in err0
   assert "| model |" not in out1 and "epoch" not in err1
 
-  a = Checkpointer(str(multi / "checkpoints" / "backdoored")).restore(3)
-  b = Checkpointer(str(single / "checkpoints" / "backdoored")).restore(3)
+  a = Checkpointer(str(multi / "checkpoints" / "backdoored")).restore(1)
+  b = Checkpointer(str(single / "checkpoints" / "backdoored")).restore(1)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
   m_multi = json.loads((multi / "results.json").read_text())
