@@ -23,7 +23,6 @@ import threading
 from typing import Optional
 
 
-
 def xla_accepts(flag: str) -> bool:
   """Whether JAX starts in a process whose XLA_FLAGS hold `flag` (XLA ends a process whose
   XLA_FLAGS name a flag it does not know)."""
@@ -46,9 +45,15 @@ RECIPE_FLAGS = "--xla_backend_optimization_level=2"
 FAST_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
 COMPILE_FLAGS = f"{RECIPE_FLAGS} {FAST_EMITTERS}" if xla_accepts(FAST_EMITTERS) else RECIPE_FLAGS
 USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+
+
+def compose_xla_flags(*flags: str, devices: int) -> str:
+  """XLA_FLAGS holding `flags` (empty ones left out) and `devices` fake CPU devices."""
+  return " ".join([f for f in flags if f] + [f"--xla_force_host_platform_device_count={devices}"])
+
+
 # Must happen before JAX initializes its backend.
-os.environ["XLA_FLAGS"] = (
-    f"{USER_XLA_FLAGS} {COMPILE_FLAGS} --xla_force_host_platform_device_count=4").strip()
+os.environ["XLA_FLAGS"] = compose_xla_flags(USER_XLA_FLAGS, COMPILE_FLAGS, devices=4)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # pylint: disable=g-import-not-at-top
@@ -88,8 +93,8 @@ def pytest_unconfigure(config):
 def process_env(devices: int = 1, xla_flags: str = "", **extra: str) -> dict[str, str]:
   """The environment of a process a test starts: JAX on `devices` fake CPU devices, compiling
   with COMPILE_FLAGS and then `xla_flags`, and the variables `extra`."""
-  flags = f"{COMPILE_FLAGS} --xla_force_host_platform_device_count={devices} {xla_flags}"
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip(), **extra)
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=compose_xla_flags(COMPILE_FLAGS, xla_flags, devices=devices), **extra)
 
 
 def real_dataset(name: str) -> str:
@@ -165,8 +170,8 @@ class BackgroundRuns:
     workdirs = {name: self.workdir(name) for name in CIFAR_RUNS}
     self.specs = {name: CIFAR_RUNS[name].format(cifar10=data, **workdirs) for name in names}
     # The documented recipes' compilation (RECIPE_FLAGS) on the suite's 4 CPU devices.
-    self.env = dict(os.environ, XLA_FLAGS=f"{USER_XLA_FLAGS} {RECIPE_FLAGS} "
-                    "--xla_force_host_platform_device_count=4".strip())
+    self.env = dict(os.environ,
+                    XLA_FLAGS=compose_xla_flags(USER_XLA_FLAGS, RECIPE_FLAGS, devices=4))
     self._done = {name: threading.Event() for name in names}
     self._errors = {}
     self._lock = threading.Lock()
