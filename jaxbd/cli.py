@@ -67,7 +67,7 @@ def parse_absl(argv: list[str]) -> list[str]:
   try:
     with one_line_errors():
       return flags.FLAGS(argv)
-  except SystemExit as e:  # only absl's help flags exit while parsing
+  except SystemExit as e:  # absl's help flags exit with 1; jaxbd's error lines (2) pass through
     sys.exit(0 if e.code == 1 else e.code)
   except flags.Error as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
