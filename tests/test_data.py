@@ -217,6 +217,7 @@ def test_real_cifar10_encoded_npz():
     ("length_mismatch", "has 30 images but y_train has 29 labels"),
     ("missing_array", "missing array(s) ['y_test']"),
     ("float_labels", "must hold integer class indices"),
+    ("labels_beyond_int32", "y_train has labels in [0, 8589934592], outside int32"),
     ("unseen_test_labels", "test labels [2] occur in no training image"),
     ("encoded_float_offsets", "train_offsets must be integers"),
     ("encoded_negative_offset", "train_offsets do not index train_bytes"),
@@ -254,6 +255,8 @@ def test_bad_npz_is_refused(tmp_path, arrays, case, message):
       del bad["y_test"]
     elif case == "float_labels":
       bad["y_train"] = y_tr.astype(np.float32)
+    elif case == "labels_beyond_int32":  # int32 would wrap 2**33 around to 0
+      bad["y_train"] = y_tr.astype(np.int64) + np.where(np.arange(len(y_tr)) == 0, 2**33, 0)
     elif case == "classes_2d":
       bad["classes"] = good["classes"][None]
     elif case == "unseen_test_labels":

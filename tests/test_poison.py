@@ -199,6 +199,14 @@ def test_plan_save_load_roundtrip(tmp_path):
   np.save(str(tmp_path / "plan.npy"), plan.indices)
   with pytest.raises(DataError, match=r"unreadable \(not a zip archive of arrays\)"):
     poison.load_plan(str(tmp_path / "plan.npy"))
+  for key, value, message in [
+      ("indices", plan.indices + 100, "indices holds rows outside the plan's 100 labels"),
+      ("cover_indices", plan.cover_indices.astype(np.float32), "cover_indices is not a 1-D int"),
+      ("target", np.array([1, 2, 3]), "target is not a 0-D integer array"),
+      ("label_mode", np.array(1), "label_mode is not a string")]:
+    np.savez(path, **{**plan.records(), key: value})
+    with pytest.raises(DataError, match=message):
+      poison.load_plan(path)
 
 
 def test_a_rerun_checks_the_saved_plan_and_trigger(tmp_path):
@@ -294,4 +302,8 @@ def test_blended_is_the_convex_combination(tmp_path):
   assert 0.4 < float(noise.mean()) < 0.6 and noise.shape == (16, 16, 3)
   c.poison.blended.image = str(tmp_path / "missing.png")
   with pytest.raises(DataError, match="trigger image .* is unreadable"):
+    poison.make_trigger(c, (16, 16, 3))
+  Image.fromarray(t[..., 0].astype(np.uint16) * 257).save(tmp_path / "deep.png")
+  c.poison.blended.image = str(tmp_path / "deep.png")
+  with pytest.raises(DataError, match="trigger image .* 'I;16' image is not 8-bit"):
     poison.make_trigger(c, (16, 16, 3))

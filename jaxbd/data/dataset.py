@@ -85,6 +85,9 @@ def class_labels(name: str, key: str, y: np.ndarray) -> np.ndarray:
                     f"{list(y.shape)}")
   if not np.issubdtype(y.dtype, np.integer):
     raise DataError(f"{name}: {key} must hold integer class indices, got dtype {y.dtype}")
+  limit = np.iinfo(np.int32)
+  if y.size and (y.min() < limit.min or y.max() > limit.max):  # int32 would wrap them
+    raise DataError(f"{name}: {key} has labels in [{y.min()}, {y.max()}], outside int32")
   return y.astype(np.int32)
 
 

@@ -67,7 +67,7 @@ _READ_AS = {"L": "L", "1": "L", "LA": "L", "RGB": "RGB", "P": "RGB", "PA": "RGB"
             "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB"}
 
 
-def _decode(name: str, blob: bytes) -> np.ndarray:
+def decode_image(name: str, blob: bytes) -> np.ndarray:
   """uint8[H, W] (gray) or uint8[H, W, 3] (color) of an encoded image.
 
   Raises:
@@ -107,8 +107,8 @@ def _encoded_split(name: str, arrays, split: str, limit: int):
   if offsets[0] < 0 or offsets[-1] > len(data) or np.any(np.diff(offsets) <= 0):
     raise DataError(f"{name}: {split}_offsets do not index {split}_bytes")
   idx = balanced_indices(labels, limit)
-  images = _stack(name, [_decode(f"{name} {split} image {i}", data[offsets[i]:offsets[i + 1]]
-                                 .tobytes()) for i in idx])
+  images = _stack(name, [decode_image(f"{name} {split} image {i}",
+                                      data[offsets[i]:offsets[i + 1]].tobytes()) for i in idx])
   return images, labels[idx], labels
 
 
@@ -150,7 +150,7 @@ def _folder_split(name: str, root: str, classes: list[str]):
     for fname in sorted(os.listdir(cdir)):
       if fname.lower().endswith(_IMAGE_SUFFIXES):
         with open(os.path.join(cdir, fname), "rb") as f:
-          images.append(_decode(f"{name}/{os.path.basename(root)}/{cls}/{fname}", f.read()))
+          images.append(decode_image(f"{name}/{os.path.basename(root)}/{cls}/{fname}", f.read()))
         labels.append(label)
   if not images:
     raise DataError(f"{name}: no images under {root}/<class>/")

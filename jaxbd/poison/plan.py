@@ -140,13 +140,29 @@ def same_array(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def load_plan(path: str) -> PoisonPlan:
-  """Reads a plan written by `PoisonPlan.save`.  Raises DataError if unreadable."""
+  """Reads a plan written by `PoisonPlan.save`.
+
+  Raises:
+    DataError: the file is unreadable, or its arrays are not a plan's: an integer target, a
+      label mode, 1-D integer rows and labels, rows that index the labels.
+  """
   try:
     with fileio.load_npz(path) as z:
-      return PoisonPlan(int(z["target"]), str(z["label_mode"]), z["indices"],
-                        z["cover_indices"], z["labels"])
+      a = {k: z[k] for k in ("target", "label_mode", "indices", "cover_indices", "labels")}
   except fileio.NPZ_ERRORS as e:
     raise DataError(f"poison plan {path}: unreadable ({e})") from None
+  for key, ndim in (("target", 0), ("indices", 1), ("cover_indices", 1), ("labels", 1)):
+    if a[key].ndim != ndim or not np.issubdtype(a[key].dtype, np.integer):
+      raise DataError(f"poison plan {path}: {key} is not a {ndim}-D integer array (dtype "
+                      f"{a[key].dtype}, shape {list(a[key].shape)})")
+  if a["label_mode"].ndim != 0 or a["label_mode"].dtype.kind != "U":
+    raise DataError(f"poison plan {path}: label_mode is not a string")
+  n = len(a["labels"])
+  for key in ("indices", "cover_indices"):
+    if a[key].size and (a[key].min() < 0 or a[key].max() >= n):
+      raise DataError(f"poison plan {path}: {key} holds rows outside the plan's {n} labels")
+  return PoisonPlan(int(a["target"]), str(a["label_mode"]), a["indices"], a["cover_indices"],
+                    a["labels"])
 
 
 def fraction_count(rate: float, n: int) -> int:

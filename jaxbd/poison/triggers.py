@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from jaxbd import config as config_lib
+from jaxbd.data import sources
 from jaxbd.errors import ConfigError, DataError
 
 
@@ -159,20 +160,22 @@ def blended_validate(config: ml_collections.ConfigDict) -> None:
 
 
 def load_trigger_image(path: str, image_shape: tuple[int, int, int]) -> np.ndarray:
-  """Reads an image file as f32[H, W, C] in [0, 1], resized (bilinear) to `image_shape`.
+  """Reads an 8-bit image file as f32[H, W, C] in [0, 1], resized (bilinear) to `image_shape`.
 
   Raises:
-    DataError: the file is missing or not an image.
+    DataError: the file is missing, or not an image the dataset sources read.
   """
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   h, w, c = image_shape
+  name = f"trigger image {path!r}"
   try:
-    with Image.open(path) as im:
-      im = im.convert("RGB" if c == 3 else "L").resize((w, h), Image.BILINEAR)
-      arr = np.asarray(im, np.float32) / 255.0
-  except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-    raise DataError(f"trigger image {path!r} is unreadable ({e})") from None
-  return arr.reshape(h, w, c)
+    with open(path, "rb") as f:
+      blob = f.read()
+  except OSError as e:
+    raise DataError(f"{name} is unreadable ({e.strerror})") from None
+  im = Image.fromarray(sources.decode_image(name, blob))
+  im = im.convert("RGB" if c == 3 else "L").resize((w, h), Image.BILINEAR)
+  return (np.asarray(im, np.float32) / 255.0).reshape(h, w, c)
 
 
 def blended(c: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
