@@ -3,6 +3,7 @@ round-trip."""
 
 import functools
 import json
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 
 from jaxbd import config as config_lib
 from jaxbd import data, models
-from jaxbd.errors import CheckpointError, ConfigError
+from jaxbd.errors import CheckpointError, ConfigError, DataError
 
 from conftest import REPO, process_env, real_dataset, side_by_side, tiny_digits_config
 from test_cli import assert_one_line_error, jaxbd
@@ -196,8 +197,9 @@ def test_poison_rows_outside_the_whole_split_are_refused():
 
 
 def test_malformed_checkpoint_fields_are_refused(tmp_path):
-  """num_classes, bd_train.poison_indicator and poison_indices of the wrong type, shape or values
-  raise CheckpointError in one line naming the field; BackdoorBench's float indicator loads."""
+  """num_classes, the state_dict, bd_train.poison_indicator and poison_indices of the wrong type,
+  shape or values raise CheckpointError in one line naming the field; BackdoorBench's float
+  indicator and a bfloat16 state_dict load."""
   state = torch_model(width=4).state_dict()
   path = str(tmp_path / "bad.pt")
 
@@ -211,6 +213,11 @@ def test_malformed_checkpoint_fields_are_refused(tmp_path):
       (dict(num_classes=0), "num_classes must be a positive integer, got 0"),
       (dict(num_classes=7), "num_classes is 7 but the model's linear layer has 10 outputs"),
       (dict(model="x"), "'model' must be a state_dict, got str"),
+      (dict(model={**state, "linear.bias": state["linear.bias"].int()}),
+       "state_dict tensor 'linear.bias' has dtype int32; weights must be floating point"),
+      (dict(model={**state, "linear.bias": [[1.0], [1.0, 2.0]]}),
+       "state_dict entry 'linear.bias' is not an array (setting an array element with a sequence"),
+      (dict(model={**state, 3: state["linear.bias"]}), "state_dict key 3 is not a parameter name"),
       (dict(bd_train={"poison_indicator": "x"}), "bd_train.poison_indicator must be a 1-D array "
        "of 0/1 values, one per training image, got str"),
       (dict(bd_train={"poison_indicator": np.zeros((7, 1))}), "bd_train.poison_indicator must "
@@ -232,6 +239,9 @@ def test_malformed_checkpoint_fields_are_refused(tmp_path):
   assert ckpt.num_train == 4
   ckpt = load(num_classes=np.int64(10), bd_train=None)
   assert (ckpt.num_classes, ckpt.poison_indices, ckpt.num_train) == (10, None, None)
+  ckpt = load(model={k: v.bfloat16() if v.is_floating_point() else v for k, v in state.items()})
+  np.testing.assert_array_equal(ckpt.variables["params"]["linear"]["bias"],
+                                state["linear.bias"].bfloat16().float().numpy())
 
 
 def test_a_subsets_poisoned_rows_are_the_images_the_checkpoint_poisoned(tmp_path):
@@ -327,6 +337,9 @@ def test_a_trained_run_exports_to_a_file_its_pytorch_twin_reads(tmp_path):
   assert np.abs(want).max() > 0.1
   np.testing.assert_allclose(logits, want, rtol=0, atol=1e-4)
   assert (logits.argmax(-1) == ds.y_test).mean() == doc["metrics"]["backdoored"]["acc"]
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask  # a plain file's, not mkstemp's 0600
 
   with pytest.raises(ConfigError, match="trained backdoored only"):
     export.export_run(str(workdir), "clean", str(tmp_path / "clean.pt"))
@@ -341,4 +354,8 @@ def test_a_trained_run_exports_to_a_file_its_pytorch_twin_reads(tmp_path):
   with pytest.raises(ConfigError, match=r"config.json does not validate \(unknown config key "
                      "'train.bogus'\)"):
     export.export_run(str(tmp_path / "cnn"), "backdoored", str(tmp_path / "cnn.pt"))
+  np.savez(workdir / "poison_plan.npz", **{**plan.records(), "labels": np.append(plan.labels, 0)})
+  with pytest.raises(DataError, match="it labels 1001 training images but the run's data has "
+                     "1000"):
+    export.export_run(str(workdir), "backdoored", str(tmp_path / "other.pt"))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn", "run", "victim.pt"]

@@ -22,12 +22,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
 from typing import Any, Mapping, Optional
 
 import numpy as np
 from flax import traverse_util
 
+from jaxbd import fileio
 from jaxbd.errors import CheckpointError
 
 # BackdoorBench model names -> (jaxbd model name, first-layer weight that gives the width).
@@ -59,8 +59,17 @@ class Checkpoint:
 
 
 def _numpy(value) -> np.ndarray:
-  """A tensor, array or (nested) list as a numpy array."""
-  return np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+  """A tensor, array or (nested) list as a numpy array; a bfloat16 tensor, a dtype numpy lacks,
+  as float32.
+
+  Raises:
+    ValueError, TypeError: a ragged list or an object numpy cannot convert.
+  """
+  if hasattr(value, "detach"):
+    value = value.detach().cpu()
+    value = value.float() if str(value.dtype) == "torch.bfloat16" else value
+    return value.numpy()
+  return np.asarray(value)
 
 
 def _describe(value) -> str:
@@ -73,14 +82,22 @@ def torch_to_flax(state_dict: Mapping[str, Any]) -> dict:
   """Converts a PyTorch state_dict (tensors or arrays) to Flax variables of numpy arrays.
 
   Raises:
-    CheckpointError: a tensor this mapping does not know.
+    CheckpointError: a tensor this mapping does not know, or one that is not real floats.
   """
   flat = {}
   for key, value in state_dict.items():
-    array = _numpy(value)
+    if not isinstance(key, str):
+      raise CheckpointError(f"state_dict key {key!r} is not a parameter name")
     *modules, leaf = key.split(".")
     if leaf == "num_batches_tracked":
       continue
+    try:
+      array = _numpy(value)
+    except (ValueError, TypeError) as e:
+      raise CheckpointError(f"state_dict entry {key!r} is not an array ({e})") from None
+    if not np.issubdtype(array.dtype, np.floating):
+      raise CheckpointError(f"state_dict tensor {key!r} has dtype {array.dtype}; weights must "
+                            "be floating point")
     path = re.sub(r"(layer\d+)\.(\d+)", r"\1_\2", ".".join(modules))
     path = re.sub(r"shortcut\.0$", "shortcut", path)
     path = tuple(re.sub(r"shortcut\.1$", "shortcut_bn", path).split("."))
@@ -271,11 +288,5 @@ def save(path: str, variables: Mapping[str, Any], *, num_classes: int,
       indicator = np.zeros(num_train, np.int64)
       indicator[poison_indices] = 1
       blob["bd_train"] = {"poison_indicator": indicator}
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".pt")
-  os.close(fd)
-  try:
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+  with fileio.atomic_file(path, "wb") as f:
+    torch.save(blob, f)

@@ -26,7 +26,7 @@ import ml_collections
 
 from jaxbd import config as config_lib
 from jaxbd import data, models, poison
-from jaxbd.errors import ConfigError
+from jaxbd.errors import ConfigError, DataError
 from jaxbd.experiments import common, standard
 from jaxbd.interop import backdoorbench
 
@@ -80,7 +80,11 @@ def export_run(workdir: str, phase: str, out: str) -> dict:
                    f"checkpoint of phase {phase!r} in {workdir}")
   rows = None
   if phase == "backdoored":
-    plan = poison.load_plan(os.path.join(workdir, "poison_plan.npz"))
+    path = os.path.join(workdir, "poison_plan.npz")
+    plan = poison.load_plan(path)
+    if len(plan.labels) != len(dataset.y_train):
+      raise DataError(f"poison plan {path}: it labels {len(plan.labels)} training images but "
+                      f"the run's data has {len(dataset.y_train)}")
     rows = dataset.train_rows[plan.indices]
   backdoorbench.save(out, variables, num_classes=dataset.num_classes,
                      model_name=twins[config.model.name], poison_indices=rows,
