@@ -33,6 +33,8 @@ ConfigDict = ml_collections.ConfigDict
 # the full size).
 MAX_EVAL_BATCH = 2**16
 
+MAX_STEPS = 2**31 - 1  # the step count and schedule position are int32 on device
+
 
 def defaults() -> ConfigDict:
   """Returns the full schema: every key jaxbd accepts, with its default value."""
@@ -137,7 +139,7 @@ def check_train_section(config: ConfigDict, path: str, min_epochs: int = 1) -> N
   check_choice(section.optimizer, f"{path}.optimizer", ("sgd", "adam"))
   check_choice(section.schedule, f"{path}.schedule", ("cosine", "constant", "step"))
   check_choice(section.schedule_unit, f"{path}.schedule_unit", ("step", "epoch"))
-  check_range(config, f"{path}.epochs", min_epochs)
+  check_range(config, f"{path}.epochs", min_epochs, MAX_STEPS)  # each epoch a step at least
   check_range(config, f"{path}.batch_size", 1)
   check_range(config, f"{path}.lr", 0, low_open=True)
   check_range(config, f"{path}.momentum", 0, 1)

@@ -61,7 +61,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "config key 'defense.pt.epochs' must be 0: Pivotal Tuning runs "
                      f"defense.pt.steps ({config.defense.pt.steps}) steps, got "
                      f"{config.defense.pt.epochs}")
-  config_lib.check_range(config, "defense.pt.steps", 1)
+  config_lib.check_range(config, "defense.pt.steps", 1, config_lib.MAX_STEPS)
   config_lib.check_range(config, "defense.pt.slol", 0)
   config_lib.check_range(config, "defense.pt.param", 0)
   config_lib.check_choice(config.defense.pt.slol_diagonal, "defense.pt.slol_diagonal",

@@ -23,13 +23,11 @@ import numpy as np
 import tqdm
 
 from jaxbd import fileio, host
+from jaxbd.config import MAX_STEPS
 from jaxbd.data.pipeline import epoch_indices
 from jaxbd.errors import CheckpointError, ConfigError, DivergedError
 from jaxbd.train.checkpoint import Checkpointer
 from jaxbd.train.mesh import Throttle
-
-
-MAX_STEPS = 2**31 - 1  # the step count and schedule position are int32 on device
 
 
 def check_steps(what: str, epochs: int, size: int, batch_size: int) -> None:
