@@ -56,8 +56,9 @@ def one_line_errors(interrupted: str = RESUMABLE) -> Iterator[None]:
     print(f"jaxbd: {interrupted}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     # Not sys.exit: tearing the interpreter down while XLA's and orbax's threads still run can
-    # crash it (a segmentation fault instead of status 130). Checkpoints are written to a
-    # temporary name and renamed, so ending here leaves none half-written.
+    # crash it (a segmentation fault instead of status 130). Ctrl-C during a checkpoint save
+    # reaches here once the save is complete (`jaxbd.train.checkpoint.held_interrupts`), so
+    # ending here leaves no checkpoint half-written.
     os._exit(130)
 
 

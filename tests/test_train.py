@@ -5,6 +5,7 @@ with its error as the only output."""
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -367,6 +368,33 @@ def test_an_old_step_that_a_kill_left_half_removed_is_removed_and_the_latest_res
     np.testing.assert_array_equal(resumed.restore(3)["w"], np.arange(3.0) + 3)
   assert not caplog.records, [r.getMessage() for r in caplog.records]
   assert sorted(os.listdir(directory)) == ["3"]
+  (directory / "4.orbax-checkpoint-tmp-1").mkdir()  # a save that SIGKILL cut short
+  (directory / "4.orbax-checkpoint-tmp-1" / "default").write_text("x")
+  with caplog.at_level(logging.WARNING):
+    assert train_lib.Checkpointer(str(directory)).latest_epoch() == 3
+  assert not caplog.records, [r.getMessage() for r in caplog.records]
+  assert sorted(os.listdir(directory)) == ["3"]
+
+
+def test_ctrl_c_during_a_checkpoint_save_waits_for_the_save(tmp_path, monkeypatch):
+  """SIGINT while orbax writes a checkpoint in its threads is held until the checkpoint is on
+  disk, then raised as KeyboardInterrupt (the CLI's one line): no temporary folder is left."""
+  import orbax.checkpoint as ocp
+  wait = ocp.CheckpointManager.wait_until_finished
+
+  def interrupted_wait(manager):
+    signal.raise_signal(signal.SIGINT)
+    return wait(manager)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", interrupted_wait)
+  directory = tmp_path / "ckpt"
+  with pytest.raises(KeyboardInterrupt):
+    train_lib.Checkpointer(str(directory)).save(1, {"w": np.arange(3.0)})
+  monkeypatch.undo()
+  assert sorted(os.listdir(directory)) == ["1"]
+  np.testing.assert_array_equal(train_lib.Checkpointer(str(directory)).restore(1)["w"],
+                                np.arange(3.0))
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_more_steps_than_an_int32_holds_are_refused_before_any_file(tmp_path):

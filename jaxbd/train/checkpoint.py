@@ -2,20 +2,24 @@
 
 `Checkpointer` wraps an orbax `CheckpointManager` in `WORKDIR/checkpoints/<phase>`: the step of a
 checkpoint is the number of finished epochs. Orbax writes each checkpoint to a temporary directory
-and renames it when complete, so a killed run never leaves a half-written checkpoint behind (an old
-one that it was removing may be left half removed: the rerun finishes the removal), and a rerun of
-the same command restores the latest one and continues. Each checkpoint carries a checksum of its
+and renames it when complete, so a killed run never leaves a half-written checkpoint behind (Ctrl-C
+waits for the save; after a harder kill the rerun removes the temporary directory, and finishes
+the removal of an old checkpoint the kill cut short), and a rerun of the same command restores the
+latest one and continues. Each checkpoint carries a checksum of its
 arrays (`digest`), which the restore verifies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
-from typing import Any, Optional
+import threading
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +56,27 @@ def digest(state: Any) -> jax.Array:
   """uint32[L]: a checksum per leaf of a pytree of arrays, saved with each checkpoint so that a
   restore notices bytes changed on disk that still decode (a flipped bit in a chunk)."""
   return jnp.stack([_leaf_digest(x) for x in jax.tree.leaves(state)])
+
+
+@contextlib.contextmanager
+def held_interrupts() -> Iterator[None]:
+  """Holds Ctrl-C (SIGINT) back until the block ends, then delivers it as it would have been.
+
+  Orbax writes a checkpoint from threads of its own; Ctrl-C in the middle of it would end the
+  process (`jaxbd.cli`) with the checkpoint's temporary folder half-written. In a thread other
+  than the main one, where signal handlers cannot be set, the block runs as it is.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  held = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if held:
+    signal.raise_signal(signal.SIGINT)
 
 
 class _AbandonedReads(logging.Filter):
@@ -116,6 +141,7 @@ class Checkpointer:
     """
     if self._manager is None:
       os.makedirs(self.directory, exist_ok=True)
+      self._remove_temporary()
       steps = sorted((int(n) for n in os.listdir(self.directory) if n.isdigit()), reverse=True)
       for i, step in enumerate(steps):
         step_dir = os.path.join(self.directory, str(step))
@@ -131,6 +157,14 @@ class Checkpointer:
                                             item_handlers=ocp.StandardCheckpointHandler())
     return self._manager
 
+  def _remove_temporary(self) -> None:
+    """Removes the temporary folders of saves that did not finish (process 0): orbax writes a
+    step to `<step>.orbax-checkpoint-tmp...` and renames it when complete."""
+    if host.is_writer():
+      for name in os.listdir(self.directory):
+        if ".orbax-checkpoint-tmp" in name:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
   def latest_epoch(self) -> Optional[int]:
     """The last saved epoch count, or None if nothing was saved."""
     if not os.path.isdir(self.directory):
@@ -139,12 +173,13 @@ class Checkpointer:
 
   def save(self, epoch: int, state: Any, **info: Any) -> None:
     """Saves `state` as epoch `epoch`, with its `digest` and the JSON-able `info` (`info`), and
-    waits until it is on disk."""
+    waits until it is on disk; Ctrl-C waits for it too (`held_interrupts`)."""
     manager = self._get()
     try:
-      manager.save(epoch, args=ocp.args.StandardSave(state),
-                   custom_metadata={**info, "digest": np.asarray(digest(state)).tolist()})
-      manager.wait_until_finished()
+      with held_interrupts():
+        manager.save(epoch, args=ocp.args.StandardSave(state),
+                     custom_metadata={**info, "digest": np.asarray(digest(state)).tolist()})
+        manager.wait_until_finished()
     except Exception as e:  # Orbax reports a full disk as a ValueError (RESOURCE_EXHAUSTED).
       raise CheckpointError(f"could not save checkpoint {self.directory}/{epoch} "
                             f"({first_line(e)[:200]})") from None
