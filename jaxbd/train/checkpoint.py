@@ -5,8 +5,8 @@ checkpoint is the number of finished epochs. Orbax writes each checkpoint to a t
 and renames it when complete, so a killed run never leaves a half-written checkpoint behind (Ctrl-C
 waits for the save; after a harder kill the rerun removes the temporary directory, and finishes
 the removal of an old checkpoint the kill cut short), and a rerun of the same command restores the
-latest one and continues. Each checkpoint carries a checksum of its
-arrays (`digest`), which the restore verifies.
+latest one and continues. Each checkpoint carries a checksum of its arrays (`digest`), which the
+restore verifies.
 """
 
 from __future__ import annotations
@@ -64,13 +64,15 @@ def held_interrupts() -> Iterator[None]:
 
   Orbax writes a checkpoint from threads of its own; Ctrl-C in the middle of it would end the
   process (`jaxbd.cli`) with the checkpoint's temporary folder half-written. In a thread other
-  than the main one, where signal handlers cannot be set, the block runs as it is.
+  than the main one, where signal handlers cannot be set, or where a handler that Python did not
+  install (and so cannot restore) has SIGINT, the block runs as it is.
   """
-  if threading.current_thread() is not threading.main_thread():
+  previous = signal.getsignal(signal.SIGINT)
+  if threading.current_thread() is not threading.main_thread() or previous is None:
     yield
     return
   held = []
-  previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+  signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
   try:
     yield
   finally:
