@@ -388,13 +388,18 @@ def test_ctrl_c_during_a_checkpoint_save_waits_for_the_save(tmp_path, monkeypatc
 
   monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", interrupted_wait)
   directory = tmp_path / "ckpt"
-  with pytest.raises(KeyboardInterrupt):
-    train_lib.Checkpointer(str(directory)).save(1, {"w": np.arange(3.0)})
+  # Python's own handler, also where the suite runs with SIGINT ignored (a background job).
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      train_lib.Checkpointer(str(directory)).save(1, {"w": np.arange(3.0)})
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, previous)
   monkeypatch.undo()
   assert sorted(os.listdir(directory)) == ["1"]
   np.testing.assert_array_equal(train_lib.Checkpointer(str(directory)).restore(1)["w"],
                                 np.arange(3.0))
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_more_steps_than_an_int32_holds_are_refused_before_any_file(tmp_path):
