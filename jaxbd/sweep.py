@@ -5,10 +5,10 @@ r"""Sweeps: a grid of config overrides, each cell a normal run, results in one S
 
 The grid is the cartesian product of `field=v1,v2,...` groups separated by `;` (values are parsed
 with the field's type); a config file may instead define `get_sweep(arg) -> list[dict]` (cells as
-`{"poison.rate": 0.01, "seed": 1}`), used when `--grid` is not given. Every cell's config is
-validated before the first one runs; its data and model are checked when it starts, and a cell
-that fails is recorded with its error while the sweep goes on. Each cell runs in
-`WORKDIR/cells/<hash>` (its own checkpoints and results.json) and its row goes into
+`{"poison.rate": 0.01, "seed": 1}`), used when `--grid` is not given. Every cell's config, and
+that its data files exist, are checked before the first one runs; its data's contents and model
+when it starts, and a cell that fails is recorded with its error while the sweep goes on. Each
+cell runs in `WORKDIR/cells/<hash>` (its own checkpoints and results.json) and its row goes into
 `WORKDIR/results.sqlite` when it finishes, keyed by the hash of its full config. Rerunning a
 killed sweep skips finished cells and resumes the interrupted one from its checkpoints. Cells of
 the standard experiment that differ only in `defense` or `log` settings train their models once:
@@ -57,7 +57,7 @@ from absl import flags
 import ml_collections
 
 from jaxbd import config as config_lib
-from jaxbd import fileio, host
+from jaxbd import data, fileio, host
 from jaxbd import cli
 from jaxbd import main as run_command
 from jaxbd.errors import ConfigError, DataError, DivergedError, JaxbdError, first_line
@@ -342,6 +342,7 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
 
   Raises:
     ConfigError: a cell whose config does not validate (checked for all cells before any runs).
+    DataError: a cell's data file or folder is missing (likewise).
   """
   from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
   configs = []
@@ -352,6 +353,8 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
     except ConfigError as e:
       raise ConfigError(f"sweep cell {cell}: {e}") from None
     configs.append((i, cell, config, config_hash(config)))
+  for source in dict.fromkeys(config.data.source for _, _, config, _ in configs):
+    data.sources.check_files(source)
   first = {}
   for _, cell, _, digest in configs:
     if digest in first:

@@ -93,6 +93,11 @@ def test_bad_cell_is_refused_before_anything_runs(tmp_path):
     sweep.run_sweep(base, [{"nosuch.x": 1}], str(tmp_path))
   with pytest.raises(ConfigError, match="'train' is a section: name a field, e.g. 'train."):
     sweep.run_sweep(base, [{"train": 1}], str(tmp_path))
+  missing = f"npz:{tmp_path / 'missing.npz'}"
+  with pytest.raises(DataError, match=f"^{missing}: file not found$"):
+    sweep.run_sweep(base, [{"data.source": "digits"}, {"data.source": missing}], str(tmp_path))
+  with pytest.raises(DataError, match=r"folder:.*/none: directory .*/none/train not found"):
+    sweep.run_sweep(base, [{"data.source": f"folder:{tmp_path / 'none'}"}], str(tmp_path))
   assert not (tmp_path / "results.sqlite").exists()
 
 

@@ -39,6 +39,7 @@ def load(data_config) -> Dataset:
     ConfigError: a source of no known form.
     DataError: missing or corrupt files, malformed arrays.
   """
+  check_files(data_config.source)
   kind, arg = source_parts(data_config.source)
   limits = (data_config.train_limit, data_config.test_limit)
   if kind == "npz":
@@ -50,6 +51,24 @@ def load(data_config) -> Dataset:
   else:
     whole = _tfds(arg, data_config.tfds_data_dir, data_config.download)
   return subset(whole, *limits)
+
+
+def check_files(source: str) -> None:
+  """Checks that the file (`npz:`) or folders (`folder:`) of a source exist, without reading them
+  (a sweep checks every cell's before the first runs).
+
+  Raises:
+    ConfigError: a source of no known form.
+    DataError: the file or a folder is missing.
+  """
+  kind, path = source_parts(source)
+  if kind == "npz" and not os.path.isfile(path):
+    raise DataError(f"{source}: file not found")
+  if kind == "folder":
+    for split in ("train", "test"):
+      if not os.path.isdir(os.path.join(path, split)):
+        raise DataError(f"{source}: directory {os.path.join(path, split)} not found (expected "
+                        "PATH/train/<class>/ and PATH/test/<class>/)")
 
 
 def _digits() -> Dataset:
@@ -114,8 +133,6 @@ def _encoded_split(name: str, arrays, split: str, limit: int):
 
 def _npz(path: str, train_limit: int, test_limit: int) -> Dataset:
   name = f"npz:{path}"
-  if not os.path.isfile(path):
-    raise DataError(f"{name}: file not found")
   try:
     arrays = fileio.load_npz(path)
     keys = set(arrays.files)
@@ -160,10 +177,6 @@ def _folder_split(name: str, root: str, classes: list[str]):
 def _folder(path: str) -> Dataset:
   name = f"folder:{path}"
   train_dir, test_dir = os.path.join(path, "train"), os.path.join(path, "test")
-  for d in (train_dir, test_dir):
-    if not os.path.isdir(d):
-      raise DataError(f"{name}: directory {d} not found (expected PATH/train/<class>/ and "
-                      "PATH/test/<class>/)")
   classes = sorted(e for e in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, e)))
   unknown = sorted(set(e for e in os.listdir(test_dir)
                        if os.path.isdir(os.path.join(test_dir, e))) - set(classes))
