@@ -77,6 +77,7 @@ def test_compare_pytorch_prints_ratios(tmp_path):
 
 def test_bad_flags_are_one_line_errors_and_bench_population_runs(tmp_path):
   (tmp_path / "afile").write_text("")
+  (tmp_path / "text.npz").write_text("x_train,y_train\n")
   bad = [  # (script, flag, what its one error line says)
       ("bench_train.py", "--model=foo", "flag --model=foo: value should be one of <cnn|"),
       ("bench_train.py", f"--out={tmp_path / 'afile' / 'x.json'}", "not a file in a writable"),
@@ -85,7 +86,9 @@ def test_bad_flags_are_one_line_errors_and_bench_population_runs(tmp_path):
       ("bench_quant.py", "--batch_size=0", "flag --batch_size=0: 0 is not a positive integer"),
       ("bench_sweep_seeds.py", "--seeds=0", "flag --seeds=0: 0 is not a positive integer"),
       ("bench_sweep_seeds.py", "--overrides=--config.data.source=npz:/nonexistent.npz",
-       "failed: npz:/nonexistent.npz: file not found"),
+       "error: npz:/nonexistent.npz: file not found"),  # checked before the sweep's first cell
+      ("bench_sweep_seeds.py", f"--overrides=--config.data.source=npz:{tmp_path / 'text.npz'}",
+       f"failed: npz:{tmp_path / 'text.npz'}: not a readable .npz file"),  # when a cell starts
   ]
   if importlib.util.find_spec("torch"):
     bad.append(("compare_pytorch.py", "--variants=eager,foo", "expected one or more of eager,"))
