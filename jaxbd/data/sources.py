@@ -65,10 +65,10 @@ def check_files(source: str) -> None:
   if kind == "npz" and not os.path.isfile(path):
     raise DataError(f"{source}: file not found")
   if kind == "folder":
-    for split in ("train", "test"):
-      if not os.path.isdir(os.path.join(path, split)):
-        raise DataError(f"{source}: directory {os.path.join(path, split)} not found (expected "
-                        "PATH/train/<class>/ and PATH/test/<class>/)")
+    for d in (os.path.join(path, "train"), os.path.join(path, "test")):
+      if not os.path.isdir(d):
+        raise DataError(f"{source}: directory {d} not found (expected PATH/train/<class>/ and "
+                        "PATH/test/<class>/)")
 
 
 def _digits() -> Dataset:
