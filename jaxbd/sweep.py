@@ -342,7 +342,8 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
 
   Raises:
     ConfigError: a cell whose config does not validate (checked for all cells before any runs).
-    DataError: a cell's data file or folder is missing (likewise).
+    DataError: a cell's data file or folder is missing, or its .npz file holds no known layout
+      (likewise).
   """
   from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
   configs = []

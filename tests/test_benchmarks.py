@@ -85,10 +85,11 @@ def test_bad_flags_are_one_line_errors_and_bench_population_runs(tmp_path):
       ("bench_moe.py", "--expert=3", "'mesh.expert' (3) must divide model.pmoe.experts"),
       ("bench_quant.py", "--batch_size=0", "flag --batch_size=0: 0 is not a positive integer"),
       ("bench_sweep_seeds.py", "--seeds=0", "flag --seeds=0: 0 is not a positive integer"),
+      # The sweep checks its data before the first cell starts:
       ("bench_sweep_seeds.py", "--overrides=--config.data.source=npz:/nonexistent.npz",
-       "error: npz:/nonexistent.npz: file not found"),  # checked before the sweep's first cell
+       "error: npz:/nonexistent.npz: file not found"),
       ("bench_sweep_seeds.py", f"--overrides=--config.data.source=npz:{tmp_path / 'text.npz'}",
-       f"failed: npz:{tmp_path / 'text.npz'}: not a readable .npz file"),  # when a cell starts
+       f"error: npz:{tmp_path / 'text.npz'}: not a readable .npz file"),
   ]
   if importlib.util.find_spec("torch"):
     bad.append(("compare_pytorch.py", "--variants=eager,foo", "expected one or more of eager,"))

@@ -1,6 +1,7 @@
 """Data sources return the same validated Dataset; malformed data is refused with one line."""
 
 import io
+import re
 import struct
 import zlib
 
@@ -293,6 +294,13 @@ def test_bad_npz_is_refused(tmp_path, arrays, case, message):
   with pytest.raises(DataError) as err:
     data.load(data_config(f"npz:{path}"))
   assert message in str(err.value) and "\n" not in str(err.value)
+  # What the file's name, zip directory and array names show, a sweep finds before it starts;
+  # what needs the arrays read, the cell that reads them.
+  if case in ("missing", "corrupt", "npy", "text", "missing_array", "encoded_missing_array"):
+    with pytest.raises(DataError, match=re.escape(message)):
+      data.sources.check_files(f"npz:{path}")
+  else:
+    data.sources.check_files(f"npz:{path}")
 
 
 @pytest.mark.parametrize("source", ["imagenet", "digits:x", "npz:", "folder:", "tfds:"])

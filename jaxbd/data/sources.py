@@ -54,16 +54,20 @@ def load(data_config) -> Dataset:
 
 
 def check_files(source: str) -> None:
-  """Checks that the file (`npz:`) or folders (`folder:`) of a source exist, without reading them
-  (a sweep checks every cell's before the first runs).
+  """Checks that the file (`npz:`) or folders (`folder:`) of a source exist, and that an .npz
+  archive holds the arrays of one of its layouts, without reading the arrays (a sweep checks every
+  cell's source before the first cell runs).
 
   Raises:
     ConfigError: a source of no known form.
-    DataError: the file or a folder is missing.
+    DataError: the file or a folder is missing; the file is not an .npz archive of a layout.
   """
   kind, path = source_parts(source)
-  if kind == "npz" and not os.path.isfile(path):
-    raise DataError(f"{source}: file not found")
+  if kind == "npz":
+    if not os.path.isfile(path):
+      raise DataError(f"{source}: file not found")
+    with _open_npz(path) as arrays:
+      _npz_layout(source, set(arrays.files))
   if kind == "folder":
     for d in (os.path.join(path, "train"), os.path.join(path, "test")):
       if not os.path.isdir(d):
@@ -131,31 +135,48 @@ def _encoded_split(name: str, arrays, split: str, limit: int):
   return images, labels[idx], labels
 
 
-def _npz(path: str, train_limit: int, test_limit: int) -> Dataset:
-  name = f"npz:{path}"
+_NPZ_PLAIN = ("x_train", "y_train", "x_test", "y_test")
+_NPZ_ENCODED = ("train_bytes", "train_offsets", "train_labels", "test_bytes", "test_offsets",
+                "test_labels")
+
+
+def _open_npz(path: str):
+  """The archive at `path`, opened (use it as a context manager); DataError if it is none."""
   try:
-    arrays = fileio.load_npz(path)
-    keys = set(arrays.files)
+    return fileio.load_npz(path)
   except fileio.NPZ_ERRORS as e:
-    raise DataError(f"{name}: not a readable .npz file ({e})") from None
-  plain = ("x_train", "y_train", "x_test", "y_test")
-  encoded = ("train_bytes", "train_offsets", "train_labels", "test_bytes", "test_offsets",
-             "test_labels")
-  try:
-    classes = arrays["classes"].tolist() if "classes" in keys else None
-    if all(k in keys for k in plain):
-      ds = make_dataset(name, *(arrays[k] for k in plain), classes)
-      return subset(ds, train_limit, test_limit)
-    if all(k in keys for k in encoded):
-      x_tr, y_tr, all_tr = _encoded_split(name, arrays, "train", train_limit)
-      x_te, y_te, all_te = _encoded_split(name, arrays, "test", test_limit)
-      return make_dataset(name, x_tr, y_tr, x_te, y_te, classes, (all_tr, all_te))
-  except fileio.NPZ_ERRORS as e:
-    raise DataError(f"{name}: corrupt array in the .npz file ({e})") from None
-  layout = encoded if any(k.endswith(("_bytes", "_offsets")) for k in keys) else plain
+    raise DataError(f"npz:{path}: not a readable .npz file ({e})") from None
+
+
+def _npz_layout(name: str, keys: set[str]) -> str:
+  """"plain" (uint8 arrays) or "encoded" (PNG/JPEG bytes with offsets): the layout whose arrays
+  `keys` hold; DataError naming the missing arrays otherwise."""
+  if all(k in keys for k in _NPZ_PLAIN):
+    return "plain"
+  if all(k in keys for k in _NPZ_ENCODED):
+    return "encoded"
+  encoded = any(k.endswith(("_bytes", "_offsets")) for k in keys)
+  layout = _NPZ_ENCODED if encoded else _NPZ_PLAIN
   missing = [k for k in layout if k not in keys]
   raise DataError(f"{name}: missing array(s) {missing} (found {sorted(keys)}); expected "
                   f"{', '.join(layout)}")
+
+
+def _npz(path: str, train_limit: int, test_limit: int) -> Dataset:
+  name = f"npz:{path}"
+  with _open_npz(path) as arrays:
+    keys = set(arrays.files)
+    layout = _npz_layout(name, keys)
+    try:
+      classes = arrays["classes"].tolist() if "classes" in keys else None
+      if layout == "plain":
+        ds = make_dataset(name, *(arrays[k] for k in _NPZ_PLAIN), classes)
+        return subset(ds, train_limit, test_limit)
+      x_tr, y_tr, all_tr = _encoded_split(name, arrays, "train", train_limit)
+      x_te, y_te, all_te = _encoded_split(name, arrays, "test", test_limit)
+      return make_dataset(name, x_tr, y_tr, x_te, y_te, classes, (all_tr, all_te))
+    except fileio.NPZ_ERRORS as e:
+      raise DataError(f"{name}: corrupt array in the .npz file ({e})") from None
 
 
 def _folder_split(name: str, root: str, classes: list[str]):
