@@ -57,7 +57,7 @@ from absl import flags
 import ml_collections
 
 from jaxbd import config as config_lib
-from jaxbd import data, fileio, host
+from jaxbd import data, fileio, host, poison
 from jaxbd import cli
 from jaxbd import main as run_command
 from jaxbd.errors import ConfigError, DataError, DivergedError, JaxbdError, first_line
@@ -285,6 +285,16 @@ def seed_groups(cells: Sequence[tuple], vmap_seeds: bool) -> list[list[tuple]]:
   return list(groups.values())
 
 
+def input_files(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(sources, trigger images): the data sources (`data.source`, Refool's reflection images) and
+  the trigger image files (Blended, Adaptive-Blend) that a run of `config` reads."""
+  p = config.poison
+  refool = p.name == "refool" and p.refool.images
+  image = p.name in ("blended", "adaptive_blend") and p[p.name].image
+  return ((config.data.source,) + ((p.refool.images,) if refool else ()),
+          (p[p.name].image,) if image else ())
+
+
 def _error_line(e: Exception) -> str:
   """The line a failed cell is recorded with: a jaxbd error's message, else the exception's type
   and message (its traceback printed first: a bug, not bad input)."""
@@ -342,8 +352,8 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
 
   Raises:
     ConfigError: a cell whose config does not validate (checked for all cells before any runs).
-    DataError: a cell's data file or folder is missing, or its .npz file holds no known layout
-      (likewise).
+    DataError: a file or folder a cell reads (`input_files`) is missing, or unreadable as far as
+      `jaxbd.data.sources.check_files` looks and a trigger image in full (likewise).
   """
   from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
   configs = []
@@ -354,8 +364,11 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
     except ConfigError as e:
       raise ConfigError(f"sweep cell {cell}: {e}") from None
     configs.append((i, cell, config, config_hash(config)))
-  for source in dict.fromkeys(config.data.source for _, _, config, _ in configs):
+  inputs = [input_files(config) for _, _, config, _ in configs]
+  for source in dict.fromkeys(source for sources, _ in inputs for source in sources):
     data.sources.check_files(source)
+  for path in dict.fromkeys(path for _, images in inputs for path in images):
+    poison.triggers.read_trigger_image(path)
   first = {}
   for _, cell, _, digest in configs:
     if digest in first:

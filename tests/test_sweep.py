@@ -98,6 +98,16 @@ def test_bad_cell_is_refused_before_anything_runs(tmp_path):
     sweep.run_sweep(base, [{"data.source": "digits"}, {"data.source": missing}], str(tmp_path))
   with pytest.raises(DataError, match=r"folder:.*/none: directory .*/none/train not found"):
     sweep.run_sweep(base, [{"data.source": f"folder:{tmp_path / 'none'}"}], str(tmp_path))
+  (tmp_path / "text.npz").write_text("x_train,y_train\n")
+  with pytest.raises(DataError, match=r"text.npz: not a readable .npz file"):
+    sweep.run_sweep(base, [{"poison.name": "refool", "poison.refool.images":
+                            f"npz:{tmp_path / 'text.npz'}"}], str(tmp_path))
+  (tmp_path / "trigger.png").write_text("not an image")
+  with pytest.raises(DataError, match=r"trigger image '.*trigger.png': cannot decode an image"):
+    sweep.run_sweep(base, [{"poison.name": "blended", "seed": 1},
+                           {"poison.name": "adaptive_blend",
+                            "poison.adaptive_blend.image": str(tmp_path / "trigger.png")}],
+                    str(tmp_path))
   assert not (tmp_path / "results.sqlite").exists()
 
 

@@ -368,12 +368,15 @@ def test_an_old_step_that_a_kill_left_half_removed_is_removed_and_the_latest_res
     np.testing.assert_array_equal(resumed.restore(3)["w"], np.arange(3.0) + 3)
   assert not caplog.records, [r.getMessage() for r in caplog.records]
   assert sorted(os.listdir(directory)) == ["3"]
-  (directory / "4.orbax-checkpoint-tmp-1").mkdir()  # a save that SIGKILL cut short
-  (directory / "4.orbax-checkpoint-tmp-1" / "default").write_text("x")
+  (directory / "4.orbax-checkpoint-tmp-1").mkdir()  # a save that SIGKILL cut short, or one
+  (directory / "4.orbax-checkpoint-tmp-1" / "default").write_text("x")  # under way elsewhere
   with caplog.at_level(logging.WARNING):
-    assert train_lib.Checkpointer(str(directory)).latest_epoch() == 3
+    resumed = train_lib.Checkpointer(str(directory))
+    assert resumed.latest_epoch() == 3
+    assert sorted(os.listdir(directory)) == ["3", "4.orbax-checkpoint-tmp-1"]  # a reader leaves it
+    resumed.save(4, {"w": np.arange(3.0) + 4})  # the run's next save removes it
   assert not caplog.records, [r.getMessage() for r in caplog.records]
-  assert sorted(os.listdir(directory)) == ["3"]
+  assert sorted(os.listdir(directory)) == ["3", "4"]
 
 
 def test_ctrl_c_during_a_checkpoint_save_waits_for_the_save(tmp_path, monkeypatch):
@@ -382,9 +385,13 @@ def test_ctrl_c_during_a_checkpoint_save_waits_for_the_save(tmp_path, monkeypatc
   import orbax.checkpoint as ocp
   wait = ocp.CheckpointManager.wait_until_finished
 
-  def interrupted_wait(manager):
-    signal.raise_signal(signal.SIGINT)
+  def interrupted_wait(manager):  # orbax's save calls it too: one Ctrl-C, at the first call
+    if not raised:
+      raised.append(True)
+      signal.raise_signal(signal.SIGINT)
     return wait(manager)
+
+  raised = []
 
   monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", interrupted_wait)
   directory = tmp_path / "ckpt"
@@ -400,6 +407,28 @@ def test_ctrl_c_during_a_checkpoint_save_waits_for_the_save(tmp_path, monkeypatc
   assert sorted(os.listdir(directory)) == ["1"]
   np.testing.assert_array_equal(train_lib.Checkpointer(str(directory)).restore(1)["w"],
                                 np.arange(3.0))
+
+
+def test_held_ctrl_c_wins_over_a_failed_block_and_a_second_goes_through():
+  hold = train_lib.checkpoint.held_interrupts
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt) as err:  # a save that fails after Ctrl-C
+      with hold():
+        signal.raise_signal(signal.SIGINT)
+        raise ValueError("disk full")
+    assert isinstance(err.value.__context__, ValueError)
+    reached = []
+    with pytest.raises(KeyboardInterrupt):  # a hung save: the second Ctrl-C stops it
+      with hold():
+        signal.raise_signal(signal.SIGINT)
+        reached.append("held")
+        signal.raise_signal(signal.SIGINT)
+        reached.append("not reached")
+    assert reached == ["held"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def test_more_steps_than_an_int32_holds_are_refused_before_any_file(tmp_path):

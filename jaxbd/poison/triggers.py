@@ -159,6 +159,21 @@ def blended_validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_range(config, "poison.blended.alpha", 0, 1, low_open=True)
 
 
+def read_trigger_image(path: str) -> np.ndarray:
+  """The 8-bit image file at `path` as uint8[H, W] or uint8[H, W, 3], as the sources read images.
+
+  Raises:
+    DataError: the file is missing, or not an image the dataset sources read.
+  """
+  name = f"trigger image {path!r}"
+  try:
+    with open(path, "rb") as f:
+      blob = f.read()
+  except OSError as e:
+    raise DataError(f"{name} is unreadable ({e.strerror})") from None
+  return sources.decode_image(name, blob)
+
+
 def load_trigger_image(path: str, image_shape: tuple[int, int, int]) -> np.ndarray:
   """Reads an 8-bit image file as f32[H, W, C] in [0, 1], resized (bilinear) to `image_shape`.
 
@@ -167,13 +182,7 @@ def load_trigger_image(path: str, image_shape: tuple[int, int, int]) -> np.ndarr
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   h, w, c = image_shape
-  name = f"trigger image {path!r}"
-  try:
-    with open(path, "rb") as f:
-      blob = f.read()
-  except OSError as e:
-    raise DataError(f"{name} is unreadable ({e.strerror})") from None
-  im = Image.fromarray(sources.decode_image(name, blob))
+  im = Image.fromarray(read_trigger_image(path))
   im = im.convert("RGB" if c == 3 else "L").resize((w, h), Image.BILINEAR)
   return (np.asarray(im, np.float32) / 255.0).reshape(h, w, c)
 

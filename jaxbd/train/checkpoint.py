@@ -60,25 +60,33 @@ def digest(state: Any) -> jax.Array:
 
 @contextlib.contextmanager
 def held_interrupts() -> Iterator[None]:
-  """Holds Ctrl-C (SIGINT) back until the block ends, then delivers it as it would have been.
+  """Holds the first Ctrl-C (SIGINT) back until the block ends, then delivers it as it would have
+  been, also when the block fails (the interrupt wins, with the block's error as its context).
 
   Orbax writes a checkpoint from threads of its own; Ctrl-C in the middle of it would end the
-  process (`jaxbd.cli`) with the checkpoint's temporary folder half-written. In a thread other
-  than the main one, where signal handlers cannot be set, or where a handler that Python did not
-  install (and so cannot restore) has SIGINT, the block runs as it is.
+  process (`jaxbd.cli`) with the checkpoint's temporary folder half-written. A second Ctrl-C
+  while the first is held goes through at once (a save that hangs can still be stopped). In a
+  thread other than the main one, where signal handlers cannot be set, or where a handler that
+  Python did not install (and so cannot restore) has SIGINT, the block runs as it is.
   """
   previous = signal.getsignal(signal.SIGINT)
   if threading.current_thread() is not threading.main_thread() or previous is None:
     yield
     return
   held = []
-  signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+
+  def hold(signum, frame):
+    del frame
+    held.append(signum)
+    signal.signal(signal.SIGINT, previous)
+
+  signal.signal(signal.SIGINT, hold)
   try:
     yield
   finally:
     signal.signal(signal.SIGINT, previous)
-  if held:
-    signal.raise_signal(signal.SIGINT)
+    if held:
+      signal.raise_signal(signal.SIGINT)
 
 
 class _AbandonedReads(logging.Filter):
@@ -134,7 +142,9 @@ class Checkpointer:
     Orbax writes its metadata file into a step's folder before anything else, so a numbered
     folder without it is either an old checkpoint whose removal a killed run cut short (orbax
     removes all but the last `max_to_keep` after each save, file by file), which is removed here
-    as orbax would have (by process 0), or, as the latest step, not a checkpoint at all.
+    as orbax would have (by process 0), or, as the latest step, not a checkpoint at all. The
+    temporary folders of unfinished saves are left to `save` (a reader may look at the folder of
+    a run that is saving).
 
     Raises:
       CheckpointError: the latest step folder lacks orbax's metadata file: not a checkpoint that
@@ -143,7 +153,6 @@ class Checkpointer:
     """
     if self._manager is None:
       os.makedirs(self.directory, exist_ok=True)
-      self._remove_temporary()
       steps = sorted((int(n) for n in os.listdir(self.directory) if n.isdigit()), reverse=True)
       for i, step in enumerate(steps):
         step_dir = os.path.join(self.directory, str(step))
@@ -175,8 +184,10 @@ class Checkpointer:
 
   def save(self, epoch: int, state: Any, **info: Any) -> None:
     """Saves `state` as epoch `epoch`, with its `digest` and the JSON-able `info` (`info`), and
-    waits until it is on disk; Ctrl-C waits for it too (`held_interrupts`)."""
+    waits until it is on disk; Ctrl-C waits for it too (`held_interrupts`). First removes what
+    saves that did not finish left (a run killed while it saved)."""
     manager = self._get()
+    self._remove_temporary()
     try:
       with held_interrupts():
         manager.save(epoch, args=ocp.args.StandardSave(state),
