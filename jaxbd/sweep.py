@@ -60,7 +60,7 @@ from jaxbd import config as config_lib
 from jaxbd import data, fileio, host, poison
 from jaxbd import cli
 from jaxbd import main as run_command
-from jaxbd.errors import ConfigError, DataError, DivergedError, JaxbdError, first_line
+from jaxbd.errors import ConfigError, DataError, JaxbdError, first_line
 
 _GRID = flags.DEFINE_string(
     "grid", None, "Cells as 'field=v1,v2;field2=w1,w2' (cartesian product); default: the config "
@@ -152,7 +152,8 @@ def store(path: str) -> Iterator[sqlite3.Connection]:
   """Opens (and creates) the results store; commits on exit.
 
   Raises:
-    DataError: `path` is not a SQLite file, or its `runs` table is not a sweep store's.
+    DataError: `path` is not a SQLite file, or its `runs` table is not a sweep store's; or a read
+      or write of the store in the block failed (a full disk, a lock held past the timeout).
   """
   try:
     connection = sqlite3.connect(path, timeout=60)
@@ -165,8 +166,11 @@ def store(path: str) -> Iterator[sqlite3.Connection]:
     except sqlite3.Error as e:
       raise DataError(f"{path} is not a sweep store ({first_line(e)}); move it away or "
                       "use a new --workdir") from None
-    yield connection
-    connection.commit()
+    try:
+      yield connection
+      connection.commit()
+    except sqlite3.Error as e:
+      raise DataError(f"cannot use the sweep store {path} ({first_line(e)})") from None
   finally:
     connection.close()
 
@@ -235,12 +239,14 @@ def rehome(item: tuple, workdir: str, moved: dict[str, str]) -> tuple:
   `moved`: a cell whose owner (`standard.victim_from`) failed before saving its models
   (`moved[owner] == ""`) trains its own instead, and the owner's later cells borrow from it
   (`moved[owner]` is set to its workdir); updates `moved`. A cell that began to train its own in
-  a killed earlier run of the sweep goes on with it."""
+  a killed earlier run of the sweep goes on with it (and lends it in place of a failed owner)."""
   index, cell, config, digest = item
   owner = config.standard.victim_from if config.experiment == "standard" else ""
   here = cell_dir(workdir, digest)
   if owner and began_own_victim(here):
     source = ""  # a killed earlier run of the sweep began training it here: resume it
+    if owner in moved and not moved[owner]:
+      moved[owner] = here
   elif owner in moved:
     if not moved[owner]:
       moved[owner] = here
@@ -271,17 +277,29 @@ def lose_victim(moved: dict[str, str], failed_dir: str) -> None:
   moved[failed_dir] = ""
 
 
-def seed_groups(cells: Sequence[tuple], vmap_seeds: bool) -> list[list[tuple]]:
+def holds_checkpoints(cell_workdir: str) -> bool:
+  """Whether the cell in `cell_workdir` saved checkpoints in an earlier run of the sweep (alone,
+  or a population's final ones): it resumes from them alone, where a population would train its
+  models anew."""
+  root = os.path.join(cell_workdir, "checkpoints")
+  folders = [os.path.join(root, name) for name in (os.listdir(root) if os.path.isdir(root) else [])]
+  return any(os.path.isdir(folder) and os.listdir(folder) for folder in folders)
+
+
+def seed_groups(cells: Sequence[tuple], workdir: str, vmap_seeds: bool) -> list[list[tuple]]:
   """Cells `(index, cell, config, digest)` in run order, as groups run together: with `vmap_seeds`
-  the cells whose configs differ only in `seed` (and that `run_population` can take), else one
-  cell per group."""
+  the cells whose configs differ only in `seed` (that `run_population` can take and whose
+  workdirs hold no checkpoints, `holds_checkpoints`), else one cell per group."""
   from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
-  groups: dict[str, list[tuple]] = {}
+  groups: dict[tuple[str, str], list[tuple]] = {}
   for item in cells:
     config, digest = item[2], item[3]
-    if vmap_seeds and standard.population_ready(config):
-      digest = config_hash(config_lib.apply_cell(config, {"seed": 0}))
-    groups.setdefault(digest, []).append(item)
+    if (vmap_seeds and standard.population_ready(config)
+        and not holds_checkpoints(cell_dir(workdir, digest))):
+      key = ("population", config_hash(config_lib.apply_cell(config, {"seed": 0})))
+    else:
+      key = ("cell", digest)
+    groups.setdefault(key, []).append(item)
   return list(groups.values())
 
 
@@ -315,8 +333,9 @@ def _attempt(fn: Callable[[], Any]) -> tuple[Any, str | None]:
 def _run_group(group: list[tuple], workdir: str) -> list[tuple[dict | None, str | None]]:
   """Runs one cell, or a population of cells differing in seed: (document, error line) per cell.
 
-  The cells of a population whose training diverged (NaN or inf; one member, or all of them)
-  run again one by one, so that only the cells that diverge alone fail."""
+  The cells of a population that failed (any error) or whose training diverged (NaN or inf; one
+  member, or all of them) run again one by one, from the checkpoints the population saved in
+  their workdirs, so that only the cells that fail alone fail."""
   from jaxbd import experiments  # pylint: disable=g-import-not-at-top
   from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
   configs = [config for _, _, config, _ in group]
@@ -326,11 +345,9 @@ def _run_group(group: list[tuple], workdir: str) -> list[tuple[dict | None, str 
     name = hashlib.sha256(" ".join(d for *_, d in group).encode()).hexdigest()[:16]
     try:
       docs = standard.run_population(configs, dirs, os.path.join(workdir, "populations", name))
-    except DivergedError as e:
-      host.say(f"sweep: population {name} diverged ({e}); its {len(group)} cells run one by one",
-               err=True)
     except Exception as e:  # pylint: disable=broad-except
-      return [(None, _error_line(e))] * len(group)
+      host.say(f"sweep: population {name} failed ({_error_line(e)}); its {len(group)} cells run "
+               "one by one", err=True)
     else:
       if None in docs:
         host.say(f"sweep: {docs.count(None)} of the {len(group)} cells of population {name} "
@@ -383,7 +400,7 @@ def run_sweep(base: ml_collections.ConfigDict, cells: Sequence[dict[str, Any]],
     counts["skipped"] = sum(digest in done for *_, digest in configs)
     pending = [item for item in configs if item[3] not in done]
     moved: dict[str, str] = {}
-    for group in seed_groups(pending, vmap_seeds):
+    for group in seed_groups(pending, workdir, vmap_seeds):
       group = [rehome(item, workdir, moved) for item in group]
       for i, cell, _, digest in group:
         host.say(f"sweep cell {i + 1}/{len(configs)} {digest} {json.dumps(cell)}"

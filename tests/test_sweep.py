@@ -265,17 +265,71 @@ def test_a_diverged_seed_of_a_population_runs_alone(digits_sweep, tmp_path, monk
       assert "diverged" in errors[digest]
 
 
-def test_seed_groups_join_only_cells_that_differ_in_seed():
+def test_seed_groups_join_only_cells_that_differ_in_seed(tmp_path):
   base = config_lib.defaults()
   cells = sweep.parse_grid("poison.rate=0.05,0.1;seed=0,1,2", base)
   items = [(i, c, config_lib.apply_cell(base, c), str(i)) for i, c in enumerate(cells)]
-  groups = sweep.seed_groups(items, vmap_seeds=True)
+  groups = sweep.seed_groups(items, str(tmp_path), vmap_seeds=True)
   assert [[c["seed"] for _, c, _, _ in g] for g in groups] == [[0, 1, 2], [0, 1, 2]]
   assert {g[0][1]["poison.rate"] for g in groups} == {0.05, 0.1}
-  assert sweep.seed_groups(items, vmap_seeds=False) == [[item] for item in items]
+  assert sweep.seed_groups(items, str(tmp_path), vmap_seeds=False) == [[item] for item in items]
   clean = [(0, {}, config_lib.apply_cell(base, {"poison.name": "none", "seed": s}), str(s))
            for s in (0, 1)]
-  assert len(sweep.seed_groups(clean, vmap_seeds=True)) == 2  # no attack: no population
+  assert len(sweep.seed_groups(clean, str(tmp_path), vmap_seeds=True)) == 2  # no attack
+  # A cell whose workdir holds checkpoints of an earlier run resumes from them alone.
+  (tmp_path / "cells" / "1" / "checkpoints" / "backdoored" / "2").mkdir(parents=True)
+  groups = sweep.seed_groups(items, str(tmp_path), vmap_seeds=True)
+  assert [[i for i, *_ in g] for g in groups] == [[0, 2], [1], [3, 4, 5]]
+  # A cell that cannot join a population (here: it borrows its victim) stays alone, also where
+  # its digest is the key of a population (the seed-0 config of the others).
+  borrower = config_lib.apply_cell(base, {"standard.victim_from": "W/cells/x"})
+  population = [config_lib.apply_cell(base, {"seed": s}) for s in (1, 2)]
+  mixed = [(0, {}, borrower, sweep.config_hash(base))] + [
+      (s, {}, c, f"p{s}") for s, c in zip((1, 2), population)]
+  assert [[i for i, *_ in g] for g in sweep.seed_groups(mixed, str(tmp_path), True)] == [
+      [0], [1, 2]]
+
+
+def test_a_failed_population_runs_its_cells_one_by_one(tmp_path, monkeypatch, capfd):
+  """Any error of a population (here a member's defense checkpoint) fails no cell for it: its
+  cells run again one by one, and only the one that fails alone fails."""
+  from jaxbd import experiments  # pylint: disable=g-import-not-at-top
+  from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
+
+  def broken(*args):
+    raise CheckpointError("defense checkpoint of seed 1 is corrupt")
+
+  monkeypatch.setattr(standard, "run_population", broken)
+  monkeypatch.setattr(experiments, "run", lambda config, workdir: broken() if config.seed == 1
+                      else {"metrics": {"backdoored": {"acc": 0.5}}})
+  base = tiny_digits_config()
+  counts = sweep.run_sweep(base, [{"seed": 0}, {"seed": 1}], str(tmp_path), vmap_seeds=True)
+  assert counts == {"done": 1, "skipped": 0, "failed": 1}
+  assert "population" in capfd.readouterr().err
+  with sqlite3.connect(tmp_path / "results.sqlite") as db:
+    rows = dict(db.execute("SELECT json_extract(cell, '$.seed'), status FROM runs"))
+  assert rows == {0: "done", 1: "failed"}
+
+
+def test_a_store_that_cannot_be_written_is_one_error_line(tmp_path, monkeypatch):
+  """A lock held past the timeout (or a full disk) while the sweep records a cell: DataError."""
+  from jaxbd import experiments  # pylint: disable=g-import-not-at-top
+  connect = sqlite3.connect
+  monkeypatch.setattr(sweep.sqlite3, "connect", lambda path, timeout: connect(path, timeout=0.1))
+  locker = []
+
+  def run(config, workdir):
+    locker.append(connect(tmp_path / "results.sqlite"))
+    locker[0].execute("BEGIN EXCLUSIVE")
+    return {"metrics": {}}
+
+  monkeypatch.setattr(experiments, "run", run)
+  try:
+    with pytest.raises(DataError, match=r"cannot use the sweep store .*results.sqlite "
+                       r"\(database is locked\)"):
+      sweep.run_sweep(tiny_digits_config(), [{"seed": 0}], str(tmp_path))
+  finally:
+    locker[0].close()
 
 
 def test_cells_that_differ_in_defense_settings_share_their_victim():
@@ -288,7 +342,7 @@ def test_cells_that_differ_in_defense_settings_share_their_victim():
   assert [config.standard.victim_from for _, _, config, _ in shared] == [
       "", sweep.cell_dir("W", "0"), "", sweep.cell_dir("W", "2")]
   assert [item[:2] + item[3:] for item in shared] == [item[:2] + item[3:] for item in items]
-  groups = sweep.seed_groups(shared, vmap_seeds=True)
+  groups = sweep.seed_groups(shared, "W", vmap_seeds=True)
   assert [[i for i, *_ in g] for g in groups] == [[0, 2], [1], [3]]
   other = [(0, {}, config_lib.apply_cell(base, {"experiment": "detection"}), "a"),
            (1, {}, config_lib.apply_cell(base, {"experiment": "detection"}), "b")]
@@ -321,31 +375,40 @@ def test_the_victim_owner_is_a_cell_that_saved_it_else_the_first_that_runs(monke
     common._check_workdir(str(tmp_path), items[1][2].to_dict())  # pylint: disable=protected-access
 
 
+def owner_failure_sweep(tmp_path, monkeypatch, count, began, failing, saved):
+  """Runs a sweep of `count` FT settings of one victim with `experiments.run` faked: cell `began`
+  began to train its own victim in a killed earlier run, the first `failing` runs fail, and
+  `victim_saved` says `saved`. Returns (the cells' digests, (cell, victim_from) per run, counts).
+  """
+  from jaxbd import experiments  # pylint: disable=g-import-not-at-top
+  from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
+  base = tiny_digits_config(**{"defense.names": "ft"})
+  cells = [{"defense.ft.lr": 0.01 * (i + 1)} for i in range(count)]
+  digests = [sweep.config_hash(config_lib.apply_cell(base, c)) for c in cells]
+  (tmp_path / "cells" / digests[began]).mkdir(parents=True)
+  (tmp_path / "cells" / digests[began] / "config.json").write_text(
+      json.dumps({"standard": {"victim_from": ""}}))
+  ran = []
+
+  def run(config, workdir):
+    ran.append((os.path.basename(workdir), config.standard.victim_from))
+    if len(ran) <= failing:
+      raise CheckpointError("broken")
+    return {"metrics": {"backdoored": {"acc": 0.5}}}
+
+  monkeypatch.setattr(experiments, "run", run)
+  monkeypatch.setattr(standard, "victim_saved", lambda config, workdir: saved)
+  return digests, ran, sweep.run_sweep(base, cells, str(tmp_path))
+
+
 @pytest.mark.parametrize("saved", [False, True])
 def test_a_cell_whose_victim_owner_failed_trains_the_victim(tmp_path, monkeypatch, saved):
   """When the cell that trains a shared victim fails before saving it, the next cell of that
   victim trains it (and, failing too, hands it on) and the others borrow from the one that does;
   a failed owner whose models were saved (e.g. a defense failed) still lends them. A cell that
   began to train its own in a killed earlier run of the sweep goes on with it."""
-  from jaxbd import experiments  # pylint: disable=g-import-not-at-top
-  from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
-  base = tiny_digits_config(**{"defense.names": "ft"})
-  cells = sweep.parse_grid("defense.ft.lr=0.01,0.02,0.03,0.04,0.05", base)
-  digests = [sweep.config_hash(config_lib.apply_cell(base, c)) for c in cells]
-  began = tmp_path / "cells" / digests[4]
-  began.mkdir(parents=True)
-  (began / "config.json").write_text(json.dumps({"standard": {"victim_from": ""}}))
-  ran = []
-
-  def run(config, workdir):
-    ran.append((os.path.basename(workdir), config.standard.victim_from))
-    if len(ran) <= 2:
-      raise CheckpointError("broken")
-    return {"metrics": {"backdoored": {"acc": 0.5}}}
-
-  monkeypatch.setattr(experiments, "run", run)
-  monkeypatch.setattr(standard, "victim_saved", lambda config, workdir: saved)
-  counts = sweep.run_sweep(base, cells, str(tmp_path))
+  digests, ran, counts = owner_failure_sweep(tmp_path, monkeypatch, 5, began=4, failing=2,
+                                             saved=saved)
   owner = lambda i: sweep.cell_dir(str(tmp_path), digests[i])
   if saved:
     assert ran[:4] == [(digests[0], "")] + [(d, owner(0)) for d in digests[1:4]]
@@ -357,6 +420,16 @@ def test_a_cell_whose_victim_owner_failed_trains_the_victim(tmp_path, monkeypatc
     rows = dict(db.execute("SELECT config_hash, json_extract(config, '$.standard.victim_from') "
                            "FROM runs").fetchall())
   assert rows == dict(ran)  # each row holds the config its cell ran with
+
+
+def test_a_cell_that_began_its_own_victim_lends_it_when_the_owner_fails(tmp_path, monkeypatch):
+  """Cell 1 began to train its own victim in a killed earlier run; the owner (cell 0) fails
+  before saving its victim; cell 2 borrows cell 1's instead of training a third."""
+  digests, ran, counts = owner_failure_sweep(tmp_path, monkeypatch, 3, began=1, failing=1,
+                                             saved=False)
+  assert counts == {"done": 2, "skipped": 0, "failed": 1}
+  assert ran == [(digests[0], ""), (digests[1], ""),
+                 (digests[2], sweep.cell_dir(str(tmp_path), digests[1]))]
 
 
 @pytest.mark.slow
