@@ -277,25 +277,26 @@ def lose_victim(moved: dict[str, str], failed_dir: str) -> None:
   moved[failed_dir] = ""
 
 
-def holds_checkpoints(cell_workdir: str) -> bool:
-  """Whether the cell in `cell_workdir` saved checkpoints in an earlier run of the sweep (alone,
-  or a population's final ones): it resumes from them alone, where a population would train its
-  models anew."""
-  root = os.path.join(cell_workdir, "checkpoints")
-  folders = [os.path.join(root, name) for name in (os.listdir(root) if os.path.isdir(root) else [])]
-  return any(os.path.isdir(folder) and os.listdir(folder) for folder in folders)
+def resumes_alone(config: ml_collections.ConfigDict, cell_workdir: str) -> bool:
+  """Whether the cell of `config` in `cell_workdir` resumes alone rather than in a population: an
+  earlier run of the sweep began to train one of its phases alone (a checkpoint short of the
+  phase's last epoch; a population saves only its members' final ones), or saved every phase's
+  final checkpoint (nothing is left to train)."""
+  from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
+  saved, last = standard.saved_epochs(config, cell_workdir), config.train.epochs
+  return all(e == last for e in saved) or any(e not in (None, last) for e in saved)
 
 
 def seed_groups(cells: Sequence[tuple], workdir: str, vmap_seeds: bool) -> list[list[tuple]]:
   """Cells `(index, cell, config, digest)` in run order, as groups run together: with `vmap_seeds`
-  the cells whose configs differ only in `seed` (that `run_population` can take and whose
-  workdirs hold no checkpoints, `holds_checkpoints`), else one cell per group."""
+  the cells whose configs differ only in `seed` (that `run_population` can take and that do not
+  `resumes_alone`), else one cell per group."""
   from jaxbd.experiments import standard  # pylint: disable=g-import-not-at-top
   groups: dict[tuple[str, str], list[tuple]] = {}
   for item in cells:
     config, digest = item[2], item[3]
     if (vmap_seeds and standard.population_ready(config)
-        and not holds_checkpoints(cell_dir(workdir, digest))):
+        and not resumes_alone(config, cell_dir(workdir, digest))):
       key = ("population", config_hash(config_lib.apply_cell(config, {"seed": 0})))
     else:
       key = ("cell", digest)

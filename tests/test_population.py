@@ -103,3 +103,20 @@ def test_a_vmapped_population_splits_its_members_over_the_devices():
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                out["one device"][0]["params"], state["params"])
   assert float(metrics["loss"]) == pytest.approx(float(out["one device"][1]["loss"]), rel=1e-5)
+
+
+def test_a_member_that_holds_a_phase_keeps_its_saved_model(tmp_path):
+  """`save_phase` (a population member's phase) saves a state once; where the workdir already
+  holds the phase's final checkpoint it keeps it and returns that model, not the new state."""
+  from jaxbd.experiments import common  # pylint: disable=g-import-not-at-top
+  config = tiny_digits_config(**{"train.epochs": 1})
+  r = common.prepare(config, str(tmp_path / "run"))
+  ds = r.dataset
+  setup, _ = common.classifier_setup(r.model, ds.x_train, ds.y_train, config.train, config.data,
+                                     r.mesh, jax.random.key(0))
+  first = common.save_phase(r, "backdoored", 1, setup.state)
+  other = dict(setup.state, params=jax.tree.map(lambda p: p + 1, setup.state["params"]))
+  again = common.save_phase(r, "backdoored", 1, other)
+  for a, b, c in zip(*(jax.tree.leaves(v["params"]) for v in (first, again, other))):
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(b, c)

@@ -276,10 +276,17 @@ def test_seed_groups_join_only_cells_that_differ_in_seed(tmp_path):
   clean = [(0, {}, config_lib.apply_cell(base, {"poison.name": "none", "seed": s}), str(s))
            for s in (0, 1)]
   assert len(sweep.seed_groups(clean, str(tmp_path), vmap_seeds=True)) == 2  # no attack
-  # A cell whose workdir holds checkpoints of an earlier run resumes from them alone.
-  (tmp_path / "cells" / "1" / "checkpoints" / "backdoored" / "2").mkdir(parents=True)
+  # A cell that began a phase alone in an earlier run (checkpoint short of its 10 epochs), or
+  # saved every phase's final checkpoint, resumes alone; one that holds final checkpoints of
+  # some phases (a killed population saved them) stays in its population.
+  from jaxbd import train as train_lib  # pylint: disable=g-import-not-at-top
+  for digest, phase, epoch in (("1", "backdoored", 2), ("3", "clean", 10), ("3", "backdoored", 10),
+                               ("4", "clean", 10)):
+    ckpt = train_lib.Checkpointer(str(tmp_path / "cells" / digest / "checkpoints" / phase))
+    ckpt.save(epoch, {"w": np.zeros(2)})
+    ckpt.close()
   groups = sweep.seed_groups(items, str(tmp_path), vmap_seeds=True)
-  assert [[i for i, *_ in g] for g in groups] == [[0, 2], [1], [3, 4, 5]]
+  assert [[i for i, *_ in g] for g in groups] == [[0, 2], [1], [3], [4, 5]]
   # A cell that cannot join a population (here: it borrows its victim) stays alone, also where
   # its digest is the key of a population (the seed-0 config of the others).
   borrower = config_lib.apply_cell(base, {"standard.victim_from": "W/cells/x"})

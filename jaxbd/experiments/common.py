@@ -437,14 +437,20 @@ def trained_run(source: str, setting: str) -> tuple[dict, int]:
   return saved, epochs
 
 
-def save_phase(run: Run, phase: str, epoch: int, state: dict) -> None:
+def save_phase(run: Run, phase: str, epoch: int, state: dict) -> dict:
   """Saves a train state as phase `phase` of this run after `epoch` epochs (see `load_phase`),
-  for a phase trained elsewhere (e.g. as a member of a population); a rerun keeps the saved one.
-  `train_classifier` resumes from it as from its own checkpoints."""
+  for a phase trained elsewhere (e.g. as a member of a population), and returns its variables;
+  where the workdir already holds that checkpoint (an earlier run), keeps it and returns its
+  variables instead, so that results always describe the saved model. `train_classifier`
+  resumes from it as from its own checkpoints."""
   ckpt = train_lib.Checkpointer(os.path.join(run.workdir, "checkpoints", phase))
-  if ckpt.latest_epoch() != epoch:
+  try:
+    if ckpt.latest_epoch() == epoch:
+      return load_phase(run, phase, epoch)
     ckpt.save(epoch, state)
-  ckpt.close()
+  finally:
+    ckpt.close()
+  return train_lib.variables(state)
 
 
 def timing_section(summary: dict) -> dict:

@@ -101,20 +101,25 @@ def borrowed_victim(r: common.Run, names: Sequence[str]) -> dict[str, dict]:
   return variables
 
 
-def victim_saved(config: ml_collections.ConfigDict, workdir: str) -> bool:
-  """Whether the run of `config` in `workdir` saved the final checkpoint of every phase it trains
-  (what `borrowed_victim` loads); an unreadable checkpoint folder counts as not saved."""
+def saved_epochs(config: ml_collections.ConfigDict, workdir: str) -> list[Optional[int]]:
+  """The last saved epoch of each phase (`phases`) of the run of `config` in `workdir`; None where
+  none is saved or the checkpoint folder is unreadable."""
+  epochs = []
   for phase in phases(config):
     ckpt = train_lib.Checkpointer(os.path.join(workdir, "checkpoints", phase))
     try:
-      saved = ckpt.latest_epoch()
+      epochs.append(ckpt.latest_epoch())
     except CheckpointError:
-      saved = None
+      epochs.append(None)
     finally:
       ckpt.close()
-    if saved != config.train.epochs:
-      return False
-  return True
+  return epochs
+
+
+def victim_saved(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Whether the run of `config` in `workdir` saved the final checkpoint of every phase it trains
+  (what `borrowed_victim` loads); an unreadable checkpoint folder counts as not saved."""
+  return all(epoch == config.train.epochs for epoch in saved_epochs(config, workdir))
 
 
 def phases(config: ml_collections.ConfigDict) -> list[str]:
@@ -157,7 +162,9 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
   member. Every workdir ends up as `run` leaves it (config, poison plan, final checkpoint of each
   phase, results.json); `timing` holds the population's wall time (`population`: its size;
   `member_split`: [ways, copies] of `population.member_mesh`).
-  The population's checkpoints live in `population_dir`, so a killed run resumes.
+  The population's checkpoints live in `population_dir`, so a killed run resumes. A member whose
+  workdir already holds a phase's final checkpoint (an earlier run) is evaluated and defended on
+  that model, not the population's (`common.save_phase`).
 
   Returns:
     each member's results document; None for a member whose training diverged in some phase
@@ -175,6 +182,7 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
   os.makedirs(population_dir, exist_ok=True)
   r0, c = runs[0], configs[0]
   metrics, timing, failed = [{} for _ in runs], [{} for _ in runs], set()
+  variables = [None] * len(runs)  # each member's model of the last phase
   for phase in phases(c):
     poisoned = phase == "backdoored"
     members = [dict(key=common.phase_key(r, phase), trigger=r.trigger,
@@ -189,12 +197,12 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
                           f"{phase!r}); lower the learning rate")
     for j, (r, state, m, t) in enumerate(zip(runs, states, metrics, timing)):
       if j not in failed:
-        common.save_phase(r, phase, c.train.epochs, state)
-        m[phase] = r.evaluate(train_lib.variables(state))
+        variables[j] = common.save_phase(r, phase, c.train.epochs, state)
+        m[phase] = r.evaluate(variables[j])
         t[phase] = dict(common.timing_section(summary), population=len(runs),
                         member_split=summary["member_split"])
-  return [None if j in failed else finish(r, train_lib.variables(s), m, t)
-          for j, (r, s, m, t) in enumerate(zip(runs, states, metrics, timing))]
+  return [None if j in failed else finish(r, v, m, t)
+          for j, (r, v, m, t) in enumerate(zip(runs, variables, metrics, timing))]
 
 
 def attack_section(config: ml_collections.ConfigDict, plan) -> dict:
