@@ -34,7 +34,8 @@ at batch 64 and l_slol 0.01 (lr 1e-4, Nesterov, l_param 20,000 as the paper), ch
 test data) by the paper's rule, lowest ASR with ACC >= original - 3%:
 
   python -m jaxbd.select --config=configs/pick_your_poison.py:cpu,source=npz:FILE --workdir=DIR \
-      --heldout=5000 --defense=pt --grid="defense.pt.lr=0.0001,0.005,0.05;defense.pt.slol=0.01,0.05"
+      --heldout_from=outside --heldout=5000 --defense=pt \
+      --grid="defense.pt.lr=0.0001,0.005,0.05;defense.pt.slol=0.01,0.05"
 
 Held-out ACC / ASR (suspect 0.617 / 1.0), l_slol 0.01 / 0.05: lr 1e-4: 0.6100 / 1.0 (chosen; every
 ASR ties, so the higher ACC), 0.6090 / 1.0; lr 0.005: 0.6092 / 1.0, 0.4894 / 1.0; lr 0.05: 0.5578 /

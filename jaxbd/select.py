@@ -7,11 +7,12 @@ Trains (or resumes) the config's backdoored model in DIR, runs the defense once 
 `--grid` (cartesian product of `defense.<name>.field=v1,v2` groups) on the run's trusted set,
 scores each defended model on `--heldout` held-out training images, and picks the setting with
 Pick your Poison's rule: lowest held-out ASR among those whose held-out ACC is at most
-`--max_acc_drop` below the suspect model's (ties: higher ACC). The held-out images are training
-images outside the `data.train_limit` subset (`--heldout_from=outside`, the default) or
-`--heldout` of the trusted images, the defense running on the others (`--heldout_from=trusted`,
-the paper's way, which needs no subset). Test data is never read. Prints a table and writes
-DIR/selection.json (`jaxbd.experiments.selection`). Exit status 1 when no setting is
+`--max_acc_drop` below the suspect model's (ties: higher ACC). The held-out images are
+`--heldout` of the trusted images (default: a third), the defense running on the others
+(`--heldout_from=trusted`, the default and the paper's way: no clean image beyond the defender's
+budget), or training images outside the `data.train_limit` subset (`--heldout_from=outside`,
+default 2,000; more clean images than the budget). Test data is never read. Prints a table and
+writes DIR/selection.json (`jaxbd.experiments.selection`). Exit status 1 when no setting is
 eligible; bad input is one line `jaxbd: error: ...` with exit status 2.
 """
 
@@ -28,11 +29,13 @@ from jaxbd import sweep
 from jaxbd.errors import ConfigError
 
 _DEFENSE = flags.DEFINE_string("defense", None, "The defense to tune (ft, d3, pt, fine_pruning).")
-_HELDOUT = flags.DEFINE_integer("heldout", 2000, "Held-out training images.")
+_HELDOUT = flags.DEFINE_integer(
+    "heldout", None, "Held-out training images (default: a third of the trusted set with "
+    "--heldout_from=trusted, 2000 with outside).")
 _HELDOUT_FROM = flags.DEFINE_enum(
-    "heldout_from", "outside", ["outside", "trusted"],
-    "Where the held-out images come from: training images outside the data.train_limit subset, "
-    "or a part of the trusted set (the defense then runs on the rest).")
+    "heldout_from", "trusted", ["trusted", "outside"],
+    "Where the held-out images come from: a part of the trusted set (the defense then runs on "
+    "the rest), or training images outside the data.train_limit subset.")
 _MAX_ACC_DROP = flags.DEFINE_float("max_acc_drop", 0.03,
                                    "Largest held-out ACC loss a setting may cost.")
 

@@ -74,9 +74,10 @@ def test_heldout_images_are_balanced_training_images_outside_the_subset():
 
 def test_trusted_heldout_scores_settings_on_trusted_images_the_defense_does_not_train_on(
     tmp_path):
-  """--heldout_from=trusted on the whole training split: the held-out images are part of the
-  trusted set the run draws (never a poisoned row), the defense gets the rest, and a size that
-  leaves either part empty is refused before any file."""
+  """--heldout_from=trusted (the default) on the whole training split: the held-out images (a
+  third unless --heldout says otherwise) are part of the trusted set the run draws (never a
+  poisoned row), the defense gets the rest, and a size that leaves either part empty is refused
+  before any file."""
   from jaxbd import defenses, experiments, poison, sweep  # pylint: disable=g-import-not-at-top
   c = tiny_digits_config(**{"defense.clean_fraction": 0.2})
   assert c.data.train_limit == 0
@@ -85,11 +86,10 @@ def test_trusted_heldout_scores_settings_on_trusted_images_the_defense_does_not_
                      "--heldout_from=trusted"):
     selection.select(c, str(tmp_path / "bad"), "ft", cells, heldout=287, heldout_from="trusted")
   assert not (tmp_path / "bad").exists()
-  doc = selection.select(c, str(tmp_path / "run"), "ft", cells, heldout=100,
-                         heldout_from="trusted")
+  doc = selection.select(c, str(tmp_path / "run"), "ft", cells)
   held = np.array(doc["heldout"]["indices"])
-  assert doc["heldout"]["from"] == "trusted" and len(set(held)) == 100
-  assert doc["trusted_size"] == 287 - 100
+  assert doc["heldout"]["from"] == "trusted" and len(set(held)) == 96  # round(287 / 3)
+  assert doc["trusted_size"] == 287 - 96
   ds = data_lib.load(c.data)
   plan = poison.load_plan(str(tmp_path / "run" / "poison_plan.npz"))
   drawn = defenses.trusted_split(ds.x_train, ds.y_train, plan.kind, 0.2, c.seed)
@@ -107,7 +107,7 @@ def select_cli(workdir, *args):
   cmd = [sys.executable, "-m", "jaxbd.select", "--config=configs/quickstart.py",
          "--config.train.epochs=3", "--config.model.cnn.width=8", "--config.log.progress=false",
          "--config.data.train_limit=1000", "--config.defense.clean_fraction=0.1",
-         "--heldout=400", f"--workdir={workdir}", *args]
+         "--heldout_from=outside", "--heldout=400", f"--workdir={workdir}", *args]
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=process_env(),
                         timeout=600)
 

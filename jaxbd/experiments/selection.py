@@ -5,10 +5,10 @@ ACC is at least the suspect model's held-out ACC minus `max_acc_drop` (3 points)
 with the lowest held-out ASR; ties go to the higher ACC. Without an eligible setting there is no
 choice. The held-out images come from one of two places (`heldout_from`):
 
-- `trusted` (the paper's): a random part of the trusted set (`defense.clean_fraction`, drawn with
-  `config.seed` from rows the attack did not touch, as `python -m jaxbd.main` draws it); the
-  defense runs on the rest. No image beyond the defender's clean budget is used, and it works on
-  the whole training split.
+- `trusted` (the default, and the paper's): a random part (a third unless `heldout` is given) of
+  the trusted set (`defense.clean_fraction`, drawn with `config.seed` from rows the attack did
+  not touch, as `python -m jaxbd.main` draws it); the defense runs on the rest. No image beyond
+  the defender's clean budget is used, and it works on the whole training split.
 - `outside`: class-balanced training images outside the run's `data.train_limit` subset (the
   suspect never trained on them); the defense runs on the whole trusted set. This scores
   settings on more clean images than the budget (the CPU recipes' choices were made this way,
@@ -38,6 +38,7 @@ from jaxbd.experiments import common, preparation, results, standard
 
 
 HELDOUT_FROM = ("trusted", "outside")
+OUTSIDE_HELDOUT = 2000  # held-out images outside the subset unless `heldout` says otherwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +148,8 @@ def defense_cells(config: ml_collections.ConfigDict, name: str,
 
 
 def select(config: ml_collections.ConfigDict, workdir: str, name: str,
-           cells: Sequence[dict[str, Any]], *, heldout: int = 2000,
-           heldout_from: str = "outside", max_acc_drop: float = 0.03) -> dict:
+           cells: Sequence[dict[str, Any]], *, heldout: Optional[int] = None,
+           heldout_from: str = "trusted", max_acc_drop: float = 0.03) -> dict:
   """Runs defense `name` for each grid cell and chooses one on held-out images.
 
   Args:
@@ -157,7 +158,8 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
     workdir: run directory of the suspect model (resumed if it exists).
     name: the defense (a key of `jaxbd.defenses.DEFENSES`).
     cells: grid cells `{"defense.<name>.field": value}`.
-    heldout: number of held-out images.
+    heldout: number of held-out images (None: a third of the trusted set for "trusted",
+      `OUTSIDE_HELDOUT` for "outside").
     heldout_from: where they come from, "trusted" or "outside" (see the module docstring).
     max_acc_drop: the rule's ACC tolerance.
 
@@ -182,7 +184,8 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
   configs = defense_cells(config, name, cells)
   if heldout_from == "outside":
     full = load_full(config.data)
-    held = heldout_split(full, config.data.train_limit, heldout)
+    held = heldout_split(full, config.data.train_limit,
+                         OUTSIDE_HELDOUT if heldout is None else heldout)
     dataset = data_lib.subset(full, config.data.train_limit)
   else:
     dataset = None
@@ -191,7 +194,9 @@ def select(config: ml_collections.ConfigDict, workdir: str, name: str,
   run = common.build(config, workdir, dataset, [])
   trusted = run.trusted(config.defense.clean_fraction)
   if heldout_from == "trusted":
-    trusted, held = trusted_heldout(trusted, heldout, common.phase_key(run, "selection/heldout"))
+    size = (defenses.base.holdout_count(len(trusted.labels), 1 / 3, "the default held-out third")
+            if heldout is None else heldout)
+    trusted, held = trusted_heldout(trusted, size, common.phase_key(run, "selection/heldout"))
   shapes = common.abstract_variables(run.model, run.key, run.dataset.image_shape)
   for cell_config in configs:
     common.check_components(cell_config, run.model, shapes, run.dataset, run.plan, [name])
