@@ -107,6 +107,12 @@ def test_quickstart_writes_results_in_the_design_schema(tmp_path):
   assert 0.5 * ft["train_seconds"] < again["defenses"]["ft"]["train_seconds"] <= ft[
       "train_seconds"]
   assert again["timing"]["backdoored"]["resumed_from_epoch"] == doc["config"]["train"]["epochs"]
+  # The defense's checkpoints name the model it tuned (a rerun refuses them for another).
+  from jaxbd.experiments import common  # pylint: disable=g-import-not-at-top
+  from jaxbd.train import Checkpointer, checkpoint  # pylint: disable=g-import-not-at-top
+  suspect = common.restore_phase(str(workdir), "backdoored", doc["config"]["train"]["epochs"])
+  info = Checkpointer(str(workdir / "checkpoints" / "ft")).info(2)
+  assert info["origin"] == checkpoint.fingerprint(suspect)
 
 
 def final_state(workdir, phase, epoch):

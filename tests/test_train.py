@@ -107,6 +107,25 @@ def test_a_rerun_of_a_finished_phase_reports_the_training_time_its_checkpoint_ca
   assert again["images_per_second"] == pytest.approx(6 * 32 / again["seconds"])
 
 
+def test_a_checkpoint_of_a_phase_that_started_from_another_model_is_refused(tmp_path):
+  """A defense killed mid-way whose suspect model changed since (same config: a replaced
+  checkpoint file): its checkpoints name the model they started from, and the rerun refuses
+  them instead of tuning on from the old model; the same model resumes."""
+  state, step, arrays = small_setup(train_lib.make_mesh(1, 1))
+  origin = train_lib.checkpoint.fingerprint(state["params"])
+  other = train_lib.checkpoint.fingerprint(jax.tree.map(lambda p: p + 1, state["params"]))
+  assert origin != other and len(origin) == 16
+  run = lambda epochs, origin: train_lib.fit(
+      "t", state, step, arrays, epochs=epochs, batch_size=32, key=jax.random.key(1),
+      progress=False, workdir=str(tmp_path), origin=origin)
+  run(1, origin)
+  with pytest.raises(CheckpointError, match=r"checkpoints/t/1 started from another model than "
+                     r"this run's .*delete .*checkpoints/t or use a new --workdir"):
+    run(2, other)
+  _, summary = run(2, origin)
+  assert summary["resumed_from_epoch"] == 1
+
+
 def test_a_diverged_loss_stops_training_with_one_error(tmp_path):
   """A learning rate that makes the loss NaN ends the phase at the first logged step after it,
   with a DivergedError naming the step, and saves no checkpoint of the NaN state."""

@@ -56,6 +56,8 @@ class Context:
     progress: show progress bars.
     step_cache: the compiled train steps of the defenses run in this context, so that running one
       again (a detection population's repairs) compiles nothing new (`jaxbd.train.StepCache`).
+    origin: `jaxbd.train.checkpoint.fingerprint` of the suspect model, saved with the defenses'
+      checkpoints in `workdir`: a rerun refuses those of another model (None: not checked).
   """
 
   model: Any
@@ -66,6 +68,7 @@ class Context:
   evaluate: Optional[Callable[[dict], dict]] = None
   progress: bool = True
   step_cache: train_lib.StepCache = dataclasses.field(default_factory=train_lib.StepCache)
+  origin: Optional[str] = None
 
 
 def trusted_pool(kind: np.ndarray, fraction: float) -> tuple[int, np.ndarray]:

@@ -64,6 +64,6 @@ def fine_tune(ctx: base.Context, variables: dict, trusted: base.Trusted,
       context=None if context is None else train_lib.put_replicated(context, ctx.mesh),
       eval_fn=(lambda s: ctx.evaluate(train_lib.variables(s))) if ctx.evaluate else None,
       eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
-      progress=ctx.progress, max_steps=max_steps, step_cache=ctx.step_cache)
+      progress=ctx.progress, max_steps=max_steps, step_cache=ctx.step_cache, origin=ctx.origin)
   return train_lib.variables(state), {"steps": summary["steps"], "epochs": config.epochs,
                                       "train_seconds": summary["seconds"]}

@@ -500,7 +500,8 @@ def run_defenses(run: Run, variables: dict, reference: dict[str, float],
     return {}
   trusted = run.trusted(c.defense.clean_fraction)
   save_trusted(run.workdir, trusted)
-  ctx = run.defense_context(workdir=run.workdir, evaluate=run.evaluate)
+  ctx = dataclasses.replace(run.defense_context(workdir=run.workdir, evaluate=run.evaluate),
+                            origin=train_lib.checkpoint.fingerprint(variables))
   out = {}
   for name in names:
     t0 = time.perf_counter()

@@ -12,6 +12,7 @@ restore verifies.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -56,6 +57,12 @@ def digest(state: Any) -> jax.Array:
   """uint32[L]: a checksum per leaf of a pytree of arrays, saved with each checkpoint so that a
   restore notices bytes changed on disk that still decode (a flipped bit in a chunk)."""
   return jnp.stack([_leaf_digest(x) for x in jax.tree.leaves(state)])
+
+
+def fingerprint(state: Any) -> str:
+  """A 16-hex-digit name of a pytree of arrays (from `digest`: exact integer sums, the same for
+  any sharding): what a defense checkpoint records it started from (`jaxbd.train.fit`)."""
+  return hashlib.sha256(np.asarray(digest(state)).tobytes()).hexdigest()[:16]
 
 
 @contextlib.contextmanager

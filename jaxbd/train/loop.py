@@ -146,8 +146,8 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
         key: jax.Array, workdir: Optional[str] = None, context: Any = None,
         eval_fn: Optional[Callable[[dict], dict]] = None, eval_every: int = 1,
         checkpoint_every: int = 1, log_every: int = 50, progress: bool = True,
-        max_steps: Optional[int] = None,
-        step_cache: Optional[StepCache] = None) -> tuple[dict, dict]:
+        max_steps: Optional[int] = None, step_cache: Optional[StepCache] = None,
+        origin: Optional[str] = None) -> tuple[dict, dict]:
   """Trains `state` for `epochs` epochs over `arrays` (the last one cut at `max_steps`).
 
   Args:
@@ -174,6 +174,8 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
       steps (Pivotal Tuning); `epochs` must cover them.
     step_cache: a `StepCache` whose step runs in place of `step_fn` where it compiles to the same
       program (None: `step_fn` is compiled).
+    origin: a name of what the phase starts from (`checkpoint.fingerprint` of the model a
+      defense tunes), saved with every checkpoint; a checkpoint saved with another is refused.
 
   Returns:
     (final state, summary) where summary has epochs, steps, seconds (training time of the
@@ -181,7 +183,8 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
     (steps * batch_size / seconds) and the last evaluation.
 
   Raises:
-    CheckpointError: an existing checkpoint is unreadable or from a longer run.
+    CheckpointError: an existing checkpoint is unreadable, from a longer run, or from a phase
+      that started from another `origin`.
     ConfigError: more steps than `MAX_STEPS`.
     DivergedError: the train loss became NaN or inf (checked where it is logged).
   """
@@ -193,8 +196,13 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
     if latest > epochs:
       raise CheckpointError(f"checkpoint of phase {phase!r} has {latest} epochs but the config "
                             f"asks for {epochs}; use a new --workdir")
+    info = ckpt.info(latest)
+    if origin is not None and info.get("origin", origin) != origin:
+      raise CheckpointError(f"checkpoint {ckpt.directory}/{latest} started from another model "
+                            "than this run's (the model it tunes changed since); delete "
+                            f"{ckpt.directory} or use a new --workdir")
     state = ckpt.restore(latest, state)
-    start, earlier = latest, float(ckpt.info(latest).get("seconds", 0.0))
+    start, earlier = latest, float(info.get("seconds", 0.0))
   log.truncate(phase, start)
   steps = -(-arrays.size // batch_size)
   if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -236,7 +244,8 @@ def fit(phase: str, state: dict, step_fn: Callable, arrays: Any, *, epochs: int,
       host.say(epoch_line(phase, epoch + 1, epochs, {**m, **evaluated},
                           time.perf_counter() - t0), err=True)
     if ckpt is not None and (last or (checkpoint_every and (epoch + 1) % checkpoint_every == 0)):
-      ckpt.save(epoch + 1, state, seconds=earlier + time.perf_counter() - t0)
+      ckpt.save(epoch + 1, state, seconds=earlier + time.perf_counter() - t0,
+                **({} if origin is None else {"origin": origin}))
   jax.block_until_ready(state)
   seconds = earlier + time.perf_counter() - t0
   if ckpt is not None:
