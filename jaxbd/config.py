@@ -96,6 +96,8 @@ def defaults() -> ConfigDict:
   c.defense = ConfigDict()
   c.defense.names = ""  # comma-separated defenses run after the attack, e.g. "ft,d3"
   c.defense.clean_fraction = 0.05  # trusted clean data: this fraction of the training set
+  # drawn from: untouched (rows the attack left clean) | all (every row, clean: BackdoorBench's)
+  c.defense.trusted_from = "untouched"
   for name, spec in defenses.DEFENSES.items():
     c.defense[name] = spec.default_config()
 
@@ -445,6 +447,10 @@ def validate(config: ConfigDict) -> None:
   check_range(config, "eval.batch_size", 1, MAX_EVAL_BATCH)
   check_range(config, "log.every_steps", 1)
   check_range(config, "defense.clean_fraction", 0, 1, low_open=True)
+  check_choice(config.defense.trusted_from, "defense.trusted_from", defenses.base.TRUSTED_FROM)
+  require(config.defense.trusted_from != "all" or config.poison.adversarial.eps == 0,
+          "defense.trusted_from='all' takes the clean image of every row, but label-consistent "
+          "poisoning (poison.adversarial.eps > 0) rewrites its rows' images; use 'untouched'")
   require(config.mesh.data == -1 or config.mesh.data >= 1,
           f"config key 'mesh.data' must be -1 or >= 1, got {config.mesh.data}")
   check_range(config, "mesh.expert", 1)

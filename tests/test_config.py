@@ -40,6 +40,7 @@ def test_shared_field_names_exist():
     ("train.optimizer", "lbfgs", "'train.optimizer' must be one of"),
     ("defense.names", "nodefense", "'defense.names' must be one of"),
     ("defense.names", "ft,d3,ft", "'defense.names' names 'ft' twice"),
+    ("defense.trusted_from", "test", "'defense.trusted_from' must be one of"),
     ("train.lr", float("nan"), "'train.lr' must be finite"),
     # Sections the run does not use (the defaults: a CNN, BadNets, no defense) are checked too.
     ("defense.d3.warm_up", "sideways", "'defense.d3.warm_up' must be one of"),

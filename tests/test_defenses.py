@@ -36,6 +36,26 @@ def norm(x):
   return float(np.linalg.norm(np.asarray(x).ravel()))
 
 
+def test_trusted_set_from_untouched_rows_or_from_every_row_in_its_clean_form():
+  """A clean-label attack that triggers the whole target class: the untouched rows hold none of
+  it; drawn from every row (BackdoorBench's way), the set holds it, with the clean images and
+  true labels. The untouched draw does not depend on the option's existence."""
+  from jaxbd.poison import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  labels = np.repeat(np.arange(4), 50)
+  images = np.arange(200, dtype=np.uint8).reshape(200, 1, 1, 1)
+  kind = np.where(labels == 0, plan_lib.POISONED, plan_lib.CLEAN).astype(np.int8)
+  untouched = defenses.trusted_split(images, labels, kind, 0.2, seed=3)
+  every = defenses.trusted_split(images, labels, kind, 0.2, seed=3, source="all")
+  assert len(untouched.labels) == len(every.labels) == 40
+  assert 0 not in untouched.labels and set(np.flatnonzero(kind)).isdisjoint(untouched.indices)
+  assert np.sum(every.labels == 0) > 0
+  np.testing.assert_array_equal(every.images[:, 0, 0, 0], every.indices)  # the rows' own images
+  np.testing.assert_array_equal(every.labels, labels[every.indices])
+  with pytest.raises(ConfigError, match="asks for 160 trusted images; 150 clean"):
+    defenses.trusted_split(images, labels, kind, 0.8, seed=3)
+  assert len(defenses.trusted_split(images, labels, kind, 0.8, seed=3, source="all").labels) == 160
+
+
 def test_d3_selects_the_classifier_or_named_modules():
   _, v = tiny_model()
   assert d3.select_kernels(v["params"], "", 5) == ["head/kernel"]

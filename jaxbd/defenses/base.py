@@ -71,15 +71,23 @@ class Context:
   origin: Optional[str] = None
 
 
-def trusted_pool(kind: np.ndarray, fraction: float) -> tuple[int, np.ndarray]:
-  """(`round(fraction * N)`, the int[P] rows of kind 0) for a trusted set of `fraction` of the N
-  rows of the poison plan roles `kind`.
+# Where the trusted set is drawn from (`defense.trusted_from`): the rows the attack left untouched
+# (kind 0), or every row in its clean form (BackdoorBench's clean_train draw: a clean-label attack
+# that triggers a whole class leaves none of it untouched).
+TRUSTED_FROM = ("untouched", "all")
+
+
+def trusted_pool(kind: np.ndarray, fraction: float,
+                 source: str = "untouched") -> tuple[int, np.ndarray]:
+  """(`round(fraction * N)`, the int[P] rows it is drawn from) for a trusted set of `fraction` of
+  the N rows of the poison plan roles `kind`: those of kind 0, or all (`source`, see
+  `TRUSTED_FROM`).
 
   Raises:
     ConfigError: fewer clean rows than requested, or none requested.
   """
   count = int(round(fraction * len(kind)))
-  pool = np.flatnonzero(kind == plan_lib.CLEAN)
+  pool = np.arange(len(kind)) if source == "all" else np.flatnonzero(kind == plan_lib.CLEAN)
   if count < 1 or count > len(pool):
     raise ConfigError(f"defense.clean_fraction {fraction} asks for {count} trusted images; "
                       f"{len(pool)} clean training images are available")
@@ -87,20 +95,22 @@ def trusted_pool(kind: np.ndarray, fraction: float) -> tuple[int, np.ndarray]:
 
 
 def trusted_split(images: np.ndarray, labels: np.ndarray, kind: np.ndarray, fraction: float,
-                  seed: int) -> Trusted:
-  """Draws `round(fraction * N)` rows at random from the rows the attack left clean (kind 0).
+                  seed: int, source: str = "untouched") -> Trusted:
+  """Draws `round(fraction * N)` rows at random from the rows the attack left clean (kind 0), or
+  from all rows (`source="all"`: their clean images and true labels).
 
   Args:
-    images: uint8[N, H, W, C] training images.
+    images: uint8[N, H, W, C] clean training images.
     labels: int[N] true (clean) training labels.
     kind: int8[N] poison plan roles (0: untouched).
     fraction: size of the trusted set as a fraction of N (0.01 = 1%).
     seed: seed of the draw.
+    source: "untouched" or "all" (`TRUSTED_FROM`).
 
   Raises:
     ConfigError: fewer clean rows than requested.
   """
-  count, pool = trusted_pool(kind, fraction)
+  count, pool = trusted_pool(kind, fraction, source)
   idx = np.sort(np.random.default_rng([seed, 7]).choice(pool, count, replace=False))
   return Trusted(images[idx], np.asarray(labels)[idx].astype(np.int32), idx)
 

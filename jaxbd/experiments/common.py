@@ -70,10 +70,11 @@ class Run:
 
   def trusted(self, fraction: float) -> defenses.Trusted:
     """`fraction` of the training set as the defenses' trusted clean set, drawn at random with
-    `config.seed` from the rows the attack did not touch (`jaxbd.defenses.trusted_split`)."""
+    `config.seed` from the rows the attack did not touch, or from all rows
+    (`defense.trusted_from`; `jaxbd.defenses.trusted_split`)."""
     ds = self.dataset
     return defenses.trusted_split(ds.x_train, ds.y_train, self.plan.kind, fraction,
-                                  self.config.seed)
+                                  self.config.seed, self.config.defense.trusted_from)
 
   def defense_context(self, *, workdir: Optional[str] = None,
                       evaluate: Optional[Callable[[dict], dict]] = None,
@@ -225,7 +226,8 @@ def check_components(config: ml_collections.ConfigDict, model, variables: dict,
     if component.check_model is not None:
       component.check_model(config, model, variables, dataset.image_shape, dataset.num_classes)
   if names:
-    defenses.base.trusted_pool(plan.kind, config.defense.clean_fraction)
+    defenses.base.trusted_pool(plan.kind, config.defense.clean_fraction,
+                               config.defense.trusted_from)
 
 
 def poison_plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset, trigger,
@@ -480,7 +482,8 @@ def run_defenses(run: Run, variables: dict, reference: dict[str, float],
   """Runs every defense of `config.defense.names` on `variables` and evaluates the results.
 
   The trusted set (`defense.clean_fraction` of the training set, from rows the attack did not
-  touch) is drawn once and saved as `WORKDIR/trusted_indices.npy`.
+  touch or from all rows, `defense.trusted_from`) is drawn once and saved as
+  `WORKDIR/trusted_indices.npy`; a class it lacks is named in a warning on stderr.
 
   Args:
     run: the prepared run.
@@ -500,6 +503,12 @@ def run_defenses(run: Run, variables: dict, reference: dict[str, float],
     return {}
   trusted = run.trusted(c.defense.clean_fraction)
   save_trusted(run.workdir, trusted)
+  missing = sorted(set(range(run.dataset.num_classes)) - set(trusted.labels.tolist()))
+  if missing:
+    host.say(f"warning: the trusted set holds no image of class(es) {missing}" + (
+        " (the attack touched every one; defense.trusted_from=all draws from every row in its "
+        "clean form, as BackdoorBench does)" if c.defense.trusted_from == "untouched" else ""),
+             err=True)
   ctx = dataclasses.replace(run.defense_context(workdir=run.workdir, evaluate=run.evaluate),
                             origin=train_lib.checkpoint.fingerprint(variables))
   out = {}

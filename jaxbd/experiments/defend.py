@@ -109,7 +109,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   r = dataclasses.replace(r, plan=imported_plan(r.plan, poisoned, r.dataset.y_train,
                                                 r.dataset.num_classes))
   if config_lib.defense_names(config):  # the trusted set comes from the imported plan's clean rows
-    defenses.base.trusted_pool(r.plan.kind, config.defense.clean_fraction)
+    defenses.base.trusted_pool(r.plan.kind, config.defense.clean_fraction,
+                               config.defense.trusted_from)
   common.create_workdir(r)
   metrics = {"backdoored": r.evaluate(variables)}
   defended = common.run_defenses(r, variables, metrics["backdoored"])

@@ -239,7 +239,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   c, ds = r.config, r.dataset
   members = build_members(r)
   kind_any = np.max(np.stack([m["kind"] for m in members]), 0)
-  size, _ = defenses.base.trusted_pool(kind_any, c.defense.clean_fraction)  # before training
+  size, _ = defenses.base.trusted_pool(kind_any, c.defense.clean_fraction,  # before training
+                                       c.defense.trusted_from)
   if cti and d.cti.score_fraction:
     defenses.base.holdout_count(size, d.cti.score_fraction,
                                 "config key 'detection.cti.score_fraction'")
@@ -251,7 +252,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   count, members = len(members), [m for m in members if m["index"] in variables]
 
   trusted = defenses.trusted_split(ds.x_train, ds.y_train, kind_any, c.defense.clean_fraction,
-                                   c.seed)
+                                   c.seed, c.defense.trusted_from)
   common.save_trusted(r.workdir, trusted)
   ctx = r.defense_context()
   repair = lambda v, t, k: defenses.DEFENSES[d.cti.repair].build(
