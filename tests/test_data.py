@@ -150,8 +150,10 @@ def examples(images, labels):
   return sorted((x.tobytes(), int(y)) for x, y in zip(images, labels))
 
 
-def test_tfds_dataset_written_by_tfds_on_disk(tmp_path, arrays):
-  """A real TFDS-format dataset (ArrayRecord, written by TFDS itself) read through tfds:NAME."""
+@pytest.mark.parametrize("ids", [False, True])
+def test_tfds_dataset_written_by_tfds_on_disk(tmp_path, arrays, ids):
+  """A real TFDS-format dataset (ArrayRecord, written by TFDS itself) read through tfds:NAME;
+  records with an `id` "<split>_<n>" (as CIFAR-10's) come back in their own order."""
   tfds = pytest.importorskip("tensorflow_datasets")
   x_tr, y_tr, x_te, y_te = arrays
   png_dir = tmp_path / "png"
@@ -176,25 +178,37 @@ def test_tfds_dataset_written_by_tfds_on_disk(tmp_path, arrays):
             builder=self,
             features=tfds.features.FeaturesDict({
                 "image": tfds.features.Image(shape=(6, 5, 3)),
-                "label": tfds.features.ClassLabel(names=["a", "b", "c"])}),
+                "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
+                **({"id": tfds.features.Text()} if ids else {})}),
             supervised_keys=("image", "label"))
 
       def _split_generators(self, dl_manager):
-        return {s: self._generate_examples(*splits[s]) for s in splits}
+        return {s: self._generate_examples(s, *splits[s]) for s in splits}
 
-      def _generate_examples(self, paths, labels):
+      def _generate_examples(self, split, paths, labels):
         for i, (p, y) in enumerate(zip(paths, labels)):
-          yield i, {"image": p, "label": int(y)}
+          yield i, {"image": p, "label": int(y), **({"id": f"{split}_{i:05d}"} if ids else {})}
 
   data_dir = tmp_path / "tfds"
   JaxbdTinyImages(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
   ds = data.load(data_config("tfds:jaxbd_tiny_images", tfds_data_dir=str(data_dir)))
   assert ds.classes == ("a", "b", "c")
-  # TFDS shuffles records when it writes them: compare as multisets.
+  # TFDS shuffles records when it writes them: without ids, compare as multisets.
   assert examples(ds.x_train, ds.y_train) == examples(x_tr, y_tr)
   assert examples(ds.x_test, ds.y_test) == examples(x_te, y_te)
+  if ids:  # they put the records back in order
+    for got, want in ((ds.x_train, x_tr), (ds.y_train, y_tr), (ds.x_test, x_te),
+                      (ds.y_test, y_te)):
+      np.testing.assert_array_equal(got, want)
   with pytest.raises(DataError, match="not found.*data.tfds_data_dir"):
     data.load(data_config("tfds:jaxbd_tiny_images", tfds_data_dir=str(tmp_path / "empty")))
+
+
+def test_original_order_of_tfds_ids():
+  order = data.sources.original_order([b"train_00002", b"train_00000", b"train_00001"])
+  np.testing.assert_array_equal(order, [1, 2, 0])
+  assert data.sources.original_order(["a", "b"]) is None  # not <split>_<n>
+  assert data.sources.original_order(["train_1", "train_2"]) is None  # not 0..N-1
 
 
 def test_real_cifar10_encoded_npz():

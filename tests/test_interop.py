@@ -231,6 +231,9 @@ def test_malformed_checkpoint_fields_are_refused(tmp_path):
       (dict(poison_indices=np.array([3, 1, 3])), "poison_indices lists row 3 more than once"),
       (dict(poison_indices=np.array([1]), bd_train={"poison_indicator": np.array([0, 0, 1])}),
        "poison_indices (1 rows) and bd_train.poison_indicator (1 rows) disagree"),
+      (dict(normalization={"mean": [0.5, 0.5]}), "normalization must be {'mean': [C], 'std': "
+       "[C]} of finite numbers (std > 0), got dict"),
+      (dict(normalization={"mean": [0.5], "std": [0.0]}), "normalization must be"),
   ]
   for fields, message in cases:
     assert_refused(CheckpointError, functools.partial(load, **fields), message)
@@ -239,9 +242,32 @@ def test_malformed_checkpoint_fields_are_refused(tmp_path):
   assert ckpt.num_train == 4
   ckpt = load(num_classes=np.int64(10), bd_train=None)
   assert (ckpt.num_classes, ckpt.poison_indices, ckpt.num_train) == (10, None, None)
+  assert ckpt.normalization is None
+  ckpt = load(normalization={"mean": [0.4, 0.5, 0.6], "std": np.array([0.2, 0.25, 0.3])})
+  assert ckpt.normalization == ((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+  ckpt = load(model={f"module.{k}": v for k, v in state.items()})  # saved from DataParallel
+  np.testing.assert_array_equal(ckpt.variables["params"]["linear"]["bias"],
+                                state["linear.bias"].numpy())
   ckpt = load(model={k: v.bfloat16() if v.is_floating_point() else v for k, v in state.items()})
   np.testing.assert_array_equal(ckpt.variables["params"]["linear"]["bias"],
                                 state["linear.bias"].bfloat16().float().numpy())
+
+
+def test_defend_refuses_a_checkpoint_trained_with_other_input_normalization():
+  """A file that records its model's normalization (`jaxbd.export` writes it) is defended only
+  with the same normalization; the error gives the flags that set it."""
+  from jaxbd.experiments import common, defend  # pylint: disable=g-import-not-at-top
+  config = tiny_digits_config()
+  ds = data.load(config.data)
+  defend.check_normalization(config, ds, None)
+  defend.check_normalization(config, ds, common.channel_stats(config, ds.x_train))
+  assert_refused(ConfigError, lambda: defend.check_normalization(config, ds, ((0.5,), (0.25,))),
+                 "the checkpoint's model was trained with input mean 0.5 and std 0.25, this run "
+                 "normalizes with 0.")
+  assert_refused(ConfigError, lambda: defend.check_normalization(config, ds, ((0.5,), (0.25,))),
+                 "set --config.data.mean=0.5 --config.data.std=0.25")
+  config.data.mean, config.data.std = (0.5,), (0.25,)
+  defend.check_normalization(config, ds, ((0.5,), (0.25,)))
 
 
 def test_a_subsets_poisoned_rows_are_the_images_the_checkpoint_poisoned(tmp_path):

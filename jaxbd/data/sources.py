@@ -12,7 +12,13 @@
   sorted folder names of `train`.
 - `tfds:NAME[:VERSION]`: a TensorFlow Datasets dataset in `data.tfds_data_dir` (TFDS's default
   when empty). ArrayRecord datasets are read without TensorFlow; TFRecord datasets (TFDS's default
-  format) and `data.download=True` need the `[tf]` extra.
+  format) and `data.download=True` need the `[tf]` extra. Records that carry an `id`
+  `<split>_<n>` (CIFAR-10's) come back in the dataset's own order, the one torchvision reads and
+  BackdoorBench's poison indices count in; TFDS stores them shuffled.
+
+Row i of a source's training split is the i-th image of its file or folder listing otherwise: a
+BackdoorBench checkpoint's poison indices (`defend`) name the right images only where that order
+is torchvision's.
 
 `data.train_limit` / `data.test_limit` take class-balanced deterministic subsets.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import io
 import os
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -247,18 +254,41 @@ def _tfds(spec: str, data_dir: str, download: bool) -> Dataset:
 
 
 def _tfds_split(name, builder, split, image_key, label_key):
-  """Reads one split as numpy arrays: ArrayRecord without TensorFlow, TFRecord with it."""
+  """Reads one split as numpy arrays (ArrayRecord without TensorFlow, TFRecord with it), in the
+  dataset's own order where its records carry it (`original_order`)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   fmt = str(builder.info.file_format).lower()
+  ids = "id" in builder.info.features
   if "array_record" in fmt:
     source = builder.as_data_source(split=split)
     records = [source[i] for i in range(len(source))]
-    return (_stack(name, [np.asarray(r[image_key]) for r in records]),
-            np.asarray([r[label_key] for r in records]))
+    images = _stack(name, [np.asarray(r[image_key]) for r in records])
+    labels = np.asarray([r[label_key] for r in records])
+    names = [r["id"] for r in records] if ids else None
+  else:
+    try:
+      ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=not ids)
+    except ModuleNotFoundError:
+      raise DataError(f"{name}: this dataset is stored as TFRecord, which needs TensorFlow to "
+                      "read (pip install 'jaxbd[tf]')") from None
+    if ids:
+      features = tfds.as_numpy(ds)
+      images, labels, names = features[image_key], features[label_key], list(features["id"])
+    else:
+      (images, labels), names = tfds.as_numpy(ds), None
+  order = None if names is None else original_order(names)
+  return (images, labels) if order is None else (images[order], labels[order])
+
+
+def original_order(ids: Sequence[Any]) -> Optional[np.ndarray]:
+  """int[N]: the order that puts TFDS records back in the dataset's own order (CIFAR-10's, which
+  torchvision and BackdoorBench's poison indices count in; TFDS stores records shuffled), from
+  their `id` feature `<split>_<n>`; None where the ids are not of that form or not 0..N-1."""
   try:
-    ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
-  except ModuleNotFoundError:
-    raise DataError(f"{name}: this dataset is stored as TFRecord, which needs TensorFlow to read "
-                    "(pip install 'jaxbd[tf]')") from None
-  images, labels = tfds.as_numpy(ds)
-  return images, labels
+    numbers = np.array([int((i.decode() if isinstance(i, bytes) else str(i)).rsplit("_", 1)[1])
+                        for i in ids])
+  except (ValueError, IndexError, UnicodeDecodeError):
+    return None
+  if not np.array_equal(np.sort(numbers), np.arange(len(numbers))):
+    return None
+  return np.argsort(numbers)

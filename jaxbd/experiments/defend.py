@@ -92,6 +92,25 @@ def plan_source(indices) -> str:
   return "config" if indices is None else "checkpoint"
 
 
+def check_normalization(config: ml_collections.ConfigDict, dataset,
+                        saved: Optional[tuple[tuple[float, ...], tuple[float, ...]]]) -> None:
+  """Checks that the run normalizes inputs as the checkpoint's model was trained to (where the
+  file records it, `saved`: (mean, std)).
+
+  Raises:
+    ConfigError: they differ (the message gives the flags that set the file's).
+  """
+  if saved is None:
+    return
+  mean, std = common.channel_stats(config, dataset.x_train)
+  if np.shape(saved[0]) != np.shape(mean) or not np.allclose(saved, (mean, std), atol=1e-6):
+    flag = lambda values: ",".join(f"{v:.6g}" for v in values)
+    raise ConfigError(f"the checkpoint's model was trained with input mean {flag(saved[0])} and "
+                      f"std {flag(saved[1])}, this run normalizes with {flag(mean)} and "
+                      f"{flag(std)}: set --config.data.mean={flag(saved[0])} "
+                      f"--config.data.std={flag(saved[1])}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Loads, evaluates and defends the checkpoint; returns the results document."""
   from jaxbd.interop import backdoorbench  # pylint: disable=g-import-not-at-top
@@ -104,6 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"the checkpoint has {ckpt.num_classes} classes but the dataset has "
                       f"{r.dataset.num_classes}")
   variables = common.check_variables(r, ckpt.variables, config.defend.checkpoint)
+  check_normalization(config, r.dataset, ckpt.normalization)
   poisoned = (None if ckpt.poison_indices is None else subset_positions(
       ckpt.poison_indices, ckpt.num_train, r.dataset.train_rows, r.dataset.train_split))
   r = dataclasses.replace(r, plan=imported_plan(r.plan, poisoned, r.dataset.y_train,

@@ -48,6 +48,8 @@ class Checkpoint:
       file has none.
     num_train: N, the length of the file's `bd_train.poison_indicator` (the size of the training
       split it was made for), or None if it has no indicator.
+    normalization: (mean, std), per-channel tuples of the input normalization the model was
+      trained with, where the file records it (`jaxbd.export` does); else None.
   """
 
   model: str
@@ -56,6 +58,7 @@ class Checkpoint:
   variables: dict
   poison_indices: Optional[np.ndarray]
   num_train: Optional[int]
+  normalization: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None
 
 
 def _numpy(value) -> np.ndarray:
@@ -206,6 +209,27 @@ def _poison_rows(path: str, blob: Mapping[str, Any]) -> tuple[Optional[np.ndarra
   return marked, num_train
 
 
+def _normalization(path: str, blob: Mapping[str, Any]):
+  """The file's `normalization` {"mean": [C], "std": [C]} as (mean, std) tuples, or None.
+
+  Raises:
+    CheckpointError: a `normalization` that is not two equal-length lists of finite numbers
+      (std > 0).
+  """
+  value = blob.get("normalization")
+  if value is None:
+    return None
+  try:
+    mean, std = (np.asarray(value[k], np.float64) for k in ("mean", "std"))
+    if mean.ndim != 1 or mean.shape != std.shape or not (np.all(np.isfinite(mean))
+                                                         and np.all(std > 0)):
+      raise ValueError
+  except (TypeError, KeyError, ValueError):
+    raise CheckpointError(f"{path!r}: normalization must be {{'mean': [C], 'std': [C]}} of "
+                          f"finite numbers (std > 0), got {_describe(value)}") from None
+  return tuple(map(float, mean)), tuple(map(float, std))
+
+
 def _num_classes(path: str, blob: Mapping[str, Any], variables: Mapping[str, Any]) -> int:
   """K: the file's `num_classes`, else the length of the classifier's bias.
 
@@ -254,12 +278,15 @@ def load(path: str) -> Checkpoint:
   state_dict = blob["model"]
   if not isinstance(state_dict, Mapping):
     raise CheckpointError(f"{path!r}: 'model' must be a state_dict, got {_describe(state_dict)}")
+  if state_dict and all(isinstance(k, str) and k.startswith("module.") for k in state_dict):
+    state_dict = {k[len("module."):]: v for k, v in state_dict.items()}  # saved from DataParallel
   if width_key not in state_dict:
     raise CheckpointError(f"{path!r}: state_dict lacks {width_key!r}")
   variables = torch_to_flax(state_dict)
   num_classes = _num_classes(path, blob, variables)
   width = int(np.shape(state_dict[width_key])[0])
-  return Checkpoint(model, num_classes, width, variables, *_poison_rows(path, blob))
+  return Checkpoint(model, num_classes, width, variables, *_poison_rows(path, blob),
+                    _normalization(path, blob))
 
 
 def save(path: str, variables: Mapping[str, Any], *, num_classes: int,
