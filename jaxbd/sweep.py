@@ -305,13 +305,12 @@ def seed_groups(cells: Sequence[tuple], workdir: str, vmap_seeds: bool) -> list[
 
 
 def input_files(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tuple[str, ...]]:
-  """(sources, trigger images): the data sources (`data.source`, Refool's reflection images) and
-  the trigger image files (Blended, Adaptive-Blend) that a run of `config` reads."""
-  p = config.poison
-  refool = p.name == "refool" and p.refool.images
-  image = p.name in ("blended", "adaptive_blend") and p[p.name].image
-  return ((config.data.source,) + ((p.refool.images,) if refool else ()),
-          (p[p.name].image,) if image else ())
+  """(sources, trigger images): the data sources (`data.source`, and a poison's `images` source:
+  Refool's reflections) and the trigger image file (a poison's `image`: Blended, Adaptive-Blend)
+  that a run of `config` reads."""
+  section = config.poison.get(config.poison.name) or {}
+  images, image = section.get("images", ""), section.get("image", "")
+  return (config.data.source,) + ((images,) if images else ()), (image,) if image else ()
 
 
 def _error_line(e: Exception) -> str:

@@ -259,15 +259,18 @@ def test_defend_refuses_a_checkpoint_trained_with_other_input_normalization():
   from jaxbd.experiments import common, defend  # pylint: disable=g-import-not-at-top
   config = tiny_digits_config()
   ds = data.load(config.data)
-  defend.check_normalization(config, ds, None)
-  defend.check_normalization(config, ds, common.channel_stats(config, ds.x_train))
-  assert_refused(ConfigError, lambda: defend.check_normalization(config, ds, ((0.5,), (0.25,))),
+  stats = common.channel_stats(config, ds.x_train)
+  model = models.create(config, ds.num_classes, *stats)
+  defend.check_normalization(model, None)
+  defend.check_normalization(model, stats)
+  assert_refused(ConfigError, lambda: defend.check_normalization(model, ((0.5,), (0.25,))),
                  "the checkpoint's model was trained with input mean 0.5 and std 0.25, this run "
                  "normalizes with 0.")
-  assert_refused(ConfigError, lambda: defend.check_normalization(config, ds, ((0.5,), (0.25,))),
+  assert_refused(ConfigError, lambda: defend.check_normalization(model, ((0.5,), (0.25,))),
                  "set --config.data.mean=0.5 --config.data.std=0.25")
   config.data.mean, config.data.std = (0.5,), (0.25,)
-  defend.check_normalization(config, ds, ((0.5,), (0.25,)))
+  model = models.create(config, ds.num_classes, *common.channel_stats(config, ds.x_train))
+  defend.check_normalization(model, ((0.5,), (0.25,)))
 
 
 def test_a_subsets_poisoned_rows_are_the_images_the_checkpoint_poisoned(tmp_path):

@@ -25,9 +25,10 @@ is torchvision's.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -46,7 +47,6 @@ def load(data_config) -> Dataset:
     ConfigError: a source of no known form.
     DataError: missing or corrupt files, malformed arrays.
   """
-  check_files(data_config.source)
   kind, arg = source_parts(data_config.source)
   limits = (data_config.train_limit, data_config.test_limit)
   if kind == "npz":
@@ -71,15 +71,20 @@ def check_files(source: str) -> None:
   """
   kind, path = source_parts(source)
   if kind == "npz":
-    if not os.path.isfile(path):
-      raise DataError(f"{source}: file not found")
-    with _open_npz(path) as arrays:
-      _npz_layout(source, set(arrays.files))
+    with _npz_archive(path):
+      pass
   if kind == "folder":
-    for d in (os.path.join(path, "train"), os.path.join(path, "test")):
-      if not os.path.isdir(d):
-        raise DataError(f"{source}: directory {d} not found (expected PATH/train/<class>/ and "
-                        "PATH/test/<class>/)")
+    _folder_dirs(path)
+
+
+def _folder_dirs(path: str) -> tuple[str, str]:
+  """(PATH/train, PATH/test) of a `folder:` source; DataError if either is missing."""
+  dirs = os.path.join(path, "train"), os.path.join(path, "test")
+  for d in dirs:
+    if not os.path.isdir(d):
+      raise DataError(f"folder:{path}: directory {d} not found (expected PATH/train/<class>/ "
+                      "and PATH/test/<class>/)")
+  return dirs
 
 
 def _digits() -> Dataset:
@@ -147,12 +152,22 @@ _NPZ_ENCODED = ("train_bytes", "train_offsets", "train_labels", "test_bytes", "t
                 "test_labels")
 
 
-def _open_npz(path: str):
-  """The archive at `path`, opened (use it as a context manager); DataError if it is none."""
+@contextlib.contextmanager
+def _npz_archive(path: str) -> Iterator[tuple[Any, str]]:
+  """The open archive at `path` and its layout (`_npz_layout`), read without its arrays.
+
+  Raises:
+    DataError: the file is missing, not an .npz archive, or holds neither layout's arrays.
+  """
+  name = f"npz:{path}"
+  if not os.path.isfile(path):
+    raise DataError(f"{name}: file not found")
   try:
-    return fileio.load_npz(path)
+    arrays = fileio.load_npz(path)
   except fileio.NPZ_ERRORS as e:
-    raise DataError(f"npz:{path}: not a readable .npz file ({e})") from None
+    raise DataError(f"{name}: not a readable .npz file ({e})") from None
+  with arrays:
+    yield arrays, _npz_layout(name, set(arrays.files))
 
 
 def _npz_layout(name: str, keys: set[str]) -> str:
@@ -171,11 +186,9 @@ def _npz_layout(name: str, keys: set[str]) -> str:
 
 def _npz(path: str, train_limit: int, test_limit: int) -> Dataset:
   name = f"npz:{path}"
-  with _open_npz(path) as arrays:
-    keys = set(arrays.files)
-    layout = _npz_layout(name, keys)
+  with _npz_archive(path) as (arrays, layout):
     try:
-      classes = arrays["classes"].tolist() if "classes" in keys else None
+      classes = arrays["classes"].tolist() if "classes" in arrays.files else None
       if layout == "plain":
         ds = make_dataset(name, *(arrays[k] for k in _NPZ_PLAIN), classes)
         return subset(ds, train_limit, test_limit)
@@ -204,7 +217,7 @@ def _folder_split(name: str, root: str, classes: list[str]):
 
 def _folder(path: str) -> Dataset:
   name = f"folder:{path}"
-  train_dir, test_dir = os.path.join(path, "train"), os.path.join(path, "test")
+  train_dir, test_dir = _folder_dirs(path)
   classes = sorted(e for e in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, e)))
   unknown = sorted(set(e for e in os.listdir(test_dir)
                        if os.path.isdir(os.path.join(test_dir, e))) - set(classes))

@@ -92,17 +92,17 @@ def plan_source(indices) -> str:
   return "config" if indices is None else "checkpoint"
 
 
-def check_normalization(config: ml_collections.ConfigDict, dataset,
+def check_normalization(model,
                         saved: Optional[tuple[tuple[float, ...], tuple[float, ...]]]) -> None:
-  """Checks that the run normalizes inputs as the checkpoint's model was trained to (where the
-  file records it, `saved`: (mean, std)).
+  """Checks that the run's `model` normalizes inputs (its `mean`, `std`) as the checkpoint's model
+  was trained to (where the file records it, `saved`: (mean, std)).
 
   Raises:
     ConfigError: they differ (the message gives the flags that set the file's).
   """
   if saved is None:
     return
-  mean, std = common.channel_stats(config, dataset.x_train)
+  mean, std = tuple(model.mean), tuple(model.std)
   if np.shape(saved[0]) != np.shape(mean) or not np.allclose(saved, (mean, std), atol=1e-6):
     flag = lambda values: ",".join(f"{v:.6g}" for v in values)
     raise ConfigError(f"the checkpoint's model was trained with input mean {flag(saved[0])} and "
@@ -123,7 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"the checkpoint has {ckpt.num_classes} classes but the dataset has "
                       f"{r.dataset.num_classes}")
   variables = common.check_variables(r, ckpt.variables, config.defend.checkpoint)
-  check_normalization(config, r.dataset, ckpt.normalization)
+  check_normalization(r.model, ckpt.normalization)
   poisoned = (None if ckpt.poison_indices is None else subset_positions(
       ckpt.poison_indices, ckpt.num_train, r.dataset.train_rows, r.dataset.train_split))
   r = dataclasses.replace(r, plan=imported_plan(r.plan, poisoned, r.dataset.y_train,
