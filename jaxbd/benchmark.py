@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import types
 from typing import Callable, Iterable, Optional
 
 from absl import flags
@@ -36,12 +37,12 @@ DTYPES = ("float32", "bfloat16")
 CONV_MODELS = ("cnn", "preact_resnet18", "resnet18")
 
 # Dense peak FLOP/s per device (vendor figures) for model FLOPs utilization.
-PEAK_FLOPS = {
+PEAK_FLOPS = types.MappingProxyType({
     ("NVIDIA H100 80GB HBM3", "float32"): 67e12, ("NVIDIA H100 80GB HBM3", "bfloat16"): 989e12,
     ("NVIDIA H200", "float32"): 67e12, ("NVIDIA H200", "bfloat16"): 989e12,
     ("NVIDIA A100-SXM4-80GB", "float32"): 19.5e12, ("NVIDIA A100-SXM4-80GB", "bfloat16"): 312e12,
     ("TPU v4", "bfloat16"): 275e12, ("TPU v5 lite", "bfloat16"): 197e12,
-}
+})
 
 
 def random_dataset(num_train: int, image_shape=(32, 32, 3), num_classes: int = 10,

@@ -126,7 +126,8 @@ def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-  """Area under the ROC curve (ties count one half), in [0, 1]."""
+  """Area under the ROC curve of f[N] `scores` for bool[N] `positive` (ties count one half),
+  in [0, 1]."""
   fpr, tpr = roc_curve(scores, positive)
   # Trapezoids between the curve's points: a tie group is one straight segment, worth one half.
   return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))

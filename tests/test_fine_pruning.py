@@ -165,3 +165,12 @@ def test_ranking_images_are_a_random_draw_of_a_larger_trusted_set():
   np.testing.assert_array_equal(rows, fine_pruning.ranking_rows(1000, 50, jax.random.key(0)))
   np.testing.assert_array_equal(fine_pruning.ranking_rows(40, 50, jax.random.key(0)),
                                 np.arange(40))
+
+
+def test_ranking_draw_has_a_key_stream_of_its_own():
+  """The ranking images' key is none of the keys fine-tuning trains from (`fit` splits the phase
+  key into its permutation and step streams)."""
+  key = jax.random.key(3)
+  ranking = jax.random.key_data(jax.random.fold_in(key, fine_pruning.RANKING_STREAM))
+  for used in jax.random.key_data(jax.random.split(key)):
+    assert not np.array_equal(ranking, used)

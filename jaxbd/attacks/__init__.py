@@ -15,11 +15,13 @@ indiscriminate variant), losses for `jaxbd.train.make_train_step`, used by the `
 experiment.
 """
 
+import types
+
 from jaxbd import config as config_lib
 from jaxbd.attacks import batch, latent, pcb
 
-ATTACKS = {
+ATTACKS = types.MappingProxyType({
     "batch": config_lib.Component(batch.default_config, batch.validate, batch.build),
     "pcb": config_lib.Component(pcb.default_config, pcb.validate, pcb.build, pcb.check_model),
     "latent": config_lib.Component(latent.default_config, latent.validate, latent.build),
-}
+})

@@ -63,7 +63,7 @@ def train_arrays(images: np.ndarray, labels: np.ndarray,
 
 
 def to_unit(images: jax.Array) -> jax.Array:
-  """uint8 [0, 255] -> f32 [0, 1]."""
+  """uint8[...] in [0, 255] -> f32[...] in [0, 1], the same shape."""
   return images.astype(jnp.float32) / 255.0
 
 

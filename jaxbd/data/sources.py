@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import types
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -98,8 +99,9 @@ def _digits() -> Dataset:
 
 # Pillow modes of 8-bit images and the gray or RGB mode each is read as: palette images as their
 # colors (not their indices), alpha dropped, other color spaces as RGB.
-_READ_AS = {"L": "L", "1": "L", "LA": "L", "RGB": "RGB", "P": "RGB", "PA": "RGB", "RGBA": "RGB",
-            "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB"}
+_READ_AS = types.MappingProxyType({
+    "L": "L", "1": "L", "LA": "L", "RGB": "RGB", "P": "RGB", "PA": "RGB", "RGBA": "RGB",
+    "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB"})
 
 
 def decode_image(name: str, blob: bytes) -> np.ndarray:

@@ -8,11 +8,13 @@ experiment runs. Detection (calibrated trigger inversion, Neural Cleanse) scores
 of repairing them: see `jaxbd.defenses.detection`.
 """
 
+import types
+
 from jaxbd import config as config_lib
 from jaxbd.defenses import base, d3, fine_pruning, fine_tuning, pivotal_tuning
 from jaxbd.defenses.base import Context, Trusted, trusted_split
 
-DEFENSES = {
+DEFENSES = types.MappingProxyType({
     "ft": config_lib.Component(fine_tuning.default_config, fine_tuning.validate,
                                  fine_tuning.fine_tune),
     "fine_pruning": config_lib.Component(fine_pruning.default_config, fine_pruning.validate,
@@ -20,4 +22,4 @@ DEFENSES = {
     "d3": config_lib.Component(d3.default_config, d3.validate, d3.d3, d3.check_model),
     "pt": config_lib.Component(pivotal_tuning.default_config, pivotal_tuning.validate,
                                  pivotal_tuning.pivotal_tuning),
-}
+})

@@ -54,6 +54,7 @@ class Context:
     workdir: run directory for the defense's checkpoints and metrics (None: none).
     evaluate: `variables -> metrics` for progress logs only (None: no logging).
     progress: show progress bars.
+    log_every: steps between train-metric records in the defense's metrics.jsonl.
     step_cache: the compiled train steps of the defenses run in this context, so that running one
       again (a detection population's repairs) compiles nothing new (`jaxbd.train.StepCache`).
     origin: `jaxbd.train.checkpoint.fingerprint` of the suspect model, saved with the defenses'
@@ -67,6 +68,7 @@ class Context:
   workdir: Optional[str] = None
   evaluate: Optional[Callable[[dict], dict]] = None
   progress: bool = True
+  log_every: int = 50
   step_cache: train_lib.StepCache = dataclasses.field(default_factory=train_lib.StepCache)
   origin: Optional[str] = None
 

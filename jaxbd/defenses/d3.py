@@ -67,7 +67,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def safe_norm(x: jax.Array) -> jax.Array:
-  """Frobenius norm of x with gradient 0 (not NaN) at x = 0."""
+  """f32[] Frobenius norm of an array x of any shape, with gradient 0 (not NaN) at x = 0."""
   return optax.safe_norm(x, 0.0)
 
 
@@ -106,12 +106,13 @@ def check_model(config: ml_collections.ConfigDict, model, variables: dict, image
 
 
 def get(params, path: str) -> jax.Array:
-  """The leaf of `params` at a '/'-separated path, e.g. 'Dense_0/kernel'."""
+  """The leaf of `params` at a '/'-separated path, e.g. 'Dense_0/kernel' (f32[D, K])."""
   return traverse_util.flatten_dict(params, sep="/")[path]
 
 
 def replace(params, new: dict[str, jax.Array]):
-  """`params` with the leaves at the "a/b/kernel" paths of `new` replaced."""
+  """`params` with the leaves at the "a/b/kernel" paths of `new` replaced (each by an array of
+  the same shape)."""
   flat = traverse_util.flatten_dict(params, sep="/")
   flat.update(new)
   return traverse_util.unflatten_dict(flat, sep="/")

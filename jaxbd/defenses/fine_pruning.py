@@ -41,6 +41,9 @@ from jaxbd.errors import ConfigError
 from jaxbd.poison import plan as plan_lib
 
 ACTIVATIONS = "prune_activations"
+# The ranking images are drawn from fold_in(key, RANKING_STREAM): fold_in(key, i) equals
+# split(key, n)[i], and fine-tuning's `jaxbd.train.fit` trains from split(key).
+RANKING_STREAM = 1_000_003
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -155,7 +158,8 @@ def prune_masks(activations: dict, rate: float) -> dict:
 
 
 def with_masks(variables: dict, masks: dict) -> dict:
-  """The variables with a `prune` collection of channel masks."""
+  """The variables with a `prune` collection of channel masks (per masked layer f32[..., C], the
+  leading axes one per expert: 1 keeps a channel, 0 prunes it; see `prune_masks`)."""
   return {**variables, "prune": masks}
 
 
@@ -168,7 +172,8 @@ def fine_prune(ctx: base.Context, variables: dict, trusted: base.Trusted,
     variables: the suspect model's variables.
     trusted: the defender's clean images and labels.
     config: the `defense.fine_pruning` section.
-    key: PRNG key of the fine-tuning stage (and, folded, of the ranking images' draw).
+    key: PRNG key of the fine-tuning stage (and, folded with RANKING_STREAM, of the ranking
+      images' draw).
 
   Returns:
     (pruned and fine-tuned variables, report). The report's stages hold the pruned-only model
@@ -178,7 +183,7 @@ def fine_prune(ctx: base.Context, variables: dict, trusted: base.Trusted,
     ConfigError: the model has no fine-pruning layer.
   """
   images = trusted.images[ranking_rows(len(trusted.labels), config.num_images,
-                                       jax.random.fold_in(key, 1))]
+                                       jax.random.fold_in(key, RANKING_STREAM))]
   acts = mean_activations(ctx.model, variables, images, config.batch_size)
   if not acts:
     raise no_layer(ctx.model)

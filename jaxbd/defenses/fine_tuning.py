@@ -54,16 +54,11 @@ def fine_tune(ctx: base.Context, variables: dict, trusted: base.Trusted,
     (fine-tuned variables, report with steps, epochs and train_seconds: the training time, which
     a checkpoint carries over to the runs that resume or restore it).
   """
-  setup = train_lib.supervised_setup(
-      ctx.model, trusted.images, trusted.labels, train_config=config,
-      data_config=ctx.data_config, mesh=ctx.mesh, key=key, variables=variables,
-      loss_fn=loss_fn, post_update=post_update)
-  state, summary = train_lib.fit(
-      phase, setup.state, setup.step, setup.arrays, epochs=config.epochs,
-      batch_size=config.batch_size, key=key, workdir=ctx.workdir,
-      context=None if context is None else train_lib.put_replicated(context, ctx.mesh),
-      eval_fn=(lambda s: ctx.evaluate(train_lib.variables(s))) if ctx.evaluate else None,
-      eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
-      progress=ctx.progress, max_steps=max_steps, step_cache=ctx.step_cache, origin=ctx.origin)
-  return train_lib.variables(state), {"steps": summary["steps"], "epochs": config.epochs,
-                                      "train_seconds": summary["seconds"]}
+  tuned, summary = train_lib.tune(
+      phase, ctx.model, trusted.images, trusted.labels, variables, train_config=config,
+      data_config=ctx.data_config, mesh=ctx.mesh, key=key, workdir=ctx.workdir, loss_fn=loss_fn,
+      post_update=post_update, context=context, evaluate=ctx.evaluate,
+      log_every=ctx.log_every, progress=ctx.progress, max_steps=max_steps,
+      step_cache=ctx.step_cache, origin=ctx.origin)
+  return tuned, {"steps": summary["steps"], "epochs": config.epochs,
+                 "train_seconds": summary["seconds"]}

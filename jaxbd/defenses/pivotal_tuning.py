@@ -117,7 +117,8 @@ def distillation(logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
 
 
 def parameter_penalty(params, pivot_params) -> jax.Array:
-  """mean((theta - theta0)^2) over every parameter element."""
+  """f32[] mean((theta - theta0)^2) over every parameter element of two pytrees of the same
+  structure and leaf shapes."""
   sq = jax.tree.map(lambda a, b: jnp.sum(jnp.square(a - b)), params, pivot_params)
   count = sum(x.size for x in jax.tree.leaves(params))
   return sum(jax.tree.leaves(sq)) / count

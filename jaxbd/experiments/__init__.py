@@ -4,16 +4,18 @@
 returns its results document; `run(config, workdir)` does this for the config's experiment.
 """
 
+import types
+
 from jaxbd import config as config_lib
 from jaxbd.experiments import badpatches, defend, detection, quant_backdoor, standard
 
-EXPERIMENTS = {
+EXPERIMENTS = types.MappingProxyType({
     "standard": standard.COMPONENT,
     "badpatches": badpatches.COMPONENT,
     "defend": defend.COMPONENT,
     "detection": detection.COMPONENT,
     "quant_backdoor": quant_backdoor.COMPONENT,
-}
+})
 
 
 def run(config, workdir: str) -> dict:

@@ -18,7 +18,7 @@ Phases, all in one workdir (each checkpointed, so a rerun resumes):
    (same seed) of a fresh model, each plan drawn as the main run's (`common.poison_plan`, with
    the cover rows its trigger asks for); ASR against rate is plotted (`asr_vs_rate.png`).
 
-Writes `results.json` (DESIGN.md schema plus `sweep` and `plots`) and the plots.
+Writes `results.json` (`results.document`'s schema plus `sweep` and `plots`) and the plots.
 """
 
 from __future__ import annotations

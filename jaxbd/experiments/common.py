@@ -81,10 +81,11 @@ class Run:
                       progress: Optional[bool] = None) -> defenses.Context:
     """What a defense may know of this run (`jaxbd.defenses.Context`): model, mesh, data
     settings and class count; no workdir or progress evaluation unless given; progress output
-    as `config.log.progress` unless given."""
+    as `config.log.progress` unless given, train metrics every `config.log.every_steps`."""
+    log = self.config.log
     return defenses.Context(self.model, self.mesh, self.config.data, self.dataset.num_classes,
-                            workdir, evaluate,
-                            self.config.log.progress if progress is None else progress)
+                            workdir, evaluate, log.progress if progress is None else progress,
+                            log.every_steps)
 
 
 def channel_stats(config, images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

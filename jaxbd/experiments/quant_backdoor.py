@@ -226,18 +226,11 @@ def _train_phase(run: common.Run, phase: str, train_config: ml_collections.Confi
                  context=None) -> tuple[dict, dict]:
   """One training phase of the attack from `variables`: (final variables, fit summary)."""
   c = run.config
-  setup = train_lib.supervised_setup(
-      run.model, run.dataset.x_train, run.dataset.y_train, train_config=train_config,
-      data_config=c.data, mesh=run.mesh, key=key, loss_fn=loss_fn, variables=variables,
-      post_update=post_update)
-  state, summary = train_lib.fit(
-      phase, setup.state, setup.step, setup.arrays, epochs=train_config.epochs,
-      batch_size=train_config.batch_size, key=key, workdir=run.workdir,
-      context=None if context is None else train_lib.put_replicated(context, run.mesh),
-      eval_fn=(lambda s: evaluate(train_lib.variables(s))) if evaluate else None,
-      eval_every=train_config.eval_every, checkpoint_every=train_config.checkpoint_every,
-      log_every=c.log.every_steps, progress=c.log.progress)
-  return train_lib.variables(state), summary
+  return train_lib.tune(
+      phase, run.model, run.dataset.x_train, run.dataset.y_train, variables,
+      train_config=train_config, data_config=c.data, mesh=run.mesh, key=key,
+      workdir=run.workdir, loss_fn=loss_fn, post_update=post_update, context=context,
+      evaluate=evaluate, log_every=c.log.every_steps, progress=c.log.progress)
 
 
 def borrowed_clean(run: common.Run) -> dict:

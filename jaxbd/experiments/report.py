@@ -1,8 +1,9 @@
 """Reports: markdown tables and figures built from results files and the sweep store.
 
-Every number in a report is read from the files (`results.json` documents, DESIGN.md's schema, and
-the SQLite store of `jaxbd.sweep`), never typed by hand. `write_report(inputs, store, out)` (the
-library behind `python -m jaxbd.report`) writes `out/report.md` with
+Every number in a report is read from the files (`results.json` documents, in the schema of
+`jaxbd.experiments.results`, and the SQLite store of `jaxbd.sweep`), never typed by hand.
+`write_report(inputs, store, out)` (the library behind `python -m jaxbd.report`) writes
+`out/report.md` with
 
 - per run (every `results.json` under the inputs): a table of its models (ACC / ASR / RA) and
   defenses (with DER), the experiment's own tables (detection members and ROC AUC, BadPatches
@@ -30,6 +31,7 @@ import os
 import pathlib
 import shutil
 import sqlite3
+import types
 import uuid
 import warnings
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -44,7 +46,8 @@ from jaxbd.experiments.results import config_cell, markdown_table
 from jaxbd.fileio import atomic_file
 
 SECTIONS = ("config", "attack", "metrics")  # what a results.json must have to be reported
-OPTIONAL = {"defenses": dict, "routing": dict, "detection": dict, "timing": dict, "sweep": list}
+OPTIONAL = types.MappingProxyType(
+    {"defenses": dict, "routing": dict, "detection": dict, "timing": dict, "sweep": list})
 MODEL_KEYS = ("acc", "asr", "ra")
 RATES = (*MODEL_KEYS, "der")  # fractions in [0, 1] or null wherever they appear in a results.json
 
@@ -85,7 +88,7 @@ def read_json(path: str, what: str) -> Any:
 
 
 def read_results(path: str) -> dict:
-  """One results document, checked for DESIGN.md's sections.
+  """One results document, checked for the sections of `results.document`.
 
   Raises:
     DataError: the file is unreadable, not JSON, or not a results document.

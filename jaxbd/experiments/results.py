@@ -1,6 +1,6 @@
 """Results files: atomic JSON writes, the `results.json` document, versions, markdown tables.
 
-`results.json` follows DESIGN.md's schema:
+`results.json` has one schema for every experiment:
 `{"config", "dataset", "model", "attack", "metrics", "defenses", "routing", "timing", "versions"}`
 with every rate a fraction in [0, 1], in strict JSON (a NaN is written as null). Files are written
 to a temporary name and renamed, so a reader never sees a half-written file; in multi-host runs
@@ -50,7 +50,7 @@ def versions() -> dict[str, str]:
 def document(config, *, dataset: str, model: str, attack: dict, metrics: dict,
              defenses: dict | None = None, routing: dict | None = None,
              timing: dict | None = None, **extra: Any) -> dict:
-  """The `results.json` document of a run (DESIGN.md schema), plus any extra sections."""
+  """The `results.json` document of a run (the schema above), plus any extra sections."""
   return {"config": config.to_dict(), "dataset": dataset, "model": model, "attack": attack,
           "metrics": metrics, "defenses": defenses or {}, "routing": routing or {},
           "timing": timing or {}, "versions": versions(), **extra}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import types
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -31,8 +32,8 @@ from jaxbd import fileio
 from jaxbd.errors import CheckpointError
 
 # BackdoorBench model names -> (jaxbd model name, first-layer weight that gives the width).
-MODELS = {"preactresnet18": ("preact_resnet18", "conv1.weight")}
-_BN_STATS = {"running_mean": "mean", "running_var": "var"}
+MODELS = types.MappingProxyType({"preactresnet18": ("preact_resnet18", "conv1.weight")})
+_BN_STATS = types.MappingProxyType({"running_mean": "mean", "running_var": "var"})
 
 
 @dataclasses.dataclass(frozen=True)

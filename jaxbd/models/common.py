@@ -14,6 +14,7 @@ Without that collection the model is unchanged.
 
 from __future__ import annotations
 
+import types
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -23,7 +24,8 @@ import jax.numpy as jnp
 from jaxbd.quant import layers as qlayers
 from jaxbd.quant import quantizer
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = types.MappingProxyType(
+    {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16})
 # CIFAR-10's per-channel training-set mean and std of images in [0, 1] (BackdoorBench's values):
 # the models' default normalization.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

@@ -439,13 +439,6 @@ def pmoe_patch_build(config, num_classes: int, mean, std) -> ImagePatchMoE:
                        tuple(mean), tuple(std), common.DTYPES[config.model.dtype])
 
 
-def pmoe_cell(config, image_shape: Sequence[int]) -> int:
+def pmoe_cell(image_shape: Sequence[int]) -> int:
   """Pixels per WRN-MoE routing position along each side (4 on 32x32 images)."""
-  del config
   return image_shape[0] // routing_grid(image_shape)[0]
-
-
-def pmoe_patch_cell(config, image_shape: Sequence[int]) -> int:
-  """The routing cell side in pixels: the patch size."""
-  del image_shape
-  return config.model.pmoe_patch.patch

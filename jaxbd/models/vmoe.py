@@ -251,8 +251,3 @@ def build(config, num_classes: int, mean, std) -> VMoE:
   return VMoE(num_classes, c.patch, c.hidden, c.depth, c.heads, c.mlp_dim, c.moe_every,
               c.moe_last, moe, tuple(mean), tuple(std), common.DTYPES[config.model.dtype])
 
-
-def cell(config, image_shape: Sequence[int]) -> int:
-  """The routing cell side in pixels: the patch size."""
-  del image_shape
-  return config.model.vmoe.patch

@@ -12,6 +12,8 @@ poisoned row in its `cover_ratio` attribute; `plan_from_config` draws them. `adv
 the trigger.
 """
 
+import types
+
 from jaxbd import config as config_lib
 from jaxbd.poison import adversarial, badpatches, pieces, refool, sig, triggers, wanet
 from jaxbd.poison.plan import (CLEAN, COVER, POISONED, PoisonPlan, load_plan, make_plan,
@@ -26,7 +28,7 @@ def _component(name, default_config, validate, build):
       lambda config, shape: build(config.poison[name], shape, config.seed))
 
 
-TRIGGERS = {
+TRIGGERS = types.MappingProxyType({
     "badnets": _component("badnets", triggers.badnets_config, triggers.badnets_validate,
                           triggers.badnets),
     "blended": _component("blended", triggers.blended_config, triggers.blended_validate,
@@ -43,7 +45,7 @@ TRIGGERS = {
         badpatches.default_config, badpatches.validate,
         lambda config, shape: badpatches.build(config.poison.badpatches, shape, config.seed,
                                                _victim_cell(config, shape))),
-}
+})
 
 
 def _victim_cell(config, image_shape) -> int:

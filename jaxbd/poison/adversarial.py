@@ -91,8 +91,8 @@ def pgd(model, variables: Any, images: jax.Array, labels: jax.Array, *, eps: flo
 
 
 def to_levels(perturbed: jax.Array, original: np.ndarray, eps: float) -> np.ndarray:
-  """uint8 images of f32 `perturbed` in [0, 1], rounded and kept within `eps` grey levels of the
-  uint8 `original` (rounding could add half a level)."""
+  """uint8[N, H, W, C] images of f32[N, H, W, C] `perturbed` in [0, 1], rounded and kept within
+  `eps` grey levels of uint8[N, H, W, C] `original` (rounding could add half a level)."""
   levels = np.rint(np.asarray(perturbed, np.float64) * 255.0)
   base = original.astype(np.float64)
   return np.clip(levels, base - np.floor(eps), base + np.floor(eps)).clip(0, 255).astype(np.uint8)

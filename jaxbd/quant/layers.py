@@ -294,6 +294,7 @@ class QuantDense(_QuantLinear):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    """f32[..., D] -> f32[..., features], with the kernel (and input) quantized as configured."""
     return self._forward(x, (x.shape[-1], self.features), _dense_op)
 
 
@@ -308,6 +309,7 @@ class QuantAct(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    """f32[B, H, W, C] -> the same shape, on the quantization grid of its observed range."""
     q = self.quant
     if q is None:
       return x

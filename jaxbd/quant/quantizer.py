@@ -106,12 +106,12 @@ def code_range(bits: int, symmetric: bool, narrow: bool) -> tuple[int, int]:
 
 
 def round_half_away(x: jax.Array) -> jax.Array:
-  """Rounds half away from zero: 0.5 -> 1, -0.5 -> -1, 2.5 -> 3."""
+  """Rounds f32[...] elementwise, half away from zero: 0.5 -> 1, -0.5 -> -1, 2.5 -> 3."""
   return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
 
 
 def round_codes(x: jax.Array, rounding: str) -> jax.Array:
-  """Rounds with the named mode (see ROUNDINGS)."""
+  """Rounds f32[...] elementwise with the named mode (see ROUNDINGS); the same shape."""
   if rounding == "half_away":
     return round_half_away(x)
   if rounding == "half_even":
@@ -152,7 +152,11 @@ def codes(x: jax.Array, scale: jax.Array, zero_point: jax.Array, bits: int, symm
 
 def range_codes(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool,
                 narrow: bool, rounding: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(codes, scale, zero_point) of x over the range [lo, hi]: `scale_and_zero_point`, `codes`."""
+  """(codes, scale, zero_point) of x over the range [lo, hi]: `scale_and_zero_point`, `codes`.
+
+  The codes have x's shape; scale and zero point the shape of lo and hi (broadcast against x: a
+  scalar, or one per output channel).
+  """
   scale, zero_point = scale_and_zero_point(lo, hi, bits, symmetric, narrow)
   return codes(x, scale, zero_point, bits, symmetric, narrow, rounding), scale, zero_point
 
@@ -193,7 +197,8 @@ def ste_codes(x: jax.Array, lo: jax.Array, hi: jax.Array, *, bits: int, symmetri
 
 
 def fake_quant(x: jax.Array, lo: jax.Array, hi: jax.Array, **kwargs) -> jax.Array:
-  """(codes - zero_point) * scale of x over [lo, hi], straight-through; see `ste_codes`."""
+  """(codes - zero_point) * scale of x over [lo, hi], straight-through; see `ste_codes`. Of x's
+  shape and dtype."""
   c, scale = ste_codes(x, lo, hi, **kwargs)
   return (c * scale).astype(x.dtype)
 
@@ -260,7 +265,8 @@ def activation_codes(x: jax.Array, lo: jax.Array, hi: jax.Array,
 
 
 def ema(old: jax.Array, new: jax.Array, count: jax.Array, momentum: float) -> jax.Array:
-  """(1 - momentum) * old + momentum * new; the first observation (count 0) is taken as is."""
+  """(1 - momentum) * old + momentum * new, elementwise over their common shape; the first
+  observation (count 0, a scalar) is taken as is."""
   return jnp.where(count > 0, (1.0 - momentum) * old + momentum * new, new)
 
 

@@ -101,8 +101,8 @@ def batch_accuracy(logits: jax.Array, labels) -> jax.Array:
 
 
 def plus_aux(loss: jax.Array, out: Forward, metrics: dict) -> jax.Array:
-  """`loss` plus the auxiliary losses of the forward pass `out`, if the model sowed any (e.g.
-  V-MoE's router losses); they are recorded in `metrics` as `aux_loss`."""
+  """The f32[] `loss` plus the f32[] auxiliary losses of the forward pass `out`, if the model sowed
+  any (e.g. V-MoE's router losses); they are recorded in `metrics` as `aux_loss`."""
   if out.aux_loss is None:
     return loss
   metrics["aux_loss"] = out.aux_loss
